@@ -1,0 +1,83 @@
+"""Pieces every checkpoint format shares: atomic file writes, the canonical state-dict contract,
+and checks that turn a mismatched checkpoint into one clear error."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from herd.errors import HerdError
+from herd.models.args import ModelArgs
+
+
+@contextmanager
+def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `dest`; rename it onto `dest` only if the block succeeds, so a
+    crash never leaves a half-written file (or directory) under the final name."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent)) / dest.name
+    try:
+        yield tmp
+        if dest.is_dir() and not dest.is_symlink():
+            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+            dest.rename(old)
+            tmp.rename(dest)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, dest)
+    finally:
+        shutil.rmtree(tmp.parent, ignore_errors=True)
+
+
+def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
+    """The canonical (Meta-named) state dict of a dense model, name → shape."""
+    d, hd, f = args.dim, args.hd, args.ffn_dim
+    shapes: dict[str, tuple[int, ...]] = {"tok_embeddings.weight": (args.vocab_size, d), "norm.weight": (d,)}
+    if not args.tie_embeddings:
+        shapes["output.weight"] = (args.vocab_size, d)
+    for i in range(args.n_layers):
+        p = f"layers.{i}."
+        shapes.update({
+            p + "attention.wq.weight": (args.n_heads * hd, d),
+            p + "attention.wk.weight": (args.kv_heads * hd, d),
+            p + "attention.wv.weight": (args.kv_heads * hd, d),
+            p + "attention.wo.weight": (d, args.n_heads * hd),
+            p + "feed_forward.w1.weight": (f, d),
+            p + "feed_forward.w2.weight": (d, f),
+            p + "feed_forward.w3.weight": (f, d),
+            p + "attention_norm.weight": (d,),
+            p + "ffn_norm.weight": (d,),
+        })
+    return shapes
+
+
+def check_state_dict(sd: dict[str, torch.Tensor], args: ModelArgs, source: str) -> dict[str, torch.Tensor]:
+    """Verify names and shapes against `args`; return the dict with tied `output.weight` dropped.
+    Raises HerdError naming the first problem (vocab mismatch called out, as it is the usual one)."""
+    sd = dict(sd)
+    if args.tie_embeddings:
+        out = sd.pop("output.weight", None)
+        if out is not None and "tok_embeddings.weight" in sd and not torch.equal(out, sd["tok_embeddings.weight"]):
+            raise HerdError(f"{source}: config ties embeddings but output.weight differs from tok_embeddings.weight")
+    want = expected_shapes(args)
+    missing = [k for k in want if k not in sd]
+    if missing:
+        raise HerdError(f"{source}: missing {len(missing)} weight(s), first {missing[0]!r} "
+                        "(truncated checkpoint or config/weights mismatch?)")
+    extra = [k for k in sd if k not in want]
+    if extra:
+        raise HerdError(f"{source}: unexpected weight {extra[0]!r} for a {args.n_layers}-layer dense model")
+    for k, shape in want.items():
+        got = tuple(sd[k].shape)
+        if got != shape:
+            if k in ("tok_embeddings.weight", "output.weight") and got[1:] == shape[1:]:
+                raise HerdError(f"{source}: vocabulary mismatch: {k} has {got[0]} rows, config says vocab_size={shape[0]}")
+            raise HerdError(f"{source}: shape mismatch for {k}: checkpoint {got}, config expects {shape}")
+    return sd

@@ -1,0 +1,208 @@
+"""Hugging Face layout: config.json + model.safetensors (or shards with model.safetensors.index.json).
+
+A mapping at the boundary (DESIGN principle 4): HF names ↔ Meta names, and HF's "rotate half"
+RoPE layout ↔ Meta's adjacent pairs, which is a permutation of the rows of wq and wk.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from herd.checkpoint.common import atomic_path, check_state_dict
+from herd.errors import HerdError
+from herd.models.args import ModelArgs, RopeScaling
+
+_LAYER_MAP = {  # Meta name (under layers.N.) → HF name (under model.layers.N.)
+    "attention.wq.weight": "self_attn.q_proj.weight",
+    "attention.wk.weight": "self_attn.k_proj.weight",
+    "attention.wv.weight": "self_attn.v_proj.weight",
+    "attention.wo.weight": "self_attn.o_proj.weight",
+    "feed_forward.w1.weight": "mlp.gate_proj.weight",
+    "feed_forward.w2.weight": "mlp.down_proj.weight",
+    "feed_forward.w3.weight": "mlp.up_proj.weight",
+    "attention_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+}
+_TOP_MAP = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+            "output.weight": "lm_head.weight"}
+
+
+def to_hf_name(name: str) -> str:
+    if name in _TOP_MAP:
+        return _TOP_MAP[name]
+    _, idx, rest = name.split(".", 2)
+    return f"model.layers.{idx}.{_LAYER_MAP[rest]}"
+
+
+_FROM_HF = {v: k for k, v in _TOP_MAP.items()}
+_FROM_HF_LAYER = {v: k for k, v in _LAYER_MAP.items()}
+
+
+def from_hf_name(name: str) -> str | None:
+    if name in _FROM_HF:
+        return _FROM_HF[name]
+    parts = name.split(".", 3)
+    if len(parts) == 4 and parts[:2] == ["model", "layers"] and parts[3] in _FROM_HF_LAYER:
+        return f"layers.{parts[2]}.{_FROM_HF_LAYER[parts[3]]}"
+    return None
+
+
+def permute_to_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Meta adjacent-pair rows → HF half-split rows, per head (transformers' convert script)."""
+    rows, cols = w.shape
+    return w.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def permute_from_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    rows, cols = w.shape
+    return w.view(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+# ---- config --------------------------------------------------------------------------------------
+def args_from_hf_config(cfg: dict, source: str = "config.json") -> ModelArgs:
+    if cfg.get("model_type", "llama") != "llama" and "LlamaForCausalLM" not in (cfg.get("architectures") or []):
+        raise HerdError(f"{source}: model_type {cfg.get('model_type')!r} is not a Llama-architecture model")
+    try:
+        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+        theta = cfg.get("rope_theta", rope.get("rope_theta", 10000.0))
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        scaling = None
+        if rope_type == "llama3":
+            scaling = RopeScaling(factor=float(rope["factor"]), low_freq_factor=float(rope["low_freq_factor"]),
+                                  high_freq_factor=float(rope["high_freq_factor"]),
+                                  original_max_position_embeddings=int(rope["original_max_position_embeddings"]))
+        elif rope_type not in ("default", None):
+            raise HerdError(f"{source}: RoPE scaling type {rope_type!r} is not supported (llama3 or none)")
+        n_heads = int(cfg["num_attention_heads"])
+        head_dim = cfg.get("head_dim")
+        return ModelArgs(
+            dim=int(cfg["hidden_size"]), n_layers=int(cfg["num_hidden_layers"]), n_heads=n_heads,
+            n_kv_heads=int(cfg.get("num_key_value_heads") or n_heads), vocab_size=int(cfg["vocab_size"]),
+            ffn_hidden_dim=int(cfg["intermediate_size"]),
+            head_dim=None if head_dim in (None, cfg["hidden_size"] // n_heads) else int(head_dim),
+            norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), rope_theta=float(theta), rope_scaling=scaling,
+            max_seq_len=int(cfg.get("max_position_embeddings", 8192)),
+            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        )
+    except KeyError as e:
+        raise HerdError(f"{source}: missing key {e.args[0]!r}") from None
+
+
+def hf_config_from_args(args: ModelArgs, extra: dict | None = None) -> dict:
+    cfg = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "hidden_size": args.dim, "intermediate_size": args.ffn_dim, "num_hidden_layers": args.n_layers,
+        "num_attention_heads": args.n_heads, "num_key_value_heads": args.kv_heads, "head_dim": args.hd,
+        "vocab_size": args.vocab_size, "rms_norm_eps": args.norm_eps, "rope_theta": args.rope_theta,
+        "max_position_embeddings": args.max_seq_len, "tie_word_embeddings": args.tie_embeddings,
+        "hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "torch_dtype": "float32",
+    }
+    if args.rope_scaling is not None:
+        s = args.rope_scaling
+        cfg["rope_scaling"] = {"rope_type": "llama3", "factor": s.factor, "low_freq_factor": s.low_freq_factor,
+                               "high_freq_factor": s.high_freq_factor,
+                               "original_max_position_embeddings": s.original_max_position_embeddings}
+    cfg.update(extra or {})
+    return cfg
+
+
+# ---- weights -------------------------------------------------------------------------------------
+def from_hf_state_dict(hf: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
+    sd = {}
+    for name, t in hf.items():
+        meta = from_hf_name(name)
+        if meta is None:
+            if name.endswith("rotary_emb.inv_freq"):
+                continue  # a derived buffer some old exports saved
+            raise HerdError(f"unexpected tensor {name!r} in HF checkpoint")
+        if meta.endswith("attention.wq.weight"):
+            t = permute_from_hf(t, args.n_heads)
+        elif meta.endswith("attention.wk.weight"):
+            t = permute_from_hf(t, args.kv_heads)
+        sd[meta] = t
+    return sd
+
+
+def to_hf_state_dict(sd: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, t in sd.items():
+        if name == "output.weight" and args.tie_embeddings:
+            continue
+        if name.endswith("attention.wq.weight"):
+            t = permute_to_hf(t, args.n_heads)
+        elif name.endswith("attention.wk.weight"):
+            t = permute_to_hf(t, args.kv_heads)
+        out[to_hf_name(name)] = t.contiguous()
+    return out
+
+
+def is_hf_dir(path: Path) -> bool:
+    return path.is_dir() and (path / "config.json").exists()
+
+
+def read_hf(path: str | Path) -> tuple[ModelArgs, dict[str, torch.Tensor], dict]:
+    """→ (args, canonical state dict, the raw config.json)."""
+    path = Path(path)
+    try:
+        cfg = json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise HerdError(f"{path / 'config.json'}: cannot read ({e})") from None
+    args = args_from_hf_config(cfg, str(path / "config.json"))
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError) as e:
+            raise HerdError(f"{index}: malformed index ({e})") from None
+    else:
+        files = sorted(p.name for p in path.glob("*.safetensors"))
+    if not files:
+        raise HerdError(f"{path}: no *.safetensors weights next to config.json")
+    hf: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            hf.update(load_file(path / f))
+        except FileNotFoundError:
+            raise HerdError(f"{path / f}: shard listed in the index is missing") from None
+        except (SafetensorError, OSError) as e:
+            raise HerdError(f"{path / f}: unreadable or truncated safetensors file ({e})") from None
+    sd = check_state_dict(from_hf_state_dict(hf, args), args, str(path))
+    return args, sd, cfg
+
+
+def write_hf(path: str | Path, args: ModelArgs, sd: dict[str, torch.Tensor], *,
+             max_shard_bytes: int = 5 * 2**30, config_extra: dict | None = None,
+             extra_files: dict[str, str] | None = None) -> None:
+    """Write a directory transformers loads; shards above `max_shard_bytes` with an index."""
+    sd = check_state_dict(sd, args, "model")
+    hf = to_hf_state_dict(sd, args)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in hf.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    with atomic_path(path) as tmp:
+        tmp.mkdir()
+        (tmp / "config.json").write_text(json.dumps(hf_config_from_args(args, config_extra), indent=2))
+        if len(shards) == 1:
+            save_file(shards[0], tmp / "model.safetensors", metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards):
+                fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, tmp / fname, metadata={"format": "pt"})
+                weight_map.update(dict.fromkeys(shard, fname))
+            total = sum(t.numel() * t.element_size() for t in hf.values())
+            (tmp / "model.safetensors.index.json").write_text(
+                json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        for fname, text in (extra_files or {}).items():
+            (tmp / fname).write_text(text)

@@ -1,0 +1,152 @@
+"""Model hyper-parameters and the named presets.
+
+Presets are data (DESIGN principle 8): a name maps to a `ModelArgs`. The FFN width follows Meta's
+reference rule (`multiple_of`, `ffn_dim_multiplier`) so that the paper's shapes (SPEC §1) come out
+of the same numbers Meta's `params.json` files carry; foreign checkpoints that state the width
+directly set `ffn_hidden_dim`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from herd.errors import HerdError
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama 3.1 "llama3" RoPE frequency scaling (SPEC §1): long wavelengths are stretched by
+    `factor`, short ones kept, with a smooth ramp between `low_freq_factor` and `high_freq_factor`."""
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int | None = None  # None: multi-head attention (n_kv_heads == n_heads)
+    vocab_size: int = 128256
+    multiple_of: int = 256
+    ffn_dim_multiplier: float | None = None
+    ffn_hidden_dim: int | None = None  # explicit FFN width; overrides the sizing rule
+    head_dim: int | None = None  # None: dim // n_heads
+    norm_eps: float = 1e-5
+    rope_theta: float = 500000.0
+    rope_scaling: RopeScaling | None = None
+    max_seq_len: int = 8192
+    tie_embeddings: bool = False
+
+    def __post_init__(self) -> None:
+        kv = self.kv_heads
+        problems = []
+        if min(self.dim, self.n_layers, self.n_heads, kv, self.vocab_size) <= 0:
+            problems.append("dim, n_layers, n_heads, n_kv_heads and vocab_size must be positive")
+        elif self.n_heads % kv:
+            problems.append(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({kv})")
+        elif self.head_dim is None and self.dim % self.n_heads:
+            problems.append(f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
+        elif self.hd % 2:
+            problems.append(f"head_dim ({self.hd}) must be even for RoPE")
+        if problems:
+            raise HerdError("invalid model config: " + "; ".join(problems))
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def hd(self) -> int:
+        return self.head_dim or self.dim // self.n_heads
+
+    @property
+    def ffn_dim(self) -> int:
+        """Meta's rule: 2/3 of 4·dim (SwiGLU keeps the parameter count of a 4·dim MLP), scaled by
+        `ffn_dim_multiplier`, rounded up to `multiple_of`."""
+        if self.ffn_hidden_dim is not None:
+            return self.ffn_hidden_dim
+        hidden = int(2 * (4 * self.dim) / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+    def replace(self, **changes) -> ModelArgs:
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise HerdError(f"unknown model option(s): {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+        return dataclasses.replace(self, **changes)
+
+    # ---- sizes (herd info) -------------------------------------------------------------------
+    def num_params(self, include_embeddings: bool = True) -> int:
+        d, hd, L = self.dim, self.hd, self.n_layers
+        attn = d * hd * (self.n_heads + 2 * self.kv_heads) + self.n_heads * hd * d
+        ffn = 3 * d * self.ffn_dim
+        per_layer = attn + ffn + 2 * d  # two RMSNorm weights
+        body = L * per_layer + d  # final norm
+        emb = self.vocab_size * d
+        out = 0 if self.tie_embeddings else self.vocab_size * d
+        return body + (emb + out if include_embeddings else out)
+
+    def flops_per_token(self, seq_len: int | None = None, training: bool = True) -> float:
+        """Matmul FLOPs per token: 2 per parameter touched forward (embedding lookup is free) plus
+        attention scores and values over an average causal context of seq_len/2; ×3 for training
+        (forward + backward), as in the paper's 6ND compute estimates (§3.2.1)."""
+        seq_len = seq_len or self.max_seq_len
+        # Every weight is a matmul operand except the input embedding table (a lookup); a tied
+        # table is counted once, as the output projection.
+        matmul_params = self.num_params() - (0 if self.tie_embeddings else self.vocab_size * self.dim)
+        attention = 2 * 2 * self.n_layers * self.n_heads * self.hd * (seq_len / 2)
+        forward = 2 * matmul_params + attention
+        return 3 * forward if training else forward
+
+    def kv_cache_bytes_per_token(self, bytes_per_value: int = 2) -> int:
+        return 2 * self.n_layers * self.kv_heads * self.hd * bytes_per_value
+
+
+# ---- presets ------------------------------------------------------------------------------------
+_LLAMA31_SCALING = RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                               original_max_position_embeddings=8192)
+_LLAMA32_SCALING = RopeScaling(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                               original_max_position_embeddings=8192)
+
+# The shapes are Meta's params.json values (SPEC §1, paper Table 3).
+_8B = dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, multiple_of=1024, ffn_dim_multiplier=1.3)
+_70B = dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, multiple_of=4096, ffn_dim_multiplier=1.3)
+_405B = dict(dim=16384, n_layers=126, n_heads=128, n_kv_heads=8, multiple_of=4096, ffn_dim_multiplier=1.2)
+
+PRESETS: dict[str, ModelArgs] = {
+    "llama3-8b": ModelArgs(**_8B),
+    "llama3-70b": ModelArgs(**_70B),
+    "llama3-405b": ModelArgs(**_405B),
+    "llama3.1-8b": ModelArgs(**_8B, rope_scaling=_LLAMA31_SCALING, max_seq_len=131072),
+    "llama3.1-70b": ModelArgs(**_70B, rope_scaling=_LLAMA31_SCALING, max_seq_len=131072),
+    "llama3.1-405b": ModelArgs(**_405B, rope_scaling=_LLAMA31_SCALING, max_seq_len=131072),
+    "llama3.2-1b": ModelArgs(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, multiple_of=256,
+                             ffn_dim_multiplier=1.5, rope_scaling=_LLAMA32_SCALING,
+                             max_seq_len=131072, tie_embeddings=True),
+    "llama3.2-3b": ModelArgs(dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, multiple_of=256,
+                             ffn_dim_multiplier=1.0, rope_scaling=_LLAMA32_SCALING,
+                             max_seq_len=131072, tie_embeddings=True),
+    "smollm2-135m": ModelArgs(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, vocab_size=49152,
+                              ffn_hidden_dim=1536, rope_theta=100000.0, max_seq_len=8192,
+                              tie_embeddings=True),
+    # Tiny shapes for tests and laptops (torchtitan's `debugmodel`): GQA ratio 4, RoPE scaling.
+    "debug": ModelArgs(dim=64, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=512, multiple_of=32,
+                       rope_scaling=RopeScaling(factor=8.0, original_max_position_embeddings=32),
+                       max_seq_len=256),
+    "tiny": ModelArgs(dim=256, n_layers=6, n_heads=8, n_kv_heads=4, vocab_size=8192, multiple_of=64,
+                      max_seq_len=512),
+}
+
+
+def get_preset(name: str) -> ModelArgs:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise HerdError(f"unknown model preset {name!r}; known presets: {', '.join(PRESETS)}") from None

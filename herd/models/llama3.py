@@ -1,0 +1,170 @@
+"""The dense Llama 3 Transformer (SPEC §1; paper §3.2, Table 3).
+
+Pre-norm decoder: RMSNorm → grouped-query attention with RoPE → residual, RMSNorm → SwiGLU FFN →
+residual. Single-device and format-agnostic: parallelism wraps it from outside, checkpoint formats
+are mapped at the boundary (herd/checkpoint). Parameter names are Meta's (DESIGN principle 4).
+
+Shape letters: B batch, T new tokens, S attended positions (cache + new), D model dim, H query
+heads, K key/value heads, d head dim, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from herd.models.args import ModelArgs
+from herd.models.rope import apply_rope, rope_cos_sin, rope_frequencies
+
+
+class Cache(Protocol):
+    """What the model needs of a KV cache (herd/inference/kv_cache.py has the implementation)."""
+
+    offset: int  # positions already stored; new keys/values go at offset .. offset+T
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, K, T, d) for `layer`; return all keys/values so far (B, K, S, d)."""
+        ...
+
+    def advance(self, n: int) -> None: ...
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalize in fp32 even for bf16 activations, as Meta's reference does.
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.kv_heads, args.hd
+        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                cache: Cache | None = None, layer: int = 0) -> torch.Tensor:
+        B, T, _ = x.shape
+        # -1 instead of n_heads: tensor parallelism shards the head dimension (DESIGN principle 2).
+        q = apply_rope(self.wq(x).view(B, T, -1, self.head_dim), cos, sin)  # (B, T, H, d)
+        k = apply_rope(self.wk(x).view(B, T, -1, self.head_dim), cos, sin)  # (B, T, K, d)
+        v = self.wv(x).view(B, T, -1, self.head_dim)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, d)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (B, K, S, d)
+        out = attend(q, k, v, mask)  # (B, H, T, d)
+        return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Grouped-query attention: query head h reads key/value head h // (H/K).
+
+    mask: None for plain causal attention over T == S, else boolean (B or 1, 1, T, S), True where
+    a query may attend. The query heads of one group are folded into the row dimension, so keys and
+    values are never repeated in memory (GQA's point: a K-times smaller KV cache to read).
+    """
+    B, H, T, d = q.shape
+    K, S = k.shape[1], k.shape[2]
+    group = H // K
+    if mask is None and T > 1:
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)[None, None]
+    if group > 1:
+        q = q.reshape(B, K, group * T, d)
+        if mask is not None:
+            mask = mask.unsqueeze(2).expand(-1, -1, group, -1, -1).reshape(mask.shape[0], 1, group * T, S)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return out.reshape(B, H, T, d)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) · w3 x)."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, layer_id: int, args: ModelArgs):
+        super().__init__()
+        self.layer_id = layer_id
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args.dim, args.ffn_dim)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x, cos, sin, mask, cache: Cache | None = None):
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask, cache, self.layer_id)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(i, args) for i in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_embeddings:  # Llama 3.2 1B/3B share input and output embeddings
+            self.output.weight = self.tok_embeddings.weight
+        # Non-persistent: derived from args, so never stored in (or expected from) a checkpoint.
+        self.register_buffer("inv_freq", rope_frequencies(args.hd, args.rope_theta, args.rope_scaling),
+                             persistent=False)
+
+    def forward(self, tokens: torch.Tensor, *, cache: Cache | None = None,
+                positions: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens (B, T) → logits (B, T, V), fp32.
+
+        Without `positions`, token t sits at position cache.offset + t (0 + t without a cache).
+        Without `mask`, attention is causal over the cache plus the new tokens; give a boolean
+        (B, 1, T, S) mask for padding or packed documents.
+        """
+        B, T = tokens.shape
+        if positions is None:
+            start = cache.offset if cache is not None else 0
+            positions = torch.arange(start, start + T, device=tokens.device).expand(B, T)
+        cos, sin = rope_cos_sin(self.inv_freq, positions)
+        h = self.tok_embeddings(tokens)
+        for layer in self.layers:
+            h = layer(h, cos, sin, mask, cache)
+        if cache is not None:
+            cache.advance(T)
+        return self.output(self.norm(h)).float()
+
+    # ---- building without materializing (DESIGN principle 3) ----------------------------------
+    def init_buffers(self, device: torch.device | str | None = None) -> None:
+        """Recompute derived buffers, e.g. after building on the meta device."""
+        device = device or self.tok_embeddings.weight.device
+        self.inv_freq = rope_frequencies(self.args.hd, self.args.rope_theta, self.args.rope_scaling,
+                                         device=device)
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
+        """Fresh weights for pre-training: N(0, 0.02) truncated at 3σ; the projections that write
+        into the residual stream (wo, w2) are scaled by 1/sqrt(2·n_layers) so the residual's
+        variance does not grow with depth (GPT-2/torchtitan practice)."""
+        depth_std = std / math.sqrt(2 * self.args.n_layers)
+        for name, p in self.named_parameters():
+            if p.ndim == 1:
+                nn.init.ones_(p)
+            else:
+                s = depth_std if name.endswith(("wo.weight", "w2.weight")) else std
+                nn.init.trunc_normal_(p, std=s, a=-3 * s, b=3 * s, generator=generator)
+        self.init_buffers()

@@ -1,0 +1,55 @@
+"""Rotary position embeddings (RoPE) with Llama 3.1's "llama3" frequency scaling.
+
+Layout: Meta's. Each head's features are rotated in *adjacent pairs* (x[2i], x[2i+1]), as in
+`llama3/model.py`'s complex multiplication and in llama.cpp; HF checkpoints rotate the two halves
+instead, so their wq/wk rows are permuted at the checkpoint boundary (herd/checkpoint/hf.py), never
+here.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from herd.models.args import RopeScaling
+
+
+def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None = None,
+                     device: torch.device | str | None = None) -> torch.Tensor:
+    """Inverse frequencies θ^(-2i/d), i < d/2, fp32 — shape (head_dim // 2,)."""
+    exponent = torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim
+    freqs = 1.0 / (theta ** exponent)
+    if scaling is not None:
+        freqs = _llama3_scaling(freqs, scaling)
+    return freqs
+
+
+def _llama3_scaling(freqs: torch.Tensor, s: RopeScaling) -> torch.Tensor:
+    """Llama 3.1 (SPEC §1): wavelengths longer than original_context/low_freq_factor are divided
+    by `factor`, shorter than original_context/high_freq_factor are kept, and the band between is
+    interpolated linearly in 1/wavelength — Meta's `apply_scaling`."""
+    low_freq_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    high_freq_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    wavelen = 2 * math.pi / freqs
+    scaled = torch.where(wavelen > low_freq_wavelen, freqs / s.factor, freqs)
+    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+        s.high_freq_factor - s.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+    in_band = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return torch.where(in_band, smoothed, scaled)
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of position·frequency, computed in fp32 — shapes (*positions.shape, head_dim//2)."""
+    angles = positions.to(torch.float32).unsqueeze(-1) * inv_freq
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent feature pairs of x (B, T, H, D) by the angles in cos/sin (B, T, D/2)."""
+    pairs = x.float().unflatten(-1, (-1, 2))  # (B, T, H, D/2, 2)
+    x0, x1 = pairs.unbind(-1)
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads
+    rotated = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    return rotated.flatten(-2).type_as(x)
