@@ -129,8 +129,10 @@ class Transformer(nn.Module):
                              persistent=False)
 
     def forward(self, tokens: torch.Tensor, *, cache: Cache | None = None,
-                positions: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens (B, T) → logits (B, T, V), fp32.
+                positions: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                last_only: bool = False) -> torch.Tensor:
+        """tokens (B, T) → logits (B, T, V), fp32; (B, 1, V) for the last position if `last_only`
+        (prefill needs no more, and a long prompt's full logits would dwarf the KV cache).
 
         Without `positions`, token t sits at position cache.offset + t (0 + t without a cache).
         Without `mask`, attention is causal over the cache plus the new tokens; give a boolean
@@ -146,6 +148,8 @@ class Transformer(nn.Module):
             h = layer(h, cos, sin, mask, cache)
         if cache is not None:
             cache.advance(T)
+        if last_only:
+            h = h[:, -1:]
         return self.output(self.norm(h)).float()
 
     # ---- building without materializing (DESIGN principle 3) ----------------------------------

@@ -1,0 +1,104 @@
+"""Autoregressive generation: prefill the prompt into a KV cache, then decode one token at a time
+(gpt-fast's split; DESIGN principle 6).
+
+Prompts of different lengths share a batch by left-padding: each row gets its own RoPE positions
+(counting from its first real token) and a mask that hides its padding, so a row's tokens are the
+same as if it ran alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from herd.errors import HerdError
+from herd.inference.kv_cache import KVCache
+from herd.inference.sampling import SamplingParams, sample
+
+
+@dataclass
+class Completion:
+    ids: list[int] = field(default_factory=list)  # generated tokens, without the stop token
+    stop_token: int | None = None  # the eot/eom/eos that ended it, if one did
+    finish_reason: str = "length"  # "stop" or "length"
+
+
+def _check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int, max_seq_len: int) -> None:
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise HerdError("empty prompt: give at least one token")
+    for p in prompts:
+        if len(p) >= max_seq_len:
+            raise HerdError(f"prompt of {len(p)} tokens does not fit the model's context of {max_seq_len} "
+                            "(at least one position is needed to generate)")
+        bad = [t for t in p if not 0 <= t < vocab_size]
+        if bad:
+            raise HerdError(f"token id {bad[0]} is outside the model's vocabulary of {vocab_size}")
+
+
+@torch.inference_mode()
+def generate_ids(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+                 sampling: SamplingParams = SamplingParams(), stop_ids: Sequence[int] = (),
+                 ) -> Iterator[list[int | None]]:
+    """Yield, per decoding step, the new token of every row (None once a row has stopped).
+
+    A row stops at any id in `stop_ids` (that token is yielded, then None) or after
+    `max_new_tokens`; generation is clamped so no row runs past the model's context.
+    """
+    args = model.args
+    _check_prompts(prompts, args.vocab_size, args.max_seq_len)
+    if max_new_tokens <= 0:
+        return
+    device = model.tok_embeddings.weight.device
+    B, L = len(prompts), max(len(p) for p in prompts)
+    max_new_tokens = min(max_new_tokens, args.max_seq_len - L)
+    total = L + max_new_tokens
+    cache = KVCache(args, B, total, dtype=model.tok_embeddings.weight.dtype, device=device)
+    generator = None
+    if sampling.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(sampling.seed)
+
+    pad = torch.tensor([L - len(p) for p in prompts], device=device)
+    tokens = torch.zeros(B, L, dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        tokens[i, L - len(p):] = torch.tensor(p, dtype=torch.long)
+    padded = bool(pad.any())
+    positions = mask = key_valid = None
+    if padded:
+        positions = (torch.arange(L, device=device) - pad[:, None]).clamp(min=0)  # (B, L)
+        key_valid = torch.arange(total, device=device)[None, :] >= pad[:, None]  # (B, S_max)
+        causal = torch.ones(L, L, dtype=torch.bool, device=device).tril()
+        # A padding row may see itself: a query row with no visible key would give NaNs.
+        mask = (causal & key_valid[:, None, :L]) | torch.eye(L, dtype=torch.bool, device=device)
+        mask = mask[:, None]  # (B, 1, L, L)
+    logits = model(tokens, cache=cache, positions=positions, mask=mask, last_only=True)[:, -1]
+
+    stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    for step in range(max_new_tokens):
+        nxt = sample(logits, sampling, generator)
+        yield [None if f else int(t) for t, f in zip(nxt.tolist(), finished.tolist())]
+        finished |= torch.isin(nxt, stop)
+        if step + 1 == max_new_tokens or bool(finished.all()):
+            return
+        if padded:
+            positions = (cache.offset - pad)[:, None]
+            mask = key_valid[:, None, None, :cache.offset + 1]
+        logits = model(nxt[:, None], cache=cache, positions=positions, mask=mask)[:, -1]
+
+
+def generate_batch(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+                   sampling: SamplingParams = SamplingParams(), stop_ids: Sequence[int] = ()) -> list[Completion]:
+    """Run `generate_ids` to the end and collect one Completion per prompt."""
+    out = [Completion() for _ in prompts]
+    stop = set(stop_ids)
+    for step in generate_ids(model, prompts, max_new_tokens=max_new_tokens, sampling=sampling, stop_ids=stop_ids):
+        for c, t in zip(out, step):
+            if t is None:
+                continue
+            if t in stop:
+                c.stop_token, c.finish_reason = t, "stop"
+            else:
+                c.ids.append(t)
+    return out

@@ -1,0 +1,48 @@
+"""Choosing the next token from logits: greedy, temperature, top-k and top-p (nucleus)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from herd.errors import HerdError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0  # 0 → greedy (argmax)
+    top_p: float = 1.0
+    top_k: int = 0  # 0 → no top-k cut
+    seed: int | None = None
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise HerdError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise HerdError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise HerdError(f"top_k must be >= 0, got {self.top_k}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> torch.Tensor:
+    """logits (B, V) → token ids (B,)."""
+    if params.greedy:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / params.temperature
+    if params.top_k and params.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, params.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if params.top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # Keep the smallest prefix whose mass reaches top_p: a token stays if the mass before it
+        # is still below top_p (so the most likely token always stays).
+        drop = (sorted_probs.cumsum(-1) - sorted_probs) >= params.top_p
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
