@@ -1,0 +1,106 @@
+"""The Python entry points: `herd.load` a checkpoint by name or path, `herd.generate` text."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+
+from herd.errors import HerdError
+from herd.hub import BUILTIN_MODELS, fetch_builtin
+from herd.inference.generate import Completion, generate_batch, generate_ids
+from herd.inference.sampling import SamplingParams
+
+Prompt = str | Sequence[dict]  # raw text, or a dialog of OpenAI-shaped messages
+
+
+def resolve_model_path(spec: str | Path) -> Path:
+    """A built-in model name → its cached file; anything else must be an existing path."""
+    if str(spec) in BUILTIN_MODELS:
+        return fetch_builtin(str(spec))
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise HerdError(f"no model {str(spec)!r}: not a built-in name ({', '.join(BUILTIN_MODELS)}) "
+                        "and no such file or directory")
+    return path
+
+
+def load_model_tokenizer(path: Path, device, dtype):
+    from herd.checkpoint import build_model, read_checkpoint
+    from herd.tokenizer import load_tokenizer, tokenizer_from_gguf_metadata
+
+    ckpt = read_checkpoint(path)
+    model = build_model(ckpt.args, ckpt.state_dict, device=device, dtype=dtype).eval()
+    if ckpt.format == "gguf":
+        tokenizer = tokenizer_from_gguf_metadata(ckpt.metadata)
+    else:
+        try:
+            tokenizer = load_tokenizer(path)
+        except HerdError:
+            tokenizer = None
+    if tokenizer is None:
+        warnings.warn(f"{path}: no tokenizer files found; loaded the model without a tokenizer", stacklevel=3)
+    elif tokenizer.vocab_size > ckpt.args.vocab_size:
+        raise HerdError(f"{path}: tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary "
+                        f"is {ckpt.args.vocab_size}")
+    return model, tokenizer
+
+
+def load(spec: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """Load a model and its tokenizer from a built-in name, a checkpoint directory (HF or Meta
+    layout) or a .gguf file → (Transformer in eval mode, tokenizer or None)."""
+    return load_model_tokenizer(resolve_model_path(spec), device, dtype)
+
+
+def encode_prompt(tokenizer, prompt: Prompt) -> list[int]:
+    """Text is a raw completion prompt (BOS added where the tokenizer wants one); a list of
+    messages goes through the tokenizer's chat format with the assistant header appended."""
+    if tokenizer is None:
+        raise HerdError("this model was loaded without a tokenizer; pass token ids instead of text")
+    if isinstance(prompt, str):
+        return tokenizer.encode(prompt, bos=tokenizer.bos_id is not None and getattr(tokenizer, "add_bos", True))
+    if tokenizer.chat is None:
+        raise HerdError("this tokenizer has no chat format; pass a plain text prompt")
+    return tokenizer.chat.encode_dialog(list(prompt), add_generation_prompt=True)
+
+
+def _sampling(temperature, top_p, top_k, seed) -> SamplingParams:
+    return SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+
+
+def generate(model, tokenizer, prompt: Prompt | list[Prompt], *, max_new_tokens: int = 256,
+             temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
+             ) -> str | list[str]:
+    """Complete one prompt (→ str) or a batch of prompts (→ list[str]) of any lengths."""
+    single = isinstance(prompt, str) or (len(prompt) > 0 and isinstance(prompt[0], dict))
+    prompts = [prompt] if single else list(prompt)
+    ids = [encode_prompt(tokenizer, p) for p in prompts]
+    outs: list[Completion] = generate_batch(model, ids, max_new_tokens=max_new_tokens,
+                                            sampling=_sampling(temperature, top_p, top_k, seed),
+                                            stop_ids=sorted(tokenizer.stop_ids))
+    texts = [tokenizer.decode(c.ids) for c in outs]
+    return texts[0] if single else texts
+
+
+def stream(model, tokenizer, prompt: Prompt, *, max_new_tokens: int = 256, temperature: float = 0.0,
+           top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
+           completion: Completion | None = None) -> Iterator[str]:
+    """Yield text pieces as they are generated; never a broken UTF-8 character. If `completion`
+    is given it collects the generated ids and the finish reason."""
+    from herd.tokenizer.streaming import IncrementalDecoder
+
+    completion = completion if completion is not None else Completion()
+    decoder = IncrementalDecoder(tokenizer)
+    stop = set(tokenizer.stop_ids)
+    for (token,) in generate_ids(model, [encode_prompt(tokenizer, prompt)], max_new_tokens=max_new_tokens,
+                                 sampling=_sampling(temperature, top_p, top_k, seed), stop_ids=sorted(stop)):
+        if token in stop:
+            completion.stop_token, completion.finish_reason = token, "stop"
+            break
+        completion.ids.append(token)
+        if piece := decoder.push(token):
+            yield piece
+    if tail := decoder.flush():
+        yield tail

@@ -1,0 +1,308 @@
+"""`herd <verb>`: one verb per stage, thin over the library.
+
+Errors the user can fix (HerdError) print as one line on stderr and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from herd.errors import HerdError
+from herd.hub import BUILTIN_MODELS, DEFAULT_MODEL
+
+EXAMPLES = """\
+examples:
+  herd generate --prompt "What is the capital of France?"      # built-in SmolLM2-135M-Instruct
+  herd chat                                                      # interactive; /reset, /system TEXT, /exit
+  herd generate --model path/to/Meta-Llama-3.1-8B-Instruct/ --prompt "Hi"   # HF or Meta layout
+  herd generate --model model.gguf --prompt "Once upon a time" --raw --temperature 0.8 --seed 1
+  herd convert model.gguf out/ --to hf                           # hf | meta | gguf, any to any
+  herd info llama3-405b                                          # sizes, FLOPs/token, KV cache, memory
+  herd tokenize --tokenizer llama3 "Hello world"                 # ids as JSON ("-" reads stdin)
+  herd tokenize --tokenizer llama3 --chat dialog.json --add-generation-prompt
+"""
+
+
+# ---- shared options ------------------------------------------------------------------------------
+def _add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"built-in name ({', '.join(BUILTIN_MODELS)}), a checkpoint directory (HF or Meta "
+                        f"layout) or a .gguf file (default: {DEFAULT_MODEL})")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="weight dtype (default: float32 on CPU, bfloat16 on GPU)")
+
+
+def _add_sampling(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help=f"(default: {max_new_tokens})")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: 0)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0 = off)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely (default: 0 = off)")
+    p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+
+
+def _sampling_kwargs(a) -> dict:
+    return dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
+                seed=a.seed)
+
+
+def _load(a):
+    import torch
+
+    from herd.api import load
+
+    dtype = getattr(torch, a.dtype) if a.dtype else (torch.float32 if a.device == "cpu" else torch.bfloat16)
+    model, tokenizer = load(a.model, device=a.device, dtype=dtype)
+    if tokenizer is None:
+        raise HerdError(f"{a.model}: no tokenizer found next to the checkpoint; text generation needs one")
+    return model, tokenizer
+
+
+# ---- verbs ---------------------------------------------------------------------------------------
+def cmd_generate(a) -> None:
+    from herd.api import stream
+
+    model, tokenizer = _load(a)
+    prompt = sys.stdin.read() if a.prompt == "-" else a.prompt
+    if a.raw or tokenizer.chat is None:
+        request = prompt
+    else:
+        request = ([{"role": "system", "content": a.system}] if a.system else []) + [
+            {"role": "user", "content": prompt}]
+    for piece in stream(model, tokenizer, request, **_sampling_kwargs(a)):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+def cmd_chat(a) -> None:
+    from herd.api import stream
+    from herd.inference.generate import Completion
+
+    model, tokenizer = _load(a)
+    if tokenizer.chat is None:
+        raise HerdError(f"{a.model}: the tokenizer has no chat format; use `herd generate --raw`")
+    system = a.system
+    history: list[dict] = []
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"herd chat · {a.model} · /reset clears the dialog, /system TEXT sets the system prompt, "
+              "/exit quits", file=sys.stderr)
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except EOFError:
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            break
+        if text == "/reset":
+            history.clear()
+            print("(dialog cleared)", file=sys.stderr)
+            continue
+        if text.startswith("/system"):
+            system = text[len("/system"):].strip() or None
+            history.clear()
+            print(f"(system prompt {'set' if system else 'cleared'}; dialog cleared)", file=sys.stderr)
+            continue
+        history.append({"role": "user", "content": text})
+        dialog = ([{"role": "system", "content": system}] if system else []) + history
+        done = Completion()
+        try:
+            for piece in stream(model, tokenizer, dialog, completion=done, **_sampling_kwargs(a)):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            print("\n(interrupted)", file=sys.stderr)
+        except HerdError as e:  # e.g. the dialog outgrew the context: say so, keep the session
+            history.pop()
+            print(f"herd: {e} (try /reset)", file=sys.stderr)
+            continue
+        sys.stdout.write("\n")
+        history.append({"role": "assistant", "content": tokenizer.decode(done.ids)})
+
+
+def cmd_convert(a) -> None:
+    from herd.checkpoint import convert
+
+    src = a.src
+    if str(src) in BUILTIN_MODELS:
+        from herd.hub import fetch_builtin
+
+        src = fetch_builtin(str(src))
+    convert(src, a.dst, a.to, dtype=a.dtype)
+    print(f"wrote {a.to} checkpoint to {a.dst}", file=sys.stderr)
+
+
+def cmd_info(a) -> None:
+    from herd.models.args import PRESETS
+
+    if a.name in PRESETS:
+        args, label = PRESETS[a.name], a.name
+    else:
+        from herd.api import resolve_model_path
+        from herd.checkpoint import read_args
+
+        path = resolve_model_path(a.name)
+        args, label = read_args(path), str(a.name)
+    seq = a.seq_len or args.max_seq_len
+    n, n_body = args.num_params(), args.num_params(include_embeddings=False)
+    kv_tok = args.kv_cache_bytes_per_token(2)
+    info = {
+        "model": label,
+        "layers": args.n_layers, "dim": args.dim, "ffn_dim": args.ffn_dim, "heads": args.n_heads,
+        "kv_heads": args.kv_heads, "head_dim": args.hd, "vocab_size": args.vocab_size,
+        "context": args.max_seq_len, "rope_theta": args.rope_theta,
+        "rope_scaling": None if args.rope_scaling is None else args.rope_scaling.factor,
+        "tied_embeddings": args.tie_embeddings,
+        "params": n, "params_without_input_embedding": n_body,
+        "seq_len": seq,
+        "forward_flops_per_token": args.flops_per_token(seq, training=False),
+        "training_flops_per_token": args.flops_per_token(seq, training=True),
+        "kv_cache_bytes_per_token_bf16": kv_tok,
+        "kv_cache_bytes_per_sequence_bf16": kv_tok * seq,
+        "weights_bytes_bf16": 2 * n, "weights_bytes_fp8": n, "weights_bytes_fp32": 4 * n,
+        # fp32 master weights + fp32 grads + AdamW's two fp32 moments, before activations
+        "training_state_bytes_adamw": 16 * n,
+    }
+    if a.json:
+        print(json.dumps(info, indent=2))
+        return
+
+    def gb(x):
+        return f"{x / 1e9:,.2f} GB"
+
+    rows = [
+        ("model", label),
+        ("shape", f"{args.n_layers} layers, dim {args.dim}, FFN {args.ffn_dim}, "
+                  f"{args.n_heads} heads / {args.kv_heads} KV heads (head dim {args.hd})"),
+        ("vocabulary", f"{args.vocab_size:,}" + (" (tied input/output embeddings)" if args.tie_embeddings else "")),
+        ("context", f"{args.max_seq_len:,} tokens, RoPE θ={args.rope_theta:g}"
+                    + (f", llama3 scaling ×{args.rope_scaling.factor:g}" if args.rope_scaling else "")),
+        ("parameters", f"{n:,} ({n / 1e9:.2f}B; {n_body / 1e9:.2f}B without the input embedding)"),
+        (f"FLOPs/token @ {seq:,}", f"{info['forward_flops_per_token']:.3e} forward, "
+                                   f"{info['training_flops_per_token']:.3e} training (fwd+bwd)"),
+        ("KV cache (bf16)", f"{kv_tok:,} bytes/token; {gb(kv_tok * seq)} per {seq:,}-token sequence"),
+        ("weights", f"{gb(2 * n)} bf16, {gb(n)} fp8, {gb(4 * n)} fp32"),
+        ("training state", f"{gb(16 * n)} (fp32 weights + grads + AdamW moments, before activations)"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+
+
+def _tokenizer_for(spec: str):
+    from herd.tokenizer import load_tokenizer
+
+    if spec in BUILTIN_MODELS:
+        from herd.hub import fetch_builtin
+
+        spec = str(fetch_builtin(spec))
+    return load_tokenizer(spec)
+
+
+def cmd_tokenize(a) -> None:
+    tokenizer = _tokenizer_for(a.tokenizer)
+    if a.chat:
+        if a.text is not None:
+            raise HerdError("give either TEXT or --chat FILE, not both")
+        if tokenizer.chat is None:
+            raise HerdError(f"tokenizer {a.tokenizer!r} has no chat format")
+        raw = sys.stdin.read() if a.chat == "-" else _read_text(a.chat)
+        try:
+            dialog = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise HerdError(f"{a.chat}: not valid JSON ({e})") from None
+        ids = tokenizer.chat.encode_dialog(dialog, add_generation_prompt=a.add_generation_prompt)
+    else:
+        if a.text is None:
+            raise HerdError("nothing to tokenize: give TEXT, '-' for stdin, or --chat FILE")
+        text = sys.stdin.read() if a.text == "-" else a.text
+        ids = tokenizer.encode(text, bos=a.bos, eos=a.eos, allow_special=a.allow_special)
+    print(json.dumps(ids))
+
+
+def _read_text(path: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise HerdError(f"{path}: cannot read ({e.strerror if isinstance(e, OSError) else e})") from None
+
+
+# ---- parser --------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="herd", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
+        description="herd: run, convert and inspect Llama-architecture models (Llama 3, 3.1, 3.2, 4, SmolLM2).")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    sub.required = True
+
+    p = sub.add_parser("generate", help="complete one prompt and print the answer",
+                       description="Answer one prompt. Instruct models get it as a user message in their "
+                                   "chat format; --raw completes the text as is.")
+    _add_model(p)
+    p.add_argument("--prompt", required=True, help="the prompt text ('-' reads stdin)")
+    p.add_argument("--system", default=None, help="system prompt (chat format only)")
+    p.add_argument("--raw", action="store_true", help="plain text completion, no chat format")
+    _add_sampling(p, 256)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="interactive multi-turn chat with streaming",
+                       description="Chat in the terminal. Commands: /reset clears the dialog, "
+                                   "/system TEXT sets the system prompt, /exit quits.")
+    _add_model(p)
+    p.add_argument("--system", default=None, help="system prompt")
+    _add_sampling(p, 512)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("convert", help="convert a checkpoint between HF, Meta and GGUF layouts")
+    p.add_argument("src", help="checkpoint directory, .gguf file or built-in model name")
+    p.add_argument("dst", help="output directory (hf, meta) or .gguf file")
+    p.add_argument("--to", required=True, choices=["hf", "meta", "gguf"], help="output format")
+    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16", "q8_0"],
+                   help="weight type to write (default: float32; q8_0 for GGUF only)")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("info", help="sizes of a preset or checkpoint: params, FLOPs/token, KV cache, memory")
+    p.add_argument("name", help="a preset (llama3-8b, llama3.1-405b, ...), built-in model or checkpoint path")
+    p.add_argument("--seq-len", type=int, default=None, help="sequence length for FLOPs and KV cache "
+                                                            "(default: the model's context)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("tokenize", help="print token ids as JSON",
+                       description="Print the ids of TEXT (no BOS unless --bos), or of a whole dialog "
+                                   "(--chat FILE: a JSON list of {role, content, tool_calls?} messages).")
+    p.add_argument("text", nargs="?", default=None, help="text to encode; '-' reads stdin")
+    p.add_argument("--tokenizer", default="llama3",
+                   help="llama3, llama4, a built-in model name, a tokenizer file/directory or a .gguf")
+    p.add_argument("--bos", action="store_true", help="prepend the begin-of-text token")
+    p.add_argument("--eos", action="store_true", help="append the end-of-text token")
+    p.add_argument("--allow-special", action="store_true", help="encode special-token text as special tokens")
+    p.add_argument("--chat", metavar="FILE", default=None, help="dialog JSON file ('-' reads stdin)")
+    p.add_argument("--add-generation-prompt", action="store_true", help="append the assistant header")
+    p.set_defaults(func=cmd_tokenize)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except HerdError as e:
+        print(f"herd: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # `herd ... | head`
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
