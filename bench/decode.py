@@ -1,0 +1,106 @@
+"""Decode and prefill speed: herd vs transformers on SmolLM2-135M-Instruct, side by side.
+
+Both run the same GGUF (transformers dequantizes it with `gguf_file=`), fp32, batch 1, the same
+thread count and prompt. Decode speed is measured as (time for N tokens − time for 1 token) /
+(N − 1), so prefill and warm-up are excluded for both; each figure is the median of several runs.
+The roofline is the decode speed a pure weight stream would reach: bytes of weights read per token
+÷ the copy bandwidth measured here (STREAM convention: bytes read + written per second).
+
+    python bench/decode.py [--threads 2] [--new-tokens 128] [--runs 5] [--prefill 512]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+
+def median_time(fn, runs: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def copy_bandwidth(nbytes: int = 512 * 2**20, runs: int = 10) -> float:
+    src = torch.ones(nbytes // 4, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    return 2 * nbytes / median_time(lambda: dst.copy_(src), runs)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--prefill", type=int, default=512, help="prompt length for the prefill figure")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+
+    import transformers
+
+    import herd
+    from herd.hub import fetch_builtin
+    from herd.inference.generate import generate_ids
+
+    path = fetch_builtin("smollm2-135m-instruct")
+    model, tok = herd.load(path)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+    prompt = tok.chat.encode_dialog([{"role": "user", "content": "Write a long story about a lighthouse."}])
+
+    def herd_decode(n):
+        for _ in generate_ids(model, [prompt], max_new_tokens=n):  # no stop ids: exactly n tokens
+            pass
+
+    def hf_decode(n):
+        with torch.inference_mode():
+            ref.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                         eos_token_id=None, pad_token_id=0)
+
+    n = a.new_tokens
+    per_token = {}
+    for name, fn in (("herd", herd_decode), ("transformers", hf_decode)):
+        t_n, t_1 = median_time(lambda: fn(n), a.runs), median_time(lambda: fn(1), a.runs)
+        per_token[name] = (t_n - t_1) / (n - 1)
+
+    long_prompt = torch.randint(0, model.args.vocab_size, (1, a.prefill))
+
+    def herd_prefill():
+        from herd.inference.kv_cache import KVCache
+
+        with torch.inference_mode():
+            model(long_prompt, cache=KVCache(model.args, 1, a.prefill), last_only=True)
+
+    def hf_prefill():
+        with torch.inference_mode():
+            ref(long_prompt, use_cache=True, logits_to_keep=1)
+
+    prefill = {"herd": median_time(herd_prefill, a.runs), "transformers": median_time(hf_prefill, a.runs)}
+
+    # Bytes read per decoded token: every weight except the input-embedding lookup (a tied table is
+    # read once, as the output projection).
+    args = model.args
+    weight_bytes = 4 * (args.num_params() - (0 if args.tie_embeddings else args.vocab_size * args.dim))
+    bandwidth = copy_bandwidth()
+    roofline = bandwidth / weight_bytes
+
+    print(f"SmolLM2-135M fp32, batch 1, {a.threads} threads, torch {torch.__version__}, "
+          f"transformers {transformers.__version__}; medians of {a.runs} runs")
+    for name in ("herd", "transformers"):
+        print(f"  {name:<13} decode {1 / per_token[name]:7.1f} tok/s   prefill {a.prefill} tokens "
+              f"{prefill[name] * 1e3:7.1f} ms ({a.prefill / prefill[name]:,.0f} tok/s)")
+    print(f"  decode ratio herd/transformers  {per_token['transformers'] / per_token['herd']:.2f}x")
+    print(f"  prefill ratio herd/transformers {prefill['transformers'] / prefill['herd']:.2f}x")
+    print(f"  roofline: {weight_bytes / 1e6:.0f} MB of weights per token at {bandwidth / 1e9:.1f} GB/s copy "
+          f"bandwidth = {roofline:.1f} tok/s; herd reaches {1 / per_token['herd'] / roofline:.0%}")
+
+
+if __name__ == "__main__":
+    main()
