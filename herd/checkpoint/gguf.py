@@ -1,13 +1,91 @@
-"""GGUF (llama.cpp) checkpoints, through the `gguf` package."""
+"""GGUF (llama.cpp) checkpoints, through the `gguf` package: read any llama-architecture file into
+the canonical fp32 state dict, write one llama.cpp and transformers can load.
+
+Names map llama.cpp ↔ Meta one to one (`blk.N.attn_q` ↔ `layers.N.attention.wq`, ...). No RoPE
+permutation is needed: llama.cpp's `convert_hf_to_gguf.py` permutes HF's q/k rows back to the
+adjacent-pair layout Meta's weights (and our model) use, and transformers' GGUF loader reverses that
+on its way in. Tied embeddings are a missing `output.weight`.
+
+Llama 3.1 RoPE scaling is stored by llama.cpp not as keys but as a `rope_freqs.weight` tensor of
+per-frequency divisors (convert_hf_to_gguf's `generate_extra_tensors`); we recover the four
+`RopeScaling` numbers from it and write the same tensor back. (Writing `llama.rope.scaling.factor`
+would be wrong: llama.cpp reads it as *linear* scaling of every frequency.) Because a small head dim
+may leave the ramp between the two wavelength bounds empty, we also write the exact numbers under
+`herd.rope.scaling.*` keys, which llama.cpp ignores.
+"""
 
 from __future__ import annotations
 
+import math
+import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from gguf import GGUFReader, GGUFValueType
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter, LlamaFileType
+from gguf.constants import GGML_QUANT_VERSION
+from gguf.quants import dequantize, quantize
 
+from herd.checkpoint.common import atomic_path, check_state_dict
 from herd.errors import HerdError
+from herd.models.args import ModelArgs, RopeScaling
+from herd.models.rope import rope_frequencies
+
+ARCH = "llama"
+
+_LAYER_MAP = {  # llama.cpp name (under blk.N.) → Meta name (under layers.N.)
+    "attn_q.weight": "attention.wq.weight",
+    "attn_k.weight": "attention.wk.weight",
+    "attn_v.weight": "attention.wv.weight",
+    "attn_output.weight": "attention.wo.weight",
+    "ffn_gate.weight": "feed_forward.w1.weight",
+    "ffn_down.weight": "feed_forward.w2.weight",
+    "ffn_up.weight": "feed_forward.w3.weight",
+    "attn_norm.weight": "attention_norm.weight",
+    "ffn_norm.weight": "ffn_norm.weight",
+}
+_TOP_MAP = {"token_embd.weight": "tok_embeddings.weight", "output_norm.weight": "norm.weight",
+            "output.weight": "output.weight"}
+_TO_GGUF_LAYER = {v: k for k, v in _LAYER_MAP.items()}
+_TO_GGUF_TOP = {v: k for k, v in _TOP_MAP.items()}
+ROPE_FREQS = "rope_freqs.weight"
+
+# What `gguf.quants.dequantize` implements and we accept; the IQ* grids and ternary types are left
+# out on purpose (llama-only K-quants and legacy quants cover what llama.cpp users publish).
+Q = GGMLQuantizationType
+READABLE = (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1,
+            Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K)
+WRITABLE = {"F32": (Q.F32, LlamaFileType.ALL_F32), "F16": (Q.F16, LlamaFileType.MOSTLY_F16),
+            "BF16": (Q.BF16, LlamaFileType.MOSTLY_BF16), "Q8_0": (Q.Q8_0, LlamaFileType.MOSTLY_Q8_0)}
+
+
+def from_gguf_name(name: str) -> str | None:
+    if name in _TOP_MAP:
+        return _TOP_MAP[name]
+    parts = name.split(".", 2)
+    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _LAYER_MAP:
+        return f"layers.{parts[1]}.{_LAYER_MAP[parts[2]]}"
+    return None
+
+
+def to_gguf_name(name: str) -> str:
+    if name in _TO_GGUF_TOP:
+        return _TO_GGUF_TOP[name]
+    _, idx, rest = name.split(".", 2)
+    return f"blk.{idx}.{_TO_GGUF_LAYER[rest]}"
+
+
+# ---- metadata ------------------------------------------------------------------------------------
+class GGUFMetadata(dict):
+    """Key → Python value (strings decoded, arrays as lists), plus each key's GGUF type in
+    `.types[key] = (type, array item type or None)` so fields can be written back unchanged
+    (llama.cpp checks types: a token id must stay uint32)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.types: dict[str, tuple[GGUFValueType, GGUFValueType | None]] = {}
 
 
 def open_gguf(path: str | Path) -> GGUFReader:
@@ -20,15 +98,268 @@ def open_gguf(path: str | Path) -> GGUFReader:
         raise HerdError(f"{path}: not a readable GGUF file (truncated or corrupt?): {e}") from None
 
 
-def read_gguf_metadata(source: str | Path | GGUFReader) -> dict[str, Any]:
-    """All key/value fields as Python values (strings decoded, arrays as lists)."""
+def read_gguf_metadata(source: str | Path | GGUFReader) -> GGUFMetadata:
+    """All key/value fields as Python values (strings decoded, arrays as lists), with their types."""
     reader = source if isinstance(source, GGUFReader) else open_gguf(source)
-    meta: dict[str, Any] = {}
+    meta = GGUFMetadata()
     for key, field in reader.fields.items():
         if key.startswith("GGUF."):
             continue
         value = field.contents()
-        if field.types and field.types[0] == GGUFValueType.ARRAY and not isinstance(value, list):
+        is_array = bool(field.types) and field.types[0] == GGUFValueType.ARRAY
+        if is_array and not isinstance(value, list):
             value = list(value)
         meta[key] = value
+        if field.types:
+            meta.types[key] = (field.types[0], field.types[-1] if is_array else None)
     return meta
+
+
+def _f32(x: float) -> float:
+    """A float32 metadata value as the decimal it was written from (9.99999974e-06 → 1e-05)."""
+    return float(str(np.float32(x)))
+
+
+def _rope_divisors(s: RopeScaling, head_dim: int, theta: float) -> np.ndarray:
+    """llama.cpp's `rope_freqs` tensor: by how much each frequency is divided."""
+    return (rope_frequencies(head_dim, theta) / rope_frequencies(head_dim, theta, s)).double().numpy()
+
+
+def _scaling_candidates(divisors: np.ndarray, head_dim: int, theta: float, meta: dict, arch: str):
+    factor = _f32(divisors.max())
+    herd = {k: meta.get(f"herd.rope.scaling.{k}") for k in
+            ("factor", "low_freq_factor", "high_freq_factor", "original_context_length")}
+    if None not in herd.values():
+        yield RopeScaling(float(herd["factor"]), float(herd["low_freq_factor"]), float(herd["high_freq_factor"]),
+                          int(herd["original_context_length"]))
+    # Meta's constants (3.1: factor 8, 3.2: factor 32), the context as llama.cpp may record it.
+    original = int(meta.get(f"{arch}.rope.scaling.original_context_length") or 8192)
+    yield RopeScaling(factor, 1.0, 4.0, original)
+    wavelen = 2 * math.pi / rope_frequencies(head_dim, theta).double().numpy()
+    ramp = (divisors > 1 + 1e-5) & (divisors < factor * (1 - 1e-5))
+    if ramp.sum() >= 2:
+        # On the ramp 1/d = (1-s)/factor + s with s = (L/λ - lo)/(hi - lo); with lo = 1 that is
+        # linear in (L, hi): L/λ - s·hi = 1 - s. (Only L/lo and hi/lo matter, so lo = 1 is no loss.)
+        s = (1 / divisors[ramp] - 1 / factor) / (1 - 1 / factor)
+        A = np.stack([1 / wavelen[ramp], -s], axis=1)
+        (L, hi), *_ = np.linalg.lstsq(A, 1 - s, rcond=None)
+        if L > 0 and hi > 1:
+            yield RopeScaling(factor, 1.0, float(round(hi, 6)), int(round(L)))
+    else:
+        # An empty ramp: only the two bounds matter; put them between the kept and divided bands.
+        kept, divided = wavelen[divisors <= 1 + 1e-5], wavelen[divisors >= factor * (1 - 1e-5)]
+        if len(kept) and len(divided):
+            L = math.ceil(divided.min()) - 1
+            if L > kept.max():
+                yield RopeScaling(factor, 1.0, (L / kept.max() + 1) / 2, int(L))
+
+
+def scaling_from_rope_freqs(divisors: np.ndarray, head_dim: int, theta: float, meta: dict | None = None,
+                            arch: str = ARCH, source: str = "GGUF") -> RopeScaling | None:
+    """The `RopeScaling` whose divisors equal llama.cpp's `rope_freqs` tensor (None if all 1)."""
+    divisors = np.asarray(divisors, dtype=np.float64).reshape(-1)
+    if divisors.shape != (head_dim // 2,):
+        raise HerdError(f"{source}: {ROPE_FREQS} has {divisors.size} values, expected head_dim/2 = {head_dim // 2}")
+    if np.allclose(divisors, 1.0, rtol=0, atol=1e-6):
+        return None
+    for cand in _scaling_candidates(divisors, head_dim, theta, meta or {}, arch):
+        if np.allclose(_rope_divisors(cand, head_dim, theta), divisors, rtol=1e-4, atol=1e-6):
+            return cand
+    raise HerdError(f"{source}: {ROPE_FREQS} does not match Llama 3 RoPE scaling (unsupported scaling scheme)")
+
+
+def args_from_gguf_metadata(meta: dict, *, vocab_rows: int | None = None, rope_freqs: np.ndarray | None = None,
+                            tied: bool = False, source: str = "GGUF") -> ModelArgs:
+    arch = meta.get("general.architecture")
+    if arch != ARCH:
+        raise HerdError(f"{source}: architecture {arch!r} is not supported (only 'llama' GGUF files)")
+
+    def get(key: str, default: Any = KeyError) -> Any:
+        value = meta.get(f"{arch}.{key}", default)
+        if value is KeyError:
+            raise HerdError(f"{source}: missing metadata key {arch}.{key}")
+        if isinstance(value, list):  # per-layer values (some hybrid models); fine when uniform
+            if len(set(value)) != 1:
+                raise HerdError(f"{source}: per-layer {arch}.{key} = {value[:4]}... is not supported")
+            value = value[0]
+        return value
+
+    dim, n_heads = int(get("embedding_length")), int(get("attention.head_count"))
+    head_dim = int(get("attention.key_length", dim // n_heads))
+    if int(get("attention.value_length", head_dim)) != head_dim:
+        raise HerdError(f"{source}: key and value head dims differ, which Llama does not do")
+    rope_dim = int(get("rope.dimension_count", head_dim))
+    if rope_dim != head_dim:
+        raise HerdError(f"{source}: partial rotary embeddings (rope.dimension_count {rope_dim} of "
+                        f"head dim {head_dim}) are not supported")
+    theta = float(get("rope.freq_base", 10000.0))
+    scaling_type = str(get("rope.scaling.type", "none"))
+    if scaling_type not in ("none", "") and float(get("rope.scaling.factor", 1.0)) != 1.0:
+        raise HerdError(f"{source}: RoPE scaling type {scaling_type!r} is not supported (llama3 or none)")
+    scaling = None
+    if rope_freqs is not None:
+        scaling = scaling_from_rope_freqs(rope_freqs, head_dim, theta, meta, arch, source)
+    tokens = meta.get("tokenizer.ggml.tokens")
+    vocab = get("vocab_size", None)
+    if vocab is None:
+        vocab = len(tokens) if tokens is not None else vocab_rows
+    if vocab is None:
+        raise HerdError(f"{source}: cannot tell the vocabulary size (no {arch}.vocab_size, tokens or embedding)")
+    if tokens is not None and len(tokens) != int(vocab):
+        raise HerdError(f"{source}: vocabulary mismatch: tokenizer has {len(tokens)} tokens, model {vocab}")
+    return ModelArgs(
+        dim=dim, n_layers=int(get("block_count")), n_heads=n_heads,
+        n_kv_heads=int(get("attention.head_count_kv", n_heads)), vocab_size=int(vocab),
+        ffn_hidden_dim=int(get("feed_forward_length")),
+        head_dim=None if head_dim == dim // n_heads else head_dim,
+        norm_eps=_f32(get("attention.layer_norm_rms_epsilon", 1e-5)), rope_theta=_f32(theta),
+        rope_scaling=scaling, max_seq_len=int(get("context_length", 8192)), tie_embeddings=tied,
+    )
+
+
+# ---- reading -------------------------------------------------------------------------------------
+def dequantize_tensor(t, source: str = "GGUF") -> torch.Tensor:
+    """One GGUF tensor → fp32 torch tensor in PyTorch's (rows, cols) order."""
+    if t.tensor_type not in READABLE:
+        raise HerdError(f"{source}: tensor {t.name!r} has quantization type {t.tensor_type.name}, which herd "
+                        f"cannot read (supported: {', '.join(q.name for q in READABLE)})")
+    if t.data.nbytes != t.n_bytes:
+        raise HerdError(f"{source}: tensor {t.name!r} is cut short (truncated file?)")
+    shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # GGUF lists dims fastest-first
+    arr = dequantize(t.data, t.tensor_type).reshape(shape)
+    return torch.from_numpy(np.array(arr, dtype=np.float32, copy=True))
+
+
+def _args(reader: GGUFReader, meta: GGUFMetadata, source: str) -> ModelArgs:
+    arch = meta.get("general.architecture")
+    if arch != ARCH:
+        raise HerdError(f"{source}: architecture {arch!r} is not supported (only 'llama' GGUF files)")
+    by_name = {t.name: t for t in reader.tensors}
+    rope = dequantize_tensor(by_name[ROPE_FREQS], source).numpy() if ROPE_FREQS in by_name else None
+    emb = by_name.get("token_embd.weight")
+    return args_from_gguf_metadata(meta, vocab_rows=None if emb is None else int(emb.shape[-1]),
+                                   rope_freqs=rope, tied="output.weight" not in by_name, source=source)
+
+
+def read_gguf_args(path: str | Path) -> ModelArgs:
+    """Just the config (metadata and tensor names; no weights dequantized)."""
+    reader = open_gguf(path)
+    return _args(reader, read_gguf_metadata(reader), str(path))
+
+
+def read_gguf(path: str | Path) -> tuple[ModelArgs, dict[str, torch.Tensor], GGUFMetadata]:
+    """→ (args, canonical fp32 state dict, the file's metadata)."""
+    path = Path(path)
+    reader = open_gguf(path)
+    meta = read_gguf_metadata(reader)
+    source = str(path)
+    args = _args(reader, meta, source)
+    by_name = {t.name: t for t in reader.tensors}
+    # Check names and shapes before dequantizing anything (cheap, and a clear error first).
+    shapes = {}
+    for name, t in by_name.items():
+        if name == ROPE_FREQS:
+            continue
+        canon = from_gguf_name(name)
+        if canon is None:
+            raise HerdError(f"{source}: unexpected tensor {name!r} for a dense llama model")
+        shapes[canon] = torch.empty(tuple(int(d) for d in reversed(t.shape.tolist())), device="meta")
+    check_state_dict(shapes, args, source)
+    sd = {from_gguf_name(name): dequantize_tensor(t, source) for name, t in by_name.items() if name != ROPE_FREQS}
+    return args, check_state_dict(sd, args, source), meta
+
+
+# ---- writing -------------------------------------------------------------------------------------
+def _gguf_dtype(dtype: str | None) -> str:
+    key = (dtype or "F32").upper().replace("FLOAT32", "F32").replace("FLOAT16", "F16").replace("BFLOAT16", "BF16")
+    if key not in WRITABLE:
+        raise HerdError(f"GGUF output type {dtype!r} is not supported (choose {', '.join(WRITABLE)})")
+    return key
+
+
+def _encode(t: torch.Tensor, qtype: GGMLQuantizationType) -> tuple[np.ndarray, GGMLQuantizationType | None]:
+    arr = t.detach().to(torch.float32).contiguous().numpy()
+    if t.ndim == 1 or qtype == Q.F32:
+        return arr, None  # norms stay F32, as llama.cpp requires
+    if qtype == Q.F16:
+        return arr.astype(np.float16), None
+    if qtype == Q.Q8_0 and arr.shape[-1] % 32:
+        return arr.astype(np.float16), None  # llama.cpp's fallback for rows not a multiple of a block
+    return quantize(arr, qtype), qtype
+
+
+def _copy_fields(writer: GGUFWriter, source_metadata: dict, prefixes: tuple[str, ...], skip: set[str]) -> None:
+    types = getattr(source_metadata, "types", {})
+    for key, value in source_metadata.items():
+        if not key.startswith(prefixes) or key in skip:
+            continue
+        if key in types:
+            vtype, sub = types[key]
+        else:  # a plain dict: infer, with llama.cpp's uint32 for token ids
+            vtype = GGUFValueType.get_type(value)
+            sub = GGUFValueType.get_type(value[0]) if isinstance(value, list) and value else None
+            if vtype == GGUFValueType.INT32 and key.endswith("_id"):
+                vtype = GGUFValueType.UINT32
+        if vtype == GGUFValueType.ARRAY and not value:
+            continue
+        writer.add_key_value(key, value, vtype, sub)
+
+
+def write_gguf(path: str | Path, args: ModelArgs, sd: dict[str, torch.Tensor], *, dtype: str | None = None,
+               tokenizer_writer: Callable[[GGUFWriter], None] | None = None,
+               source_metadata: dict | None = None, name: str | None = None) -> None:
+    """Write a llama GGUF atomically. `dtype`: F32 (default), F16, BF16 or Q8_0 for the matrices.
+
+    Tokenizer fields come from `tokenizer_writer(writer)` if given, else are copied (with their
+    original types) from `source_metadata`, the metadata of the GGUF this model was read from;
+    `general.*` descriptive fields are copied from it too."""
+    sd = check_state_dict(sd, args, "model")
+    key = _gguf_dtype(dtype)
+    qtype, ftype = WRITABLE[key]
+    with atomic_path(path) as tmp:
+        writer = GGUFWriter(os.fspath(tmp), ARCH)
+        try:
+            skip = {"general.architecture", "general.file_type", "general.quantization_version"}
+            if source_metadata:
+                _copy_fields(writer, source_metadata, ("general.",), skip)
+            if name:
+                writer.add_name(name)
+            elif not (source_metadata or {}).get("general.name"):
+                writer.add_name("herd export")
+            # The hyper-parameters llama.cpp's convert_hf_to_gguf writes for a LlamaForCausalLM.
+            writer.add_vocab_size(args.vocab_size)
+            writer.add_context_length(args.max_seq_len)
+            writer.add_embedding_length(args.dim)
+            writer.add_block_count(args.n_layers)
+            writer.add_feed_forward_length(args.ffn_dim)
+            writer.add_rope_dimension_count(args.hd)
+            writer.add_head_count(args.n_heads)
+            writer.add_head_count_kv(args.kv_heads)
+            if args.hd != args.dim // args.n_heads:
+                writer.add_key_length(args.hd)
+                writer.add_value_length(args.hd)
+            writer.add_rope_freq_base(args.rope_theta)
+            writer.add_layer_norm_rms_eps(args.norm_eps)
+            writer.add_file_type(ftype)
+            writer.add_quantization_version(GGML_QUANT_VERSION)
+            s = args.rope_scaling
+            if s is not None:
+                writer.add_float32("herd.rope.scaling.factor", s.factor)
+                writer.add_float32("herd.rope.scaling.low_freq_factor", s.low_freq_factor)
+                writer.add_float32("herd.rope.scaling.high_freq_factor", s.high_freq_factor)
+                writer.add_uint32("herd.rope.scaling.original_context_length", s.original_max_position_embeddings)
+            if tokenizer_writer is not None:
+                tokenizer_writer(writer)
+            elif source_metadata:
+                _copy_fields(writer, source_metadata, ("tokenizer.",), set())
+
+            if s is not None:
+                writer.add_tensor(ROPE_FREQS, _rope_divisors(s, args.hd, args.rope_theta).astype(np.float32))
+            for canon, t in sd.items():
+                arr, raw = _encode(t, qtype)
+                writer.add_tensor(to_gguf_name(canon), arr, raw_dtype=raw)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+        finally:
+            writer.close()
