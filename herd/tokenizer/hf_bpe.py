@@ -1,0 +1,256 @@
+"""Byte-level BPE tokenizers through HF `tokenizers`: from a GGUF file's metadata or an HF directory.
+
+A GGUF carries no tokenizer.json; llama.cpp stores the vocabulary (`tokenizer.ggml.tokens`, already
+in GPT-2 byte-to-unicode spelling), the merges, a type per token (1 normal, 3 control, 4 user
+defined), the special ids and the *name* of the pre-tokenizer (`tokenizer.ggml.pre`). We rebuild the
+tokenizer from those, mapping the name to the regex llama.cpp uses (`bytelevel.PRE_TOKENIZERS`;
+SmolLM2's "smollm" splits every digit alone, then applies GPT-2's regex). An HF directory is read
+as-is from tokenizer.json, with the special tokens and chat template from tokenizer_config.json.
+
+Only byte-level BPE is supported (llama.cpp's "gpt2" model): it covers Llama 3/4 and SmolLM2, and
+its ids map to exact bytes, which streaming decode needs.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from tokenizers import Tokenizer as Backend
+
+from herd.errors import HerdError
+from herd.tokenizer.base import ExportLayout, Tokenizer
+from herd.tokenizer.bytelevel import (
+    build_backend,
+    bytes_to_token,
+    gguf_pre_name,
+    token_to_bytes,
+    write_gguf_tokenizer,
+    write_hf_files,
+)
+
+# Token names that end a turn or a text in the common chat formats; any present join `stop_ids`.
+END_TOKEN_NAMES = ("<|im_end|>", "<|endoftext|>", "<|end_of_text|>", "<|eot_id|>", "<|eom_id|>", "<|eot|>",
+                   "<|eom|>", "<end_of_turn>", "<|end|>", "</s>")
+
+_CONTROL, _USER_DEFINED = 3, 4
+
+
+class HFTokenizer(Tokenizer):
+    """Byte-level BPE over an HF `tokenizers.Tokenizer`. Build with `from_gguf_metadata` or
+    `from_directory`."""
+
+    def __init__(self, backend: Backend, *, bos_id: int | None, eos_id: int, pad_id: int | None = None,
+                 unk_id: int | None = None, extra_stop_ids: Iterable[int] = (), add_bos: bool = False,
+                 chat_template: str | None = None, gguf_pre: str | None = None):
+        self.backend = backend
+        self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
+        self.bos_id, self.eos_id, self.pad_id, self.unk_id = bos_id, eos_id, pad_id, unk_id
+        for name, i in (("bos", bos_id), ("eos", eos_id), ("pad", pad_id), ("unk", unk_id)):
+            if i is not None and not 0 <= i < self.vocab_size:
+                raise HerdError(f"tokenizer {name} id {i} is outside the vocabulary (size {self.vocab_size})")
+        added = backend.get_added_tokens_decoder()
+        self.special_tokens = {t.content: i for i, t in sorted(added.items()) if t.special}
+        self._user_defined = {i for i, t in added.items() if not t.special}
+        stops = {eos_id, *extra_stop_ids}
+        stops.update(i for name in END_TOKEN_NAMES if (i := self.special_tokens.get(name)) is not None)
+        self.stop_ids = stops
+        self.add_bos = add_bos and bos_id is not None
+        self.chat_template = chat_template
+        self._gguf_pre = gguf_pre
+        self.chat = None
+
+    # ---- construction ------------------------------------------------------------------------
+
+    @classmethod
+    def from_gguf_metadata(cls, meta: dict[str, Any], *, pre: str | None = None) -> HFTokenizer:
+        """`pre` overrides the file's `tokenizer.ggml.pre`: e.g. "gpt2" reproduces transformers'
+        GGUF loader, which ignores the name and always uses GPT-2's regex."""
+        model = meta.get("tokenizer.ggml.model")
+        if model != "gpt2":
+            raise HerdError(f"GGUF tokenizer model {model!r} is not supported (only byte-level BPE, 'gpt2')")
+        tokens = [str(t) for t in meta["tokenizer.ggml.tokens"]]
+        types = meta.get("tokenizer.ggml.token_type")
+        types = [1] * len(tokens) if types is None else [int(t) for t in types]
+        if len(types) != len(tokens):
+            raise HerdError(f"GGUF tokenizer: {len(tokens)} tokens but {len(types)} token types")
+        merges = []
+        raw_merges = meta.get("tokenizer.ggml.merges")
+        for m in [] if raw_merges is None else raw_merges:
+            left, sep, right = str(m).partition(" ")
+            if not sep:
+                raise HerdError(f"GGUF tokenizer: malformed merge {m!r}")
+            merges.append((left, right))
+        pre = pre or meta.get("tokenizer.ggml.pre")
+
+        def get_id(key: str) -> int | None:
+            v = meta.get(f"tokenizer.ggml.{key}")
+            return None if v is None else int(v)
+
+        eos = get_id("eos_token_id")
+        if eos is None:
+            raise HerdError("GGUF tokenizer has no tokenizer.ggml.eos_token_id")
+        bos = get_id("bos_token_id")
+        add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", False))
+        backend = build_backend(tokens, merges,
+                                special=[i for i, t in enumerate(types) if t == _CONTROL],
+                                user_defined=[i for i, t in enumerate(types) if t == _USER_DEFINED],
+                                pre=pre, bos_id=bos if add_bos else None)
+        extra = [i for key in ("eot_token_id", "eom_token_id") if (i := get_id(key)) is not None]
+        return cls(backend, bos_id=bos, eos_id=eos, pad_id=get_id("padding_token_id"),
+                   unk_id=get_id("unknown_token_id"), extra_stop_ids=extra, add_bos=add_bos,
+                   chat_template=meta.get("tokenizer.chat_template"), gguf_pre=pre or "default")
+
+    @classmethod
+    def from_directory(cls, directory: str | Path) -> HFTokenizer:
+        directory = Path(directory)
+        tj = directory / "tokenizer.json"
+        try:
+            backend = Backend.from_file(str(tj))
+        except Exception as e:  # tokenizers raises a bare Exception on a bad file
+            raise HerdError(f"{tj}: not a readable tokenizer.json ({e})") from None
+        spec = json.loads(tj.read_text(encoding="utf-8"))
+        if (spec.get("model") or {}).get("type") != "BPE" or not _is_byte_level(spec.get("decoder")):
+            raise HerdError(f"{tj}: only byte-level BPE tokenizers are supported")
+        config = _read_json(directory / "tokenizer_config.json")
+
+        def token_id(key: str) -> int | None:
+            tok = config.get(key)
+            if isinstance(tok, dict):
+                tok = tok.get("content")
+            return None if tok is None else backend.token_to_id(tok)
+
+        eos = token_id("eos_token")
+        extra: list[int] = []
+        gen = _read_json(directory / "generation_config.json")
+        gen_eos = gen.get("eos_token_id")
+        if isinstance(gen_eos, int):
+            gen_eos = [gen_eos]
+        if isinstance(gen_eos, list):
+            extra = [int(i) for i in gen_eos]
+            if eos is None and extra:
+                eos = extra[0]
+        if eos is None:
+            raise HerdError(f"{directory}: tokenizer_config.json names no eos_token")
+        template = config.get("chat_template")
+        if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+            named = {t.get("name"): t.get("template") for t in template}
+            template = named.get("default") or next(iter(named.values()), None)
+        jinja = directory / "chat_template.jinja"  # where transformers >= 4.50 saves it
+        if template is None and jinja.is_file():
+            template = jinja.read_text(encoding="utf-8")
+        bos = token_id("bos_token")
+        add_bos = config.get("add_bos_token")
+        if add_bos is None:  # else: does the tokenizer.json post-processor add it?
+            add_bos = bos is not None and bos in backend.encode("a").ids[:1]
+        return cls(backend, bos_id=bos, eos_id=eos, pad_id=token_id("pad_token"), unk_id=token_id("unk_token"),
+                   extra_stop_ids=extra, add_bos=bool(add_bos), chat_template=template)
+
+    # ---- encode / decode ------------------------------------------------------------------------
+
+    @cached_property
+    def _plain(self) -> Backend:
+        """A copy that reads special-token text as plain text (tokenizers' `encode_special_tokens`),
+        kept apart so encode() never flips state that another thread may be using."""
+        plain = Backend.from_str(self.backend.to_str())
+        plain.encode_special_tokens = True
+        return plain
+
+    def encode(self, text: str, *, bos: bool = False, eos: bool = False, allow_special: bool = False) -> list[int]:
+        if not isinstance(text, str):
+            raise HerdError(f"encode() takes a str, got {type(text).__name__}")
+        backend = self.backend if allow_special else self._plain
+        ids = backend.encode(text, add_special_tokens=False).ids
+        if bos:
+            if self.bos_id is None:
+                raise HerdError("this tokenizer has no BOS token")
+            ids.insert(0, self.bos_id)
+        if eos:
+            ids.append(self.eos_id)
+        return ids
+
+    @cached_property
+    def _id_to_bytes(self) -> list[bytes]:
+        added = self.backend.get_added_tokens_decoder()
+        table = []
+        for i in range(self.vocab_size):
+            if i in added:
+                table.append(added[i].content.encode("utf-8"))
+            else:
+                tok = self.backend.id_to_token(i)
+                table.append(b"" if tok is None else token_to_bytes(tok))
+        return table
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        table = self._id_to_bytes
+        try:
+            return b"".join([table[i] for i in ids])
+        except (IndexError, TypeError):
+            raise HerdError(f"token ids must be ints in 0..{self.vocab_size - 1}") from None
+
+    def token_to_id(self, token: str) -> int | None:
+        if token in self.special_tokens:
+            return self.special_tokens[token]
+        i = self.backend.token_to_id(bytes_to_token(token.encode("utf-8")))
+        if i is None:
+            i = self.backend.token_to_id(token)  # a user-defined added token, spelled as-is
+        return i
+
+    def id_to_name(self, i: int) -> str | None:
+        return self.backend.id_to_token(i)
+
+    # ---- export -------------------------------------------------------------------------------
+
+    def save(self, directory: str | Path, layout: ExportLayout = "hf") -> Path:
+        if layout not in ("hf", "meta"):
+            raise HerdError(f"unknown tokenizer layout {layout!r}; use 'hf' or 'meta'")
+        name = self.backend.id_to_token
+
+        def tok(i):
+            return None if i is None else name(i)
+
+        # "meta" has no tiktoken file for a BPE with merges of its own: tokenizer.json is the file.
+        config = {"bos_token": tok(self.bos_id), "eos_token": tok(self.eos_id), "pad_token": tok(self.pad_id),
+                  "unk_token": tok(self.unk_id), "add_bos_token": self.add_bos, "chat_template": self.chat_template}
+        return write_hf_files(directory, self.backend, config)
+
+    def write_gguf(self, writer: Any) -> None:
+        spec = json.loads(self.backend.to_str())
+        vocab: dict[str, int] = spec["model"]["vocab"]
+        added = self.backend.get_added_tokens_decoder()
+        tokens: list[str | None] = [None] * self.vocab_size
+        for tok, i in vocab.items():
+            tokens[i] = tok
+        for i, t in added.items():
+            tokens[i] = t.content
+        if any(t is None for t in tokens):
+            raise HerdError("tokenizer ids are not contiguous; cannot write a GGUF vocabulary")
+        types = [(_CONTROL if added[i].special else _USER_DEFINED) if i in added else 1 for i in range(self.vocab_size)]
+        merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"].get("merges", [])]
+        pre = self._gguf_pre or gguf_pre_name(spec.get("pre_tokenizer"))
+        eot = self.special_tokens.get("<|eot_id|>", self.special_tokens.get("<|eot|>"))
+        eom = self.special_tokens.get("<|eom_id|>", self.special_tokens.get("<|eom|>"))
+        write_gguf_tokenizer(writer, tokens=tokens, token_types=types, merges=merges, pre=pre,
+                             bos_id=self.bos_id, eos_id=self.eos_id, pad_id=self.pad_id, unk_id=self.unk_id,
+                             eot_id=eot, eom_id=eom, add_bos=self.add_bos, chat_template=self.chat_template)
+
+
+def _is_byte_level(decoder: dict | None) -> bool:
+    if not decoder:
+        return False
+    if decoder.get("type") == "ByteLevel":
+        return True
+    return decoder.get("type") == "Sequence" and any(_is_byte_level(d) for d in decoder.get("decoders", []))
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise HerdError(f"{path}: not valid JSON ({e})") from None
+    return data if isinstance(data, dict) else {}
