@@ -1,0 +1,78 @@
+"""load_tokenizer / tokenizer_from_gguf_metadata: every accepted spec, and clear errors for the rest."""
+
+from __future__ import annotations
+
+import pytest
+
+from herd.errors import HerdError
+from herd.tokenizer import (
+    HFTokenizer,
+    Llama3ChatFormat,
+    Llama4ChatFormat,
+    TemplateChatFormat,
+    TiktokenTokenizer,
+    load_tokenizer,
+    tokenizer_from_gguf_metadata,
+)
+
+
+def test_named_tokenizers(llama3, llama4):
+    assert isinstance(llama3, TiktokenTokenizer) and isinstance(llama3.chat, Llama3ChatFormat)
+    assert isinstance(llama4, TiktokenTokenizer) and isinstance(llama4.chat, Llama4ChatFormat)
+
+
+def test_gguf_file_and_metadata(smollm2_gguf, smollm2):
+    assert isinstance(smollm2, HFTokenizer) and isinstance(smollm2.chat, TemplateChatFormat)
+    assert tokenizer_from_gguf_metadata({"general.architecture": "llama"}) is None
+
+
+@pytest.mark.parametrize("spec, match", [
+    ("llama5", "unknown tokenizer 'llama5'.*\"llama3\", \"llama4\""),
+    ("/no/such/tokenizer.model", "not a file or directory"),
+])
+def test_unknown_specs(spec, match):
+    with pytest.raises(HerdError, match=match):
+        load_tokenizer(spec)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(HerdError, match="no tokenizer.model, tokenizer.json"):
+        load_tokenizer(tmp_path)
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(HerdError, match="not a readable tokenizer.json"):
+        load_tokenizer(tmp_path)
+    bad_gguf = tmp_path / "x.gguf"
+    bad_gguf.write_bytes(b"GGUF\x03\x00\x00\x00truncated")
+    with pytest.raises(HerdError):
+        load_tokenizer(bad_gguf)
+    binary = tmp_path / "tokenizer.model"
+    binary.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(HerdError, match="cannot read"):
+        load_tokenizer(binary)
+
+
+def test_bad_encode_decode_input(llama3, smollm2):
+    for tok in (llama3, smollm2):
+        with pytest.raises(HerdError, match="takes a str"):
+            tok.encode(b"bytes")
+        with pytest.raises(HerdError, match="ids"):
+            tok.decode([tok.vocab_size + 5])
+        with pytest.raises(HerdError):
+            tok.save("/tmp/unused", layout="onnx")
+
+
+def test_template_errors_are_herd_errors(smollm2):
+    with pytest.raises(HerdError, match="cannot render"):
+        smollm2.chat.encode_dialog([{"role": "user", "content": [{"type": "text", "text": "x"}]}])
+    with pytest.raises(HerdError, match="does not compile"):
+        TemplateChatFormat(smollm2, "{% for %}")
+    raising = TemplateChatFormat(smollm2, "{{ raise_exception('no system role allowed') }}")
+    with pytest.raises(HerdError, match="no system role allowed"):
+        raising.encode_dialog([{"role": "user", "content": "x"}])
+
+
+def test_sentencepiece_model_gives_way_to_tokenizer_json(tmp_path, smollm2):
+    smollm2.save(tmp_path, "hf")
+    (tmp_path / "tokenizer.model").write_bytes(b"\x0a\x0b\x80\xff sentencepiece protobuf")
+    tok = load_tokenizer(tmp_path)
+    assert isinstance(tok, HFTokenizer) and tok.encode("hello 12") == smollm2.encode("hello 12")
