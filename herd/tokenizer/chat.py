@@ -432,6 +432,8 @@ class _MetaChatFormat(ChatFormat):
     def decode_assistant(self, ids: Sequence[int]) -> Message:
         ids = list(ids)
         stop_reason = "out_of_tokens"
+        # <|end_of_text|> (a base model's stop) also ends the turn; the reference would leave its
+        # text in the content.
         if ids and ids[-1] in (self._ids[self.eot], self.tokenizer.eos_id):
             stop_reason, ids = "end_of_turn", ids[:-1]
         elif ids and ids[-1] == self._ids[self.eom]:
@@ -561,7 +563,8 @@ class TemplateChatFormat(ChatFormat):
         text = self.tokenizer.decode(ids)
         message: Message = {"role": "assistant", "content": text, "stop_reason": stop_reason}
         m = re.fullmatch(r"\s*<tool_call>\s*(\{.*\})\s*</tool_call>\s*", text, re.S)  # Hermes/ChatML style
-        calls = parse_tool_calls(m.group(1) if m else text.strip(), False) if (m or text.lstrip()[:1] in "{[") else []
+        looks_like_call = m is not None or text.lstrip().startswith(("{", "["))
+        calls = parse_tool_calls(m.group(1) if m else text.strip(), False) if looks_like_call else []
         if calls:
             message["content"] = ""
             message["tool_calls"] = [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
