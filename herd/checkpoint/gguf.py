@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -144,7 +144,8 @@ def _scaling_candidates(divisors: np.ndarray, head_dim: int, theta: float, meta:
         A = np.stack([1 / wavelen[ramp], -s], axis=1)
         (L, hi), *_ = np.linalg.lstsq(A, 1 - s, rcond=None)
         if L > 0 and hi > 1:
-            yield RopeScaling(factor, 1.0, float(round(hi, 6)), int(round(L)))
+            for digits in (2, 4, 6):  # the short decimal it was surely written as, if that fits
+                yield RopeScaling(factor, 1.0, float(round(hi, digits)), int(round(L)))
     else:
         # An empty ramp: only the two bounds matter; put them between the kept and divided bands.
         kept, divided = wavelen[divisors <= 1 + 1e-5], wavelen[divisors >= factor * (1 - 1e-5)]
@@ -255,9 +256,11 @@ def read_gguf(path: str | Path) -> tuple[ModelArgs, dict[str, torch.Tensor], GGU
     source = str(path)
     args = _args(reader, meta, source)
     by_name = {t.name: t for t in reader.tensors}
-    # Check names and shapes before dequantizing anything (cheap, and a clear error first).
+    # Check types, names and shapes before dequantizing anything (cheap, and a clear error first).
     shapes = {}
     for name, t in by_name.items():
+        if t.tensor_type not in READABLE:
+            dequantize_tensor(t, source)  # raises the unsupported-type error
         if name == ROPE_FREQS:
             continue
         canon = from_gguf_name(name)
@@ -288,7 +291,10 @@ def _encode(t: torch.Tensor, qtype: GGMLQuantizationType) -> tuple[np.ndarray, G
     return quantize(arr, qtype), qtype
 
 
-def _copy_fields(writer: GGUFWriter, source_metadata: dict, prefixes: tuple[str, ...], skip: set[str]) -> None:
+def copy_fields(writer: GGUFWriter, source_metadata: dict, prefixes: tuple[str, ...],
+                skip: Collection[str] = ()) -> None:
+    """Copy the fields whose keys start with `prefixes` into `writer`, with their original GGUF types
+    when `source_metadata` is a `GGUFMetadata` (else inferred)."""
     types = getattr(source_metadata, "types", {})
     for key, value in source_metadata.items():
         if not key.startswith(prefixes) or key in skip:
@@ -321,7 +327,7 @@ def write_gguf(path: str | Path, args: ModelArgs, sd: dict[str, torch.Tensor], *
         try:
             skip = {"general.architecture", "general.file_type", "general.quantization_version"}
             if source_metadata:
-                _copy_fields(writer, source_metadata, ("general.",), skip)
+                copy_fields(writer, source_metadata, ("general.",), skip)
             if name:
                 writer.add_name(name)
             elif not (source_metadata or {}).get("general.name"):
@@ -351,7 +357,7 @@ def write_gguf(path: str | Path, args: ModelArgs, sd: dict[str, torch.Tensor], *
             if tokenizer_writer is not None:
                 tokenizer_writer(writer)
             elif source_metadata:
-                _copy_fields(writer, source_metadata, ("tokenizer.",), set())
+                copy_fields(writer, source_metadata, ("tokenizer.",))
 
             if s is not None:
                 writer.add_tensor(ROPE_FREQS, _rope_divisors(s, args.hd, args.rope_theta).astype(np.float32))

@@ -163,7 +163,8 @@ def load_pth(path: Path) -> dict[str, torch.Tensor]:
         raise HerdError(f"{path}: refusing to load: the pickle references {what} (code, not weights); "
                         "only plain tensor checkpoints are read") from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        # First sentence only: torch appends a paragraph of advice to its zip errors.
+        first = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else type(e).__name__
         raise HerdError(f"{path}: unreadable or truncated .pth file ({first})") from None
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         obj = obj["model"]  # training checkpoints nest the weights

@@ -200,3 +200,43 @@ def test_rope_scaling_recovered_from_llama_cpp_rope_freqs(preset):
     divisors = _llama_cpp_rope_freqs(args.rope_theta, args.hd, 16.0, 1.0, 8.0, 4096)
     assert scaling_from_rope_freqs(divisors, args.hd, args.rope_theta) == odd
     assert scaling_from_rope_freqs(np.ones(args.hd // 2), args.hd, args.rope_theta) is None
+
+
+class _FakeTokenizer:
+    """What write_checkpoint needs of herd.tokenizer's tokenizers: save(dir, layout), write_gguf(writer)."""
+
+    def __init__(self, n_tokens: int):
+        self.n_tokens, self.saved = n_tokens, []
+
+    def save(self, directory, layout="hf"):
+        (directory / "tokenizer.json").write_text("{}")
+        self.saved.append(layout)
+
+    def write_gguf(self, writer):
+        writer.add_tokenizer_model("gpt2")
+        writer.add_token_list([f"t{i}" for i in range(self.n_tokens)])
+        writer.add_bos_token_id(0)
+
+
+def test_tokenizer_travels_with_the_weights(tmp_path):
+    args = CONFIGS["debug"]
+    tok = _FakeTokenizer(args.vocab_size)
+    sd = random_model(args).state_dict()
+    for fmt in ("hf", "meta"):
+        write_checkpoint(tmp_path / fmt, fmt, args, sd, tokenizer=tok)
+        assert (tmp_path / fmt / "tokenizer.json").exists()
+        assert read_checkpoint(tmp_path / fmt).format == fmt  # extra files do not confuse the reader
+    assert tok.saved == ["hf", "meta"]
+    write_checkpoint(tmp_path / "m.gguf", "gguf", args, sd, tokenizer=tok)
+    meta = read_checkpoint(tmp_path / "m.gguf").metadata
+    assert len(meta["tokenizer.ggml.tokens"]) == args.vocab_size and meta["tokenizer.ggml.bos_token_id"] == 0
+
+
+def test_build_model_ties_and_materializes(written):
+    name, args, model, sd, paths, tokens = written
+    built = build_model(args, sd)
+    assert not built.training and all(not p.is_meta for p in built.parameters())
+    assert not any(b.is_meta for b in built.buffers())
+    tied = built.output.weight.data_ptr() == built.tok_embeddings.weight.data_ptr()
+    assert tied == args.tie_embeddings
+    assert built.output.weight is built.tok_embeddings.weight or not args.tie_embeddings
