@@ -175,17 +175,27 @@ def build_model(args: ModelArgs, state_dict: dict[str, torch.Tensor], device: st
     return model.eval()
 
 
-def _load_source_tokenizer(src: Path):
+def _load_source_tokenizer(ckpt: Checkpoint):
+    """The source's tokenizer via herd.tokenizer, or None (with a warning) when there is none."""
     try:
-        from herd.tokenizer import load_tokenizer
+        from herd.tokenizer import load_tokenizer, tokenizer_from_gguf_metadata
     except ImportError:
-        warnings.warn("herd.tokenizer.load_tokenizer is not available: converting weights only", stacklevel=3)
+        warnings.warn("herd.tokenizer is not available: converting weights only", stacklevel=3)
         return None
     try:
-        return load_tokenizer(src)
+        if ckpt.format == "gguf":  # already parsed; re-reading the file would take seconds
+            tok = tokenizer_from_gguf_metadata(ckpt.metadata)
+        else:
+            tok = load_tokenizer(ckpt.path)
     except HerdError as e:
         warnings.warn(f"no tokenizer carried over ({e}); converting weights only", stacklevel=3)
         return None
+    if tok is None:
+        warnings.warn(f"{ckpt.path}: no tokenizer in the source; converting weights only", stacklevel=3)
+    elif tok.vocab_size > ckpt.args.vocab_size:
+        raise HerdError(f"{ckpt.path}: vocabulary mismatch: tokenizer has {tok.vocab_size} tokens, "
+                        f"model {ckpt.args.vocab_size}")
+    return tok
 
 
 def convert(src: str | Path, dst: str | Path, to: str, *, dtype: str | torch.dtype | None = None,
@@ -195,7 +205,10 @@ def convert(src: str | Path, dst: str | Path, to: str, *, dtype: str | torch.dty
     if to not in FORMATS:
         raise HerdError(f"unknown checkpoint format {to!r} (choose {', '.join(FORMATS)})")
     ckpt = read_checkpoint(src)
-    tok = _load_source_tokenizer(ckpt.path) if tokenizer else None
+    tok = None
+    # GGUF → GGUF copies the tokenizer fields verbatim (write_gguf's source_metadata path).
+    if tokenizer and not (ckpt.format == "gguf" and to == "gguf"):
+        tok = _load_source_tokenizer(ckpt)
     write_checkpoint(dst, to, ckpt.args, ckpt.state_dict, dtype=dtype, tokenizer=tok,
                      source_metadata=ckpt.metadata if ckpt.format == "gguf" else None,
                      model_parallel=model_parallel)

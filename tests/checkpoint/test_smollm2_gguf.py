@@ -71,6 +71,7 @@ def test_round_trip_gguf_hf_meta_gguf(smollm2, smollm2_gguf, herd_smollm2, tmp_p
 
     with pytest.warns(UserWarning, match="tokenizer") if _no_tokenizer_api() else contextlib.nullcontext():
         convert(smollm2_gguf, tmp_path / "hf", "hf")
+    assert _no_tokenizer_api() or (tmp_path / "hf" / "tokenizer.json").exists()
     hf = read_checkpoint(tmp_path / "hf")
     assert hf.format == "hf" and all(torch.equal(hf.state_dict[k], v) for k, v in smollm2.state_dict.items())
 
@@ -95,7 +96,7 @@ def test_round_trip_gguf_hf_meta_gguf(smollm2, smollm2_gguf, herd_smollm2, tmp_p
 
 def _no_tokenizer_api() -> bool:
     try:
-        from herd.tokenizer import load_tokenizer  # noqa: F401
+        from herd.tokenizer import load_tokenizer, tokenizer_from_gguf_metadata  # noqa: F401
     except ImportError:
         return True
     return False
