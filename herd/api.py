@@ -11,6 +11,7 @@ import torch
 from herd.errors import HerdError
 from herd.hub import BUILTIN_MODELS, fetch_builtin
 from herd.inference.generate import Completion, generate_batch, generate_ids
+from herd.inference.layout import use_input_major_weights
 from herd.inference.sampling import SamplingParams
 
 Prompt = str | Sequence[dict]  # raw text, or a dialog of OpenAI-shaped messages
@@ -33,6 +34,7 @@ def load_model_tokenizer(path: Path, device, dtype):
 
     ckpt = read_checkpoint(path)
     model = build_model(ckpt.args, ckpt.state_dict, device=device, dtype=dtype).eval()
+    use_input_major_weights(model)  # faster CPU decoding; a no-op elsewhere
     if ckpt.format == "gguf":
         tokenizer = tokenizer_from_gguf_metadata(ckpt.metadata)
     else:

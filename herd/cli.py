@@ -144,6 +144,9 @@ def cmd_info(a) -> None:
 
     if a.name in PRESETS:
         args, label = PRESETS[a.name], a.name
+    elif a.name not in BUILTIN_MODELS and not Path(a.name).expanduser().exists():
+        raise HerdError(f"unknown model {a.name!r}: not a preset ({', '.join(PRESETS)}), "
+                        f"a built-in model ({', '.join(BUILTIN_MODELS)}) or an existing path")
     else:
         from herd.api import resolve_model_path
         from herd.checkpoint import read_args

@@ -23,7 +23,7 @@ def hf_smollm2(smollm2_gguf):
     """transformers' own reading of the same GGUF file: the reference nobody here wrote."""
     transformers = pytest.importorskip("transformers")
     model = transformers.AutoModelForCausalLM.from_pretrained(
-        str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name, torch_dtype=torch.float32)
+        str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name, dtype=torch.float32)
     return model.eval()
 
 

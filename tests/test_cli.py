@@ -1,0 +1,103 @@
+"""The `herd` command: the verbs of the foundation issue, and one-line errors with exit status 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from herd.cli import main
+
+
+def run(capsys, *argv, stdin=None, monkeypatch=None):
+    if stdin is not None:
+        import io
+
+        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_line_error(code, err):
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("herd: error: ") and "Traceback" not in err
+    return lines[0]
+
+
+def test_generate_default_model_answers_paris(capsys, smollm2_gguf):
+    code, out, _ = run(capsys, "generate", "--prompt", "What is the capital of France?", "--max-new-tokens", "32",
+                       "--temperature", "0")
+    assert code == 0 and "Paris" in out
+
+
+def test_info_reproduces_paper_sizes(capsys):
+    for name, billions in (("llama3-8b", 8.03), ("llama3-70b", 70.6), ("llama3-405b", 405.9)):
+        code, out, _ = run(capsys, "info", name, "--json")
+        info = json.loads(out)
+        assert code == 0 and info["params"] / 1e9 == pytest.approx(billions, abs=0.05)
+        # K and V, 8 KV heads × 128 dims, 2 bytes each, per layer
+        assert info["kv_cache_bytes_per_token_bf16"] == info["layers"] * 2 * 8 * 128 * 2
+    code, out, _ = run(capsys, "info", "llama3.1-405b")
+    assert code == 0 and "405.85B" in out and "llama3 scaling ×8" in out
+
+
+def test_tokenize_matches_llama_models_reference(capsys, monkeypatch, tmp_path):
+    from llama_models.llama3.tokenizer import Tokenizer
+
+    ref = Tokenizer.get_instance()
+    text = "Hello, world! 你好 🌍   1234567"
+    code, out, _ = run(capsys, "tokenize", "--tokenizer", "llama3", text)
+    assert code == 0 and json.loads(out) == ref.encode(text, bos=False, eos=False)
+    code, out, _ = run(capsys, "tokenize", "--tokenizer", "llama3", "--bos", text)
+    assert json.loads(out) == ref.encode(text, bos=True, eos=False)
+    code, out, _ = run(capsys, "tokenize", "--tokenizer", "llama3", "-", stdin=text, monkeypatch=monkeypatch)
+    assert json.loads(out) == ref.encode(text, bos=False, eos=False)
+
+
+def test_tokenize_chat_matches_llama_models_reference(capsys, tmp_path):
+    from llama_models.datatypes import RawMessage
+    from llama_models.llama3.chat_format import ChatFormat
+    from llama_models.llama3.tokenizer import Tokenizer
+
+    dialog = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi there"},
+              {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Name a colour."}]
+    path = tmp_path / "dialog.json"
+    path.write_text(json.dumps(dialog))
+    code, out, _ = run(capsys, "tokenize", "--tokenizer", "llama3", "--chat", str(path), "--add-generation-prompt")
+    ref = ChatFormat(Tokenizer.get_instance()).encode_dialog_prompt(
+        [RawMessage(role=m["role"], content=m["content"], stop_reason="end_of_turn") if m["role"] == "assistant"
+         else RawMessage(role=m["role"], content=m["content"]) for m in dialog])
+    assert code == 0 and json.loads(out) == ref.tokens
+
+
+def test_bad_input_is_one_line_exit_2(capsys, tmp_path, smollm2_gguf):
+    line = one_line_error(*run(capsys, "generate", "--model", "llama9-nope", "--prompt", "x")[::2])
+    assert "smollm2-135m-instruct" in line  # lists the known names
+    line = one_line_error(*run(capsys, "info", "llama9-nope")[::2])
+    assert "llama3-405b" in line
+    one_line_error(*run(capsys, "generate", "--model", str(tmp_path / "missing.gguf"), "--prompt", "x")[::2])
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(smollm2_gguf.read_bytes()[:5_000_000])
+    line = one_line_error(*run(capsys, "generate", "--model", str(truncated), "--prompt", "x")[::2])
+    assert "truncated.gguf" in line
+    empty_dir = tmp_path / "empty"
+    empty_dir.mkdir()
+    one_line_error(*run(capsys, "generate", "--model", str(empty_dir), "--prompt", "x")[::2])
+    bad_json = tmp_path / "bad.json"
+    bad_json.write_text("[{")
+    one_line_error(*run(capsys, "tokenize", "--chat", str(bad_json))[::2])
+    one_line_error(*run(capsys, "tokenize", "--tokenizer", "no-such-tokenizer", "hi")[::2])
+
+
+def test_prompt_longer_than_context_in_a_real_process(smollm2_gguf):
+    # A real subprocess: no traceback may reach the user.
+    long_prompt = "word " * 9000  # > 8192 tokens for SmolLM2
+    done = subprocess.run([sys.executable, "-m", "herd.cli", "generate", "--raw", "--prompt", long_prompt],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    assert "context of 8192" in done.stderr.strip().splitlines()[-1]
