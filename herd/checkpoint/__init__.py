@@ -141,7 +141,7 @@ def write_checkpoint(path: str | Path, fmt: str, args: ModelArgs, state_dict: di
     with atomic_path(path) as tmp:
         if fmt == "hf":
             sd = state_dict if torch_dtype is None else {k: v.to(torch_dtype) for k, v in state_dict.items()}
-            stored = torch_dtype or next(iter(state_dict.values())).dtype
+            stored = torch_dtype or next((v.dtype for v in state_dict.values()), torch.float32)
             write_hf(tmp, args, sd, config_extra={"torch_dtype": _DTYPE_NAMES.get(stored, "float32")})
         else:
             write_meta(tmp, args, state_dict, dtype=torch_dtype, model_parallel=model_parallel)
@@ -166,7 +166,8 @@ def load_weights(model: Transformer, state_dict: dict[str, torch.Tensor]) -> Tra
 def build_model(args: ModelArgs, state_dict: dict[str, torch.Tensor], device: str | torch.device = "cpu",
                 dtype: torch.dtype = torch.float32) -> Transformer:
     """A `Transformer` holding `state_dict`, built on the meta device so no random weights are ever
-    allocated (DESIGN principle 3), in eval mode."""
+    allocated (DESIGN principle 3), in eval mode. Tensors already of `dtype` on `device` become the
+    parameters as they are (shared with `state_dict`, not copied)."""
     with torch.device("meta"):
         model = Transformer(args)
     sd = {k: v.to(device=device, dtype=dtype) for k, v in state_dict.items()}
