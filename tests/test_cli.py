@@ -101,3 +101,44 @@ def test_prompt_longer_than_context_in_a_real_process(smollm2_gguf):
     assert done.returncode == 2
     assert "Traceback" not in done.stderr
     assert "context of 8192" in done.stderr.strip().splitlines()[-1]
+
+
+def test_chat_is_multi_turn_with_reset_and_system(capsys, monkeypatch, smollm2_gguf):
+    import herd
+
+    model, tokenizer = herd.load(smollm2_gguf)
+    script = "What is the capital of France?\nAnd of Italy?\n/reset\n/system Answer in French.\nHello\n/exit\n"
+    code, out, err = run(capsys, "chat", "--max-new-tokens", "24", stdin=script, monkeypatch=monkeypatch)
+    assert code == 0 and "dialog cleared" in err and "system prompt set" in err
+    replies = out.strip().split("\n")
+    # The second turn is answered with the first in context, exactly as the library does it.
+    q1 = [{"role": "user", "content": "What is the capital of France?"}]
+    a1 = herd.generate(model, tokenizer, q1, max_new_tokens=24)
+    a2 = herd.generate(model, tokenizer, q1 + [{"role": "assistant", "content": a1},
+                                              {"role": "user", "content": "And of Italy?"}], max_new_tokens=24)
+    a3 = herd.generate(model, tokenizer, [{"role": "system", "content": "Answer in French."},
+                                          {"role": "user", "content": "Hello"}], max_new_tokens=24)
+    assert "\n".join([a1, a2, a3]).strip() == "\n".join(replies)
+
+
+def test_convert_any_to_any(capsys, tmp_path, smollm2_gguf):
+    import torch
+
+    import herd
+
+    code, _, _ = run(capsys, "convert", "smollm2-135m-instruct", str(tmp_path / "hf"), "--to", "hf")
+    assert code == 0 and (tmp_path / "hf" / "model.safetensors").exists()
+    code, _, _ = run(capsys, "convert", str(tmp_path / "hf"), str(tmp_path / "m.gguf"), "--to", "gguf",
+                     "--dtype", "q8_0")
+    assert code == 0
+    (m0, t0), (m1, t1) = herd.load(smollm2_gguf), herd.load(tmp_path / "m.gguf")
+    ids = t0.chat.encode_dialog([{"role": "user", "content": "Hi!"}])
+    assert t1.chat.encode_dialog([{"role": "user", "content": "Hi!"}]) == ids
+    x = torch.tensor([ids])
+    with torch.no_grad():  # Q8_0 re-quantization of already-quantized weights: close, not exact
+        a, b = m0(x), m1(x)
+    assert (a - b).norm() / a.norm() < 0.05
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.9
+    line = one_line_error(*run(capsys, "convert", str(tmp_path / "hf"), str(tmp_path / "x"), "--to", "meta",
+                               "--dtype", "q8_0")[::2])
+    assert "q8_0" in line

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from herd.models.args import ModelArgs
-from herd.models.rope import apply_rope, rope_cos_sin, rope_frequencies
+from herd.models.rope import apply_rope, rope_frequencies, rope_rotations
 
 
 class Cache(Protocol):
@@ -40,7 +40,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalize in fp32 even for bf16 activations, as Meta's reference does.
+        if x.dtype == torch.float32:  # one fused kernel
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        # Normalize in fp32 even for bf16 activations, then scale in the activation dtype, as Meta's
+        # reference and transformers do.
         return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
 
 
@@ -53,12 +56,12 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+    def forward(self, x: torch.Tensor, rotations: torch.Tensor, mask: torch.Tensor | None,
                 cache: Cache | None = None, layer: int = 0) -> torch.Tensor:
         B, T, _ = x.shape
         # -1 instead of n_heads: tensor parallelism shards the head dimension (DESIGN principle 2).
-        q = apply_rope(self.wq(x).view(B, T, -1, self.head_dim), cos, sin)  # (B, T, H, d)
-        k = apply_rope(self.wk(x).view(B, T, -1, self.head_dim), cos, sin)  # (B, T, K, d)
+        q = apply_rope(self.wq(x).view(B, T, -1, self.head_dim), rotations)  # (B, T, H, d)
+        k = apply_rope(self.wk(x).view(B, T, -1, self.head_dim), rotations)  # (B, T, K, d)
         v = self.wv(x).view(B, T, -1, self.head_dim)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, d)
         if cache is not None:
@@ -109,8 +112,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x, cos, sin, mask, cache: Cache | None = None):
-        h = x + self.attention(self.attention_norm(x), cos, sin, mask, cache, self.layer_id)
+    def forward(self, x, rotations, mask, cache: Cache | None = None):
+        h = x + self.attention(self.attention_norm(x), rotations, mask, cache, self.layer_id)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -142,10 +145,10 @@ class Transformer(nn.Module):
         if positions is None:
             start = cache.offset if cache is not None else 0
             positions = torch.arange(start, start + T, device=tokens.device).expand(B, T)
-        cos, sin = rope_cos_sin(self.inv_freq, positions)
+        rotations = rope_rotations(self.inv_freq, positions)
         h = self.tok_embeddings(tokens)
         for layer in self.layers:
-            h = layer(h, cos, sin, mask, cache)
+            h = layer(h, rotations, mask, cache)
         if cache is not None:
             cache.advance(T)
         if last_only:

@@ -40,16 +40,15 @@ def _llama3_scaling(freqs: torch.Tensor, s: RopeScaling) -> torch.Tensor:
     return torch.where(in_band, smoothed, scaled)
 
 
-def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of position·frequency, computed in fp32 — shapes (*positions.shape, head_dim//2)."""
+def rope_rotations(inv_freq: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """e^(i·position·frequency) as complex64, angles in fp32 — shape (*positions.shape, head_dim//2)."""
     angles = positions.to(torch.float32).unsqueeze(-1) * inv_freq
-    return angles.cos(), angles.sin()
+    return torch.polar(torch.ones_like(angles), angles)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent feature pairs of x (B, T, H, D) by the angles in cos/sin (B, T, D/2)."""
-    pairs = x.float().unflatten(-1, (-1, 2))  # (B, T, H, D/2, 2)
-    x0, x1 = pairs.unbind(-1)
-    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads
-    rotated = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
-    return rotated.flatten(-2).type_as(x)
+def apply_rope(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent feature pairs of x (B, T, H, d) by `rotations` (B, T, d/2): each pair is a
+    complex number multiplied by its unit rotation, as in Meta's reference (and in fewer kernels
+    than the real-valued form, which matters for one-token decode steps)."""
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (B, T, H, d/2)
+    return torch.view_as_real(pairs * rotations.unsqueeze(-2)).flatten(-2).type_as(x)
