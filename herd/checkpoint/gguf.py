@@ -1,5 +1,6 @@
-"""GGUF (llama.cpp) checkpoints, through the `gguf` package: read any llama-architecture file into
-the canonical fp32 state dict, write one llama.cpp and transformers can load.
+"""GGUF (llama.cpp) checkpoints: read any llama-architecture file into the canonical fp32 state
+dict, write one llama.cpp and transformers can load. The file's header is parsed here (`GGUFFile`,
+fast on 128k-token vocabularies); the `gguf` package dequantizes and writes.
 
 Names map llama.cpp ↔ Meta one to one (`blk.N.attn_q` ↔ `layers.N.attention.wq`, ...). No RoPE
 permutation is needed: llama.cpp's `convert_hf_to_gguf.py` permutes HF's q/k rows back to the
@@ -17,14 +18,16 @@ may leave the ramp between the two wavelength bounds empty, we also write the ex
 from __future__ import annotations
 
 import math
+import mmap
 import os
+import struct
 from collections.abc import Callable, Collection
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter, LlamaFileType
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, GGUFWriter, LlamaFileType
 from gguf.constants import GGML_QUANT_VERSION
 from gguf.quants import dequantize, quantize
 
@@ -88,31 +91,239 @@ class GGUFMetadata(dict):
         self.types: dict[str, tuple[GGUFValueType, GGUFValueType | None]] = {}
 
 
-def open_gguf(path: str | Path) -> GGUFReader:
+# ---- parsing the file ----------------------------------------------------------------------------
+# Our own header parser: `gguf.GGUFReader` makes a numpy view per string (a 128k-token vocabulary
+# took ~9 s); struct over the mapped bytes, numeric arrays through np.frombuffer, takes ~0.1 s.
+V = GGUFValueType
+_SCALARS = {int(t): struct.Struct("<" + c) for t, c in (
+    (V.UINT8, "B"), (V.INT8, "b"), (V.UINT16, "H"), (V.INT16, "h"), (V.UINT32, "I"), (V.INT32, "i"),
+    (V.FLOAT32, "f"), (V.BOOL, "?"), (V.UINT64, "Q"), (V.INT64, "q"), (V.FLOAT64, "d"))}
+_ARRAY_DTYPES = {t: np.dtype(s.format) for t, s in _SCALARS.items()}  # '<f4', '?', ... (little-endian)
+# Tensor types GGUFReader hands out as typed arrays; every other one (BF16 included) is uint8 rows of
+# blocks, (rows, bytes per row), which is what `gguf.quants.dequantize` takes.
+_PLAIN_DTYPES = {Q.F32: np.dtype("<f4"), Q.F16: np.dtype("<f2"), Q.F64: np.dtype("<f8"), Q.I8: np.dtype("i1"),
+                 Q.I16: np.dtype("<i2"), Q.I32: np.dtype("<i4"), Q.I64: np.dtype("<i8")}
+_U32, _U64, _ARRAY_HEAD, _HEADER = struct.Struct("<I"), struct.Struct("<Q"), struct.Struct("<IQ"), struct.Struct("<4sIQQ")
+GGUF_VERSIONS = (2, 3)
+DEFAULT_ALIGNMENT = 32
+
+
+class GGUFTensor(NamedTuple):
+    """One tensor, described as `gguf.GGUFReader` does: `shape` lists the dims fastest-first (GGUF's
+    order, uint64); `data` is a read-only numpy view of the file's mapped bytes, in row-major order
+    (dims reversed): typed for F32/F16/F64/I8-I64, else uint8 of shape (..., rows, bytes per row)."""
+    name: str
+    tensor_type: GGMLQuantizationType
+    shape: np.ndarray
+    n_elements: int
+    n_bytes: int
+    data_offset: int  # absolute, in the file
+    data: np.ndarray
+
+
+class GGUFFile:
+    """A GGUF file (v2/v3, little-endian): its metadata parsed in full and its tensors as views of
+    the memory-mapped file. Every declared length and tensor extent is checked against the file
+    size, so a truncated or corrupt file fails here, with one HerdError line, not later."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._src = str(self.path)
+        try:
+            with open(self.path, "rb") as f:
+                self.size = os.fstat(f.fileno()).st_size
+                self._buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if self.size else b""
+        except OSError as e:
+            raise HerdError(f"{self._src}: cannot read ({e.strerror or e})") from None
+        try:
+            self.tensors: list[GGUFTensor] = self._parse()
+        except HerdError:
+            self._close()
+            raise
+        except Exception as e:  # a check we did not foresee: still one line, not a traceback
+            self._close()
+            raise HerdError(f"{self._src}: not a readable GGUF file (truncated or corrupt?): {e}") from None
+        if not self.tensors:
+            self._close()  # nothing maps the file any more; the views keep it open otherwise
+
+    def _close(self) -> None:
+        if isinstance(self._buf, mmap.mmap):
+            self._buf.close()
+        self._buf = b""
+
+    # -- checks --
+    def _truncated(self, off: int, what: str) -> HerdError:
+        return HerdError(f"{self._src}: truncated GGUF file: {what} at byte {off} runs past the end of the file "
+                         f"({self.size} bytes)")
+
+    def _corrupt(self, why: str) -> HerdError:
+        return HerdError(f"{self._src}: not a readable GGUF file (corrupt?): {why}")
+
+    def _need(self, off: int, n: int, what: str) -> None:
+        if off + n > self.size:
+            raise self._truncated(off, what)
+
+    # -- pieces --
+    def _str(self, off: int, what: str) -> tuple[str, int]:
+        self._need(off, 8, what)
+        (n,) = _U64.unpack_from(self._buf, off)
+        self._need(off + 8, n, what)
+        try:
+            return self._buf[off + 8:off + 8 + n].decode("utf-8"), off + 8 + n
+        except UnicodeDecodeError:
+            raise self._corrupt(f"{what} at byte {off} is not UTF-8") from None
+
+    def _strings(self, off: int, count: int, what: str) -> tuple[list[str], int]:
+        start, buf, size, unpack = off, self._buf, self.size, _U64.unpack_from
+        self._need(off, 8 * count, what)  # each string takes at least its 8-byte length
+        out: list[str] = []
+        append = out.append
+        try:
+            for _ in range(count):  # the hot loop (all the tokens and merges): keep it tight
+                (n,) = unpack(buf, off)
+                off += 8
+                end = off + n
+                if end > size:
+                    break
+                append(buf[off:end].decode("utf-8"))
+                off = end
+        except struct.error:
+            raise self._truncated(start, what) from None
+        except UnicodeDecodeError:
+            raise self._corrupt(f"{what}: string {len(out)} at byte {off} is not UTF-8") from None
+        if len(out) < count:
+            raise self._truncated(start, what)
+        return out, off
+
+    def _value(self, vtype: int, off: int, what: str) -> tuple[Any, GGUFValueType | None, int]:
+        """→ (value, array item type or None, offset after it). Nested arrays are flattened (as
+        GGUFReader does), their item type the innermost one."""
+        scalar = _SCALARS.get(vtype)
+        if scalar is not None:
+            self._need(off, scalar.size, what)
+            return scalar.unpack_from(self._buf, off)[0], None, off + scalar.size
+        if vtype == V.STRING:
+            s, off = self._str(off, what)
+            return s, None, off
+        if vtype != V.ARRAY:
+            raise self._corrupt(f"{what} has unknown value type {vtype}")
+        self._need(off, _ARRAY_HEAD.size, what)
+        itype, count = _ARRAY_HEAD.unpack_from(self._buf, off)
+        off += _ARRAY_HEAD.size
+        dtype = _ARRAY_DTYPES.get(itype)
+        if dtype is not None:
+            self._need(off, count * dtype.itemsize, what)
+            values = np.frombuffer(self._buf, dtype, count, off).tolist() if count else []
+            return values, V(itype), off + count * dtype.itemsize
+        if itype == V.STRING:
+            values, off = self._strings(off, count, what)
+            return values, V.STRING, off
+        if itype != V.ARRAY:
+            raise self._corrupt(f"{what} is an array of unknown value type {itype}")
+        self._need(off, count * _ARRAY_HEAD.size, what)
+        values, inner = [], None
+        for _ in range(count):
+            part, sub, off = self._value(V.ARRAY, off, what)
+            values.extend(part)
+            inner = inner or sub
+        return values, inner or V.ARRAY, off
+
+    # -- the whole file --
+    def _parse(self) -> list[GGUFTensor]:
+        buf = self._buf
+        self._need(0, 4, "the magic number")
+        if bytes(buf[:4]) != b"GGUF":
+            raise HerdError(f"{self._src}: not a GGUF file (no GGUF magic bytes)")
+        self._need(0, _HEADER.size, "the header")
+        _, version, n_tensors, n_kv = _HEADER.unpack_from(buf, 0)
+        if version not in GGUF_VERSIONS:
+            if version & 0xFFFF == 0 and (version >> 24) in GGUF_VERSIONS:
+                raise HerdError(f"{self._src}: a big-endian GGUF file, which herd does not read")
+            raise HerdError(f"{self._src}: GGUF version {version} is not supported (herd reads versions 2 and 3)")
+        self.version = version
+        off = _HEADER.size
+
+        meta = self.metadata = GGUFMetadata()
+        seen: set[str] = set()
+        self._need(off, 13 * n_kv, "the metadata")  # each key/value takes at least 13 bytes
+        for i in range(n_kv):
+            key, off = self._str(off, f"metadata key {i}")
+            if key in seen:
+                raise self._corrupt(f"metadata key {key!r} appears twice")
+            seen.add(key)
+            self._need(off, 4, f"the type of metadata key {key!r}")
+            (vtype,) = _U32.unpack_from(buf, off)
+            value, item_type, off = self._value(vtype, off + 4, f"the value of metadata key {key!r}")
+            if not key.startswith("GGUF."):  # GGUFReader's names for the header fields
+                meta[key] = value
+                meta.types[key] = (V(vtype), item_type)
+
+        infos = []
+        self._need(off, 24 * n_tensors, "the tensor infos")  # each takes at least 24 bytes
+        for i in range(n_tensors):
+            name, off = self._str(off, f"the name of tensor {i}")
+            self._need(off, 4, f"the info of tensor {name!r}")
+            (n_dims,) = _U32.unpack_from(buf, off)
+            off += 4
+            self._need(off, 8 * n_dims + 12, f"the info of tensor {name!r}")
+            dims = struct.unpack_from(f"<{n_dims}Q", buf, off)
+            ttype, rel = _ARRAY_HEAD.unpack_from(buf, off + 8 * n_dims)
+            off += 8 * n_dims + 12
+            infos.append((name, dims, ttype, rel))
+
+        self.alignment = DEFAULT_ALIGNMENT
+        if "general.alignment" in meta:
+            if meta.types["general.alignment"] != (V.UINT32, None):
+                raise self._corrupt("general.alignment is not a uint32")
+            self.alignment = meta["general.alignment"]
+            if self.alignment <= 0 or self.alignment & (self.alignment - 1):
+                raise self._corrupt(f"general.alignment {self.alignment} is not a power of two")
+        self.data_offset = -(-off // self.alignment) * self.alignment
+
+        # Check every tensor before mapping any (a view would pin the mmap open on error).
+        checked, names = [], set()
+        for name, dims, ttype, rel in infos:
+            if name in names:
+                raise self._corrupt(f"tensor {name!r} appears twice")
+            names.add(name)
+            try:
+                qtype = GGMLQuantizationType(ttype)
+                block, type_size = GGML_QUANT_SIZES[qtype]
+            except (ValueError, KeyError):
+                raise self._corrupt(f"tensor {name!r} has unknown GGML type {ttype}") from None
+            n_elements = math.prod(dims)
+            shape = tuple(reversed(dims))
+            dtype = _PLAIN_DTYPES.get(qtype)
+            if dtype is None:
+                if not shape or shape[-1] % block:
+                    raise self._corrupt(f"tensor {name!r} of type {qtype.name} has rows of {dims[0] if dims else 0} "
+                                        f"values, not a whole number of {block}-value blocks")
+                dtype, shape = np.dtype(np.uint8), (*shape[:-1], shape[-1] // block * type_size)
+            n_bytes = n_elements * type_size // block
+            start = self.data_offset + rel
+            if start + n_bytes > self.size:
+                raise self._truncated(start, f"tensor {name!r} ({n_bytes} bytes)")
+            checked.append((name, qtype, dims, n_elements, n_bytes, start, dtype, shape))
+        return [GGUFTensor(name, qtype, np.array(dims, dtype=np.uint64), n_elements, n_bytes, start,
+                           np.frombuffer(buf if n_bytes else b"", dtype, n_bytes // dtype.itemsize,
+                                         start if n_bytes else 0).reshape(shape))
+                for name, qtype, dims, n_elements, n_bytes, start, dtype, shape in checked]
+
+
+def open_gguf(path: str | Path) -> GGUFFile:
     path = Path(path)
     if not path.is_file():
         raise HerdError(f"{path}: no such GGUF file")
-    try:
-        return GGUFReader(path)
-    except Exception as e:  # the gguf package raises ValueError/struct.error/… on bad bytes
-        raise HerdError(f"{path}: not a readable GGUF file (truncated or corrupt?): {e}") from None
+    return GGUFFile(path)
 
 
-def read_gguf_metadata(source: str | Path | GGUFReader) -> GGUFMetadata:
+def read_gguf_metadata(source: str | Path | GGUFFile) -> GGUFMetadata:
     """All key/value fields as Python values (strings decoded, arrays as lists), with their types."""
-    reader = source if isinstance(source, GGUFReader) else open_gguf(source)
-    meta = GGUFMetadata()
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF."):
-            continue
-        value = field.contents()
-        is_array = bool(field.types) and field.types[0] == GGUFValueType.ARRAY
-        if is_array and not isinstance(value, list):
-            value = list(value)
-        meta[key] = value
-        if field.types:
-            meta.types[key] = (field.types[0], field.types[-1] if is_array else None)
-    return meta
+    if isinstance(source, GGUFFile):  # a copy: the caller may change it
+        meta = GGUFMetadata(source.metadata)
+        meta.types.update(source.metadata.types)
+        return meta
+    return open_gguf(source).metadata
 
 
 def _f32(x: float) -> float:
@@ -231,7 +442,7 @@ def dequantize_tensor(t, source: str = "GGUF") -> torch.Tensor:
     return torch.from_numpy(np.array(arr, dtype=np.float32, copy=True))
 
 
-def _args(reader: GGUFReader, meta: GGUFMetadata, source: str) -> ModelArgs:
+def _args(reader: GGUFFile, meta: GGUFMetadata, source: str) -> ModelArgs:
     arch = meta.get("general.architecture")
     if arch != ARCH:
         raise HerdError(f"{source}: architecture {arch!r} is not supported (only 'llama' GGUF files)")
