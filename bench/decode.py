@@ -20,14 +20,27 @@ import time
 import torch
 
 
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
 def median_time(fn, runs: int) -> float:
     fn()  # warm-up
-    times = []
+    return statistics.median(_timed(fn) for _ in range(runs))
+
+
+def interleaved_medians(fns: dict, runs: int) -> dict:
+    """Median time of each function, running them in turn within every round so that a slow spell
+    of a shared machine hits all contenders alike."""
+    for fn in fns.values():
+        fn()  # warm-up
+    times: dict = {name: [] for name in fns}
     for _ in range(runs):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            times[name].append(_timed(fn))
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def bandwidths(nbytes: int = 512 * 2**20, runs: int = 10) -> tuple[float, float]:
@@ -68,10 +81,9 @@ def main() -> None:
                          eos_token_id=None, pad_token_id=0)
 
     n = a.new_tokens
-    per_token = {}
-    for name, fn in (("herd", herd_decode), ("transformers", hf_decode)):
-        t_n, t_1 = median_time(lambda: fn(n), a.runs), median_time(lambda: fn(1), a.runs)
-        per_token[name] = (t_n - t_1) / (n - 1)
+    t = interleaved_medians({"herd": lambda: herd_decode(n), "transformers": lambda: hf_decode(n),
+                             "herd-1": lambda: herd_decode(1), "transformers-1": lambda: hf_decode(1)}, a.runs)
+    per_token = {name: (t[name] - t[f"{name}-1"]) / (n - 1) for name in ("herd", "transformers")}
 
     long_prompt = torch.randint(0, model.args.vocab_size, (1, a.prefill))
 
@@ -85,7 +97,7 @@ def main() -> None:
         with torch.inference_mode():
             ref(long_prompt, use_cache=True, logits_to_keep=1)
 
-    prefill = {"herd": median_time(herd_prefill, a.runs), "transformers": median_time(hf_prefill, a.runs)}
+    prefill = interleaved_medians({"herd": herd_prefill, "transformers": hf_prefill}, a.runs)
 
     # Bytes read per decoded token: every weight except the input-embedding lookup (a tied table is
     # read once, as the output projection).

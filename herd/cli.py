@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 from herd.errors import HerdError
@@ -42,11 +43,13 @@ def _add_sampling(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0 = off)")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely (default: 0 = off)")
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    p.add_argument("--compile", action="store_true",
+                   help="decode through torch.compile (pays off on a GPU; compiling takes a while)")
 
 
 def _sampling_kwargs(a) -> dict:
     return dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
-                seed=a.seed)
+                seed=a.seed, compile=a.compile)
 
 
 def _load(a):
@@ -55,7 +58,9 @@ def _load(a):
     from herd.api import load
 
     dtype = getattr(torch, a.dtype) if a.dtype else (torch.float32 if a.device == "cpu" else torch.bfloat16)
-    model, tokenizer = load(a.model, device=a.device, dtype=dtype)
+    with warnings.catch_warnings():  # a missing tokenizer is reported below as the one error line
+        warnings.simplefilter("ignore", UserWarning)
+        model, tokenizer = load(a.model, device=a.device, dtype=dtype)
     if tokenizer is None:
         raise HerdError(f"{a.model}: no tokenizer found next to the checkpoint; text generation needs one")
     return model, tokenizer

@@ -8,13 +8,14 @@ same as if it ran alone.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from herd.errors import HerdError
-from herd.inference.kv_cache import KVCache
+from herd.inference.kv_cache import KVCache, StaticKVCache
 from herd.inference.sampling import SamplingParams, sample
 
 
@@ -37,14 +38,26 @@ def _check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int, max_seq_le
             raise HerdError(f"token id {bad[0]} is outside the model's vocabulary of {vocab_size}")
 
 
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def compiled(model):
+    """The model under torch.compile, compiled once per model and reused by later calls."""
+    if model not in _COMPILED:
+        _COMPILED[model] = torch.compile(model, dynamic=False)
+    return _COMPILED[model]
+
+
 @torch.inference_mode()
 def generate_ids(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
                  sampling: SamplingParams = SamplingParams(), stop_ids: Sequence[int] = (),
-                 ) -> Iterator[list[int | None]]:
+                 compile: bool = False) -> Iterator[list[int | None]]:
     """Yield, per decoding step, the new token of every row (None once a row has stopped).
 
     A row stops at any id in `stop_ids` (that token is yielded, then None) or after
     `max_new_tokens`; generation is clamped so no row runs past the model's context.
+    compile: run the decode steps through torch.compile, with a fixed-shape cache and masks so one
+    compiled graph serves every step (prefill stays eager: its length varies).
     """
     args = model.args
     _check_prompts(prompts, args.vocab_size, args.max_seq_len)
@@ -54,7 +67,8 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int
     B, L = len(prompts), max(len(p) for p in prompts)
     max_new_tokens = min(max_new_tokens, args.max_seq_len - L)
     total = L + max_new_tokens
-    cache = KVCache(args, B, total, dtype=model.tok_embeddings.weight.dtype, device=device)
+    cache = (StaticKVCache if compile else KVCache)(args, B, total, dtype=model.tok_embeddings.weight.dtype,
+                                                    device=device)
     generator = None
     if sampling.seed is not None:
         generator = torch.Generator(device=device).manual_seed(sampling.seed)
@@ -63,16 +77,23 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int
     tokens = torch.zeros(B, L, dtype=torch.long, device=device)
     for i, p in enumerate(prompts):
         tokens[i, L - len(p):] = torch.tensor(p, dtype=torch.long)
-    padded = bool(pad.any())
-    positions = mask = key_valid = None
-    if padded:
-        positions = (torch.arange(L, device=device) - pad[:, None]).clamp(min=0)  # (B, L)
-        key_valid = torch.arange(total, device=device)[None, :] >= pad[:, None]  # (B, S_max)
-        causal = torch.ones(L, L, dtype=torch.bool, device=device).tril()
+    # Masks are needed when rows are left-padded, or always with the fixed-shape cache (whose
+    # unwritten tail must be hidden). Otherwise the model's own causal default is exact and fastest.
+    explicit = compile or bool(pad.any())
+    positions = mask = None
+    key_pos = torch.arange(total, device=device)
+    key_valid = key_pos[None, :] >= pad[:, None]  # (B, S_max): False on a row's left padding
+    if explicit:
+        q_pos = torch.arange(L, device=device)
+        positions = (q_pos - pad[:, None]).clamp(min=0)  # (B, L): each row counts from its first token
+        width = total if compile else L
+        causal = key_pos[None, :width] <= q_pos[:, None]  # (L, width)
         # A padding row may see itself: a query row with no visible key would give NaNs.
-        mask = (causal & key_valid[:, None, :L]) | torch.eye(L, dtype=torch.bool, device=device)
-        mask = mask[:, None]  # (B, 1, L, L)
+        mask = ((causal & key_valid[:, None, :width]) | (key_pos[None, :width] == q_pos[:, None]))[:, None]
+    if compile:
+        cache.input_pos = torch.arange(L, device=device)
     logits = model(tokens, cache=cache, positions=positions, mask=mask, last_only=True)[:, -1]
+    step_model = compiled(model) if compile else model
 
     stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
@@ -82,18 +103,23 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int
         finished |= torch.isin(nxt, stop)
         if step + 1 == max_new_tokens or bool(finished.all()):
             return
-        if padded:
-            positions = (cache.offset - pad)[:, None]
-            mask = key_valid[:, None, None, :cache.offset + 1]
-        logits = model(nxt[:, None], cache=cache, positions=positions, mask=mask)[:, -1]
+        offset = L + step  # where the token just sampled goes
+        if explicit:
+            positions = (offset - pad)[:, None]
+            mask = (key_valid & (key_pos <= offset))[:, None, None, :total if compile else offset + 1]
+        if compile:
+            cache.input_pos = torch.tensor([offset], device=device)
+        logits = step_model(nxt[:, None], cache=cache, positions=positions, mask=mask)[:, -1]
 
 
 def generate_batch(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
-                   sampling: SamplingParams = SamplingParams(), stop_ids: Sequence[int] = ()) -> list[Completion]:
+                   sampling: SamplingParams = SamplingParams(), stop_ids: Sequence[int] = (),
+                   compile: bool = False) -> list[Completion]:
     """Run `generate_ids` to the end and collect one Completion per prompt."""
     out = [Completion() for _ in prompts]
     stop = set(stop_ids)
-    for step in generate_ids(model, prompts, max_new_tokens=max_new_tokens, sampling=sampling, stop_ids=stop_ids):
+    for step in generate_ids(model, prompts, max_new_tokens=max_new_tokens, sampling=sampling,
+                             stop_ids=stop_ids, compile=compile):
         for c, t in zip(out, step):
             if t is None:
                 continue

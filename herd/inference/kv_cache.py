@@ -41,3 +41,22 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         return 2 * self.k.numel() * self.k.element_size()
+
+
+class StaticKVCache(KVCache):
+    """The fixed-shape variant torch.compile needs (gpt-fast's): keys/values are written at the
+    positions in the tensor `input_pos` — a tensor, so a new position does not recompile — and every
+    call returns all `max_len` positions; the caller's mask hides the ones not yet written. Position
+    bookkeeping is the caller's, so `advance` does nothing."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.input_pos = torch.zeros(1, dtype=torch.long, device=self.k.device)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.k[layer].index_copy_(2, self.input_pos, k)
+        self.v[layer].index_copy_(2, self.input_pos, v)
+        return self.k[layer], self.v[layer]
+
+    def advance(self, n: int) -> None:
+        pass

@@ -41,14 +41,16 @@ def _llama3_scaling(freqs: torch.Tensor, s: RopeScaling) -> torch.Tensor:
 
 
 def rope_rotations(inv_freq: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """e^(i·position·frequency) as complex64, angles in fp32 — shape (*positions.shape, head_dim//2)."""
+    """cos and sin of position·frequency, fp32, stacked — shape (*positions.shape, head_dim//2, 2)."""
     angles = positions.to(torch.float32).unsqueeze(-1) * inv_freq
-    return torch.polar(torch.ones_like(angles), angles)
+    return torch.stack((angles.cos(), angles.sin()), dim=-1)
 
 
 def apply_rope(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent feature pairs of x (B, T, H, d) by `rotations` (B, T, d/2): each pair is a
-    complex number multiplied by its unit rotation, as in Meta's reference (and in fewer kernels
-    than the real-valued form, which matters for one-token decode steps)."""
-    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (B, T, H, d/2)
-    return torch.view_as_real(pairs * rotations.unsqueeze(-2)).flatten(-2).type_as(x)
+    """Rotate adjacent feature pairs of x (B, T, H, d) by the angles in `rotations` (B, T, d/2, 2).
+
+    The pair (x0, x1) becomes (x0·cos − x1·sin, x0·sin + x1·cos): Meta's complex multiplication
+    written in real arithmetic, which torch.compile can fuse (it does not generate complex code)."""
+    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (B, T, H, d/2) each
+    cos, sin = rotations.unsqueeze(-3).unbind(-1)  # broadcast over heads
+    return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2).type_as(x)
