@@ -99,7 +99,7 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     for step in range(max_new_tokens):
         nxt = sample(logits, sampling, generator)
-        yield [None if f else int(t) for t, f in zip(nxt.tolist(), finished.tolist())]
+        yield [None if f else int(t) for t, f in zip(nxt.tolist(), finished.tolist(), strict=True)]
         finished |= torch.isin(nxt, stop)
         if step + 1 == max_new_tokens or bool(finished.all()):
             return
@@ -120,7 +120,7 @@ def generate_batch(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: i
     stop = set(stop_ids)
     for step in generate_ids(model, prompts, max_new_tokens=max_new_tokens, sampling=sampling,
                              stop_ids=stop_ids, compile=compile):
-        for c, t in zip(out, step):
+        for c, t in zip(out, step, strict=True):
             if t is None:
                 continue
             if t in stop:

@@ -9,7 +9,7 @@ directly set `ffn_hidden_dim`.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from herd.errors import HerdError
 
