@@ -8,6 +8,7 @@ same as if it ran alone.
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from herd.errors import HerdError
+from herd.inference.cpu_linear import PackedLinear
 from herd.inference.kv_cache import KVCache, StaticKVCache
 from herd.inference.sampling import SamplingParams, sample
 
@@ -42,7 +44,12 @@ _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def compiled(model):
-    """The model under torch.compile, compiled once per model and reused by later calls."""
+    """The model under torch.compile, compiled once per model and reused by later calls. A model
+    with pre-packed CPU linears is returned as is: those are already the fast path on CPU, and
+    inductor cannot fuse across them."""
+    if any(isinstance(m, PackedLinear) for m in model.modules()):
+        warnings.warn("compile skipped: this model's linears are pre-packed for CPU inference", stacklevel=3)
+        return model
     if model not in _COMPILED:
         _COMPILED[model] = torch.compile(model, dynamic=False)
     return _COMPILED[model]
