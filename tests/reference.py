@@ -21,3 +21,11 @@ def herd_and_hf(args: ModelArgs, seed: int = 0, std: float = 0.3):
     if args.tie_embeddings:
         assert ref.lm_head.weight.data_ptr() == ref.model.embed_tokens.weight.data_ptr()
     return model.eval(), ref
+
+
+def random_state_dict(args: ModelArgs, seed: int = 0) -> dict[str, torch.Tensor]:
+    """The canonical state dict of a freshly initialized model."""
+    torch.manual_seed(seed)
+    model = Transformer(args)
+    model.init_weights()
+    return model.state_dict()

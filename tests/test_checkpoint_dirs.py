@@ -17,6 +17,7 @@ from herd.cli import main
 from herd.models.args import ModelArgs
 from herd.models.llama3 import Transformer
 from herd.tokenizer import load_tokenizer
+from tests.reference import random_state_dict
 
 # Llama 3's real vocabulary on a tiny body: the tokenizer and chat format are the real ones.
 TINY_LLAMA3 = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128256, multiple_of=32,
@@ -25,10 +26,7 @@ TINY_LLAMA3 = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=
 
 @pytest.fixture(scope="module")
 def tiny_weights():
-    torch.manual_seed(0)
-    model = Transformer(TINY_LLAMA3)
-    model.init_weights()
-    return model.state_dict()
+    return random_state_dict(TINY_LLAMA3)
 
 
 @pytest.mark.parametrize("fmt", ["meta", "hf"])

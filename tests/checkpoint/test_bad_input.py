@@ -15,17 +15,14 @@ from herd.checkpoint import convert, detect_format, read_checkpoint, write_check
 from herd.checkpoint.gguf import write_gguf
 from herd.errors import HerdError
 from herd.models.args import PRESETS
-from herd.models.llama3 import Transformer
+from tests.reference import random_state_dict
 
 ARGS = PRESETS["debug"]
 
 
 @pytest.fixture(scope="module")
 def state_dict():
-    torch.manual_seed(0)
-    model = Transformer(ARGS)
-    model.init_weights()
-    return model.state_dict()
+    return random_state_dict(ARGS)
 
 
 def _truncate(path, keep: float = 0.6):

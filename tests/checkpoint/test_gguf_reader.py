@@ -17,7 +17,7 @@ from herd.checkpoint import read_checkpoint
 from herd.checkpoint.gguf import GGUFFile, open_gguf, read_gguf_args, read_gguf_metadata, write_gguf
 from herd.errors import HerdError
 from herd.models.args import PRESETS
-from herd.models.llama3 import Transformer
+from tests.reference import random_state_dict
 
 V = GGUFValueType
 ARGS = PRESETS["debug"]  # Llama 3.1 RoPE scaling, so a rope_freqs tensor too
@@ -65,10 +65,7 @@ def tokenizer_writer(w: GGUFWriter) -> None:
 
 @pytest.fixture(scope="module")
 def state_dict():
-    torch.manual_seed(0)
-    model = Transformer(ARGS)
-    model.init_weights()
-    return model.state_dict()
+    return random_state_dict(ARGS)
 
 
 @pytest.fixture(scope="module")
