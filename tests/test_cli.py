@@ -58,6 +58,17 @@ def test_tokenize_matches_llama_models_reference(capsys, monkeypatch, tmp_path):
     assert json.loads(out) == ref.encode(text, bos=False, eos=False)
 
 
+def test_tokenize_llama4_and_model_names(capsys, smollm2_gguf, hf_smollm2_tokenizer):
+    from llama_models.llama4.tokenizer import Tokenizer
+
+    text = "Llama 4: 你好, мир! 🦙🦙  \t 2025-04-05"
+    code, out, _ = run(capsys, "tokenize", "--tokenizer", "llama4", "--bos", text)
+    assert code == 0 and json.loads(out) == Tokenizer.get_instance().encode(text, bos=True, eos=False)
+    text = "Hello, world! The capital of France is Paris."
+    code, out, _ = run(capsys, "tokenize", "--tokenizer", "smollm2-135m-instruct", text)
+    assert code == 0 and json.loads(out) == hf_smollm2_tokenizer.encode(text, add_special_tokens=False)
+
+
 def test_tokenize_chat_matches_llama_models_reference(capsys, tmp_path):
     from llama_models.datatypes import RawMessage
     from llama_models.llama3.chat_format import ChatFormat
