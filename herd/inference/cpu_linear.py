@@ -35,13 +35,13 @@ class PackedLinear(nn.Module):
         # Tuned for one row (batch_size=1), the decode case; prefill's many rows still gain.
         self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 1)
 
-    # Inductor lowers this op only for weights it froze itself, so compiled graphs call it eagerly
-    # (a graph break per layer; torch.compile matters on GPUs, where nothing is packed).
-    @torch.compiler.disable
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and self.training:
             raise HerdError("this model was packed for inference (herd.load(..., for_inference=True)); "
                             "load it with for_inference=False to train")
+        if torch.compiler.is_compiling():  # inductor lowers this op only for weights it froze itself
+            raise HerdError("a model with pre-packed CPU linears cannot be torch.compiled; "
+                            "load it with for_inference=False to compile")
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], None)
 
     def extra_repr(self) -> str:
