@@ -146,9 +146,12 @@ def cmd_convert(a) -> None:
 
 def cmd_info(a) -> None:
     from herd.models.args import PRESETS
+    from herd.models.llama4 import LLAMA4_PRESETS
 
     if a.name in PRESETS:
         args, label = PRESETS[a.name], a.name
+    elif a.name in LLAMA4_PRESETS:
+        args, label = LLAMA4_PRESETS[a.name], a.name
     elif a.name not in BUILTIN_MODELS and not Path(a.name).expanduser().exists():
         raise HerdError(f"unknown model {a.name!r}: not a preset ({', '.join(PRESETS)}), "
                         f"a built-in model ({', '.join(BUILTIN_MODELS)}) or an existing path")
@@ -178,6 +181,11 @@ def cmd_info(a) -> None:
         # fp32 master weights + fp32 grads + AdamW's two fp32 moments, before activations
         "training_state_bytes_adamw": 16 * n,
     }
+    if hasattr(args, "active_params"):  # Llama 4 MoE: FLOPs above count the active parameters
+        info.update({"experts": args.n_experts, "experts_per_token": args.top_k,
+                     "moe_layers": args.n_moe_layers, "expert_ffn_dim": args.moe_ffn_dim,
+                     "active_params": args.active_params(),
+                     "params_with_vision_encoder": args.num_params(include_vision=True)})
     if a.json:
         print(json.dumps(info, indent=2))
         return
@@ -199,6 +207,11 @@ def cmd_info(a) -> None:
         ("weights", f"{gb(2 * n)} bf16, {gb(n)} fp8, {gb(4 * n)} fp32"),
         ("training state", f"{gb(16 * n)} (fp32 weights + grads + AdamW moments, before activations)"),
     ]
+    if "active_params" in info:
+        rows.insert(5, ("mixture of experts",
+                        f"{args.n_experts} experts (top-{args.top_k}) + shared in {args.n_moe_layers} layers, "
+                        f"expert FFN {args.moe_ffn_dim}; {info['active_params'] / 1e9:.2f}B active; "
+                        f"{info['params_with_vision_encoder'] / 1e9:.2f}B with the vision encoder"))
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")

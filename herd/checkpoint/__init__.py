@@ -23,6 +23,8 @@ from herd.checkpoint.meta import read_meta, read_meta_args, write_meta
 from herd.errors import HerdError
 from herd.models.args import ModelArgs
 from herd.models.llama3 import Transformer
+from herd.models.llama4 import Llama4Args
+from herd.models.llama4 import Transformer as Llama4Transformer
 
 Format = Literal["hf", "meta", "gguf"]
 FORMATS: tuple[str, ...] = ("hf", "meta", "gguf")
@@ -154,7 +156,13 @@ def load_weights(model: Transformer, state_dict: dict[str, torch.Tensor]) -> Tra
     """Load a canonical state dict into `model` by assignment (no copy into pre-made tensors), tying
     the output to the embeddings when the model's args say so."""
     args = model.args
-    sd = check_state_dict(state_dict, args, "state dict")
+    if isinstance(args, Llama4Args):  # Llama 4: its own names and shapes (hf_llama4.py)
+        from herd.checkpoint.hf_llama4 import check_llama4_state_dict
+
+        check = check_llama4_state_dict
+    else:
+        check = check_state_dict
+    sd = check(state_dict, args, "state dict")
     if args.tie_embeddings:
         sd["output.weight"] = sd["tok_embeddings.weight"]
     model.load_state_dict(sd, strict=True, assign=True)
@@ -169,7 +177,7 @@ def build_model(args: ModelArgs, state_dict: dict[str, torch.Tensor], device: st
     allocated (DESIGN principle 3), in eval mode. Tensors already of `dtype` on `device` become the
     parameters as they are (shared with `state_dict`, not copied)."""
     with torch.device("meta"):
-        model = Transformer(args)
+        model = Llama4Transformer(args) if isinstance(args, Llama4Args) else Transformer(args)
     sd = {k: v.to(device=device, dtype=dtype) for k, v in state_dict.items()}
     load_weights(model, sd)
     model.init_buffers(device)

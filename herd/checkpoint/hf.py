@@ -65,6 +65,10 @@ def permute_from_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 # ---- config --------------------------------------------------------------------------------------
 def args_from_hf_config(cfg: dict, source: str = "config.json") -> ModelArgs:
+    from herd.checkpoint.hf_llama4 import is_llama4_config, llama4_args_from_hf_config
+
+    if is_llama4_config(cfg):  # MoE/iRoPE: its own mapping (hf_llama4.py)
+        return llama4_args_from_hf_config(cfg, source)
     if cfg.get("model_type", "llama") != "llama" and "LlamaForCausalLM" not in (cfg.get("architectures") or []):
         raise HerdError(f"{source}: model_type {cfg.get('model_type')!r} is not a Llama-architecture model")
     try:
@@ -152,6 +156,10 @@ def read_hf(path: str | Path) -> tuple[ModelArgs, dict[str, torch.Tensor], dict]
         cfg = json.loads((path / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise HerdError(f"{path / 'config.json'}: cannot read ({e})") from None
+    from herd.checkpoint.hf_llama4 import is_llama4_config, read_hf_llama4
+
+    if is_llama4_config(cfg):
+        return read_hf_llama4(path, cfg)
     args = args_from_hf_config(cfg, str(path / "config.json"))
     index = path / "model.safetensors.index.json"
     if index.exists():
@@ -179,6 +187,13 @@ def write_hf(path: str | Path, args: ModelArgs, sd: dict[str, torch.Tensor], *,
              max_shard_bytes: int = 5 * 2**30, config_extra: dict | None = None,
              extra_files: dict[str, str] | None = None) -> None:
     """Write a directory transformers loads; shards above `max_shard_bytes` with an index."""
+    from herd.models.llama4 import Llama4Args
+
+    if isinstance(args, Llama4Args):  # MoE/iRoPE: its own mapping (hf_llama4.py)
+        from herd.checkpoint.hf_llama4 import write_hf_llama4
+
+        write_hf_llama4(path, args, sd, max_shard_bytes=max_shard_bytes, config_extra=config_extra)
+        return
     sd = check_state_dict(sd, args, "model")
     hf = to_hf_state_dict(sd, args)
     shards: list[dict[str, torch.Tensor]] = [{}]

@@ -1,0 +1,296 @@
+"""Hugging Face Llama 4 text checkpoints (`Llama4ForCausalLM`, config `model_type` "llama4_text")
+↔ herd's Llama 4 model (herd/models/llama4.py), at the boundary (DESIGN principle 4).
+
+Differences from the dense HF mapping (hf.py):
+- No q/k row permutation: HF's Llama 4 applies RoPE as a complex product over adjacent pairs
+  (`apply_rotary_emb`), which is Meta's layout, i.e. herd's.
+- MoE layers: HF `feed_forward.router.weight` (E, D) is Meta's `router_DE` transposed; HF fuses the
+  experts' gate and up matrices as `experts.gate_up_proj` (E, D, 2F), gate first, and stores
+  `experts.down_proj` (E, F, D) — Meta's w1 | w3 and w2 with the same (in, out) orientation.
+- Dense layers keep `feed_forward.{gate,up,down}_proj` (HF names them under feed_forward, not mlp).
+Multimodal `Llama4ForConditionalGeneration` directories (model_type "llama4") are read for their
+text model: the `language_model.` prefix is stripped and vision tensors are skipped.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from herd.checkpoint.common import atomic_path
+from herd.errors import HerdError
+from herd.models.args import RopeScaling
+from herd.models.llama4 import Llama4Args
+
+_ATTN = {"attention.wq.weight": "self_attn.q_proj.weight", "attention.wk.weight": "self_attn.k_proj.weight",
+         "attention.wv.weight": "self_attn.v_proj.weight", "attention.wo.weight": "self_attn.o_proj.weight",
+         "attention_norm.weight": "input_layernorm.weight", "ffn_norm.weight": "post_attention_layernorm.weight"}
+_DENSE = {"feed_forward.w1.weight": "feed_forward.gate_proj.weight",
+          "feed_forward.w3.weight": "feed_forward.up_proj.weight",
+          "feed_forward.w2.weight": "feed_forward.down_proj.weight"}
+_SHARED = {"feed_forward.shared_expert.w1.weight": "feed_forward.shared_expert.gate_proj.weight",
+           "feed_forward.shared_expert.w3.weight": "feed_forward.shared_expert.up_proj.weight",
+           "feed_forward.shared_expert.w2.weight": "feed_forward.shared_expert.down_proj.weight"}
+_TOP = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+        "output.weight": "lm_head.weight"}
+
+
+def is_llama4_config(cfg: dict) -> bool:
+    archs = cfg.get("architectures") or []
+    return cfg.get("model_type") in ("llama4_text", "llama4") or any(a.startswith("Llama4") for a in archs)
+
+
+# ---- config --------------------------------------------------------------------------------------
+def llama4_args_from_hf_config(cfg: dict, source: str = "config.json") -> Llama4Args:
+    if cfg.get("model_type") == "llama4" or "text_config" in cfg:
+        cfg = cfg.get("text_config") or {}
+    try:
+        n_layers = int(cfg["num_hidden_layers"])
+        step = int(cfg.get("interleave_moe_layer_step") or 1)
+        moe_layers = cfg.get("moe_layers")
+        if moe_layers is not None and list(moe_layers) != list(range(step - 1, n_layers, step)):
+            raise HerdError(f"{source}: moe_layers {moe_layers} is not every {step}th layer (unsupported)")
+        interval = int(cfg.get("no_rope_layer_interval") or 4)
+        no_rope = cfg.get("no_rope_layers")
+        if no_rope and [int(x) for x in no_rope[:n_layers]] != [int((i + 1) % interval != 0) for i in range(n_layers)]:
+            raise HerdError(f"{source}: no_rope_layers is not every {interval}th layer (unsupported)")
+        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+        theta = cfg.get("rope_theta", rope.get("rope_theta", 500000.0))
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        scaling = None
+        if rope_type == "llama3":
+            scaling = RopeScaling(factor=float(rope["factor"]), low_freq_factor=float(rope["low_freq_factor"]),
+                                  high_freq_factor=float(rope["high_freq_factor"]),
+                                  original_max_position_embeddings=int(rope["original_max_position_embeddings"]))
+        elif rope_type not in ("default", None):
+            raise HerdError(f"{source}: RoPE scaling type {rope_type!r} is not supported (llama3 or none)")
+        n_heads = int(cfg["num_attention_heads"])
+        chunk = cfg.get("attention_chunk_size", 8192)
+        return Llama4Args(
+            dim=int(cfg["hidden_size"]), n_layers=n_layers, n_heads=n_heads,
+            n_kv_heads=int(cfg.get("num_key_value_heads") or n_heads),
+            head_dim=int(cfg.get("head_dim") or cfg["hidden_size"] // n_heads), vocab_size=int(cfg["vocab_size"]),
+            norm_eps=float(cfg.get("rms_norm_eps", 1e-5)), rope_theta=float(theta), rope_scaling=scaling,
+            max_seq_len=int(cfg.get("max_position_embeddings", 131072)),
+            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            n_experts=int(cfg["num_local_experts"]), top_k=int(cfg.get("num_experts_per_tok", 1)),
+            moe_every=step, moe_ffn_dim=int(cfg["intermediate_size"]),
+            ffn_hidden_dim=int(cfg.get("intermediate_size_mlp", 16384)),
+            nope_every=interval, attention_chunk_size=None if chunk is None else int(chunk),
+            qk_norm=bool(cfg.get("use_qk_norm", True)),
+            attn_temperature_tuning=bool(cfg.get("attn_temperature_tuning", True)),
+            floor_scale=float(cfg.get("floor_scale", 8192)), attn_scale=float(cfg.get("attn_scale", 0.1)),
+        )
+    except KeyError as e:
+        raise HerdError(f"{source}: missing key {e.args[0]!r}") from None
+
+
+def hf_config_from_llama4_args(args: Llama4Args, extra: dict | None = None) -> dict:
+    rope: dict = {"rope_type": "default", "rope_theta": args.rope_theta}
+    if args.rope_scaling is not None:
+        s = args.rope_scaling
+        rope = {"rope_type": "llama3", "rope_theta": args.rope_theta, "factor": s.factor,
+                "low_freq_factor": s.low_freq_factor, "high_freq_factor": s.high_freq_factor,
+                "original_max_position_embeddings": s.original_max_position_embeddings}
+    cfg = {
+        "architectures": ["Llama4ForCausalLM"], "model_type": "llama4_text",
+        "hidden_size": args.dim, "num_hidden_layers": args.n_layers, "num_attention_heads": args.n_heads,
+        "num_key_value_heads": args.kv_heads, "head_dim": args.hd, "vocab_size": args.vocab_size,
+        "rms_norm_eps": args.norm_eps, "rope_theta": args.rope_theta, "rope_parameters": rope,
+        "max_position_embeddings": args.max_seq_len, "tie_word_embeddings": args.tie_embeddings,
+        "num_local_experts": args.n_experts, "num_experts_per_tok": args.top_k,
+        "interleave_moe_layer_step": args.moe_every, "intermediate_size": args.moe_ffn_dim,
+        "intermediate_size_mlp": args.ffn_hidden_dim,
+        "no_rope_layer_interval": args.nope_every or args.n_layers + 1,
+        "attention_chunk_size": args.attention_chunk_size, "use_qk_norm": args.qk_norm,
+        "attn_temperature_tuning": args.attn_temperature_tuning,
+        # transformers types floor_scale as int (the released configs say 8192)
+        "floor_scale": int(args.floor_scale) if float(args.floor_scale).is_integer() else args.floor_scale,
+        "attn_scale": args.attn_scale, "hidden_act": "silu", "attention_bias": False, "torch_dtype": "float32",
+    }
+    cfg.update(extra or {})
+    return cfg
+
+
+# ---- weights -------------------------------------------------------------------------------------
+def expected_llama4_shapes(args: Llama4Args) -> dict[str, tuple[int, ...]]:
+    d, hd, E, f = args.dim, args.hd, args.n_experts, args.moe_ffn_dim
+    shapes: dict[str, tuple[int, ...]] = {"tok_embeddings.weight": (args.vocab_size, d), "norm.weight": (d,)}
+    if not args.tie_embeddings:
+        shapes["output.weight"] = (args.vocab_size, d)
+    for i in range(args.n_layers):
+        p = f"layers.{i}."
+        shapes.update({p + "attention.wq.weight": (args.n_heads * hd, d),
+                       p + "attention.wk.weight": (args.kv_heads * hd, d),
+                       p + "attention.wv.weight": (args.kv_heads * hd, d),
+                       p + "attention.wo.weight": (d, args.n_heads * hd),
+                       p + "attention_norm.weight": (d,), p + "ffn_norm.weight": (d,)})
+        if args.is_moe_layer(i):
+            shapes.update({p + "feed_forward.router_DE": (d, E),
+                           p + "feed_forward.experts.w1": (E, d, f), p + "feed_forward.experts.w3": (E, d, f),
+                           p + "feed_forward.experts.w2": (E, f, d),
+                           p + "feed_forward.shared_expert.w1.weight": (f, d),
+                           p + "feed_forward.shared_expert.w3.weight": (f, d),
+                           p + "feed_forward.shared_expert.w2.weight": (d, f)})
+        else:
+            F = args.ffn_hidden_dim
+            shapes.update({p + "feed_forward.w1.weight": (F, d), p + "feed_forward.w3.weight": (F, d),
+                           p + "feed_forward.w2.weight": (d, F)})
+    return shapes
+
+
+def check_llama4_state_dict(sd: dict[str, torch.Tensor], args: Llama4Args, source: str) -> dict[str, torch.Tensor]:
+    """Names and shapes against `args`, one-line HerdError on the first problem (expert-count
+    mismatches named as such); returns the dict with a tied output.weight dropped."""
+    sd = dict(sd)
+    if args.tie_embeddings:
+        sd.pop("output.weight", None)
+    want = expected_llama4_shapes(args)
+    missing = [k for k in want if k not in sd]
+    if missing:
+        raise HerdError(f"{source}: missing {len(missing)} weight(s), first {missing[0]!r} "
+                        "(truncated checkpoint or config/weights mismatch?)")
+    extra = [k for k in sd if k not in want]
+    if extra:
+        raise HerdError(f"{source}: unexpected weight {extra[0]!r} for this {args.n_layers}-layer Llama 4 config")
+    for k, shape in want.items():
+        got = tuple(sd[k].shape)
+        if got != shape:
+            if ".experts." in k and got[1:] == shape[1:]:
+                raise HerdError(f"{source}: expert count mismatch: {k} holds {got[0]} experts, "
+                                f"config says num_local_experts={args.n_experts}")
+            if k.endswith("router_DE") and got[0] == shape[0]:
+                raise HerdError(f"{source}: expert count mismatch: {k} routes to {got[1]} experts, "
+                                f"config says num_local_experts={args.n_experts}")
+            raise HerdError(f"{source}: shape mismatch for {k}: checkpoint {got}, config expects {shape}")
+    return sd
+
+
+def _hf_layer_name(rest: str) -> str | None:
+    return _ATTN.get(rest) or _DENSE.get(rest) or _SHARED.get(rest)
+
+
+_FROM_LAYER = {v: k for m in (_ATTN, _DENSE, _SHARED) for k, v in m.items()}
+_FROM_TOP = {v: k for k, v in _TOP.items()}
+
+
+def from_hf_llama4_state_dict(hf: dict[str, torch.Tensor], args: Llama4Args,
+                              source: str = "HF checkpoint") -> dict[str, torch.Tensor]:
+    sd: dict[str, torch.Tensor] = {}
+    for name, t in hf.items():
+        if name.startswith(("vision_model.", "multi_modal_projector.", "model.vision_model.",
+                            "model.multi_modal_projector.")):
+            continue  # the vision tower of a multimodal checkpoint: not part of the text model
+        name = name.replace("language_model.model.", "model.").replace("language_model.lm_head.", "lm_head.")
+        name = name.replace("model.language_model.", "model.")
+        if name in _FROM_TOP:
+            sd[_FROM_TOP[name]] = t
+            continue
+        parts = name.split(".", 3)
+        if len(parts) != 4 or parts[:2] != ["model", "layers"]:
+            if name.endswith("rotary_emb.inv_freq"):
+                continue
+            raise HerdError(f"{source}: unexpected tensor {name!r} in HF Llama 4 checkpoint")
+        p, rest = f"layers.{parts[2]}.", parts[3]
+        if rest in _FROM_LAYER:
+            sd[p + _FROM_LAYER[rest]] = t
+        elif rest == "feed_forward.router.weight":
+            sd[p + "feed_forward.router_DE"] = t.t()
+        elif rest == "feed_forward.experts.gate_up_proj":
+            if t.ndim != 3 or t.shape[-1] % 2:
+                raise HerdError(f"{source}: {name} has shape {tuple(t.shape)}, expected (experts, dim, 2·ffn)")
+            w1, w3 = t.chunk(2, dim=-1)
+            sd[p + "feed_forward.experts.w1"], sd[p + "feed_forward.experts.w3"] = w1, w3
+        elif rest == "feed_forward.experts.down_proj":
+            sd[p + "feed_forward.experts.w2"] = t
+        else:
+            raise HerdError(f"{source}: unexpected tensor {name!r} in HF Llama 4 checkpoint")
+    return check_llama4_state_dict(sd, args, source)
+
+
+def to_hf_llama4_state_dict(sd: dict[str, torch.Tensor], args: Llama4Args) -> dict[str, torch.Tensor]:
+    sd = check_llama4_state_dict(sd, args, "model")
+    out: dict[str, torch.Tensor] = {}
+    for name, t in sd.items():
+        if name in _TOP:
+            out[_TOP[name]] = t.contiguous()
+            continue
+        _, idx, rest = name.split(".", 2)
+        p = f"model.layers.{idx}."
+        if (hf := _hf_layer_name(rest)) is not None:
+            out[p + hf] = t.contiguous()
+        elif rest == "feed_forward.router_DE":
+            out[p + "feed_forward.router.weight"] = t.t().contiguous()
+        elif rest == "feed_forward.experts.w1":
+            out[p + "feed_forward.experts.gate_up_proj"] = torch.cat(
+                [t, sd[f"layers.{idx}.feed_forward.experts.w3"]], dim=-1).contiguous()
+        elif rest == "feed_forward.experts.w2":
+            out[p + "feed_forward.experts.down_proj"] = t.contiguous()
+        elif rest != "feed_forward.experts.w3":  # fused into gate_up_proj with w1
+            raise HerdError(f"no HF Llama 4 name for {name!r}")
+    return out
+
+
+# ---- directories ---------------------------------------------------------------------------------
+def read_hf_llama4(path: str | Path, cfg: dict | None = None) -> tuple[Llama4Args, dict[str, torch.Tensor], dict]:
+    """→ (args, herd state dict, the raw config.json) of a HF Llama 4 directory."""
+    path = Path(path)
+    if cfg is None:
+        try:
+            cfg = json.loads((path / "config.json").read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise HerdError(f"{path / 'config.json'}: cannot read ({e})") from None
+    args = llama4_args_from_hf_config(cfg, str(path / "config.json"))
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError) as e:
+            raise HerdError(f"{index}: malformed index ({e})") from None
+    else:
+        files = sorted(p.name for p in path.glob("*.safetensors"))
+    if not files:
+        raise HerdError(f"{path}: no *.safetensors weights next to config.json")
+    hf: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            hf.update(load_file(path / f))
+        except FileNotFoundError:
+            raise HerdError(f"{path / f}: shard listed in the index is missing") from None
+        except (SafetensorError, OSError) as e:
+            raise HerdError(f"{path / f}: unreadable or truncated safetensors file ({e})") from None
+    return args, from_hf_llama4_state_dict(hf, args, str(path)), cfg
+
+
+def write_hf_llama4(path: str | Path, args: Llama4Args, sd: dict[str, torch.Tensor], *,
+                    max_shard_bytes: int = 5 * 2**30, config_extra: dict | None = None) -> None:
+    """Write a directory `Llama4ForCausalLM.from_pretrained` loads; shards with an index above
+    `max_shard_bytes`."""
+    hf = to_hf_llama4_state_dict(sd, args)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in hf.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    with atomic_path(path) as tmp:
+        tmp.mkdir()
+        (tmp / "config.json").write_text(json.dumps(hf_config_from_llama4_args(args, config_extra), indent=2))
+        if len(shards) == 1:
+            save_file(shards[0], tmp / "model.safetensors", metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards):
+                fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, tmp / fname, metadata={"format": "pt"})
+                weight_map.update(dict.fromkeys(shard, fname))
+            total = sum(t.numel() * t.element_size() for t in hf.values())
+            (tmp / "model.safetensors.index.json").write_text(
+                json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
