@@ -1,0 +1,109 @@
+"""Training checkpoints: everything a run needs to continue exactly (DESIGN principle 12).
+
+A checkpoint is a directory `ckpt-NNNNNNNN/` in the run directory holding
+    model/          the weights as a Meta-layout checkpoint (params.json + consolidated.00.pth),
+                    readable by herd.checkpoint, `herd generate --model` and `herd average`
+    train_state.pt  optimizer, scheduler step, data-loader position, all RNG states, metrics so far
+    complete.json   written last: step and the names of the files above
+It is built under a hidden temporary name, fsynced, then renamed, so a kill mid-write leaves either
+no `ckpt-*` directory or a complete one; `latest_checkpoint` also refuses any directory without
+`complete.json`, and nothing else is ever loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from herd.checkpoint.meta import write_meta
+from herd.data.shards import publish_dir
+from herd.errors import HerdError
+from herd.models.args import ModelArgs
+
+_NAME = re.compile(r"^ckpt-(\d{8})$")
+
+
+def checkpoint_name(step: int) -> str:
+    return f"ckpt-{step:08d}"
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(run_dir: str | os.PathLike, step: int, args: ModelArgs,
+                    model_state: dict[str, torch.Tensor], train_state: dict[str, Any], keep: int = 0) -> Path:
+    run_dir = Path(run_dir)
+    dest = run_dir / checkpoint_name(step)
+    tmp = run_dir / f".{dest.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        sd = {k: v.detach().to("cpu", copy=True) for k, v in model_state.items()}
+        if args.tie_embeddings:
+            sd.pop("output.weight", None)
+        write_meta(tmp / "model", args, sd)
+        torch.save(train_state, tmp / "train_state.pt")
+        (tmp / "complete.json").write_text(json.dumps({"step": step, "files": ["model", "train_state.pt"]}))
+        publish_dir(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if keep > 0:
+        for old in list_checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return dest
+
+
+def is_complete(path: Path) -> bool:
+    try:
+        info = json.loads((path / "complete.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return all((path / f).exists() for f in info.get("files", [])) and _NAME.match(path.name) is not None
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (hidden temporary directories never match)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = [p for p in run_dir.iterdir() if _NAME.match(p.name) and p.is_dir() and is_complete(p)]
+    return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def load_train_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(model state dict, train state) of a complete checkpoint."""
+    from herd.checkpoint.meta import read_meta
+
+    if not is_complete(path):
+        raise HerdError(f"{path}: incomplete checkpoint (no complete.json); refusing to load it")
+    try:
+        _, sd, _ = read_meta(path / "model")
+        state = torch.load(path / "train_state.pt", map_location="cpu", weights_only=False)
+    except (OSError, RuntimeError, EOFError) as e:
+        raise HerdError(f"{path}: corrupt checkpoint ({e})") from None
+    return sd, state

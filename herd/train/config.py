@@ -1,0 +1,234 @@
+"""Typed configs for a training run, loaded from TOML with dotted command-line overrides.
+
+Each component owns a small dataclass (DESIGN principle 8); `RunConfig` only composes them.
+A TOML file has one table per component (`[model]`, `[data]`, `[optim]`, `[schedule]`, `[train]`,
+`[checkpoint]`); overrides look like `train.steps=2000` or `--model.dim=256`. An unknown table or
+key is a one-line `HerdError` that lists the valid ones — never silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from herd.errors import HerdError
+from herd.models.args import ModelArgs, get_preset
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10: the same parser from PyPI
+    import tomli as tomllib
+
+
+@dataclass
+class ModelConfig:
+    """A preset name (herd.models.args.PRESETS) plus the fields to change."""
+
+    preset: str = "debug"
+    dim: int | None = None
+    n_layers: int | None = None
+    n_heads: int | None = None
+    n_kv_heads: int | None = None
+    vocab_size: int | None = None
+    multiple_of: int | None = None
+    ffn_dim_multiplier: float | None = None
+    ffn_hidden_dim: int | None = None
+    head_dim: int | None = None
+    norm_eps: float | None = None
+    rope_theta: float | None = None
+    max_seq_len: int | None = None
+    tie_embeddings: bool | None = None
+
+    def args(self) -> ModelArgs:
+        changes = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                   if f.name != "preset" and getattr(self, f.name) is not None}
+        return get_preset(self.preset).replace(**changes)
+
+
+@dataclass
+class DataConfig:
+    path: str = "data/shards"  # a shards directory (herd.data.shards)
+    # When `path` is missing, build it first from this source: "stdlib" (the interpreter's own
+    # Python sources) or a text file / directory of .txt files, byte-level tokenized.
+    source: str = ""
+    tokenizer: str = "bytes"  # for building from `source`: "bytes" or a herd tokenizer name
+    val_batches: int = 4  # batches of the validation split per evaluation
+
+
+@dataclass
+class OptimConfig:
+    """AdamW (SPEC §3.4); weight decay only on matrices (2-D parameters)."""
+
+    lr: float = 3e-4  # peak learning rate
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+
+
+@dataclass
+class ScheduleConfig:
+    """Learning-rate schedule: linear warm-up, then `cosine` decay to `min_lr` over `decay_steps`
+    (SPEC §3.4), `linear` decay to zero (the annealing stage, §3.4.3) or `constant`."""
+
+    name: str = "cosine"
+    warmup_steps: int = 0
+    min_lr: float = 0.0
+    decay_steps: int = 0  # steps from the start to the end of decay; 0 = train.steps
+
+
+# §3.4 recipe numbers as data: 405B pre-training (peak 8e-5, 8,000 warm-up steps, cosine to 8e-7
+# over 1.2M steps) and annealing (linear to 0).
+RECIPES: dict[str, tuple[OptimConfig, ScheduleConfig]] = {
+    "llama3-405b": (OptimConfig(lr=8e-5), ScheduleConfig("cosine", warmup_steps=8000, min_lr=8e-7,
+                                                         decay_steps=1_200_000)),
+    "anneal": (OptimConfig(lr=8e-5), ScheduleConfig("linear", warmup_steps=0, min_lr=0.0)),
+}
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    batch_size: int = 8  # rows per micro-batch
+    seq_len: int = 128
+    grad_accum: int = 1  # micro-batches per optimizer step
+    eval_every: int = 50  # validation loss every N steps (and at the end); 0 = only at the end
+    out_dir: str = "runs/run"
+    seed: int = 0
+    device: str = "cpu"
+    dtype: str = "auto"  # "auto": bf16 autocast on GPU, fp32 on CPU; or "float32" / "bfloat16"
+    threads: int = 0  # torch CPU threads; 0 = leave as is
+    peak_flops: float = 0.0  # per device, for MFU; 0 = a figure for the detected device
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 50  # steps between checkpoints (and at the end); 0 = only at the end
+    keep: int = 3  # keep the newest N checkpoints; 0 = keep all
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = [f.name for f in dataclasses.fields(RunConfig)]
+
+
+def valid_keys() -> list[str]:
+    return [f"{s}.{f.name}" for s in SECTIONS for f in dataclasses.fields(_section_type(s))]
+
+
+def _section_type(section: str) -> type:
+    return {f.name: f.default_factory for f in dataclasses.fields(RunConfig)}[section]
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check (and gently convert) a TOML/CLI value against the field's annotation."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        for opt in options:
+            if opt is type(None):
+                continue
+            try:
+                return _coerce(value, opt, key)
+            except HerdError:
+                continue
+        raise HerdError(f"{key}: {value!r} is not a {hint}")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(typing.get_args(hint)):
+            raise HerdError(f"{key}: expected a list of {len(typing.get_args(hint))} values, got {value!r}")
+        return tuple(_coerce(v, t, key) for v, t in zip(value, typing.get_args(hint), strict=True))
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    raise HerdError(f"{key}: expected {getattr(hint, '__name__', hint)}, got {value!r}")
+
+
+def _apply(cfg: RunConfig, section: str, key: str, value: Any) -> None:
+    if section not in SECTIONS:
+        raise HerdError(f"unknown config section {section!r}; valid: {', '.join(SECTIONS)}")
+    obj = getattr(cfg, section)
+    hints = typing.get_type_hints(type(obj))
+    if key not in hints:
+        valid = ", ".join(f"{section}.{k}" for k in hints)
+        raise HerdError(f"unknown config key {section}.{key}; valid keys: {valid}")
+    setattr(obj, key, _coerce(value, hints[key], f"{section}.{key}"))
+
+
+def _parse_value(text: str) -> Any:
+    """A CLI value: TOML syntax when it parses (numbers, booleans, lists), else a bare string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def parse_override(item: str) -> tuple[str, str, Any]:
+    """'--train.steps=2000' or 'train.steps=2000' → ("train", "steps", 2000)."""
+    body = item[2:] if item.startswith("--") else item
+    if "=" not in body or "." not in body.split("=", 1)[0]:
+        raise HerdError(f"bad override {item!r}: expected --section.key=value (e.g. --train.steps=100)")
+    dotted, text = body.split("=", 1)
+    section, key = dotted.split(".", 1)
+    return section, key.replace("-", "_"), _parse_value(text)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                data: dict | None = None) -> RunConfig:
+    """Defaults ← TOML file (or `data`, a dict of the same shape) ← dotted overrides."""
+    cfg = RunConfig()
+    table: dict = dict(data or {})
+    if path is not None:
+        try:
+            table = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise HerdError(f"config file {path} not found") from None
+        except tomllib.TOMLDecodeError as e:
+            raise HerdError(f"{path}: invalid TOML ({e})") from None
+    for section, values in table.items():
+        if not isinstance(values, dict):
+            raise HerdError(f"config: {section!r} must be a table; valid sections: {', '.join(SECTIONS)}")
+        for key, value in values.items():
+            _apply(cfg, section, key, value)
+    for item in overrides:
+        _apply(cfg, *parse_override(item))
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: RunConfig) -> None:
+    t = cfg.train
+    for name in ("steps", "batch_size", "seq_len", "grad_accum"):
+        if getattr(t, name) <= 0:
+            raise HerdError(f"train.{name} must be positive (got {getattr(t, name)})")
+    if cfg.schedule.name not in ("cosine", "linear", "constant"):
+        raise HerdError(f"schedule.name {cfg.schedule.name!r}: choose cosine, linear or constant")
+    args = cfg.model.args()  # raises on an unknown preset or invalid shape
+    if t.seq_len > args.max_seq_len:
+        raise HerdError(f"train.seq_len={t.seq_len} exceeds the model's max_seq_len={args.max_seq_len}")

@@ -1,0 +1,318 @@
+"""The one training loop (DESIGN principle 7): pre-training now; SFT, reward modelling and DPO plug
+in their `Objective` (herd/train/objectives.py) and reuse everything here.
+
+One optimizer step = `grad_accum` micro-batches whose summed losses are divided by the number of
+loss terms of the *whole* step, so k micro-batches give the gradient of one k-times larger batch;
+then global-norm clipping, AdamW (weight decay on matrices only) at the scheduled learning rate
+(SPEC §3.4). A non-finite loss or gradient norm skips the update and is logged. Every step appends
+one JSON line to `metrics.jsonl`; checkpoints (herd/train/checkpoint.py) hold everything needed for
+a bitwise-exact resume.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from herd.data.shards import PackedLoader, python_stdlib_files, shards_from_texts, text_documents
+from herd.errors import HerdError
+from herd.models.llama3 import Transformer
+from herd.train import checkpoint as ckpt
+from herd.train.config import OptimConfig, RunConfig
+from herd.train.objectives import NextTokenLM, Objective
+from herd.train.schedule import lr_at
+
+
+# ---- pieces usable on their own ------------------------------------------------------------------
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on 2-D parameters (matrices, embeddings) only; norms' gains are not
+    decayed."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    seen: set[int] = set()
+    decay, no_decay = [], []
+    for p in params:
+        if id(p) in seen:  # tied embeddings appear once
+            continue
+        seen.add(id(p))
+        (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+
+
+def accumulate_gradients(model: nn.Module, objective: Objective, micro_batches: Sequence[Any],
+                         autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+                         ) -> tuple[torch.Tensor, int]:
+    """Backward over all micro-batches, each summed loss divided by the step's total number of loss
+    terms (the correct normalization for unequal micro-batches; torchtune #2307). Gradients are
+    accumulated into .grad (the caller zeroes them). Returns (mean loss, terms)."""
+    total = sum(objective.num_terms(b) for b in micro_batches)
+    denom = max(total, 1)
+    loss_sum = torch.zeros((), dtype=torch.float32)
+    for b in micro_batches:
+        with autocast():
+            part = objective.loss_sum(model, b)
+        (part / denom).backward()
+        loss_sum = loss_sum + part.detach().float().cpu()
+    return loss_sum / denom, total
+
+
+@dataclass
+class StepResult:
+    loss: float
+    terms: int
+    grad_norm: float
+    skipped: bool
+
+
+def train_step(model: nn.Module, objective: Objective, micro_batches: Sequence[Any],
+               optimizer: torch.optim.Optimizer, grad_clip: float,
+               autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> StepResult:
+    optimizer.zero_grad(set_to_none=True)
+    loss, terms = accumulate_gradients(model, objective, micro_batches, autocast)
+    loss_f = float(loss)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    if not math.isfinite(loss_f):  # a bad batch must not poison the weights: skip the update
+        optimizer.zero_grad(set_to_none=True)
+        return StepResult(loss_f, terms, float("nan"), True)
+    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+    norm_f = float(norm)
+    if not math.isfinite(norm_f):
+        optimizer.zero_grad(set_to_none=True)
+        return StepResult(loss_f, terms, norm_f, True)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepResult(loss_f, terms, norm_f, False)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, objective: Objective, loader: PackedLoader, n_batches: int,
+             autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+             device: str | torch.device = "cpu") -> float:
+    """Mean loss over the first `n_batches` batches of `loader` (a fixed set: comparable across steps)."""
+    was_training = model.training
+    model.eval()
+    total, terms = 0.0, 0
+    for i in range(min(n_batches, loader.batches_per_epoch)):
+        b = loader.batch(i).to(device)
+        with autocast():
+            total += float(objective.loss_sum(model, b))
+        terms += objective.num_terms(b)
+    model.train(was_training)
+    return total / max(terms, 1)
+
+
+def peak_flops_for(device: torch.device) -> float:
+    """Dense peak FLOP/s for MFU when the config gives none: H100/H200 SXM BF16 989 TFLOP/s, A100 312;
+    on CPU a rough 100 GFLOP/s (fp32 FMA, AVX2/AVX-512) per thread."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        if "H100" in name or "H200" in name:
+            return 989e12
+        if "A100" in name:
+            return 312e12
+        return 100e12
+    return 100e9 * torch.get_num_threads()
+
+
+# ---- data preparation ---------------------------------------------------------------------------
+def ensure_shards(cfg: RunConfig, log: Callable[[str], None]) -> Path:
+    """The config's shards directory; built first from `data.source` when it is missing."""
+    path = Path(cfg.data.path)
+    if (path / "meta.json").exists():
+        return path
+    if not cfg.data.source:
+        raise HerdError(f"data.path {path} has no shards (meta.json) and data.source is not set")
+    src = cfg.data.source
+    if src == "stdlib":
+        files = python_stdlib_files()
+    else:
+        p = Path(src)
+        files = sorted(p.rglob("*.txt")) if p.is_dir() else [p]
+        if not files or not all(f.exists() for f in files):
+            raise HerdError(f"data.source {src}: no text files found")
+    log(f"preparing shards {path} from {src} ({len(files)} files, tokenizer {cfg.data.tokenizer}) — first run")
+    texts = list(text_documents(files))
+    if not texts:
+        raise HerdError(f"data.source {src}: empty corpus")
+    return shards_from_texts(texts, path, tokenizer=cfg.data.tokenizer, seed=cfg.train.seed)
+
+
+# ---- the run ------------------------------------------------------------------------------------
+def _read_metrics(path: Path, upto_step: int) -> list[dict]:
+    rows = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by a kill
+                continue
+            if row.get("step", 0) <= upto_step:
+                rows.append(row)
+    return rows
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class Trainer:
+    """Builds model, data, optimizer from a `RunConfig` and runs (or resumes) the loop.
+
+    `resume=True` continues from the newest complete checkpoint in the run directory (and starts
+    fresh when there is none); without it, a run directory that already holds checkpoints is refused.
+    """
+
+    def __init__(self, cfg: RunConfig, *, objective: Objective | None = None, resume: bool = False,
+                 log: Callable[[str], None] | None = None, progress: bool = True):
+        self.cfg = cfg
+        self.objective = objective or NextTokenLM()
+        self.log = log or (lambda msg: print(msg, flush=True))
+        self.progress = progress
+        t = cfg.train
+        self.run_dir = Path(t.out_dir)
+        if t.threads:
+            torch.set_num_threads(t.threads)
+        self.device = torch.device(t.device)
+        use_bf16 = t.dtype == "bfloat16" or (t.dtype == "auto" and self.device.type == "cuda")
+        self.autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if use_bf16 \
+            else contextlib.nullcontext
+        self.args = cfg.model.args()
+
+        existing = ckpt.latest_checkpoint(self.run_dir)
+        if existing is not None and not resume:
+            raise HerdError(f"{self.run_dir} already holds checkpoints ({existing.name}); "
+                            f"pass --resume {self.run_dir} to continue it or choose another --out")
+
+        random.seed(t.seed)
+        np.random.seed(t.seed)
+        torch.manual_seed(t.seed)
+        shards = ensure_shards(cfg, self.log)
+        self.train_data = PackedLoader(shards, batch_size=t.batch_size, seq_len=t.seq_len, split="train",
+                                       seed=t.seed, vocab_size=self.args.vocab_size)
+        try:
+            self.val_data: PackedLoader | None = PackedLoader(
+                shards, batch_size=t.batch_size, seq_len=t.seq_len, split="val", seed=t.seed,
+                vocab_size=self.args.vocab_size)
+        except HerdError as e:
+            self.log(f"no validation loss: {e}")
+            self.val_data = None
+
+        # DESIGN principle 3: build on meta, then materialize and initialize explicitly.
+        with torch.device("meta"):
+            self.model = Transformer(self.args)
+        self.model.to_empty(device=self.device)
+        self.model.init_weights()
+        self.model.train()
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.step = 0
+        self.tokens = 0
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if resume and existing is not None:
+            self._restore(existing)
+        else:
+            _atomic_write_text(self.metrics_path, "")
+        _atomic_write_text(self.run_dir / "config.json", json.dumps(cfg.to_dict(), indent=1))
+        self.peak_flops = t.peak_flops or peak_flops_for(self.device)
+        self.flops_per_token = self.args.flops_per_token(t.seq_len, training=True)
+
+    # ---- checkpoints ----
+    def _train_state(self) -> dict[str, Any]:
+        return {"step": self.step, "tokens": self.tokens, "optimizer": self.optimizer.state_dict(),
+                "scheduler": {"step": self.step}, "data": self.train_data.state_dict(),
+                "rng": ckpt.rng_state(), "config": self.cfg.to_dict()}
+
+    def save(self) -> Path:
+        path = ckpt.save_checkpoint(self.run_dir, self.step, self.args, self.model.state_dict(),
+                                    self._train_state(), keep=self.cfg.checkpoint.keep)
+        return path
+
+    def _restore(self, path: Path) -> None:
+        sd, state = ckpt.load_train_state(path)
+        if self.args.tie_embeddings:
+            sd["output.weight"] = sd["tok_embeddings.weight"]
+        try:
+            self.model.load_state_dict({k: v.to(self.device) for k, v in sd.items()}, strict=True)
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise HerdError(f"{path}: checkpoint does not fit this run's model/optimizer "
+                            f"({str(e).splitlines()[0]})") from None
+        self.train_data.load_state_dict(state["data"])
+        ckpt.set_rng_state(state["rng"])
+        self.step, self.tokens = int(state["step"]), int(state["tokens"])
+        rows = _read_metrics(self.metrics_path, self.step)  # drop steps logged after the checkpoint
+        _atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
+        self.log(f"resumed from {path} at step {self.step}")
+
+    # ---- the loop ----
+    def run(self) -> list[dict]:
+        from tqdm import tqdm
+
+        cfg, t = self.cfg, self.cfg.train
+        rows: list[dict] = []
+        bar = tqdm(total=t.steps, initial=self.step, disable=None if self.progress else True,
+                   dynamic_ncols=True, desc="pretrain")
+        with open(self.metrics_path, "a") as metrics:
+            while self.step < t.steps:
+                lr = lr_at(self.step, cfg.optim.lr, cfg.schedule, t.steps)
+                for g in self.optimizer.param_groups:
+                    g["lr"] = lr
+                start = time.perf_counter()
+                batches = [next(self.train_data).to(self.device) for _ in range(t.grad_accum)]
+                result = train_step(self.model, self.objective, batches, self.optimizer, cfg.optim.grad_clip,
+                                    self.autocast)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize()
+                elapsed = time.perf_counter() - start
+                step_tokens = sum(b.inputs.numel() for b in batches)
+                self.step += 1
+                self.tokens += step_tokens
+                tps = step_tokens / max(elapsed, 1e-9)
+                row: dict[str, Any] = {"step": self.step, "tokens": self.tokens, "loss": result.loss, "lr": lr,
+                                       "tokens_per_s": tps, "grad_norm": result.grad_norm,
+                                       "mfu": tps * self.flops_per_token / self.peak_flops}
+                if result.skipped:
+                    row["skipped"] = True
+                    self.log(f"step {self.step}: non-finite loss/grad norm ({result.loss}, "
+                             f"{result.grad_norm}); update skipped")
+                last = self.step == t.steps
+                if self.val_data is not None and ((t.eval_every and self.step % t.eval_every == 0) or last):
+                    row["val_loss"] = evaluate(self.model, self.objective, self.val_data, cfg.data.val_batches,
+                                               self.autocast, self.device)
+                metrics.write(json.dumps(row) + "\n")
+                metrics.flush()
+                rows.append(row)
+                bar.update(1)
+                bar.set_postfix(loss=f"{result.loss:.4f}", **({"val": f"{row['val_loss']:.4f}"}
+                                                                 if "val_loss" in row else {}))
+                every = cfg.checkpoint.every
+                if (every and self.step % every == 0) or last:
+                    self.save()
+        bar.close()
+        return rows
+
+
+def pretrain(cfg: RunConfig, *, resume: bool = False, objective: Objective | None = None,
+             log: Callable[[str], None] | None = None, progress: bool = True) -> Trainer:
+    """Run (or resume) a pre-training run; returns the finished Trainer."""
+    trainer = Trainer(cfg, objective=objective, resume=resume, log=log, progress=progress)
+    trainer.run()
+    return trainer

@@ -1,0 +1,76 @@
+"""Training objectives: what a batch is and how it becomes a loss (DESIGN principle 7).
+
+The loop knows nothing of batches beyond what `Objective` offers: how many loss terms a batch holds
+(so gradient accumulation can normalize by the tokens of the whole optimizer step, not per
+micro-batch — torchtune issue #2307) and their summed loss. Next-token LM on packed documents is
+here now; SFT, reward-model and DPO objectives plug into the same protocol.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from herd.data.shards import PackedBatch
+
+IGNORE = -100
+
+
+class Objective(Protocol):
+    def num_terms(self, batch: Any) -> int:
+        """How many loss terms (e.g. predicted tokens) `batch` contributes."""
+        ...
+
+    def loss_sum(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        """The summed (not averaged) loss over those terms, a scalar tensor."""
+        ...
+
+
+def document_mask(doc_ids: torch.Tensor) -> torch.Tensor:
+    """doc_ids (B, T) → boolean (B, 1, T, T): query t may attend key s iff s <= t and both lie in the
+    same document (SPEC §3.4: attention is masked between documents packed into one sequence)."""
+    T = doc_ids.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
+    same = doc_ids[:, :, None] == doc_ids[:, None, :]  # (B, T, T)
+    return (same & causal)[:, None]
+
+
+def document_positions(doc_ids: torch.Tensor) -> torch.Tensor:
+    """doc_ids (B, T) → RoPE positions (B, T) that restart at 0 at each document start, so a packed
+    document sees the same positions as when it is run alone."""
+    B, T = doc_ids.shape
+    idx = torch.arange(T, device=doc_ids.device).expand(B, T)
+    is_start = torch.ones_like(doc_ids, dtype=torch.bool)
+    is_start[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    start_idx = torch.where(is_start, idx, torch.zeros_like(idx)).cummax(dim=1).values
+    return idx - start_idx
+
+
+def lm_targets(batch: PackedBatch) -> torch.Tensor:
+    """Next-token targets (B, T); a target in a different document from its input is ignored (the
+    last token of one document does not predict the first of the next)."""
+    targets = batch.tokens[:, 1:].clone()
+    targets[batch.doc_ids[:, 1:] != batch.doc_ids[:, :-1]] = IGNORE
+    return targets
+
+
+class NextTokenLM:
+    """Next-token cross-entropy on packed documents with document-masked attention."""
+
+    def __init__(self, document_masking: bool = True):
+        self.document_masking = document_masking
+
+    def num_terms(self, batch: PackedBatch) -> int:
+        return int((batch.doc_ids[:, 1:] == batch.doc_ids[:, :-1]).sum())
+
+    def loss_sum(self, model: nn.Module, batch: PackedBatch) -> torch.Tensor:
+        inputs, ids = batch.inputs, batch.doc_ids[:, :-1]
+        if self.document_masking:
+            logits = model(inputs, positions=document_positions(ids), mask=document_mask(ids))
+        else:
+            logits = model(inputs)
+        return F.cross_entropy(logits.flatten(0, 1).float(), lm_targets(batch).flatten(),
+                               ignore_index=IGNORE, reduction="sum")
