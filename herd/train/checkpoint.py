@@ -90,6 +90,16 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
     return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
 
 
+def remove_partial(run_dir: str | os.PathLike) -> list[Path]:
+    """Delete temporary checkpoint directories that a killed writer left behind; returns them.
+    (One process writes a run directory at a time.)"""
+    run_dir = Path(run_dir)
+    stale = [p for p in run_dir.glob(".ckpt-*.tmp-*") if p.is_dir()] if run_dir.is_dir() else []
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    return stale
+
+
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     found = list_checkpoints(run_dir)
     return found[-1] if found else None

@@ -99,6 +99,7 @@ def test_keep_last_n_half_written_checkpoints_and_averaging(shards, tmp_path):
     cfg.train.steps = 7
     trainer = Trainer(cfg, resume=True, progress=False, log=lambda m: None)
     assert trainer.step == 6
+    assert not (run / ".ckpt-00000008.tmp-999").exists()  # the interrupted write was cleaned up
     with pytest.raises(HerdError, match="already holds checkpoints"):
         Trainer(cfg, progress=False, log=lambda m: None)
 

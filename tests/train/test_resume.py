@@ -86,3 +86,23 @@ def test_cli_errors_are_one_line_exit_2(shards, tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "vocabulary mismatch" in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_cli_resume_from_saved_config_and_average(shards, tmp_path):
+    """`--resume DIR` alone reuses the run's saved config (overrides still apply, e.g. more steps);
+    `average` writes a checkpoint herd.checkpoint reads; `--section.key value` also parses."""
+    from herd.checkpoint import read_checkpoint
+    from herd.train.cli import main
+
+    run = tmp_path / "run"
+    overrides = [f"--{o}" for o in debug_overrides(shards, run, **{"train.steps": 4, "checkpoint.every": 2})]
+    assert main(["pretrain", "--no-progress", *overrides[:-1], *overrides[-1].split("=", 1)]) == 0
+    assert main(["pretrain", "--no-progress", "--resume", str(run), "--train.steps=6"]) == 0
+    assert [r[0] for r in _losses(run)] == [1, 2, 3, 4, 5, 6]
+    ckpts = [str(p) for p in ckpt.list_checkpoints(run)]
+    assert len(ckpts) == 3
+    assert main(["average", *ckpts, "--out", str(tmp_path / "avg")]) == 0
+    avg = read_checkpoint(tmp_path / "avg").state_dict
+    parts = [ckpt.load_train_state(ckpt.latest_checkpoint(run))[0]]
+    assert avg.keys() == parts[0].keys()
+    assert main(["average", str(tmp_path / "nope"), "--out", str(tmp_path / "avg2")]) == 2
