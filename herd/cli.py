@@ -24,6 +24,8 @@ examples:
   herd info llama3-405b                                          # sizes, FLOPs/token, KV cache, memory
   herd tokenize --tokenizer llama3 "Hello world"                 # ids as JSON ("-" reads stdin)
   herd tokenize --tokenizer llama3 --chat dialog.json --add-generation-prompt
+  herd pretrain --config configs/debug.toml --out runs/debug    # train; --resume DIR continues exactly
+  herd average runs/debug/ckpt-* --out runs/debug/averaged      # Polyak average of checkpoints
 """
 
 
@@ -308,6 +310,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", metavar="FILE", default=None, help="dialog JSON file ('-' reads stdin)")
     p.add_argument("--add-generation-prompt", action="store_true", help="append the assistant header")
     p.set_defaults(func=cmd_tokenize)
+
+    from herd.train.cli import add_average_parser, add_pretrain_parser
+
+    add_pretrain_parser(sub)
+    add_average_parser(sub)
     return parser
 
 
