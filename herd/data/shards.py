@@ -10,8 +10,8 @@ Layout of a shards directory (written atomically: built under a temporary name, 
 `PackedLoader` memory-maps one split and yields fixed (B, T+1) windows cut from the documents
 concatenated in a seed-dependent order, packed across document boundaries (SPEC §3: attention is
 masked between documents packed into one sequence, so each row carries per-token document ids).
-Batch i is a pure function of (seed, i): `state_dict()` is just the next batch index, and a resumed
-run continues at exactly the next batch.
+A batch is a pure function of (seed, epoch, token offset): `state_dict()` is that position, and a
+resumed run continues at exactly the next batch.
 """
 
 from __future__ import annotations
@@ -256,9 +256,10 @@ class PackedBatch:
 class PackedLoader:
     """Fixed (batch_size, seq_len + 1) windows over one split, packed across documents.
 
-    Epoch e orders the documents by a permutation drawn from (seed, e) and cuts the concatenation
-    into consecutive windows of seq_len + 1 tokens (the tail that does not fill a window is dropped);
-    batch i of the run is windows [j·B, (j+1)·B) of epoch i // batches_per_epoch.
+    Epoch e orders the documents by a permutation drawn from (seed, e); a batch is B consecutive
+    windows of seq_len + 1 tokens of that concatenation starting at the loader's offset (the tail
+    of an epoch that does not fill a batch is dropped). The shape may change between batches
+    (`set_shape`); at a fixed shape, batch i is windows [j·B, (j+1)·B) of epoch i // batches_per_epoch.
     """
 
     def __init__(self, path: str | os.PathLike, *, batch_size: int, seq_len: int, split: str = "train",
@@ -269,38 +270,44 @@ class PackedLoader:
             raise HerdError(f"{self.path}: vocabulary mismatch: shards were tokenized with vocab_size="
                             f"{self.meta['vocab_size']} ({self.meta.get('tokenizer')}), the model has "
                             f"vocab_size={vocab_size}")
-        self.split, self.batch_size, self.seq_len, self.seed = split, batch_size, seq_len, seed
+        self.split, self.seed = split, seed
         self._data = _open_split(self.path, self.meta, split)
-        self.window = seq_len + 1
-        total = int(self._data.lengths.sum())
-        self.windows_per_epoch = total // self.window
-        self.batches_per_epoch = self.windows_per_epoch // batch_size
-        if self.batches_per_epoch == 0:
-            raise HerdError(f"{self.path}: the {split!r} split has {total} tokens, fewer than one batch of "
-                            f"{batch_size} × {self.window}")
-        self.position = 0  # index of the next batch
+        self.total_tokens = int(self._data.lengths.sum())
+        self.set_shape(batch_size, seq_len)
+        self.epoch, self.offset = 0, 0  # where the next batch starts
         self._epoch_cache: tuple[int, np.ndarray, np.ndarray] | None = None
 
-    # ---- resumable position ----
+    # ---- resumable position: (epoch, token offset into that epoch's document stream) ----
+    def set_shape(self, batch_size: int, seq_len: int) -> None:
+        """Change the batch shape from the next batch on (SPEC §3.4: batch size and sequence length
+        grow during pre-training); the position in the stream is kept, so nothing is skipped or
+        repeated."""
+        if batch_size * (seq_len + 1) > self.total_tokens:
+            raise HerdError(f"{self.path}: the {self.split!r} split has {self.total_tokens} tokens, fewer "
+                            f"than one batch of {batch_size} × {seq_len + 1}")
+        self.batch_size, self.seq_len, self.window = batch_size, seq_len, seq_len + 1
+
     def state_dict(self) -> dict:
-        return {"position": self.position, "seed": self.seed, "split": self.split,
-                "batch_size": self.batch_size, "seq_len": self.seq_len}
+        return {"epoch": self.epoch, "offset": self.offset, "seed": self.seed, "split": self.split}
 
     def load_state_dict(self, state: dict) -> None:
-        for k in ("seed", "batch_size", "seq_len"):
+        for k in ("seed", "split"):
             if state.get(k) != getattr(self, k):
                 raise HerdError(f"data loader state has {k}={state.get(k)}, this run has {getattr(self, k)}")
-        self.position = int(state["position"])
+        self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
 
     def __iter__(self) -> Iterator[PackedBatch]:
         return self
 
     def __next__(self) -> PackedBatch:
-        batch = self.batch(self.position)
-        self.position += 1
+        need = self.batch_size * self.window
+        if self.offset + need > self.total_tokens:  # the tail that does not fill a batch is dropped
+            self.epoch, self.offset = self.epoch + 1, 0
+        batch = self._batch_at(self.epoch, self.offset)
+        self.offset += need
         return batch
 
-    # ---- pure function of (seed, index) ----
+    # ---- pure functions of (seed, epoch, offset) ----
     def _epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         if self._epoch_cache is None or self._epoch_cache[0] != epoch:
             order = np.random.default_rng([self.seed, epoch]).permutation(len(self._data.lengths))
@@ -308,8 +315,8 @@ class PackedLoader:
             self._epoch_cache = (epoch, order, ends)
         return self._epoch_cache[1], self._epoch_cache[2]
 
-    def _window(self, order: np.ndarray, ends: np.ndarray, w: int) -> tuple[np.ndarray, np.ndarray]:
-        lo, hi = w * self.window, (w + 1) * self.window
+    def _window(self, order: np.ndarray, ends: np.ndarray, lo: int) -> tuple[np.ndarray, np.ndarray]:
+        hi = lo + self.window
         first = int(np.searchsorted(ends, lo, side="right"))  # document containing stream position lo
         toks, ids = [], []
         pos, k = lo, first
@@ -324,10 +331,17 @@ class PackedLoader:
             k += 1
         return np.concatenate(toks).astype(np.int64), np.concatenate(ids)
 
-    def batch(self, index: int) -> PackedBatch:
-        epoch, j = divmod(index, self.batches_per_epoch)
+    def _batch_at(self, epoch: int, offset: int) -> PackedBatch:
         order, ends = self._epoch(epoch)
-        rows = [self._window(order, ends, j * self.batch_size + r) for r in range(self.batch_size)]
-        tokens = torch.from_numpy(np.stack([t for t, _ in rows]))
-        doc_ids = torch.from_numpy(np.stack([d for _, d in rows]))
-        return PackedBatch(tokens, doc_ids)
+        rows = [self._window(order, ends, offset + r * self.window) for r in range(self.batch_size)]
+        return PackedBatch(torch.from_numpy(np.stack([t for t, _ in rows])),
+                           torch.from_numpy(np.stack([d for _, d in rows])))
+
+    def batch(self, index: int) -> PackedBatch:
+        """Batch `index` of a run at the current shape from the start (validation uses a fixed set)."""
+        epoch, j = divmod(index, self.batches_per_epoch)
+        return self._batch_at(epoch, j * self.batch_size * self.window)
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.total_tokens // (self.batch_size * self.window)

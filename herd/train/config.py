@@ -104,6 +104,18 @@ class TrainConfig:
     dtype: str = "auto"  # "auto": bf16 autocast on GPU, fp32 on CPU; or "float32" / "bfloat16"
     threads: int = 0  # torch CPU threads; 0 = leave as is
     peak_flops: float = 0.0  # per device, for MFU; 0 = a figure for the detected device
+    # Batch-size / sequence-length schedule, [[from_step, batch_size, seq_len], ...] (SPEC §3.4: the
+    # 405B run went 4M tokens at 4K → 8M at 8K after 252M tokens → 16M after 2.87T). Before the first
+    # entry (or when empty) micro-batches are batch_size × seq_len.
+    batch_schedule: list[tuple[int, int, int]] = field(default_factory=list)
+
+    def shape_at(self, step: int) -> tuple[int, int]:
+        """(batch_size, seq_len) of the micro-batches of optimizer step `step` (0-based)."""
+        shape = (self.batch_size, self.seq_len)
+        for start, batch_size, seq_len in self.batch_schedule:
+            if step >= start:
+                shape = (batch_size, seq_len)
+        return shape
 
 
 @dataclass
@@ -151,6 +163,10 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             except HerdError:
                 continue
         raise HerdError(f"{key}: {value!r} is not a {hint}")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise HerdError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, typing.get_args(hint)[0], key) for v in value]
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(typing.get_args(hint)):
             raise HerdError(f"{key}: expected a list of {len(typing.get_args(hint))} values, got {value!r}")
@@ -230,5 +246,10 @@ def validate(cfg: RunConfig) -> None:
     if cfg.schedule.name not in ("cosine", "linear", "constant"):
         raise HerdError(f"schedule.name {cfg.schedule.name!r}: choose cosine, linear or constant")
     args = cfg.model.args()  # raises on an unknown preset or invalid shape
-    if t.seq_len > args.max_seq_len:
-        raise HerdError(f"train.seq_len={t.seq_len} exceeds the model's max_seq_len={args.max_seq_len}")
+    starts = [s for s, _, _ in t.batch_schedule]
+    if starts != sorted(starts) or any(min(e) < 0 or min(e[1:]) <= 0 for e in t.batch_schedule):
+        raise HerdError("train.batch_schedule: entries [from_step, batch_size, seq_len] need increasing "
+                        "steps and positive sizes")
+    for seq_len in [t.seq_len] + [e[2] for e in t.batch_schedule]:
+        if seq_len > args.max_seq_len:
+            raise HerdError(f"train.seq_len={seq_len} exceeds the model's max_seq_len={args.max_seq_len}")

@@ -236,7 +236,6 @@ class Trainer:
             _atomic_write_text(self.metrics_path, "")
         _atomic_write_text(self.run_dir / "config.json", json.dumps(cfg.to_dict(), indent=1))
         self.peak_flops = t.peak_flops or peak_flops_for(self.device)
-        self.flops_per_token = self.args.flops_per_token(t.seq_len, training=True)
 
     # ---- checkpoints ----
     def _train_state(self) -> dict[str, Any]:
@@ -279,6 +278,9 @@ class Trainer:
                 lr = lr_at(self.step, cfg.optim.lr, cfg.schedule, t.steps)
                 for g in self.optimizer.param_groups:
                     g["lr"] = lr
+                batch_size, seq_len = t.shape_at(self.step)
+                if (batch_size, seq_len) != (self.train_data.batch_size, self.train_data.seq_len):
+                    self.train_data.set_shape(batch_size, seq_len)
                 start = time.perf_counter()
                 batches = [next(self.train_data).to(self.device) for _ in range(t.grad_accum)]
                 result = train_step(self.model, self.objective, batches, self.optimizer, cfg.optim.grad_clip,
@@ -290,9 +292,10 @@ class Trainer:
                 self.step += 1
                 self.tokens += step_tokens
                 tps = step_tokens / max(elapsed, 1e-9)
+                flops_per_token = self.args.flops_per_token(seq_len, training=True)
                 row: dict[str, Any] = {"step": self.step, "tokens": self.tokens, "loss": result.loss, "lr": lr,
                                        "tokens_per_s": tps, "grad_norm": result.grad_norm,
-                                       "mfu": tps * self.flops_per_token / self.peak_flops}
+                                       "mfu": tps * flops_per_token / self.peak_flops}
                 if result.skipped:
                     row["skipped"] = True
                     self.log(f"step {self.step}: non-finite loss/grad norm ({result.loss}, "

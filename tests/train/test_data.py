@@ -76,3 +76,20 @@ def test_bad_shards_are_one_line_errors(shards, tmp_path):
     meta = json.loads((shards / "meta.json").read_text())
     with pytest.raises(HerdError, match="fewer than one batch"):
         PackedLoader(shards, batch_size=meta["splits"]["val"]["tokens"], seq_len=8, split="val")
+
+
+def test_shape_change_continues_the_stream(tmp_path):
+    docs = [list(range(1, n + 1)) for n in (3, 7, 2, 9, 4, 6, 8, 5)]  # 44 tokens
+    path = write_shards(docs, tmp_path / "s", vocab_size=16, val_fraction=0.0)
+    loader = PackedLoader(path, batch_size=2, seq_len=4, seed=0)
+    a = next(loader)
+    loader.set_shape(1, 9)
+    b = next(loader)
+    order = np.random.default_rng([0, 0]).permutation(len(docs))
+    stream = [t for i in order for t in docs[i]]
+    assert a.tokens.flatten().tolist() + b.tokens.flatten().tolist() == stream[:20]
+    assert loader.state_dict()["offset"] == 20
+    loader.set_shape(3, 8)  # 27 tokens do not fit in the 24 left after offset 20: next epoch
+    c = next(loader)
+    assert loader.state_dict() == {"epoch": 1, "offset": 27, "seed": 0, "split": "train"}
+    assert c.tokens.shape == (3, 9)

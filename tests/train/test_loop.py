@@ -111,3 +111,23 @@ def test_keep_last_n_half_written_checkpoints_and_averaging(shards, tmp_path):
     weighted = read_checkpoint(average_checkpoints([run / "ckpt-00000004", run / "ckpt-00000006"],
                                                    tmp_path / "w", weights=[0.0, 1.0]))
     assert all(torch.equal(v, b.state_dict[k]) for k, v in weighted.state_dict.items())
+
+
+def test_batch_and_sequence_schedule_resumes_exactly(shards, tmp_path):
+    """SPEC §3.4's growing batch/sequence: shapes change at the scheduled steps, the data stream
+    continues without a gap, and a resume across the change reproduces the uninterrupted run."""
+    sched = {"train.batch_schedule": "[[3, 2, 48], [5, 6, 8]]", "train.steps": 6, "checkpoint.every": 2,
+             "schedule.decay_steps": 6}  # the LR schedule must not depend on the stop-early run's steps
+    full = load_config(overrides=debug_overrides(shards, tmp_path / "full", **sched))
+    pretrain(full, progress=False, log=lambda m: None)
+    rows = _rows(tmp_path / "full")
+    assert [r["tokens"] for r in rows] == [128, 256, 384, 480, 576, 624]  # 4×32, 4×32, 4×32, 2×48, 2×48, 6×8
+    assert full.train.shape_at(0) == (4, 32) and full.train.shape_at(4) == (2, 48)
+
+    part = load_config(overrides=debug_overrides(shards, tmp_path / "part", **{**sched, "train.steps": 4}))
+    pretrain(part, progress=False, log=lambda m: None)
+    part.train.steps = 6
+    pretrain(part, resume=True, progress=False, log=lambda m: None)
+    assert [(r["step"], r["loss"]) for r in _rows(tmp_path / "part")] == [(r["step"], r["loss"]) for r in rows]
+    with pytest.raises(HerdError, match="batch_schedule"):
+        load_config(overrides=["train.batch_schedule=[[5, 2, 8], [3, 2, 8]]"])
