@@ -103,6 +103,10 @@ class TrainConfig:
     device: str = "cpu"
     dtype: str = "auto"  # "auto": bf16 autocast on GPU, fp32 on CPU; or "float32" / "bfloat16"
     threads: int = 0  # torch CPU threads; 0 = leave as is
+    # Start from these weights (a training checkpoint ckpt-N/ or any model checkpoint herd reads)
+    # with a fresh optimizer and schedule: continued pre-training stages such as long-context
+    # extension (§3.4.2) or annealing on a high-quality mix (§3.4.3). "" = fresh init_weights().
+    init_from: str = ""
     peak_flops: float = 0.0  # per device, for MFU; 0 = a figure for the detected device
     # Batch-size / sequence-length schedule, [[from_step, batch_size, seq_len], ...] (SPEC §3.4: the
     # 405B run went 4M tokens at 4K → 8M at 8K after 252M tokens → 16M after 2.87T). Before the first
@@ -243,6 +247,8 @@ def validate(cfg: RunConfig) -> None:
     for name in ("steps", "batch_size", "seq_len", "grad_accum"):
         if getattr(t, name) <= 0:
             raise HerdError(f"train.{name} must be positive (got {getattr(t, name)})")
+    if t.dtype not in ("auto", "float32", "bfloat16"):
+        raise HerdError(f"train.dtype {t.dtype!r}: choose auto, float32 or bfloat16")
     if cfg.schedule.name not in ("cosine", "linear", "constant"):
         raise HerdError(f"schedule.name {cfg.schedule.name!r}: choose cosine, linear or constant")
     args = cfg.model.args()  # raises on an unknown preset or invalid shape

@@ -222,6 +222,8 @@ class Trainer:
             self.model = Transformer(self.args)
         self.model.to_empty(device=self.device)
         self.model.init_weights()
+        if t.init_from:
+            self._init_from(Path(t.init_from))
         self.model.train()
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.step = 0
@@ -247,6 +249,23 @@ class Trainer:
         path = ckpt.save_checkpoint(self.run_dir, self.step, self.args, self.model.state_dict(),
                                     self._train_state(), keep=self.cfg.checkpoint.keep)
         return path
+
+    def _init_from(self, path: Path) -> None:
+        from herd.checkpoint import read_checkpoint
+
+        src = path / "model" if ckpt.is_complete(path) else path
+        loaded = read_checkpoint(src)
+        if loaded.args != self.args:
+            diff = [f for f in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "ffn_dim", "hd")
+                    if getattr(loaded.args, f) != getattr(self.args, f)]
+            if diff:
+                raise HerdError(f"train.init_from {path}: model shape differs from the config ({', '.join(diff)})")
+        sd = dict(loaded.state_dict)
+        if self.args.tie_embeddings:
+            sd["output.weight"] = sd["tok_embeddings.weight"]
+        with torch.no_grad():
+            self.model.load_state_dict({k: v.to(self.device, torch.float32) for k, v in sd.items()})
+        self.log(f"initialized weights from {src}")
 
     def _restore(self, path: Path) -> None:
         sd, state = ckpt.load_train_state(path)

@@ -40,7 +40,7 @@ def test_cosine_quarter_point_and_linear_annealing():
 
 
 def test_configs_load_and_overrides_apply():
-    for name in ("debug.toml", "tiny.toml"):
+    for name in ("debug.toml", "tiny.toml", "tiny-anneal.toml"):
         load_config(CONFIGS / name)
     cfg = load_config(CONFIGS / "debug.toml", ["--train.steps=2000", "--model.dim=128", "optim.betas=[0.9, 0.99]",
                                                "schedule.name=linear", "data.path=some/dir"])

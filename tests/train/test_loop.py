@@ -131,3 +131,35 @@ def test_batch_and_sequence_schedule_resumes_exactly(shards, tmp_path):
     assert [(r["step"], r["loss"]) for r in _rows(tmp_path / "part")] == [(r["step"], r["loss"]) for r in rows]
     with pytest.raises(HerdError, match="batch_schedule"):
         load_config(overrides=["train.batch_schedule=[[5, 2, 8], [3, 2, 8]]"])
+
+
+def test_anneal_stage_from_a_checkpoint_then_average(shards, tmp_path):
+    """§3.4.3 as two runs: pre-train, then anneal from its last checkpoint with the LR decayed
+    linearly to 0 (fresh optimizer), and Polyak-average the annealing checkpoints."""
+    base = load_config(overrides=debug_overrides(shards, tmp_path / "base", **{"train.steps": 2}))
+    trainer = pretrain(base, progress=False, log=lambda m: None)
+    start = ckpt.latest_checkpoint(tmp_path / "base")
+    anneal = load_config(overrides=debug_overrides(shards, tmp_path / "anneal", **{
+        "train.steps": 4, "train.init_from": f'"{start}"', "schedule.name": '"linear"',
+        "schedule.warmup_steps": 0, "checkpoint.every": 1, "train.seed": 1}))
+    logged = []
+    annealer = Trainer(anneal, progress=False, log=logged.append)
+    assert any("initialized weights from" in m for m in logged)
+    sd0 = trainer.model.state_dict()
+    assert all(torch.equal(v, sd0[k]) for k, v in annealer.model.state_dict().items())
+    rows = annealer.run()
+    assert [r["lr"] for r in rows] == pytest.approx([3e-3, 2.25e-3, 1.5e-3, 0.75e-3])
+    average_checkpoints(ckpt.list_checkpoints(tmp_path / "anneal"), tmp_path / "final")
+    assert read_checkpoint(tmp_path / "final").args == anneal.model.args()
+    bad = load_config(overrides=debug_overrides(shards, tmp_path / "bad", **{
+        "train.init_from": f'"{start}"', "model.dim": 128}))
+    with pytest.raises(HerdError, match="model shape differs"):
+        Trainer(bad, progress=False, log=lambda m: None)
+
+
+def test_bf16_autocast_path_runs(shards, tmp_path):
+    """The GPU path (bf16 autocast, SPEC §3: BF16 training) also runs under CPU autocast."""
+    cfg = load_config(overrides=debug_overrides(shards, tmp_path / "run", **{"train.steps": 2,
+                                                                              "train.dtype": "bfloat16"}))
+    rows = pretrain(cfg, progress=False, log=lambda m: None).run() or _rows(tmp_path / "run")
+    assert all(np.isfinite(r["loss"]) and not r.get("skipped") for r in rows) and rows[-1]["val_loss"] > 0
