@@ -24,6 +24,8 @@ examples:
   herd info llama3-405b                                          # sizes, FLOPs/token, KV cache, memory
   herd tokenize --tokenizer llama3 "Hello world"                 # ids as JSON ("-" reads stdin)
   herd tokenize --tokenizer llama3 --chat dialog.json --add-generation-prompt
+  herd data prepare builtin --out data/builtin                  # Shakespeare + Python stdlib, as JSONL
+  herd tokenizer train data/builtin --vocab-size 8192 --out tok/ # Llama 3 style BPE → tokenizer.model
   herd pretrain --config configs/debug.toml --out runs/debug    # train; --resume DIR continues exactly
   herd average runs/debug/ckpt-* --out runs/debug/averaged      # Polyak average of checkpoints
 """
@@ -315,6 +317,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_pretrain_parser(sub)
     add_average_parser(sub)
+
+    from herd.data.builtin import add_prepare_builtin_parser
+    from herd.tokenizer.train import add_tokenizer_parser
+
+    p = sub.add_parser("data", help="data pipeline: prepare corpora")
+    data = p.add_subparsers(dest="data_verb", metavar="STEP", required=True)
+    prepare = data.add_parser("prepare", help="fetch and write a corpus as documents.jsonl")
+    add_prepare_builtin_parser(prepare.add_subparsers(dest="source", metavar="SOURCE", required=True))
+    p = sub.add_parser("tokenizer", help="train a Llama 3 style BPE tokenizer")
+    add_tokenizer_parser(p.add_subparsers(dest="tokenizer_verb", metavar="STEP", required=True))
     return parser
 
 

@@ -153,3 +153,20 @@ def test_convert_any_to_any(capsys, tmp_path, smollm2_gguf):
     line = one_line_error(*run(capsys, "convert", str(tmp_path / "hf"), str(tmp_path / "x"), "--to", "meta",
                                "--dtype", "q8_0")[::2])
     assert "q8_0" in line
+
+
+def test_data_prepare_and_tokenizer_train_verbs(capsys, tmp_path, monkeypatch):
+    # The built-in corpus (code only: no download) → a trained tokenizer the Llama 3 classes load.
+    from herd.tokenizer import load_tokenizer
+
+    code, _, _ = run(capsys, "data", "prepare", "builtin", "--out", str(tmp_path / "data"), "--domains", "code",
+                     "--code-limit", "30")
+    assert code == 0 and (tmp_path / "data" / "documents.jsonl").exists()
+    code, out, _ = run(capsys, "tokenizer", "train", str(tmp_path / "data"), "--vocab-size", "1024",
+                       "--out", str(tmp_path / "tok"), "--no-reference")
+    assert code == 0 and "chars/token" in out
+    tok = load_tokenizer(tmp_path / "tok")
+    text = "def main():\n    return 42\n"
+    assert tok.decode(tok.encode(text)) == text and tok.vocab_size == 1024
+    one_line_error(*run(capsys, "tokenizer", "train", str(tmp_path / "missing"), "--vocab-size", "1024",
+                        "--out", str(tmp_path / "t2"))[::2])
