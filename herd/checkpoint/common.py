@@ -3,6 +3,7 @@ and checks that turn a mismatched checkpoint into one clear error."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -11,6 +12,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from herd.errors import HerdError
 from herd.models.args import ModelArgs
@@ -81,3 +84,65 @@ def check_state_dict(sd: dict[str, torch.Tensor], args: ModelArgs, source: str) 
                 raise HerdError(f"{source}: vocabulary mismatch: {k} has {got[0]} rows, config says vocab_size={shape[0]}")
             raise HerdError(f"{source}: shape mismatch for {k}: checkpoint {got}, config expects {shape}")
     return sd
+
+
+# ---- HF-style directories: config.json + safetensors (sharded with an index) ---------------------
+def read_json_config(path: Path, name: str = "config.json") -> dict:
+    try:
+        return json.loads((path / name).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise HerdError(f"{path / name}: cannot read ({e})") from None
+
+
+def read_safetensors_dir(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of `path`'s safetensors files (the index's shards when there is one)."""
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError) as e:
+            raise HerdError(f"{index}: malformed index ({e})") from None
+    else:
+        files = sorted(p.name for p in path.glob("*.safetensors"))
+    if not files:
+        raise HerdError(f"{path}: no *.safetensors weights next to config.json")
+    tensors: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            tensors.update(load_file(path / f))
+        except FileNotFoundError:
+            raise HerdError(f"{path / f}: shard listed in the index is missing") from None
+        except (SafetensorError, OSError) as e:
+            raise HerdError(f"{path / f}: unreadable or truncated safetensors file ({e})") from None
+    return tensors
+
+
+def write_safetensors_dir(path: str | os.PathLike, config: dict, tensors: dict[str, torch.Tensor], *,
+                          max_shard_bytes: int = 5 * 2**30, extra_files: dict[str, str] | None = None) -> None:
+    """Write config.json and the tensors atomically, in shards of at most `max_shard_bytes` with a
+    model.safetensors.index.json when there is more than one (transformers' layout)."""
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    with atomic_path(path) as tmp:
+        tmp.mkdir()
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        if len(shards) == 1:
+            save_file(shards[0], tmp / "model.safetensors", metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards):
+                fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, tmp / fname, metadata={"format": "pt"})
+                weight_map.update(dict.fromkeys(shard, fname))
+            total = sum(t.numel() * t.element_size() for t in tensors.values())
+            (tmp / "model.safetensors.index.json").write_text(
+                json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        for fname, text in (extra_files or {}).items():
+            (tmp / fname).write_text(text)

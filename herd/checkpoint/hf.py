@@ -6,14 +6,16 @@ RoPE layout ↔ Meta's adjacent pairs, which is a permutation of the rows of wq 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
-from herd.checkpoint.common import atomic_path, check_state_dict
+from herd.checkpoint.common import (
+    check_state_dict,
+    read_json_config,
+    read_safetensors_dir,
+    write_safetensors_dir,
+)
 from herd.errors import HerdError
 from herd.models.args import ModelArgs, RopeScaling
 
@@ -152,33 +154,13 @@ def is_hf_dir(path: Path) -> bool:
 def read_hf(path: str | Path) -> tuple[ModelArgs, dict[str, torch.Tensor], dict]:
     """→ (args, canonical state dict, the raw config.json)."""
     path = Path(path)
-    try:
-        cfg = json.loads((path / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise HerdError(f"{path / 'config.json'}: cannot read ({e})") from None
+    cfg = read_json_config(path)
     from herd.checkpoint.hf_llama4 import is_llama4_config, read_hf_llama4
 
     if is_llama4_config(cfg):
         return read_hf_llama4(path, cfg)
     args = args_from_hf_config(cfg, str(path / "config.json"))
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        try:
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError) as e:
-            raise HerdError(f"{index}: malformed index ({e})") from None
-    else:
-        files = sorted(p.name for p in path.glob("*.safetensors"))
-    if not files:
-        raise HerdError(f"{path}: no *.safetensors weights next to config.json")
-    hf: dict[str, torch.Tensor] = {}
-    for f in files:
-        try:
-            hf.update(load_file(path / f))
-        except FileNotFoundError:
-            raise HerdError(f"{path / f}: shard listed in the index is missing") from None
-        except (SafetensorError, OSError) as e:
-            raise HerdError(f"{path / f}: unreadable or truncated safetensors file ({e})") from None
+    hf = read_safetensors_dir(path)
     sd = check_state_dict(from_hf_state_dict(hf, args), args, str(path))
     return args, sd, cfg
 
@@ -195,29 +177,5 @@ def write_hf(path: str | Path, args: ModelArgs, sd: dict[str, torch.Tensor], *,
         write_hf_llama4(path, args, sd, max_shard_bytes=max_shard_bytes, config_extra=config_extra)
         return
     sd = check_state_dict(sd, args, "model")
-    hf = to_hf_state_dict(sd, args)
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name, t in hf.items():
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = t
-        size += nbytes
-    with atomic_path(path) as tmp:
-        tmp.mkdir()
-        (tmp / "config.json").write_text(json.dumps(hf_config_from_args(args, config_extra), indent=2))
-        if len(shards) == 1:
-            save_file(shards[0], tmp / "model.safetensors", metadata={"format": "pt"})
-        else:
-            weight_map = {}
-            for i, shard in enumerate(shards):
-                fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, tmp / fname, metadata={"format": "pt"})
-                weight_map.update(dict.fromkeys(shard, fname))
-            total = sum(t.numel() * t.element_size() for t in hf.values())
-            (tmp / "model.safetensors.index.json").write_text(
-                json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-        for fname, text in (extra_files or {}).items():
-            (tmp / fname).write_text(text)
+    write_safetensors_dir(path, hf_config_from_args(args, config_extra), to_hf_state_dict(sd, args),
+                          max_shard_bytes=max_shard_bytes, extra_files=extra_files)

@@ -14,14 +14,11 @@ text model: the `language_model.` prefix is stripped and vision tensors are skip
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
-from herd.checkpoint.common import atomic_path
+from herd.checkpoint.common import read_json_config, read_safetensors_dir, write_safetensors_dir
 from herd.errors import HerdError
 from herd.models.args import RopeScaling
 from herd.models.llama4 import Llama4Args
@@ -240,29 +237,9 @@ def read_hf_llama4(path: str | Path, cfg: dict | None = None) -> tuple[Llama4Arg
     """→ (args, herd state dict, the raw config.json) of a HF Llama 4 directory."""
     path = Path(path)
     if cfg is None:
-        try:
-            cfg = json.loads((path / "config.json").read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise HerdError(f"{path / 'config.json'}: cannot read ({e})") from None
+        cfg = read_json_config(path)
     args = llama4_args_from_hf_config(cfg, str(path / "config.json"))
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        try:
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError) as e:
-            raise HerdError(f"{index}: malformed index ({e})") from None
-    else:
-        files = sorted(p.name for p in path.glob("*.safetensors"))
-    if not files:
-        raise HerdError(f"{path}: no *.safetensors weights next to config.json")
-    hf: dict[str, torch.Tensor] = {}
-    for f in files:
-        try:
-            hf.update(load_file(path / f))
-        except FileNotFoundError:
-            raise HerdError(f"{path / f}: shard listed in the index is missing") from None
-        except (SafetensorError, OSError) as e:
-            raise HerdError(f"{path / f}: unreadable or truncated safetensors file ({e})") from None
+    hf = read_safetensors_dir(path)
     return args, from_hf_llama4_state_dict(hf, args, str(path)), cfg
 
 
@@ -270,27 +247,5 @@ def write_hf_llama4(path: str | Path, args: Llama4Args, sd: dict[str, torch.Tens
                     max_shard_bytes: int = 5 * 2**30, config_extra: dict | None = None) -> None:
     """Write a directory `Llama4ForCausalLM.from_pretrained` loads; shards with an index above
     `max_shard_bytes`."""
-    hf = to_hf_llama4_state_dict(sd, args)
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name, t in hf.items():
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = t
-        size += nbytes
-    with atomic_path(path) as tmp:
-        tmp.mkdir()
-        (tmp / "config.json").write_text(json.dumps(hf_config_from_llama4_args(args, config_extra), indent=2))
-        if len(shards) == 1:
-            save_file(shards[0], tmp / "model.safetensors", metadata={"format": "pt"})
-        else:
-            weight_map = {}
-            for i, shard in enumerate(shards):
-                fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, tmp / fname, metadata={"format": "pt"})
-                weight_map.update(dict.fromkeys(shard, fname))
-            total = sum(t.numel() * t.element_size() for t in hf.values())
-            (tmp / "model.safetensors.index.json").write_text(
-                json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    write_safetensors_dir(path, hf_config_from_llama4_args(args, config_extra), to_hf_llama4_state_dict(sd, args),
+                          max_shard_bytes=max_shard_bytes)
