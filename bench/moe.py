@@ -13,10 +13,9 @@ unrouted ones by their score, so its expert FLOPs grow with the number of expert
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
+from timing import interleaved_medians
 
 
 def main() -> None:
@@ -58,15 +57,7 @@ def main() -> None:
         out = ours(x)
         diff, scale = (out - theirs(x)[0]).abs().max().item(), out.abs().max().item()
     fns = {"herd": step(ours, False), "transformers": step(theirs, True)}
-    for fn in fns.values():
-        fn()  # warm-up
-    times: dict = {name: [] for name in fns}
-    for _ in range(a.runs):
-        for name, fn in fns.items():
-            t = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t)
-    med = {name: statistics.median(t) for name, t in times.items()}
+    med = interleaved_medians(fns, a.runs)
     print(f"Llama 4 MoE layer fwd+bwd: {a.experts} experts top-{args.top_k} + shared expert, dim {a.dim}, "
           f"expert FFN {a.ffn}, {a.tokens} tokens, fp32, {a.threads} threads, medians of {a.runs}")
     print(f"  outputs agree to {diff:.1e} (largest output {scale:.2f})")

@@ -31,28 +31,9 @@ their difference as a parity check.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
-
-
-def _timed(fn) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
-
-
-def interleaved_medians(fns: dict, runs: int) -> dict:
-    """Median time of each function, running them in turn within every round so that a slow spell
-    of a shared machine hits all contenders alike."""
-    for fn in fns.values():
-        fn()  # warm-up
-    times: dict = {name: [] for name in fns}
-    for _ in range(runs):
-        for name, fn in fns.items():
-            times[name].append(_timed(fn))
-    return {name: statistics.median(t) for name, t in times.items()}
+from timing import interleaved_medians
 
 
 def main() -> None:
