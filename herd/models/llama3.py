@@ -117,12 +117,19 @@ class TransformerBlock(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
-class Transformer(nn.Module):
-    def __init__(self, args: ModelArgs):
+class DecoderOnly(nn.Module):
+    """What every herd decoder shares: token embeddings, a stack of blocks, the final norm and the
+    output head (tied or not), the RoPE frequencies, and explicit initialization. Llama 3's
+    Transformer (below) and Llama 4's (llama4.py) add their blocks and their forward."""
+
+    # Projections that write into the residual stream, initialized smaller (see init_weights).
+    RESIDUAL_PROJECTIONS: tuple[str, ...] = ("wo.weight", "w2.weight")
+
+    def __init__(self, args, blocks):
         super().__init__()
         self.args = args
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
-        self.layers = nn.ModuleList(TransformerBlock(i, args) for i in range(args.n_layers))
+        self.layers = nn.ModuleList(blocks)
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_embeddings:  # Llama 3.2 1B/3B share input and output embeddings
@@ -131,26 +138,16 @@ class Transformer(nn.Module):
         self.register_buffer("inv_freq", rope_frequencies(args.hd, args.rope_theta, args.rope_scaling),
                              persistent=False)
 
-    def forward(self, tokens: torch.Tensor, *, cache: Cache | None = None,
-                positions: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-                last_only: bool = False) -> torch.Tensor:
-        """tokens (B, T) → logits (B, T, V), fp32; (B, 1, V) for the last position if `last_only`
-        (prefill needs no more, and a long prompt's full logits would dwarf the KV cache).
-
-        Without `positions`, token t sits at position cache.offset + t (0 + t without a cache).
-        Without `mask`, attention is causal over the cache plus the new tokens; give a boolean
-        (B, 1, T, S) mask for padding or packed documents.
-        """
+    def default_positions(self, tokens: torch.Tensor, cache: Cache | None) -> torch.Tensor:
+        """Token t sits at position cache.offset + t (0 + t without a cache) — shape (B, T)."""
         B, T = tokens.shape
-        if positions is None:
-            start = cache.offset if cache is not None else 0
-            positions = torch.arange(start, start + T, device=tokens.device).expand(B, T)
-        rotations = rope_rotations(self.inv_freq, positions)
-        h = self.tok_embeddings(tokens)
-        for layer in self.layers:
-            h = layer(h, rotations, mask, cache)
+        start = cache.offset if cache is not None else 0
+        return torch.arange(start, start + T, device=tokens.device).expand(B, T)
+
+    def head(self, h: torch.Tensor, cache: Cache | None, last_only: bool) -> torch.Tensor:
+        """Final norm and output projection → fp32 logits; moves the cache past the new tokens."""
         if cache is not None:
-            cache.advance(T)
+            cache.advance(h.shape[1])
         if last_only:
             h = h[:, -1:]
         return self.output(self.norm(h)).float()
@@ -165,13 +162,36 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
         """Fresh weights for pre-training: N(0, 0.02) truncated at 3σ; the projections that write
-        into the residual stream (wo, w2) are scaled by 1/sqrt(2·n_layers) so the residual's
-        variance does not grow with depth (GPT-2/torchtitan practice)."""
+        into the residual stream are scaled by 1/sqrt(2·n_layers) so the residual's variance does
+        not grow with depth (GPT-2/torchtitan practice); norms to one."""
         depth_std = std / math.sqrt(2 * self.args.n_layers)
         for name, p in self.named_parameters():
             if p.ndim == 1:
                 nn.init.ones_(p)
             else:
-                s = depth_std if name.endswith(("wo.weight", "w2.weight")) else std
+                s = depth_std if name.endswith(self.RESIDUAL_PROJECTIONS) else std
                 nn.init.trunc_normal_(p, std=s, a=-3 * s, b=3 * s, generator=generator)
         self.init_buffers()
+
+
+class Transformer(DecoderOnly):
+    def __init__(self, args: ModelArgs):
+        super().__init__(args, (TransformerBlock(i, args) for i in range(args.n_layers)))
+
+    def forward(self, tokens: torch.Tensor, *, cache: Cache | None = None,
+                positions: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                last_only: bool = False) -> torch.Tensor:
+        """tokens (B, T) → logits (B, T, V), fp32; (B, 1, V) for the last position if `last_only`
+        (prefill needs no more, and a long prompt's full logits would dwarf the KV cache).
+
+        Without `positions`, token t sits at position cache.offset + t (0 + t without a cache).
+        Without `mask`, attention is causal over the cache plus the new tokens; give a boolean
+        (B, 1, T, S) mask for padding or packed documents.
+        """
+        if positions is None:
+            positions = self.default_positions(tokens, cache)
+        rotations = rope_rotations(self.inv_freq, positions)
+        h = self.tok_embeddings(tokens)
+        for layer in self.layers:
+            h = layer(h, rotations, mask, cache)
+        return self.head(h, cache, last_only)

@@ -27,7 +27,6 @@ Shape letters as in llama3.py, plus E experts, F expert hidden dim, A = B·T tok
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 
 import torch
@@ -36,8 +35,8 @@ from torch import nn
 
 from herd.errors import HerdError
 from herd.models.args import RopeScaling
-from herd.models.llama3 import Cache, FeedForward, RMSNorm, attend
-from herd.models.rope import apply_rope, rope_frequencies, rope_rotations
+from herd.models.llama3 import Cache, DecoderOnly, FeedForward, RMSNorm, attend
+from herd.models.rope import apply_rope, rope_rotations
 
 
 @dataclass(frozen=True)
@@ -316,18 +315,11 @@ class TransformerBlock(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
-class Transformer(nn.Module):
+class Transformer(DecoderOnly):
+    RESIDUAL_PROJECTIONS = ("wo.weight", "w2.weight", "experts.w2")
+
     def __init__(self, args: Llama4Args):
-        super().__init__()
-        self.args = args
-        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
-        self.layers = nn.ModuleList(TransformerBlock(i, args) for i in range(args.n_layers))
-        self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
-        if args.tie_embeddings:
-            self.output.weight = self.tok_embeddings.weight
-        self.register_buffer("inv_freq", rope_frequencies(args.hd, args.rope_theta, args.rope_scaling),
-                             persistent=False)
+        super().__init__(args, (TransformerBlock(i, args) for i in range(args.n_layers)))
 
     def _chunk_mask(self, positions: torch.Tensor, mask: torch.Tensor | None, cache: Cache | None,
                     T: int) -> torch.Tensor | None:
@@ -368,35 +360,12 @@ class Transformer(nn.Module):
                 last_only: bool = False) -> torch.Tensor:
         """tokens (B, T) → logits (B, T, V) fp32, as llama3.Transformer.forward (same cache, positions
         and mask contract); the chunked-attention mask of the RoPE layers is derived here."""
-        B, T = tokens.shape
+        T = tokens.shape[1]
         if positions is None:
-            start = cache.offset if cache is not None else 0
-            positions = torch.arange(start, start + T, device=tokens.device).expand(B, T)
+            positions = self.default_positions(tokens, cache)
         rotations = rope_rotations(self.inv_freq, positions)
         local_mask = self._chunk_mask(positions, mask, cache, T)
         h = self.tok_embeddings(tokens)
         for layer in self.layers:
             h = layer(h, rotations, positions, mask, local_mask, cache)
-        if cache is not None:
-            cache.advance(T)
-        if last_only:
-            h = h[:, -1:]
-        return self.output(self.norm(h)).float()
-
-    def init_buffers(self, device: torch.device | str | None = None) -> None:
-        device = device or self.tok_embeddings.weight.device
-        self.inv_freq = rope_frequencies(self.args.hd, self.args.rope_theta, self.args.rope_scaling,
-                                         device=device)
-
-    @torch.no_grad()
-    def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
-        """N(0, std) truncated at 3σ; residual-writing projections (wo, w2, experts' w2) scaled by
-        1/sqrt(2·n_layers), as llama3.Transformer.init_weights; norms to one."""
-        depth_std = std / math.sqrt(2 * self.args.n_layers)
-        for name, p in self.named_parameters():
-            if p.ndim == 1:
-                nn.init.ones_(p)
-            else:
-                s = depth_std if name.endswith(("wo.weight", "w2.weight", "experts.w2")) else std
-                nn.init.trunc_normal_(p, std=s, a=-3 * s, b=3 * s, generator=generator)
-        self.init_buffers()
+        return self.head(h, cache, last_only)
