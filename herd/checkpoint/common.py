@@ -69,20 +69,30 @@ def check_state_dict(sd: dict[str, torch.Tensor], args: ModelArgs, source: str) 
         out = sd.pop("output.weight", None)
         if out is not None and "tok_embeddings.weight" in sd and not torch.equal(out, sd["tok_embeddings.weight"]):
             raise HerdError(f"{source}: config ties embeddings but output.weight differs from tok_embeddings.weight")
-    want = expected_shapes(args)
+    def vocab_hint(k: str, got: tuple[int, ...], shape: tuple[int, ...]) -> str | None:
+        if k in ("tok_embeddings.weight", "output.weight") and got[1:] == shape[1:]:
+            return f"vocabulary mismatch: {k} has {got[0]} rows, config says vocab_size={shape[0]}"
+        return None
+
+    return check_shapes(sd, expected_shapes(args), source, f"a {args.n_layers}-layer dense model", vocab_hint)
+
+
+def check_shapes(sd: dict[str, torch.Tensor], want: dict[str, tuple[int, ...]], source: str, model: str,
+                 hint=None) -> dict[str, torch.Tensor]:
+    """`sd` must hold exactly the names of `want`, with those shapes; else a one-line HerdError
+    naming the first problem. `hint(name, got, expected)` may name a mismatch more precisely."""
     missing = [k for k in want if k not in sd]
     if missing:
         raise HerdError(f"{source}: missing {len(missing)} weight(s), first {missing[0]!r} "
                         "(truncated checkpoint or config/weights mismatch?)")
     extra = [k for k in sd if k not in want]
     if extra:
-        raise HerdError(f"{source}: unexpected weight {extra[0]!r} for a {args.n_layers}-layer dense model")
+        raise HerdError(f"{source}: unexpected weight {extra[0]!r} for {model}")
     for k, shape in want.items():
         got = tuple(sd[k].shape)
         if got != shape:
-            if k in ("tok_embeddings.weight", "output.weight") and got[1:] == shape[1:]:
-                raise HerdError(f"{source}: vocabulary mismatch: {k} has {got[0]} rows, config says vocab_size={shape[0]}")
-            raise HerdError(f"{source}: shape mismatch for {k}: checkpoint {got}, config expects {shape}")
+            raise HerdError(f"{source}: " + ((hint and hint(k, got, shape))
+                                             or f"shape mismatch for {k}: checkpoint {got}, config expects {shape}"))
     return sd
 
 

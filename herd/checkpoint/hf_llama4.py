@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from herd.checkpoint.common import read_json_config, read_safetensors_dir, write_safetensors_dir
+from herd.checkpoint.common import check_shapes, read_json_config, read_safetensors_dir, write_safetensors_dir
 from herd.errors import HerdError
 from herd.models.args import RopeScaling
 from herd.models.llama4 import Llama4Args
@@ -146,25 +146,16 @@ def check_llama4_state_dict(sd: dict[str, torch.Tensor], args: Llama4Args, sourc
     sd = dict(sd)
     if args.tie_embeddings:
         sd.pop("output.weight", None)
-    want = expected_llama4_shapes(args)
-    missing = [k for k in want if k not in sd]
-    if missing:
-        raise HerdError(f"{source}: missing {len(missing)} weight(s), first {missing[0]!r} "
-                        "(truncated checkpoint or config/weights mismatch?)")
-    extra = [k for k in sd if k not in want]
-    if extra:
-        raise HerdError(f"{source}: unexpected weight {extra[0]!r} for this {args.n_layers}-layer Llama 4 config")
-    for k, shape in want.items():
-        got = tuple(sd[k].shape)
-        if got != shape:
-            if ".experts." in k and got[1:] == shape[1:]:
-                raise HerdError(f"{source}: expert count mismatch: {k} holds {got[0]} experts, "
-                                f"config says num_local_experts={args.n_experts}")
-            if k.endswith("router_DE") and got[0] == shape[0]:
-                raise HerdError(f"{source}: expert count mismatch: {k} routes to {got[1]} experts, "
-                                f"config says num_local_experts={args.n_experts}")
-            raise HerdError(f"{source}: shape mismatch for {k}: checkpoint {got}, config expects {shape}")
-    return sd
+
+    def expert_hint(k: str, got: tuple[int, ...], shape: tuple[int, ...]) -> str | None:
+        if ".experts." in k and got[1:] == shape[1:]:
+            return f"expert count mismatch: {k} holds {got[0]} experts, config says num_local_experts={args.n_experts}"
+        if k.endswith("router_DE") and got[0] == shape[0]:
+            return f"expert count mismatch: {k} routes to {got[1]} experts, config says num_local_experts={args.n_experts}"
+        return None
+
+    return check_shapes(sd, expected_llama4_shapes(args), source,
+                        f"this {args.n_layers}-layer Llama 4 config", expert_hint)
 
 
 def _hf_layer_name(rest: str) -> str | None:

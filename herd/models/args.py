@@ -25,8 +25,32 @@ class RopeScaling:
     original_max_position_embeddings: int = 8192
 
 
+class HeadShapes:
+    """What every model's args derive the same way: KV heads, head dim, checked `replace`."""
+
+    n_heads: int
+    n_kv_heads: int | None
+    head_dim: int | None
+    dim: int
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def hd(self) -> int:
+        return self.head_dim or self.dim // self.n_heads
+
+    def replace(self, **changes):
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise HerdError(f"unknown model option(s): {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+        return dataclasses.replace(self, **changes)
+
+
 @dataclass(frozen=True)
-class ModelArgs:
+class ModelArgs(HeadShapes):
     dim: int = 4096
     n_layers: int = 32
     n_heads: int = 32
@@ -57,14 +81,6 @@ class ModelArgs:
             raise HerdError("invalid model config: " + "; ".join(problems))
 
     @property
-    def kv_heads(self) -> int:
-        return self.n_kv_heads or self.n_heads
-
-    @property
-    def hd(self) -> int:
-        return self.head_dim or self.dim // self.n_heads
-
-    @property
     def ffn_dim(self) -> int:
         """Meta's rule: 2/3 of 4·dim (SwiGLU keeps the parameter count of a 4·dim MLP), scaled by
         `ffn_dim_multiplier`, rounded up to `multiple_of`."""
@@ -74,13 +90,6 @@ class ModelArgs:
         if self.ffn_dim_multiplier is not None:
             hidden = int(self.ffn_dim_multiplier * hidden)
         return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
-
-    def replace(self, **changes) -> ModelArgs:
-        known = {f.name for f in dataclasses.fields(self)}
-        unknown = sorted(set(changes) - known)
-        if unknown:
-            raise HerdError(f"unknown model option(s): {', '.join(unknown)} (known: {', '.join(sorted(known))})")
-        return dataclasses.replace(self, **changes)
 
     # ---- sizes (herd info) -------------------------------------------------------------------
     def num_params(self, include_embeddings: bool = True) -> int:

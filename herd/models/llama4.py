@@ -26,7 +26,6 @@ Shape letters as in llama3.py, plus E experts, F expert hidden dim, A = B·T tok
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -34,13 +33,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from herd.errors import HerdError
-from herd.models.args import RopeScaling
+from herd.models.args import HeadShapes, RopeScaling
 from herd.models.llama3 import Cache, DecoderOnly, FeedForward, RMSNorm, attend
 from herd.models.rope import apply_rope, rope_rotations
 
 
 @dataclass(frozen=True)
-class Llama4Args:
+class Llama4Args(HeadShapes):
     dim: int = 5120
     n_layers: int = 48
     n_heads: int = 40
@@ -89,14 +88,6 @@ class Llama4Args:
             raise HerdError("invalid Llama 4 config: " + "; ".join(problems))
 
     @property
-    def kv_heads(self) -> int:
-        return self.n_kv_heads or self.n_heads
-
-    @property
-    def hd(self) -> int:
-        return self.head_dim or self.dim // self.n_heads
-
-    @property
     def ffn_dim(self) -> int:
         return self.ffn_hidden_dim
 
@@ -109,13 +100,6 @@ class Llama4Args:
     @property
     def n_moe_layers(self) -> int:
         return sum(self.is_moe_layer(i) for i in range(self.n_layers))
-
-    def replace(self, **changes) -> Llama4Args:
-        known = {f.name for f in dataclasses.fields(self)}
-        unknown = sorted(set(changes) - known)
-        if unknown:
-            raise HerdError(f"unknown model option(s): {', '.join(unknown)} (known: {', '.join(sorted(known))})")
-        return dataclasses.replace(self, **changes)
 
     # ---- sizes (herd info) -------------------------------------------------------------------
     def _layer_params(self, experts_counted: int) -> tuple[int, int]:
