@@ -1,0 +1,1 @@
+"""Evaluation: local JSONL tasks (herd/eval/tasks.py)."""

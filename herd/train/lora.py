@@ -1,0 +1,167 @@
+"""LoRA adapters (Hu et al. 2021) for memory-light fine-tuning, applied to a model from outside.
+
+`apply_lora(model, rank, alpha)` freezes every weight and gives each targeted `nn.Linear` a small
+trainable adapter: y = W x + (alpha / rank) · B A x, with A (rank, in) Gaussian and B (out, rank)
+zero, so training starts from the unchanged model. The adapter is a child module `lora` of the
+linear, run by a forward hook: the model code is untouched and the base weights keep their
+canonical names (`layers.0.attention.wq.weight`), so base checkpoints still load and averaging
+still lines up. `merge_lora` folds B A into W and removes the adapters; `save_lora` / `load_lora`
+export the adapters alone (safetensors + adapter.json).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from herd.errors import HerdError
+
+DEFAULT_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+ADAPTER_FILE = "adapter.safetensors"
+ADAPTER_CONFIG = "adapter.json"
+
+
+@dataclass
+class LoRAConfig:
+    """rank 0 disables LoRA (full fine-tuning)."""
+
+    rank: int = 0
+    alpha: float = 16.0
+    targets: tuple[str, ...] = DEFAULT_TARGETS  # names of the nn.Linear modules to adapt
+    dropout: float = 0.0
+
+
+class LoRAAdapter(nn.Module):
+    def __init__(self, in_features: int, out_features: int, rank: int, alpha: float, dropout: float = 0.0):
+        super().__init__()
+        self.rank, self.alpha = rank, alpha
+        self.scale = alpha / rank
+        self.A = nn.Parameter(torch.empty(rank, in_features))
+        self.B = nn.Parameter(torch.zeros(out_features, rank))
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))  # as peft: B = 0 makes the start exact
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.dropout(x) @ self.A.t().to(x.dtype)) @ (self.B.t().to(x.dtype) * self.scale)
+
+    def delta(self) -> torch.Tensor:
+        """B A scaled: what merging adds to the weight (out, in)."""
+        return (self.B @ self.A) * self.scale
+
+
+def _hook(module: nn.Linear, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
+    return output + module.lora(inputs[0])
+
+
+def lora_modules(model: nn.Module) -> dict[str, nn.Linear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear) and hasattr(m, "lora")}
+
+
+def apply_lora(model: nn.Module, cfg: LoRAConfig) -> list[str]:
+    """Freeze `model` and add adapters to the linears named in cfg.targets; returns their names."""
+    if cfg.rank <= 0:
+        raise HerdError(f"lora.rank must be positive (got {cfg.rank})")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    names = []
+    for name, m in model.named_modules():
+        if type(m) is nn.Linear and name.rsplit(".", 1)[-1] in cfg.targets and not hasattr(m, "lora"):
+            m.lora = LoRAAdapter(m.in_features, m.out_features, cfg.rank, cfg.alpha, cfg.dropout).to(m.weight.device)
+            m._lora_handle = m.register_forward_hook(_hook)
+            names.append(name)
+    if not names:
+        raise HerdError(f"lora.targets {list(cfg.targets)} match no linear layer of this model")
+    return names
+
+
+@torch.no_grad()
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its linear's weight and remove it: a plain model again."""
+    for m in lora_modules(model).values():
+        m.weight += m.lora.delta().to(m.weight.dtype)
+        m._lora_handle.remove()
+        del m.lora, m._lora_handle
+    return model
+
+
+def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's canonical state dict with adapters folded in, without changing the model."""
+    adapters = lora_modules(model)
+    sd = {k: v for k, v in model.state_dict().items() if ".lora." not in k}
+    with torch.no_grad():
+        for name, m in adapters.items():
+            key = f"{name}.weight"
+            sd[key] = sd[key] + m.lora.delta().to(sd[key].dtype)
+    return sd
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in model.state_dict().items() if ".lora." in k}
+
+
+def save_lora(model: nn.Module, out: str | os.PathLike) -> Path:
+    """adapter.safetensors (names like `layers.0.attention.wq.lora.A`) + adapter.json, atomically."""
+    from safetensors.torch import save_file
+
+    from herd.checkpoint.common import atomic_path
+
+    adapters = lora_modules(model)
+    if not adapters:
+        raise HerdError("the model has no LoRA adapters to save")
+    first = next(iter(adapters.values())).lora
+    cfg = {"rank": first.rank, "alpha": first.alpha,
+           "targets": sorted({n.rsplit(".", 1)[-1] for n in adapters}), "modules": sorted(adapters)}
+    out = Path(out)
+    with atomic_path(out) as tmp:
+        tmp.mkdir()
+        save_file({k: v.detach().cpu().contiguous() for k, v in lora_state_dict(model).items()},
+                  str(tmp / ADAPTER_FILE))
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(cfg, indent=1))
+    return out
+
+
+def load_lora(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Add the adapters saved at `path` to `model` (which must be the base they were trained on)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    try:
+        cfg = json.loads((path / ADAPTER_CONFIG).read_text())
+        sd = load_file(str(path / ADAPTER_FILE))
+    except (OSError, json.JSONDecodeError) as e:
+        raise HerdError(f"{path}: not a LoRA adapter directory ({e})") from None
+    apply_lora(model, LoRAConfig(rank=cfg["rank"], alpha=cfg["alpha"], targets=tuple(cfg["targets"])))
+    missing = set(lora_state_dict(model)) ^ set(sd)
+    if missing:
+        raise HerdError(f"{path}: adapters do not fit this model (e.g. {sorted(missing)[0]})")
+    model.load_state_dict(sd, strict=False)
+    return model
+
+
+def trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts (tied weights counted once)."""
+    seen, trainable, total = set(), 0, 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    return trainable, total
+
+
+def config_dict(cfg: LoRAConfig) -> dict:
+    d = asdict(cfg)
+    d["targets"] = list(cfg.targets)
+    return d
+
+
+def targets_from(value: str | Sequence[str]) -> tuple[str, ...]:
+    return tuple(v.strip() for v in value.split(",")) if isinstance(value, str) else tuple(value)

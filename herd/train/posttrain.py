@@ -1,0 +1,820 @@
+"""Post-training (SPEC §4): SFT, reward modelling and DPO as `Objective`s of the one training loop
+(DESIGN principle 7), their data formats, and the reward model.
+
+Data formats (one JSON object per line; a malformed line is an error naming its line number):
+- chat JSONL: {"messages": [OpenAI-shaped messages]} with at least one assistant turn (SFT).
+- preference JSONL: {"prompt", "chosen", "rejected", optional "edited"} in TRL's conversational
+  shape — `prompt` a list of messages, each response a list holding one assistant message — or
+  plain strings (a string prompt is one user turn).
+- prompt JSONL: {"prompt": str | messages, optional "answer"} (rejection sampling, eval).
+
+Every example goes through the model's own chat format. The tokens of an assistant turn are found
+by encoding the dialog up to the turn with the generation prompt (which ends with the assistant
+header) and the dialog through the turn: the turn is the difference. Its first stop token (eot /
+im_end) ends the content; what follows (a template's trailing newline) is never a target.
+- SFT trains on content + stop token (§4.1.3: loss on target tokens only, prompt masked).
+- DPO and the reward model read content tokens only: header and end-of-turn tokens are masked out
+  of the chosen and rejected log-probabilities (§4.1.4), and special tokens inside a turn too.
+
+Rows: SFT packs several dialogs in one row with document-masked attention. Reward-model and DPO
+rows hold one prompt followed by all of its responses; each response attends to the prompt and to
+itself only and continues the prompt's RoPE positions, so the prompt is computed once for all of
+them (§4.1.2: "several responses of one prompt packed in one row").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from herd.errors import HerdError
+from herd.train import checkpoint as ckpt
+from herd.train.loop import Trainer, _atomic_write_text, _read_metrics
+from herd.train.objectives import IGNORE, document_mask, document_positions
+
+Messages = list[dict[str, Any]]
+
+
+# ---- JSONL ---------------------------------------------------------------------------------------
+def read_jsonl(path: str | os.PathLike) -> list[tuple[int, dict]]:
+    """(line number, object) for every non-blank line; a line that is not a JSON object is an error
+    naming the file and line."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise HerdError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise HerdError(f"{path}: cannot read ({e})") from None
+    rows = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise HerdError(f"{path}:{n}: invalid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(obj, dict):
+            raise HerdError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
+        rows.append((n, obj))
+    if not rows:
+        raise HerdError(f"{path}: no examples (empty file)")
+    return rows
+
+
+def _where(path, n) -> str:
+    return f"{path}:{n}"
+
+
+def as_messages(prompt: Any, where: str) -> Messages:
+    """A prompt as messages: a string is one user turn; a list must be OpenAI-shaped messages."""
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    if isinstance(prompt, list) and all(isinstance(m, dict) and "role" in m for m in prompt) and prompt:
+        return [dict(m) for m in prompt]
+    raise HerdError(f"{where}: prompt must be a string or a non-empty list of messages with a 'role'")
+
+
+def as_response(resp: Any, where: str, key: str) -> str:
+    """A response as text: a string, one assistant message, or TRL's list of one assistant message."""
+    if isinstance(resp, list) and len(resp) == 1:
+        resp = resp[0]
+    if isinstance(resp, dict):
+        if resp.get("role", "assistant") != "assistant":
+            raise HerdError(f"{where}: '{key}' must be an assistant message, got role {resp.get('role')!r}")
+        resp = resp.get("content")
+    if not isinstance(resp, str):
+        raise HerdError(f"{where}: '{key}' must be a string or a list holding one assistant message")
+    return resp
+
+
+def load_chats(path) -> list[tuple[str, Messages]]:
+    out = []
+    for n, obj in read_jsonl(path):
+        msgs = obj.get("messages")
+        if not isinstance(msgs, list) or not msgs:
+            raise HerdError(f"{_where(path, n)}: expected {{\"messages\": [...]}} with a non-empty list")
+        if not any(isinstance(m, dict) and m.get("role") == "assistant" for m in msgs):
+            raise HerdError(f"{_where(path, n)}: the chat has no assistant turn (nothing to train on)")
+        out.append((_where(path, n), msgs))
+    return out
+
+
+@dataclass
+class Preference:
+    where: str
+    prompt: Messages
+    responses: list[str]  # best first: [edited,] chosen, rejected (§4.1.2 ranking)
+
+
+def load_preferences(path) -> list[Preference]:
+    out = []
+    for n, obj in read_jsonl(path):
+        where = _where(path, n)
+        for key in ("prompt", "chosen", "rejected"):
+            if key not in obj:
+                raise HerdError(f"{where}: missing '{key}' (preference lines need prompt, chosen, rejected)")
+        ranked = [as_response(obj["edited"], where, "edited")] if obj.get("edited") is not None else []
+        ranked += [as_response(obj["chosen"], where, "chosen"), as_response(obj["rejected"], where, "rejected")]
+        out.append(Preference(where, as_messages(obj["prompt"], where), ranked))
+    return out
+
+
+def load_prompts(path) -> list[tuple[str, Messages, dict]]:
+    """(where, prompt messages, the whole record) per line — records may carry an `answer`."""
+    out = []
+    for n, obj in read_jsonl(path):
+        where = _where(path, n)
+        if "prompt" not in obj and "messages" not in obj:
+            raise HerdError(f"{where}: expected a 'prompt' (string or messages)")
+        out.append((where, as_messages(obj.get("prompt", obj.get("messages")), where), obj))
+    return out
+
+
+# ---- encoding through the chat format ------------------------------------------------------------
+def _chat(tokenizer):
+    if tokenizer is None or tokenizer.chat is None:
+        raise HerdError("post-training needs a tokenizer with a chat format (this model has none)")
+    return tokenizer.chat
+
+
+def _special_ids(tokenizer) -> set[int]:
+    return set(getattr(tokenizer, "special_tokens", {}).values()) | set(tokenizer.stop_ids)
+
+
+def split_turn(tokenizer, prefix: list[int], full: list[int], where: str) -> tuple[list[int], int]:
+    """The assistant turn `full[len(prefix):]` cut at its first stop token → (turn ids through the
+    stop token, number of content tokens before it)."""
+    if full[:len(prefix)] != prefix:
+        raise HerdError(f"{where}: the chat format does not encode the dialog as prompt + reply "
+                        "(the prompt's tokens are not a prefix of the whole dialog's)")
+    turn = full[len(prefix):]
+    stop = next((i for i, t in enumerate(turn) if t in tokenizer.stop_ids), None)
+    if stop is None:
+        raise HerdError(f"{where}: the chat format wrote no end-of-turn token after the reply")
+    return turn[:stop + 1], stop
+
+
+def encode_prompt_response(tokenizer, prompt: Messages, response: str, where: str = "example"
+                           ) -> tuple[list[int], list[int], list[bool]]:
+    """→ (prompt ids ending with the assistant header, reply ids through the stop token, a mask
+    that is True on the reply's content tokens: not the stop token, not special tokens; §4.1.4)."""
+    chat = _chat(tokenizer)
+    prefix = chat.encode_dialog(prompt, add_generation_prompt=True)
+    full = chat.encode_dialog(prompt + [{"role": "assistant", "content": response}], add_generation_prompt=False)
+    turn, n_content = split_turn(tokenizer, prefix, full, where)
+    special = _special_ids(tokenizer)
+    content = [i < n_content and t not in special for i, t in enumerate(turn)]
+    return prefix, turn, content
+
+
+def encode_chat(tokenizer, messages: Messages, where: str = "example") -> tuple[list[int], list[bool]]:
+    """A whole dialog → (ids, is_target) with targets on every assistant turn's content and stop
+    token (the tokens the model should produce); system/user turns and headers are not targets."""
+    chat = _chat(tokenizer)
+    if not any(m.get("role") == "assistant" for m in messages):
+        raise HerdError(f"{where}: the chat has no assistant turn (nothing to train on)")
+    full = chat.encode_dialog(messages, add_generation_prompt=False)
+    target = [False] * len(full)
+    for j, m in enumerate(messages):
+        if m.get("role") != "assistant":
+            continue
+        prefix = chat.encode_dialog(messages[:j], add_generation_prompt=True) if j else []
+        upto = chat.encode_dialog(messages[:j + 1], add_generation_prompt=False)
+        if full[:len(upto)] != upto:
+            raise HerdError(f"{where}: the chat format does not encode this dialog turn by turn")
+        turn, _ = split_turn(tokenizer, prefix, upto, where)
+        for i in range(len(prefix), len(prefix) + len(turn)):
+            target[i] = True
+    return full, target
+
+
+# ---- batches and the loader ----------------------------------------------------------------------
+@dataclass
+class SFTBatch:
+    """Packed dialogs: inputs (B, T), targets (B, T) = next token or IGNORE, doc_ids (B, T)."""
+
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    doc_ids: torch.Tensor
+
+    def to(self, device) -> SFTBatch:
+        return SFTBatch(self.inputs.to(device), self.targets.to(device), self.doc_ids.to(device))
+
+
+@dataclass
+class RankedBatch:
+    """Rows of one prompt followed by its ranked responses (best first), for the reward model and DPO.
+
+    inputs (B, T), positions (B, T), mask (B, 1, T, T). Response s ∈ [0, S): example `seg_example[s]`,
+    rank `seg_rank[s]` (0 = best), its last token at (seg_row[s], seg_last[s]). Log-prob terms
+    n ∈ [0, N): token `lp_token[n]` predicted at (lp_row[n], lp_pos[n]), belonging to response
+    `lp_seg[n]`, counted when `lp_content[n]` (content tokens only, §4.1.4)."""
+
+    inputs: torch.Tensor
+    positions: torch.Tensor
+    mask: torch.Tensor
+    seg_row: torch.Tensor
+    seg_last: torch.Tensor
+    seg_example: torch.Tensor
+    seg_rank: torch.Tensor
+    lp_row: torch.Tensor
+    lp_pos: torch.Tensor
+    lp_token: torch.Tensor
+    lp_seg: torch.Tensor
+    lp_content: torch.Tensor
+
+    def to(self, device) -> RankedBatch:
+        return RankedBatch(**{k: getattr(self, k).to(device) for k in self.__dataclass_fields__})
+
+    @property
+    def num_segments(self) -> int:
+        return int(self.seg_row.numel())
+
+
+@dataclass
+class EncodedRanked:
+    """One prompt and its ranked responses as ids."""
+
+    index: int
+    prompt: list[int]
+    responses: list[list[int]]
+    content: list[list[bool]]
+
+    def __len__(self) -> int:
+        return len(self.prompt) + sum(len(r) for r in self.responses)
+
+
+def encode_preferences(tokenizer, prefs: Sequence[Preference], max_len: int, start: int = 0
+                       ) -> list[EncodedRanked]:
+    """Encode each preference example; example indices count from `start` (keys of DPO's cache)."""
+    out = []
+    for i, p in enumerate(prefs, start):
+        prompt, responses, content = None, [], []
+        for r in p.responses:
+            prompt, turn, mask = encode_prompt_response(tokenizer, p.prompt, r, p.where)
+            responses.append(turn)
+            content.append(mask)
+        ex = EncodedRanked(i, prompt, responses, content)
+        if len(ex) > max_len:
+            raise HerdError(f"{p.where}: prompt and responses take {len(ex)} tokens, more than the context of "
+                            f"{max_len} (train.seq_len); shorten the example or raise train.seq_len")
+        out.append(ex)
+    return out
+
+
+def collate_ranked(examples: Sequence[EncodedRanked], pad_id: int = 0) -> RankedBatch:
+    """Rows of prompt + responses with prompt-sharing attention (see the module docstring)."""
+    B, T = len(examples), max(len(e) for e in examples)
+    inputs = torch.full((B, T), pad_id, dtype=torch.long)
+    positions = torch.zeros(B, T, dtype=torch.long)
+    mask = torch.zeros(B, 1, T, T, dtype=torch.bool)
+    seg: dict[str, list[int]] = {k: [] for k in ("row", "last", "example", "rank")}
+    lp: dict[str, list[int]] = {k: [] for k in ("row", "pos", "token", "seg", "content")}
+    for b, e in enumerate(examples):
+        p = len(e.prompt)
+        inputs[b, :p] = torch.tensor(e.prompt)
+        positions[b, :p] = torch.arange(p)
+        mask[b, 0, :p, :p] = torch.ones(p, p, dtype=torch.bool).tril()
+        start = p
+        for rank, (resp, content) in enumerate(zip(e.responses, e.content, strict=True)):
+            n, end = len(resp), start + len(resp)
+            inputs[b, start:end] = torch.tensor(resp)
+            positions[b, start:end] = torch.arange(p, p + n)
+            mask[b, 0, start:end, :p] = True
+            mask[b, 0, start:end, start:end] = torch.ones(n, n, dtype=torch.bool).tril()
+            s = len(seg["row"])
+            seg["row"].append(b), seg["last"].append(end - 1), seg["example"].append(e.index), seg["rank"].append(rank)
+            # token j of the response is predicted at the previous position: the prompt's last
+            # token for j = 0 (shared by all responses), else the response's own token j - 1.
+            for j in range(n):
+                lp["row"].append(b), lp["pos"].append(p - 1 if j == 0 else start + j - 1)
+                lp["token"].append(resp[j]), lp["seg"].append(s), lp["content"].append(int(content[j]))
+            start = end
+        for t in range(start, T):  # padding sees itself only (a query with no key would give NaN)
+            mask[b, 0, t, t] = True
+    L = torch.long
+    return RankedBatch(inputs, positions, mask,
+                       torch.tensor(seg["row"], dtype=L), torch.tensor(seg["last"], dtype=L),
+                       torch.tensor(seg["example"], dtype=L), torch.tensor(seg["rank"], dtype=L),
+                       torch.tensor(lp["row"], dtype=L), torch.tensor(lp["pos"], dtype=L),
+                       torch.tensor(lp["token"], dtype=L), torch.tensor(lp["seg"], dtype=L),
+                       torch.tensor(lp["content"], dtype=torch.bool))
+
+
+def pack_chats(encoded: Sequence[tuple[list[int], list[bool]]], seq_len: int) -> list[list[int]]:
+    """Greedy first-fit packing of dialogs (indices) into rows of at most seq_len tokens."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i, (ids, _) in enumerate(encoded):
+        for r, left in enumerate(room):
+            if len(ids) <= left:
+                rows[r].append(i)
+                room[r] -= len(ids)
+                break
+        else:
+            rows.append([i])
+            room.append(seq_len - len(ids))
+    return rows
+
+
+def collate_sft(encoded: Sequence[tuple[list[int], list[bool]]], rows: Sequence[Sequence[int]],
+                pad_id: int = 0) -> SFTBatch:
+    lengths = [sum(len(encoded[i][0]) for i in row) for row in rows]
+    B, T = len(rows), max(lengths)
+    inputs = torch.full((B, T), pad_id, dtype=torch.long)
+    targets = torch.full((B, T), IGNORE, dtype=torch.long)
+    doc_ids = torch.full((B, T), -1, dtype=torch.long)
+    for b, row in enumerate(rows):
+        at = 0
+        for d, i in enumerate(row):
+            ids, is_target = encoded[i]
+            n = len(ids)
+            inputs[b, at:at + n] = torch.tensor(ids)
+            doc_ids[b, at:at + n] = d
+            # targets[t] is the token at t + 1 when that token is an assistant target
+            nxt = torch.tensor(ids[1:])
+            keep = torch.tensor(is_target[1:], dtype=torch.bool)
+            targets[b, at:at + n - 1] = torch.where(keep, nxt, torch.full_like(nxt, IGNORE))
+            at += n
+        if at < T:  # padding: each pad token is its own document, attending only itself
+            doc_ids[b, at:] = torch.arange(len(row), len(row) + T - at)
+    return SFTBatch(inputs, targets, doc_ids)
+
+
+class ExampleLoader:
+    """Batches of in-memory examples in a seeded order that changes every epoch; resumable (its
+    state is the (epoch, position) pair) and offers what the loop and `evaluate` use of a loader."""
+
+    def __init__(self, items: Sequence[Any], batch_size: int, collate: Callable[[list[Any]], Any], *,
+                 seq_len: int, seed: int = 0, shuffle: bool = True):
+        if not items:
+            raise HerdError("no training examples")
+        self.items, self.collate, self.seed, self.shuffle = list(items), collate, seed, shuffle
+        self.batch_size, self.seq_len = batch_size, seq_len
+        self.epoch, self.pos = 0, 0
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return max(1, -(-len(self.items) // self.batch_size))
+
+    def _order(self, epoch: int) -> list[int]:
+        order = list(range(len(self.items)))
+        if self.shuffle:
+            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+        return order
+
+    def batch(self, i: int) -> Any:
+        """Batch i of the unshuffled order (a fixed set, for evaluation)."""
+        return self.collate(self.items[i * self.batch_size:(i + 1) * self.batch_size])
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> Any:
+        if self.pos >= len(self.items):
+            self.epoch, self.pos = self.epoch + 1, 0
+        order = self._order(self.epoch)
+        idx = order[self.pos:self.pos + self.batch_size]
+        self.pos += len(idx)
+        return self.collate([self.items[i] for i in idx])
+
+    def set_shape(self, batch_size: int, seq_len: int) -> None:
+        self.batch_size, self.seq_len = batch_size, seq_len
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos, "batch_size": self.batch_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.pos, self.batch_size = int(state["epoch"]), int(state["pos"]), int(state["batch_size"])
+
+
+def sft_loader(tokenizer, chats: Sequence[tuple[str, Messages]], *, batch_size: int, seq_len: int,
+               seed: int = 0, shuffle: bool = True) -> ExampleLoader:
+    """Encode and pack dialogs into rows of ≤ seq_len tokens; each loader item is one packed row."""
+    encoded = []
+    for where, msgs in chats:
+        ids, target = encode_chat(tokenizer, msgs, where)
+        if len(ids) > seq_len:
+            raise HerdError(f"{where}: the dialog takes {len(ids)} tokens, more than the context of {seq_len} "
+                            "(train.seq_len); shorten it or raise train.seq_len")
+        encoded.append((ids, target))
+    rows = pack_chats(encoded, seq_len)
+    pad = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
+    return ExampleLoader(rows, batch_size, lambda rs: collate_sft(encoded, rs, pad), seq_len=seq_len,
+                         seed=seed, shuffle=shuffle)
+
+
+def ranked_loader(tokenizer, prefs: Sequence[Preference], *, batch_size: int, seq_len: int, seed: int = 0,
+                  shuffle: bool = True, start: int = 0) -> ExampleLoader:
+    encoded = encode_preferences(tokenizer, prefs, seq_len, start)
+    pad = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
+    return ExampleLoader(encoded, batch_size, lambda es: collate_ranked(es, pad), seq_len=seq_len, seed=seed,
+                         shuffle=shuffle)
+
+
+# ---- log-probabilities and rewards ---------------------------------------------------------------
+def response_logps(model: nn.Module, batch: RankedBatch, *, with_nll: bool = False):
+    """Per response: summed log-prob of its content tokens (S,), and with `with_nll` also the summed
+    NLL and the count of content tokens (for the DPO NLL term)."""
+    logits = model(batch.inputs, positions=batch.positions, mask=batch.mask)  # (B, T, V)
+    picked = logits[batch.lp_row, batch.lp_pos].float()  # (N, V): only the positions that predict replies
+    token_lp = torch.log_softmax(picked, dim=-1).gather(-1, batch.lp_token[:, None])[:, 0]
+    token_lp = token_lp * batch.lp_content
+    S = batch.num_segments
+    sums = torch.zeros(S, dtype=token_lp.dtype, device=token_lp.device).index_add(0, batch.lp_seg, token_lp)
+    if not with_nll:
+        return sums
+    counts = torch.zeros(S, device=token_lp.device).index_add(0, batch.lp_seg, batch.lp_content.float())
+    return sums, counts
+
+
+def ranked_pairs(batch: RankedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(better, worse) response indices for every pair a ranking implies within one example:
+    edited > chosen > rejected gives (e, c), (e, r), (c, r) — §4.1.2."""
+    ex, rank = batch.seg_example, batch.seg_rank
+    same = ex[:, None] == ex[None, :]
+    better = rank[:, None] < rank[None, :]
+    i, j = torch.nonzero(same & better, as_tuple=True)
+    return i, j
+
+
+# ---- objectives ----------------------------------------------------------------------------------
+class SFT:
+    """Cross-entropy on assistant tokens only (§4.1.3), dialogs packed with document masking."""
+
+    def num_terms(self, batch: SFTBatch) -> int:
+        return int((batch.targets != IGNORE).sum())
+
+    def loss_sum(self, model: nn.Module, batch: SFTBatch) -> torch.Tensor:
+        ids = batch.doc_ids
+        logits = model(batch.inputs, positions=document_positions(ids), mask=document_mask(ids))
+        keep = batch.targets != IGNORE  # only score assistant positions: skip the vocab softmax elsewhere
+        return F.cross_entropy(logits[keep].float(), batch.targets[keep], reduction="sum")
+
+
+class RewardRanking:
+    """Pairwise ranking loss without a margin term, −log σ(r_better − r_worse), summed over every
+    pair the ranking implies (§4.1.2). `model` is a `RewardModel`."""
+
+    def num_terms(self, batch: RankedBatch) -> int:
+        return int(ranked_pairs(batch)[0].numel())
+
+    def loss_sum(self, model: nn.Module, batch: RankedBatch) -> torch.Tensor:
+        r = model.rewards(batch)
+        i, j = ranked_pairs(batch)
+        return -F.logsigmoid(r[i] - r[j]).sum()
+
+
+@dataclass
+class DPO:
+    """Direct preference optimization (§4.1.4): −log σ(β[(π_c − ref_c) − (π_r − ref_r)]) with β = 0.1,
+    plus `nll` × the chosen response's per-token NLL (coefficient 0.2; RPO, Pang et al. 2024), on
+    content tokens only. Reference log-probs are computed once (`cache_reference`) and looked up by
+    example index, so the reference model need not stay in memory."""
+
+    beta: float = 0.1
+    nll: float = 0.2
+    reference: dict[int, tuple[float, float]] = field(default_factory=dict)  # example → (ref_c, ref_r)
+
+    def cache_reference(self, ref_model: nn.Module, loader: ExampleLoader, policy_vocab: int | None = None
+                        ) -> None:
+        """Reference log-probs for every example of `loader` (its fixed order), stored by index."""
+        vocab = ref_model.args.vocab_size
+        if policy_vocab is not None and vocab != policy_vocab:
+            raise HerdError(f"the reference model's vocabulary ({vocab}) differs from the policy's ({policy_vocab}); "
+                            "DPO needs the same tokenizer for both")
+        was = ref_model.training
+        ref_model.eval()
+        with torch.no_grad():
+            for i in range(loader.batches_per_epoch):
+                b = loader.batch(i).to(ref_model.tok_embeddings.weight.device)
+                lp = response_logps(ref_model, b).cpu()
+                for ex in b.seg_example.unique().tolist():
+                    sel = (b.seg_example == ex).cpu()
+                    ranks = b.seg_rank.cpu()[sel]
+                    vals = lp[sel]
+                    # the chosen/rejected are the last two ranks (an edited response ranks above both)
+                    order = ranks.argsort()
+                    self.reference[ex] = (float(vals[order[-2]]), float(vals[order[-1]]))
+        ref_model.train(was)
+
+    def _chosen_rejected(self, batch: RankedBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Segment indices of each example's chosen and rejected responses, and the example ids."""
+        ex, rank = batch.seg_example, batch.seg_rank
+        examples = ex.unique()
+        chosen, rejected = [], []
+        for e in examples.tolist():
+            idx = torch.nonzero(ex == e)[:, 0]
+            idx = idx[rank[idx].argsort()]
+            chosen.append(idx[-2]), rejected.append(idx[-1])
+        return torch.stack(chosen), torch.stack(rejected), examples
+
+    def num_terms(self, batch: RankedBatch) -> int:
+        return int(batch.seg_example.unique().numel())
+
+    def terms(self, model: nn.Module, batch: RankedBatch) -> dict[str, torch.Tensor]:
+        """Per pair: policy and reference log-probs, the DPO loss and the NLL term."""
+        lp, counts = response_logps(model, batch, with_nll=True)
+        c, r, examples = self._chosen_rejected(batch)
+        missing = [e for e in examples.tolist() if e not in self.reference]
+        if missing:
+            raise HerdError(f"no cached reference log-probs for example {missing[0]}; call cache_reference first")
+        ref = torch.tensor([self.reference[e] for e in examples.tolist()], dtype=lp.dtype, device=lp.device)
+        logits = (lp[c] - ref[:, 0]) - (lp[r] - ref[:, 1])
+        dpo = -F.logsigmoid(self.beta * logits)
+        nll = -lp[c] / counts[c].clamp(min=1)
+        return {"policy_chosen": lp[c], "policy_rejected": lp[r], "ref_chosen": ref[:, 0],
+                "ref_rejected": ref[:, 1], "dpo": dpo, "nll": nll}
+
+    def loss_sum(self, model: nn.Module, batch: RankedBatch) -> torch.Tensor:
+        t = self.terms(model, batch)
+        return (t["dpo"] + self.nll * t["nll"]).sum()
+
+
+# ---- the reward model ----------------------------------------------------------------------------
+REWARD_HEAD = "reward_head.safetensors"
+
+
+class RewardModel(nn.Module):
+    """A decoder with a scalar head instead of its vocabulary projection (§4.1.2): the reward of a
+    response is the head applied to the final-norm hidden state of its last token (end of turn).
+
+    Wraps the model from outside: its `output` becomes the identity (so it returns hidden states),
+    the original projection is kept aside for exporting the backbone unchanged."""
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.args = backbone.args
+        # not a submodule: exported as is, never trained
+        object.__setattr__(self, "_lm_output", backbone.output)
+        self.backbone = backbone
+        backbone.output = nn.Identity()
+        self.score = nn.Linear(backbone.args.dim, 1)
+        nn.init.normal_(self.score.weight, std=1.0 / backbone.args.dim ** 0.5)
+        nn.init.zeros_(self.score.bias)
+        self.to(backbone.tok_embeddings.weight.device)
+
+    @property
+    def tok_embeddings(self) -> nn.Module:
+        return self.backbone.tok_embeddings
+
+    def forward(self, tokens: torch.Tensor, **kw) -> torch.Tensor:
+        """tokens (B, T) → a reward at every position (B, T)."""
+        return self.score(self.backbone(tokens, **kw).float())[..., 0]
+
+    def rewards(self, batch: RankedBatch) -> torch.Tensor:
+        """One reward per response of the batch (S,)."""
+        r = self(batch.inputs, positions=batch.positions, mask=batch.mask)
+        return r[batch.seg_row, batch.seg_last]
+
+    def backbone_state_dict(self) -> dict[str, torch.Tensor]:
+        sd = {k: v for k, v in self.backbone.state_dict().items() if not k.startswith("output.")}
+        if not self.args.tie_embeddings:
+            sd["output.weight"] = self._lm_output.weight
+        return sd
+
+
+def score_responses(rm: RewardModel, tokenizer, prompt: Messages, responses: Sequence[str],
+                    batch_size: int = 8) -> list[float]:
+    """Rewards of several responses to one prompt, sharing the prompt in each row."""
+    rows = []
+    for i in range(0, len(responses), batch_size):
+        chunk = responses[i:i + batch_size]
+        enc = encode_preferences(tokenizer, [Preference("sample", prompt, list(chunk))], rm.args.max_seq_len)[0]
+        rows.append(enc)
+    out: list[float] = []
+    with torch.no_grad():
+        for enc in rows:
+            b = collate_ranked([enc]).to(rm.tok_embeddings.weight.device)
+            out.extend(rm.rewards(b).tolist())
+    return out
+
+
+# ---- loading and saving models for post-training -------------------------------------------------
+def resolve_model_spec(spec: str | os.PathLike) -> str:
+    """A post-training run directory (holding `model/`) → its exported model; anything else as is."""
+    p = Path(spec)
+    if p.is_dir() and (p / "model").is_dir() and (p / "metrics.jsonl").exists():
+        return str(p / "model")
+    return str(spec)
+
+
+def load_trainable(spec: str | os.PathLike, device: str = "cpu"):
+    """(model in train mode with fp32 weights and no inference packing, tokenizer) for fine-tuning."""
+    import warnings
+
+    from herd.api import load
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        model, tok = load(resolve_model_spec(spec), device=device, dtype=torch.float32, for_inference=False)
+    if tok is None:
+        raise HerdError(f"{spec}: no tokenizer next to the checkpoint; post-training needs one")
+    return model.train(), tok
+
+
+def load_reward_model(spec: str | os.PathLike, device: str = "cpu") -> tuple[RewardModel, Any]:
+    from safetensors.torch import load_file
+
+    path = Path(resolve_model_spec(spec))
+    head = path / REWARD_HEAD
+    if not head.exists():
+        raise HerdError(f"{spec}: not a reward model (no {REWARD_HEAD}; train one with `herd reward`)")
+    model, tok = load_trainable(path, device)
+    rm = RewardModel(model)
+    sd = load_file(str(head))
+    try:
+        rm.score.load_state_dict({k.removeprefix("score."): v for k, v in sd.items()})
+    except RuntimeError as e:
+        raise HerdError(f"{head}: does not fit the model ({str(e).splitlines()[0]})") from None
+    return rm.eval(), tok
+
+
+def export_model(model: nn.Module, tokenizer, out: str | os.PathLike) -> Path:
+    """Write the trained model as a Meta-layout checkpoint with its tokenizer (LoRA merged; a
+    reward model's backbone plus `reward_head.safetensors`), atomically."""
+    from safetensors.torch import save_file
+
+    from herd.checkpoint import write_checkpoint
+    from herd.checkpoint.common import atomic_path
+    from herd.train.lora import merged_state_dict
+
+    out = Path(out)
+    if isinstance(model, RewardModel):
+        sd = merged_state_dict(model.backbone)
+        sd = {k: v for k, v in sd.items() if not k.startswith("output.")}
+        if not model.args.tie_embeddings:
+            sd["output.weight"] = model._lm_output.weight
+    else:
+        sd = merged_state_dict(model)
+    if model.args.tie_embeddings:
+        sd.pop("output.weight", None)
+    sd = {k: v.detach().cpu().float().contiguous() for k, v in sd.items()}
+    write_checkpoint(out, "meta", model.args, sd, tokenizer=tokenizer)
+    if isinstance(model, RewardModel):
+        with atomic_path(out / REWARD_HEAD) as tmp:
+            save_file({f"score.{k}": v.detach().cpu().contiguous() for k, v in model.score.state_dict().items()},
+                      str(tmp))
+    return out
+
+
+# ---- runs: the one loop with a loaded model and in-memory data ------------------------------------
+@dataclass
+class DPOConfig:
+    beta: float = 0.1  # §4.1.4
+    nll: float = 0.2  # weight of the chosen response's NLL term (§4.1.4); 0 = plain DPO
+
+
+def _split_extra(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(canonical weights for the checkpoint's model/, everything else: adapters, the reward head)."""
+    sd = model.state_dict()
+    extra = {k: v for k, v in sd.items() if ".lora." in k or k.startswith("score.")}
+    if isinstance(model, RewardModel):
+        base = {k.removeprefix("backbone."): v for k, v in sd.items() if k not in extra}
+        if not model.args.tie_embeddings:
+            base["output.weight"] = model._lm_output.weight
+    else:
+        base = {k: v for k, v in sd.items() if k not in extra}
+    return base, extra
+
+
+class PostTrainer(Trainer):
+    """Trainer (herd/train/loop.py) on a loaded model, whose checkpoints keep the canonical weights
+    in `model/` and the adapters / reward head beside the optimizer state, for an exact resume."""
+
+    def save(self) -> Path:
+        base, extra = _split_extra(self.model)
+        state = self._train_state()
+        state["extra_weights"] = {k: v.detach().cpu() for k, v in extra.items()}
+        return ckpt.save_checkpoint(self.run_dir, self.step, self.args, base, state, keep=self.cfg.checkpoint.keep)
+
+    def _restore(self, path: Path) -> None:
+        sd, state = ckpt.load_train_state(path)
+        if isinstance(self.model, RewardModel):
+            sd = {f"backbone.{k}": v for k, v in sd.items() if not k.startswith("output.")}
+        elif self.args.tie_embeddings:
+            sd["output.weight"] = sd["tok_embeddings.weight"]
+        sd.update(state.get("extra_weights", {}))
+        try:
+            self.model.load_state_dict({k: v.to(self.device) for k, v in sd.items()}, strict=True)
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise HerdError(f"{path}: checkpoint does not fit this run's model/optimizer "
+                            f"({str(e).splitlines()[0]})") from None
+        self.train_data.load_state_dict(state["data"])
+        ckpt.set_rng_state(state["rng"])
+        self.step, self.tokens = int(state["step"]), int(state["tokens"])
+        rows = _read_metrics(self.metrics_path, self.step)  # drop steps logged after the checkpoint
+        _atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
+        self.log(f"resumed from {path} at step {self.step}")
+
+
+def _check_seq_len(cfg, model) -> None:
+    if cfg.train.seq_len > model.args.max_seq_len:
+        raise HerdError(f"train.seq_len={cfg.train.seq_len} exceeds the model's context of {model.args.max_seq_len}")
+
+
+def finetune(stage: str, cfg, model_spec: str, data_path: str, *, val_path: str | None = None,
+             lora=None, dpo: DPOConfig | None = None, ref_spec: str | None = None, resume: bool = False,
+             log: Callable[[str], None] | None = None, progress: bool = True):
+    """One post-training stage — "sft", "reward" or "dpo" — of `model_spec` on `data_path`, through the
+    one training loop; the result is exported to <out>/model (LoRA merged; the reward model with its
+    head) and, with LoRA, the adapters alone to <out>/lora. Returns (trainer, exported path)."""
+    from herd.train.lora import LoRAConfig, apply_lora, save_lora, trainable_parameters
+
+    if stage not in ("sft", "reward", "dpo"):
+        raise HerdError(f"unknown post-training stage {stage!r}")
+    log = log or (lambda m: print(m, flush=True))
+    lora = lora or LoRAConfig()
+    t = cfg.train
+    model, tok = load_trainable(model_spec, t.device)
+    _check_seq_len(cfg, model)
+    kw = dict(batch_size=t.batch_size, seq_len=t.seq_len)
+    if stage == "sft":
+        train = sft_loader(tok, load_chats(data_path), seed=t.seed, **kw)
+        val = sft_loader(tok, load_chats(val_path), shuffle=False, **kw) if val_path else None
+        objective: Any = SFT()
+    else:
+        prefs = load_preferences(data_path)
+        train = ranked_loader(tok, prefs, seed=t.seed, **kw)
+        val = ranked_loader(tok, load_preferences(val_path), shuffle=False, start=len(prefs), **kw) \
+            if val_path else None
+        objective = RewardRanking() if stage == "reward" else DPO(**vars(dpo or DPOConfig()))
+    if stage == "dpo":
+        # §4.1.4: the reference is the starting policy unless given; its log-probs are computed
+        # once here and cached, so it is freed before training starts.
+        ref, ref_tok = (load_trainable(ref_spec, t.device) if ref_spec else load_trainable(model_spec, t.device))
+        if ref.args.vocab_size != model.args.vocab_size or ref_tok.vocab_size != tok.vocab_size:
+            raise HerdError(f"reference model {ref_spec or model_spec} has a vocabulary of {ref.args.vocab_size} "
+                            f"tokens, the policy {model.args.vocab_size}: DPO needs the same tokenizer")
+        log(f"caching reference log-probs ({len(train.items)} train"
+            f"{f', {len(val.items)} validation' if val else ''} examples)")
+        for loader in (train, val) if val else (train,):
+            objective.cache_reference(ref, loader, model.args.vocab_size)
+        del ref
+    if stage == "reward":
+        model = RewardModel(model)
+    if lora.rank > 0:
+        apply_lora(model.backbone if isinstance(model, RewardModel) else model, lora)
+        n, total = trainable_parameters(model)
+        log(f"LoRA rank {lora.rank}: training {n:,} of {total:,} parameters")
+    trainer = PostTrainer(cfg, objective=objective, resume=resume, log=log, progress=progress,
+                          model=model, data=(train, val))
+    trainer.run()
+    out = export_model(trainer.model, tok, trainer.run_dir / "model")
+    if lora.rank > 0:
+        save_lora(model.backbone if isinstance(model, RewardModel) else model, trainer.run_dir / "lora")
+    return trainer, out
+
+
+@torch.no_grad()
+def preference_stats(model: nn.Module, loader: ExampleLoader, dpo: DPO | None = None) -> dict[str, float]:
+    """Mean chosen and rejected log-probs (content tokens) and their margin over a loader's fixed
+    order; with `dpo` (cached reference) also the implicit-reward margin and accuracy."""
+    was = model.training
+    model.eval()
+    chosen, rejected, acc = [], [], []
+    for i in range(loader.batches_per_epoch):
+        b = loader.batch(i).to(model.tok_embeddings.weight.device)
+        if dpo is not None:
+            t = dpo.terms(model, b)
+            chosen += t["policy_chosen"].tolist()
+            rejected += t["policy_rejected"].tolist()
+            rc = (t["policy_chosen"] - t["ref_chosen"]) - (t["policy_rejected"] - t["ref_rejected"])
+            acc += (rc > 0).float().tolist()
+        else:
+            c, r, _ = DPO()._chosen_rejected(b)
+            lp = response_logps(model, b)
+            chosen += lp[c].tolist()
+            rejected += lp[r].tolist()
+    model.train(was)
+    n = max(len(chosen), 1)
+    out = {"chosen_logp": sum(chosen) / n, "rejected_logp": sum(rejected) / n,
+           "margin": (sum(chosen) - sum(rejected)) / n}
+    if acc:
+        out["reward_accuracy"] = sum(acc) / len(acc)
+    return out
+
+
+@torch.no_grad()
+def pairwise_accuracy(rm: RewardModel, loader: ExampleLoader) -> float:
+    """Fraction of ranked pairs the reward model orders correctly (held-out pairs: chance is 0.5)."""
+    rm.eval()
+    right = total = 0
+    for i in range(loader.batches_per_epoch):
+        b = loader.batch(i).to(rm.tok_embeddings.weight.device)
+        r = rm.rewards(b)
+        bi, wi = ranked_pairs(b)
+        right += int((r[bi] > r[wi]).sum())
+        total += int(bi.numel())
+    return right / max(total, 1)

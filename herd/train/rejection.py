@@ -1,0 +1,164 @@
+"""Rejection sampling (SPEC §4; paper §4.2.2): K samples per prompt, scored by a reward model or a
+programmatic verifier, the best kept — the SFT data of the next round.
+
+The prompt is prefilled once and its keys/values are shared by the K samples (the paper's
+PagedAttention prompt sharing doubled throughput): one batch-1 prefill, its cache copied into the
+K rows of the decode cache, then K rows decode together.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from herd.errors import HerdError
+from herd.inference.generate import Completion, _check_prompts
+from herd.inference.kv_cache import KVCache
+from herd.inference.sampling import SamplingParams, sample
+
+
+@torch.inference_mode()
+def sample_k(model, prompt: Sequence[int], k: int, *, max_new_tokens: int, sampling: SamplingParams,
+             stop_ids: Sequence[int] = (), generator: torch.Generator | None = None) -> list[Completion]:
+    """K completions of one prompt whose prefill runs once (batch 1) and is shared by all K rows."""
+    if k <= 0:
+        raise HerdError(f"k must be positive (got {k})")
+    args = model.args
+    _check_prompts([prompt], args.vocab_size, args.max_seq_len)
+    device, dtype = model.tok_embeddings.weight.device, model.tok_embeddings.weight.dtype
+    L = len(prompt)
+    max_new_tokens = min(max_new_tokens, args.max_seq_len - L)
+    out = [Completion() for _ in range(k)]
+    if max_new_tokens <= 0:
+        return out
+    one = KVCache(args, 1, L, dtype=dtype, device=device)
+    logits = model(torch.tensor([list(prompt)], device=device), cache=one, last_only=True)[:, -1]  # (1, V)
+    cache = KVCache(args, k, L + max_new_tokens, dtype=dtype, device=device)
+    cache.k[:, :, :, :L] = one.k  # (layers, 1 → k, K, L, d): the prompt's keys/values, computed once
+    cache.v[:, :, :, :L] = one.v
+    cache.offset = L
+    del one
+    logits = logits.expand(k, -1)
+    stop_set = set(stop_ids)
+    stop = torch.tensor(sorted(stop_set), dtype=torch.long, device=device)
+    finished = torch.zeros(k, dtype=torch.bool, device=device)
+    for step in range(max_new_tokens):
+        nxt = sample(logits, sampling, generator)
+        for c, t, f in zip(out, nxt.tolist(), finished.tolist(), strict=True):
+            if f:
+                continue
+            if t in stop_set:
+                c.stop_token, c.finish_reason = t, "stop"
+            else:
+                c.ids.append(t)
+        finished |= torch.isin(nxt, stop)
+        if step + 1 == max_new_tokens or bool(finished.all()):
+            break
+        logits = model(nxt[:, None], cache=cache)[:, -1]
+    return out
+
+
+Scorer = Callable[[list[dict], dict, list[str]], list[float]]  # (prompt, record, samples) → scores
+
+
+def verifier_scorer(name: str) -> Scorer:
+    """A programmatic verifier over records with an `answer` (herd/eval/tasks.py's answer matching):
+    1.0 for a correct sample, 0.0 otherwise."""
+    from herd.eval.tasks import is_correct
+
+    if name != "answer":
+        raise HerdError(f"unknown verifier {name!r} (available: answer — compares with the record's 'answer')")
+
+    def score(prompt, record, samples):
+        if "answer" not in record:
+            raise HerdError("the 'answer' verifier needs an 'answer' field in every prompt line")
+        return [1.0 if is_correct(s, record["answer"]) else 0.0 for s in samples]
+
+    return score
+
+
+def reward_scorer(rm, tokenizer) -> Scorer:
+    from herd.train.posttrain import score_responses
+
+    return lambda prompt, record, samples: score_responses(rm, tokenizer, prompt, samples)
+
+
+@dataclass
+class Sampled:
+    prompt: list[dict]
+    record: dict
+    samples: list[str]
+    scores: list[float]
+
+    @property
+    def best(self) -> int:
+        return max(range(len(self.scores)), key=lambda i: self.scores[i])
+
+
+def rejection_sample(model, tokenizer, prompts: Sequence[tuple[str, list[dict], dict]], k: int, scorer: Scorer, *,
+                     max_new_tokens: int = 64, temperature: float = 0.8, top_p: float = 1.0, seed: int = 0,
+                     progress: bool = False) -> list[Sampled]:
+    """K samples per prompt (prompt lines from herd.train.posttrain.load_prompts), each scored."""
+    from tqdm import tqdm
+
+    from herd.api import encode_prompt
+
+    params = SamplingParams(temperature=temperature, top_p=top_p)
+    gen = torch.Generator(device=model.tok_embeddings.weight.device).manual_seed(seed)
+    out = []
+    for where, msgs, record in tqdm(prompts, disable=not progress, desc="sample"):
+        ids = encode_prompt(tokenizer, msgs)
+        if len(ids) >= model.args.max_seq_len:
+            raise HerdError(f"{where}: prompt of {len(ids)} tokens does not fit the model's context of "
+                            f"{model.args.max_seq_len}")
+        comps = sample_k(model, ids, k, max_new_tokens=max_new_tokens, sampling=params,
+                         stop_ids=sorted(tokenizer.stop_ids), generator=gen)
+        texts = [tokenizer.decode(c.ids) for c in comps]
+        out.append(Sampled(msgs, record, texts, [float(s) for s in scorer(msgs, record, texts)]))
+    return out
+
+
+def write_best(results: Sequence[Sampled], out: str | os.PathLike, min_score: float | None = None,
+               keep_all: bool = False) -> int:
+    """JSONL, one line per prompt whose best score reaches `min_score`: `messages` (prompt + best
+    reply: chat JSONL for `herd sft`), `score`, and with keep_all every sample and score. Atomic."""
+    from herd.checkpoint.common import atomic_path
+
+    lines = []
+    for r in results:
+        b = r.best
+        if min_score is not None and r.scores[b] < min_score:
+            continue
+        row: dict[str, Any] = {"messages": r.prompt + [{"role": "assistant", "content": r.samples[b]}],
+                               "score": r.scores[b]}
+        if "answer" in r.record:
+            row["answer"] = r.record["answer"]
+        if keep_all:
+            row["samples"], row["scores"] = r.samples, r.scores
+        lines.append(json.dumps(row, ensure_ascii=False) + "\n")
+    with atomic_path(Path(out)) as tmp:
+        tmp.write_text("".join(lines), encoding="utf-8")
+    return len(lines)
+
+
+def preference_pairs(results: Sequence[Sampled], seed: int = 0) -> list[dict]:
+    """Preference lines from scored samples: the best-scored sample as chosen, a strictly
+    lower-scored one (picked at random) as rejected; prompts whose samples all tie give none."""
+    rng = random.Random(seed)
+    rows = []
+    for r in results:
+        b = r.best
+        worse = [i for i, s in enumerate(r.scores) if s < r.scores[b]]
+        if not worse:
+            continue
+        w = rng.choice(worse)
+        rows.append({"prompt": r.prompt, "chosen": [{"role": "assistant", "content": r.samples[b]}],
+                     "rejected": [{"role": "assistant", "content": r.samples[w]}]})
+    return rows
