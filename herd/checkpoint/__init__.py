@@ -177,7 +177,12 @@ def build_model(args: ModelArgs, state_dict: dict[str, torch.Tensor], device: st
     allocated (DESIGN principle 3), in eval mode. Tensors already of `dtype` on `device` become the
     parameters as they are (shared with `state_dict`, not copied)."""
     with torch.device("meta"):
-        model = Llama4Transformer(args) if isinstance(args, Llama4Args) else Transformer(args)
+        if isinstance(args, Llama4Args):
+            from herd.models.vision import Llama4Multimodal  # the text model plus the image encoder
+
+            model = Llama4Transformer(args) if args.vision is None else Llama4Multimodal(args)
+        else:
+            model = Transformer(args)
     sd = {k: v.to(device=device, dtype=dtype) for k, v in state_dict.items()}
     load_weights(model, sd)
     model.init_buffers(device)

@@ -66,6 +66,22 @@ def permute_from_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 # ---- config --------------------------------------------------------------------------------------
+def rope_from_hf_config(cfg: dict, source: str, default_theta: float) -> tuple[float, RopeScaling | None]:
+    """(rope_theta, llama3 scaling or None) from a HF config: transformers 5 nests both under
+    `rope_parameters`, older configs have `rope_theta` and `rope_scaling` (with `type` or
+    `rope_type`). Shared by the dense and the Llama 4 mappings. Raises KeyError on a missing field."""
+    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    theta = float(cfg.get("rope_theta", rope.get("rope_theta", default_theta)))
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type in ("default", None):
+        return theta, None
+    if rope_type != "llama3":
+        raise HerdError(f"{source}: RoPE scaling type {rope_type!r} is not supported (llama3 or none)")
+    return theta, RopeScaling(factor=float(rope["factor"]), low_freq_factor=float(rope["low_freq_factor"]),
+                              high_freq_factor=float(rope["high_freq_factor"]),
+                              original_max_position_embeddings=int(rope["original_max_position_embeddings"]))
+
+
 def args_from_hf_config(cfg: dict, source: str = "config.json") -> ModelArgs:
     from herd.checkpoint.hf_llama4 import is_llama4_config, llama4_args_from_hf_config
 
@@ -74,16 +90,7 @@ def args_from_hf_config(cfg: dict, source: str = "config.json") -> ModelArgs:
     if cfg.get("model_type", "llama") != "llama" and "LlamaForCausalLM" not in (cfg.get("architectures") or []):
         raise HerdError(f"{source}: model_type {cfg.get('model_type')!r} is not a Llama-architecture model")
     try:
-        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-        theta = cfg.get("rope_theta", rope.get("rope_theta", 10000.0))
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        scaling = None
-        if rope_type == "llama3":
-            scaling = RopeScaling(factor=float(rope["factor"]), low_freq_factor=float(rope["low_freq_factor"]),
-                                  high_freq_factor=float(rope["high_freq_factor"]),
-                                  original_max_position_embeddings=int(rope["original_max_position_embeddings"]))
-        elif rope_type not in ("default", None):
-            raise HerdError(f"{source}: RoPE scaling type {rope_type!r} is not supported (llama3 or none)")
+        theta, scaling = rope_from_hf_config(cfg, source, default_theta=10000.0)
         n_heads = int(cfg["num_attention_heads"])
         head_dim = cfg.get("head_dim")
         return ModelArgs(

@@ -8,8 +8,12 @@ Differences from the dense HF mapping (hf.py):
   experts' gate and up matrices as `experts.gate_up_proj` (E, D, 2F), gate first, and stores
   `experts.down_proj` (E, F, D) — Meta's w1 | w3 and w2 with the same (in, out) orientation.
 - Dense layers keep `feed_forward.{gate,up,down}_proj` (HF names them under feed_forward, not mlp).
-Multimodal `Llama4ForConditionalGeneration` directories (model_type "llama4") are read for their
-text model: the `language_model.` prefix is stripped and vision tensors are skipped.
+- Multimodal `Llama4ForConditionalGeneration` directories (model_type "llama4"): the text model's
+  names carry a `language_model.` prefix; the vision tower (`vision_model.*`,
+  `multi_modal_projector.linear_1`) maps name for name onto Meta's `vision_embeddings.*` and
+  `vision_projection` (herd/models/vision.py). Its q/k rows need no permutation either (HF's
+  vision RoPE is the same complex product). A directory whose config has a vision_config loads as
+  `Llama4Multimodal`; without one, vision tensors present are an error.
 """
 
 from __future__ import annotations
@@ -19,9 +23,9 @@ from pathlib import Path
 import torch
 
 from herd.checkpoint.common import check_shapes, read_json_config, read_safetensors_dir, write_safetensors_dir
+from herd.checkpoint.hf import rope_from_hf_config
 from herd.errors import HerdError
-from herd.models.args import RopeScaling
-from herd.models.llama4 import Llama4Args
+from herd.models.llama4 import Llama4Args, VisionArgs
 
 _ATTN = {"attention.wq.weight": "self_attn.q_proj.weight", "attention.wk.weight": "self_attn.k_proj.weight",
          "attention.wv.weight": "self_attn.v_proj.weight", "attention.wo.weight": "self_attn.o_proj.weight",
@@ -36,6 +40,80 @@ _TOP = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "mo
         "output.weight": "lm_head.weight"}
 
 
+# Vision tower: Meta name ↔ HF name (Meta's prefix VE below; HF's vision_model.).
+_VE = "vision_embeddings.vision_encoder."
+_VISION_TOP = {_VE + "conv1._linear.weight": "vision_model.patch_embedding.linear.weight",
+               _VE + "class_embedding": "vision_model.class_embedding",
+               _VE + "positional_embedding_vlm": "vision_model.positional_embedding_vlm",
+               _VE + "ln_pre.weight": "vision_model.layernorm_pre.weight",
+               _VE + "ln_pre.bias": "vision_model.layernorm_pre.bias",
+               _VE + "ln_post.weight": "vision_model.layernorm_post.weight",
+               _VE + "ln_post.bias": "vision_model.layernorm_post.bias",
+               "vision_embeddings.vision_adapter.mlp.c_fc.weight": "vision_model.vision_adapter.mlp.fc1.weight",
+               "vision_embeddings.vision_adapter.mlp.c_proj.weight": "vision_model.vision_adapter.mlp.fc2.weight",
+               "vision_projection.weight": "multi_modal_projector.linear_1.weight"}
+_VISION_LAYER = {f"{m}.{w}": f"{h}.{w}" for m, h in (
+    ("attn.wq", "self_attn.q_proj"), ("attn.wk", "self_attn.k_proj"), ("attn.wv", "self_attn.v_proj"),
+    ("attn.wo", "self_attn.o_proj"), ("mlp.c_fc", "mlp.fc1"), ("mlp.c_proj", "mlp.fc2"),
+    ("ln_1", "input_layernorm"), ("ln_2", "post_attention_layernorm")) for w in ("weight", "bias")}
+_VISION_FROM_TOP = {v: k for k, v in _VISION_TOP.items()}
+_VISION_FROM_LAYER = {v: k for k, v in _VISION_LAYER.items()}
+_VISION_HF_PREFIXES = ("vision_model.", "multi_modal_projector.", "model.vision_model.", "model.multi_modal_projector.")
+
+
+def vision_to_hf_name(name: str) -> str:
+    if name in _VISION_TOP:
+        return _VISION_TOP[name]
+    idx, rest = name[len(_VE + "transformer.resblocks."):].split(".", 1)
+    return f"vision_model.model.layers.{idx}.{_VISION_LAYER[rest]}"
+
+
+def vision_from_hf_name(name: str) -> str | None:
+    name = name.removeprefix("model.")
+    if name in _VISION_FROM_TOP:
+        return _VISION_FROM_TOP[name]
+    if name.startswith("vision_model.model.layers."):
+        idx, rest = name[len("vision_model.model.layers."):].split(".", 1)
+        if idx.isdigit() and rest in _VISION_FROM_LAYER:
+            return f"{_VE}transformer.resblocks.{idx}.{_VISION_FROM_LAYER[rest]}"
+    return None
+
+
+def vision_args_from_hf_config(cfg: dict, source: str = "config.json") -> VisionArgs:
+    v = cfg["vision_config"]
+    try:
+        dim, ratio = int(v["hidden_size"]), float(v.get("pixel_shuffle_ratio", 0.5))
+        inter = int(v.get("intermediate_size", 5632))
+        out = int(v.get("vision_output_dim", 7680))
+        # transformers sizes the adapter's first linear by intermediate_size and its second and the
+        # projector by projector_*_dim / vision_output_dim; Meta's model has one width for each.
+        if round(dim / ratio ** 2) != inter:
+            raise HerdError(f"{source}: vision intermediate_size {inter} must equal hidden_size/pixel_shuffle_ratio² "
+                            f"({round(dim / ratio ** 2)}) as in the released models")
+        if int(v.get("projector_input_dim", out)) != out or int(v.get("projector_output_dim", out)) != out:
+            raise HerdError(f"{source}: vision projector_input_dim, projector_output_dim and vision_output_dim "
+                            "must be equal (as in the released models)")
+        theta, _ = rope_from_hf_config(v, source, default_theta=10000.0)
+        return VisionArgs(image_size=int(v.get("image_size", 448)), patch_size=int(v.get("patch_size", 14)),
+                          dim=dim, n_layers=int(v["num_hidden_layers"]), n_heads=int(v["num_attention_heads"]),
+                          mlp_ratio=inter / dim, output_dim=out, pixel_shuffle_ratio=ratio, rope_theta=theta,
+                          image_token_id=int(cfg.get("image_token_index", 200092)),
+                          max_tiles=int(v.get("max_patches", 16)))
+    except KeyError as e:
+        raise HerdError(f"{source}: vision_config is missing key {e.args[0]!r}") from None
+
+
+def hf_vision_config(v: VisionArgs) -> dict:
+    return {"model_type": "llama4_vision_model", "hidden_size": v.dim, "num_hidden_layers": v.n_layers,
+            "num_attention_heads": v.n_heads, "intermediate_size": v.mlp_dim, "image_size": v.image_size,
+            "patch_size": v.patch_size, "pixel_shuffle_ratio": v.pixel_shuffle_ratio,
+            "vision_output_dim": v.output_dim, "projector_input_dim": v.output_dim,
+            "projector_output_dim": v.output_dim, "hidden_act": "gelu", "num_channels": 3, "norm_eps": v.norm_eps,
+            "rope_parameters": {"rope_type": "default", "rope_theta": v.rope_theta},
+            # the image processor's setting (preprocessor_config.json's max_patches), kept with the model
+            "max_patches": v.max_tiles}
+
+
 def is_llama4_config(cfg: dict) -> bool:
     archs = cfg.get("architectures") or []
     return cfg.get("model_type") in ("llama4_text", "llama4") or any(a.startswith("Llama4") for a in archs)
@@ -43,7 +121,10 @@ def is_llama4_config(cfg: dict) -> bool:
 
 # ---- config --------------------------------------------------------------------------------------
 def llama4_args_from_hf_config(cfg: dict, source: str = "config.json") -> Llama4Args:
+    vision = None
     if cfg.get("model_type") == "llama4" or "text_config" in cfg:
+        if cfg.get("vision_config"):
+            vision = vision_args_from_hf_config(cfg, source)
         cfg = cfg.get("text_config") or {}
     try:
         n_layers = int(cfg["num_hidden_layers"])
@@ -55,16 +136,7 @@ def llama4_args_from_hf_config(cfg: dict, source: str = "config.json") -> Llama4
         no_rope = cfg.get("no_rope_layers")
         if no_rope and [int(x) for x in no_rope[:n_layers]] != [int((i + 1) % interval != 0) for i in range(n_layers)]:
             raise HerdError(f"{source}: no_rope_layers is not every {interval}th layer (unsupported)")
-        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-        theta = cfg.get("rope_theta", rope.get("rope_theta", 500000.0))
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        scaling = None
-        if rope_type == "llama3":
-            scaling = RopeScaling(factor=float(rope["factor"]), low_freq_factor=float(rope["low_freq_factor"]),
-                                  high_freq_factor=float(rope["high_freq_factor"]),
-                                  original_max_position_embeddings=int(rope["original_max_position_embeddings"]))
-        elif rope_type not in ("default", None):
-            raise HerdError(f"{source}: RoPE scaling type {rope_type!r} is not supported (llama3 or none)")
+        theta, scaling = rope_from_hf_config(cfg, source, default_theta=500000.0)
         n_heads = int(cfg["num_attention_heads"])
         chunk = cfg.get("attention_chunk_size", 8192)
         return Llama4Args(
@@ -81,6 +153,7 @@ def llama4_args_from_hf_config(cfg: dict, source: str = "config.json") -> Llama4
             qk_norm=bool(cfg.get("use_qk_norm", True)),
             attn_temperature_tuning=bool(cfg.get("attn_temperature_tuning", True)),
             floor_scale=float(cfg.get("floor_scale", 8192)), attn_scale=float(cfg.get("attn_scale", 0.1)),
+            vision=vision,
         )
     except KeyError as e:
         raise HerdError(f"{source}: missing key {e.args[0]!r}") from None
@@ -109,6 +182,11 @@ def hf_config_from_llama4_args(args: Llama4Args, extra: dict | None = None) -> d
         "floor_scale": int(args.floor_scale) if float(args.floor_scale).is_integer() else args.floor_scale,
         "attn_scale": args.attn_scale, "hidden_act": "silu", "attention_bias": False, "torch_dtype": "float32",
     }
+    if args.vision is not None:  # Llama4ForConditionalGeneration: the text config nests
+        cfg = {"architectures": ["Llama4ForConditionalGeneration"], "model_type": "llama4",
+               "text_config": cfg, "vision_config": hf_vision_config(args.vision),
+               "image_token_index": args.vision.image_token_id, "tie_word_embeddings": args.tie_embeddings,
+               "torch_dtype": cfg["torch_dtype"]}
     cfg.update(extra or {})
     return cfg
 
@@ -137,6 +215,19 @@ def expected_llama4_shapes(args: Llama4Args) -> dict[str, tuple[int, ...]]:
             F = args.ffn_hidden_dim
             shapes.update({p + "feed_forward.w1.weight": (F, d), p + "feed_forward.w3.weight": (F, d),
                            p + "feed_forward.w2.weight": (d, F)})
+    if args.vision is not None:
+        shapes.update(expected_vision_shapes(args.vision, d))
+    return shapes
+
+
+def expected_vision_shapes(v: VisionArgs, text_dim: int) -> dict[str, tuple[int, ...]]:
+    """The vision tower's names and shapes, read off the module built on the meta device (free)."""
+    from herd.models.vision import VisionEmbeddings
+
+    with torch.device("meta"):
+        sd = VisionEmbeddings(v).state_dict(prefix="vision_embeddings.")
+    shapes = {k: tuple(t.shape) for k, t in sd.items()}
+    shapes["vision_projection.weight"] = (text_dim, v.output_dim)
     return shapes
 
 
@@ -170,9 +261,13 @@ def from_hf_llama4_state_dict(hf: dict[str, torch.Tensor], args: Llama4Args,
                               source: str = "HF checkpoint") -> dict[str, torch.Tensor]:
     sd: dict[str, torch.Tensor] = {}
     for name, t in hf.items():
-        if name.startswith(("vision_model.", "multi_modal_projector.", "model.vision_model.",
-                            "model.multi_modal_projector.")):
-            continue  # the vision tower of a multimodal checkpoint: not part of the text model
+        if name.startswith(_VISION_HF_PREFIXES):
+            meta = vision_from_hf_name(name)
+            if meta is None or args.vision is None:
+                why = "no vision_config in the config" if args.vision is None else "unknown vision tensor"
+                raise HerdError(f"{source}: unexpected tensor {name!r} ({why})")
+            sd[meta] = t
+            continue
         name = name.replace("language_model.model.", "model.").replace("language_model.lm_head.", "lm_head.")
         name = name.replace("model.language_model.", "model.")
         if name in _FROM_TOP:
@@ -204,6 +299,9 @@ def to_hf_llama4_state_dict(sd: dict[str, torch.Tensor], args: Llama4Args) -> di
     sd = check_llama4_state_dict(sd, args, "model")
     out: dict[str, torch.Tensor] = {}
     for name, t in sd.items():
+        if name.startswith(("vision_embeddings.", "vision_projection.")):
+            out[vision_to_hf_name(name)] = t.contiguous()
+            continue
         if name in _TOP:
             out[_TOP[name]] = t.contiguous()
             continue
@@ -220,6 +318,9 @@ def to_hf_llama4_state_dict(sd: dict[str, torch.Tensor], args: Llama4Args) -> di
             out[p + "feed_forward.experts.down_proj"] = t.contiguous()
         elif rest != "feed_forward.experts.w3":  # fused into gate_up_proj with w1
             raise HerdError(f"no HF Llama 4 name for {name!r}")
+    if args.vision is not None:  # Llama4ForConditionalGeneration nests the text model
+        out = {(k if k.startswith(("vision_model.", "multi_modal_projector.")) else
+                "language_model." + k): t for k, t in out.items()}
     return out
 
 

@@ -39,6 +39,69 @@ from herd.models.rope import apply_rope, rope_rotations
 
 
 @dataclass(frozen=True)
+class VisionArgs:
+    """The Llama 4 image encoder (Meta's `VisionArgs`, HF's `Llama4VisionConfig`): a ViT over square
+    tiles of `image_size` pixels cut in `patch_size` patches, whose output is pixel-shuffled (each
+    2x2 patch block becomes one token at ratio 0.5), passed through the adapter MLP to `output_dim`
+    and projected into the text model. Released values (Scout and Maverick): these defaults."""
+
+    image_size: int = 336
+    patch_size: int = 14
+    dim: int = 1408
+    n_layers: int = 34
+    n_heads: int = 16
+    mlp_ratio: float = 4.0
+    output_dim: int = 4096
+    pixel_shuffle_ratio: float = 0.5
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    image_token_id: int = 200092  # <|patch|>: the positions image features replace
+    max_tiles: int = 16  # most tiles one image is cut into (plus the global thumbnail)
+
+    def __post_init__(self) -> None:
+        problems = []
+        if min(self.image_size, self.patch_size, self.dim, self.n_layers, self.n_heads, self.output_dim,
+               self.max_tiles) <= 0:
+            problems.append("sizes must be positive")
+        elif self.image_size % self.patch_size:
+            problems.append(f"image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size})")
+        elif self.dim % self.n_heads or (self.dim // self.n_heads) % 4:
+            problems.append(f"dim/n_heads ({self.dim}/{self.n_heads}) must be a multiple of 4 (2-D RoPE)")
+        else:
+            shuffled = self.grid * self.pixel_shuffle_ratio
+            if not 0 < self.pixel_shuffle_ratio <= 1 or shuffled != int(shuffled) or (
+                    self.dim / self.pixel_shuffle_ratio ** 2) % 1:
+                problems.append(f"pixel_shuffle_ratio {self.pixel_shuffle_ratio} does not divide the "
+                                f"{self.grid}x{self.grid} patch grid and dim {self.dim}")
+        if problems:
+            raise HerdError("invalid Llama 4 vision config: " + "; ".join(problems))
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def tokens_per_tile(self) -> int:
+        """<|patch|> tokens per tile after pixel shuffle (144 for 336-pixel tiles of 14)."""
+        return round(self.grid * self.pixel_shuffle_ratio) ** 2
+
+    @property
+    def mlp_dim(self) -> int:
+        return int(self.mlp_ratio * self.dim)
+
+    @property
+    def adapter_in(self) -> int:
+        return round(self.dim / self.pixel_shuffle_ratio ** 2)
+
+    def num_params(self, text_dim: int) -> int:
+        d, f = self.dim, self.mlp_dim
+        layer = 4 * (d * d + d) + (d * f + f) + (f * d + d) + 4 * d
+        embed = 3 * self.patch_size ** 2 * d + d + (self.grid ** 2 + 1) * d + 4 * d  # + ln_pre/post
+        adapter = self.adapter_in * self.output_dim + self.output_dim ** 2
+        return embed + self.n_layers * layer + adapter + self.output_dim * text_dim
+
+
+@dataclass(frozen=True)
 class Llama4Args(HeadShapes):
     dim: int = 5120
     n_layers: int = 48
@@ -65,8 +128,10 @@ class Llama4Args(HeadShapes):
     floor_scale: float = 8192.0
     attn_scale: float = 0.1
     # Parameters of the vision encoder + projector of the released checkpoints, counted in the
-    # published totals (Scout "109B") but not implemented here (text model only).
+    # published totals (Scout "109B"); a text-only model (vision None) does not build them.
     vision_params: int = 0
+    # The image encoder (herd/models/vision.py); None: a text-only model.
+    vision: VisionArgs | None = None
 
     def __post_init__(self) -> None:
         kv = self.kv_heads
@@ -121,7 +186,8 @@ class Llama4Args(HeadShapes):
     def num_params(self, include_embeddings: bool = True, include_vision: bool = False) -> int:
         """All text-model parameters (what this module builds); `include_vision` adds the released
         vision encoder's, as the published totals do (Scout 109B, Maverick 400B)."""
-        return self._count(self.n_experts, include_embeddings) + (self.vision_params if include_vision else 0)
+        vision = self.vision.num_params(self.dim) if self.vision is not None else self.vision_params
+        return self._count(self.n_experts, include_embeddings) + (vision if include_vision else 0)
 
     def active_params(self, include_embeddings: bool = True) -> int:
         """Parameters one text token touches: attention, shared expert, `top_k` routed experts
@@ -254,12 +320,25 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.
 
 
 class MoE(nn.Module):
+    """Shared expert on every token + `top_k` routed experts per token.
+
+    The routed part is route → sort by expert → `self.experts(rows, counts)` → scatter-add back.
+    `self.experts` is the expert-parallel hook point: anything with Experts' call signature
+    (rows sorted by expert, `counts[e]` rows for expert e → one output row per input row) can
+    replace it — an expert-parallel layer sends each expert's rows to the rank holding it
+    (all-to-all), runs `shard_experts(...)`'s local slice there, and sends the rows back.
+
+    Router statistics: `tokens_per_expert` (E,) counts the (token, expert) assignments since the
+    last `router_stats(model)` call, for load-balance logging during training.
+    """
+
     def __init__(self, args: Llama4Args):
         super().__init__()
         self.n_experts, self.top_k = args.n_experts, args.top_k
         self.experts = Experts(args.n_experts, args.dim, args.moe_ffn_dim)
         self.router_DE = nn.Parameter(torch.empty(args.dim, args.n_experts))
         self.shared_expert = FeedForward(args.dim, args.moe_ffn_dim)
+        self.tokens_per_expert: torch.Tensor | None = None  # a plain attribute: never in a checkpoint
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -274,12 +353,66 @@ class MoE(nn.Module):
         order = torch.argsort(flat_experts, stable=True)
         token_of = torch.arange(x.shape[0], device=x.device).repeat_interleave(self.top_k)[order]
         counts = torch.bincount(flat_experts, minlength=self.n_experts)
+        seen = counts.detach()
+        self.tokens_per_expert = seen if self.tokens_per_expert is None else self.tokens_per_expert + seen
         # The score scales the expert's *input* (HF and Meta both do), not its output.
         routed_in = x[token_of] * scores.reshape(-1, 1)[order]
         routed_out = self.experts(routed_in, counts)
         out = self.shared_expert(x)
         out.index_add_(0, token_of, routed_out)
         return out.view(shape)
+
+
+# ---- expert parallelism and router statistics (hooks for herd/train) ------------------------------
+def local_experts(n_experts: int, ep_rank: int, ep_size: int) -> range:
+    """The experts rank `ep_rank` of an expert-parallel group of `ep_size` holds: a contiguous
+    block, so the rows `MoE` sorted by expert go to ranks in order (all-to-all split sizes are
+    sums of `counts` over each block)."""
+    if ep_size <= 0 or n_experts % ep_size or not 0 <= ep_rank < ep_size:
+        raise HerdError(f"cannot shard {n_experts} experts over an expert-parallel group of {ep_size} "
+                        f"(rank {ep_rank}): the expert count must be a multiple of the group size")
+    per = n_experts // ep_size
+    return range(ep_rank * per, (ep_rank + 1) * per)
+
+
+def shard_experts(experts: Experts, ep_rank: int, ep_size: int) -> Experts:
+    """The Experts module of one expert-parallel rank: the same layout, E/ep_size experts, sharing
+    storage with `experts` (slices of dim 0 of w1, w2, w3). A distributed layer (herd/train)
+    calls this per MoE layer for the ranks of a mesh dim and wraps the result with the token
+    all-to-all; called with the counts of its block, it computes exactly those rows."""
+    block = local_experts(experts.w1.shape[0], ep_rank, ep_size)
+    local = Experts.__new__(Experts)
+    nn.Module.__init__(local)
+    for name in ("w1", "w2", "w3"):
+        setattr(local, name, nn.Parameter(getattr(experts, name)[block.start:block.stop],
+                                          requires_grad=getattr(experts, name).requires_grad))
+    return local
+
+
+def moe_layers(model: nn.Module) -> dict[str, MoE]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, MoE)}
+
+
+def router_stats(model: nn.Module, reset: bool = True) -> dict[str, float | list[int]]:
+    """Tokens routed to each expert since the last call, per MoE layer, for the training log:
+    `moe.<layer>.tokens_per_expert` lists and `moe_max_load`, the busiest expert's share over the
+    mean share, worst layer (1.0 is perfect balance; E means one expert took everything)."""
+    out: dict[str, float | list[int]] = {}
+    worst = 0.0
+    for name, moe in moe_layers(model).items():
+        counts = moe.tokens_per_expert
+        if counts is None:
+            continue
+        c = counts.tolist()
+        out[f"moe.{name}.tokens_per_expert"] = c
+        total = sum(c)
+        if total:
+            worst = max(worst, max(c) * len(c) / total)
+        if reset:
+            moe.tokens_per_expert = None
+    if out:
+        out["moe_max_load"] = worst
+    return out
 
 
 class TransformerBlock(nn.Module):
@@ -326,9 +459,14 @@ class Transformer(DecoderOnly):
             S = cache.max_len
         else:
             S = T if cache is None else cache.offset + T
-        k_idx = torch.arange(S, device=device)
+        # A cache that keeps only the current chunk for these layers (ChunkedKVCache) returns the keys
+        # of cache positions local_start .. S; the mask covers exactly those.
+        start = getattr(cache, "local_start", 0)
+        k_idx = torch.arange(start, S, device=device)
         if mask is None:
-            mask = (k_idx[None, :] <= q_idx[:, None])[None, None]  # (1, 1, T, S) causal
+            mask = (k_idx[None, :] <= q_idx[:, None])[None, None]  # (1, 1, T, S - start) causal
+        else:
+            mask = mask[..., start:]
         # A row's cache index minus its position is constant (its left padding), read off the last
         # query, whose token is always real.
         shift = q_idx[-1] - positions[:, -1]  # (B,)
@@ -344,12 +482,18 @@ class Transformer(DecoderOnly):
                 last_only: bool = False) -> torch.Tensor:
         """tokens (B, T) → logits (B, T, V) fp32, as llama3.Transformer.forward (same cache, positions
         and mask contract); the chunked-attention mask of the RoPE layers is derived here."""
-        T = tokens.shape[1]
+        return self.decode(self.tok_embeddings(tokens), cache=cache, positions=positions, mask=mask,
+                           last_only=last_only)
+
+    def decode(self, h: torch.Tensor, *, cache: Cache | None = None, positions: torch.Tensor | None = None,
+               mask: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
+        """The decoder over input embeddings h (B, T, D): what `forward` runs after the token lookup,
+        and what the multimodal model (vision.py) runs after merging image features into h."""
+        T = h.shape[1]
         if positions is None:
-            positions = self.default_positions(tokens, cache)
+            positions = self.default_positions(h[..., 0], cache)
         rotations = rope_rotations(self.inv_freq, positions)
         local_mask = self._chunk_mask(positions, mask, cache, T)
-        h = self.tok_embeddings(tokens)
         for layer in self.layers:
             h = layer(h, rotations, positions, mask, local_mask, cache)
         return self.head(h, cache, last_only)

@@ -1,0 +1,228 @@
+"""Llama 4 vision: the encoder + multimodal merge against transformers' Llama4ForConditionalGeneration
+(fp32, random weights, a real photo), the preprocessing and prompt expansion against Meta's
+llama-models reference and transformers' processor, the HF mapping of the vision tower, and the
+errors (SPEC §1, issue 6)."""
+
+from __future__ import annotations
+
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from herd.checkpoint.hf_llama4 import (
+    hf_config_from_llama4_args,
+    read_hf_llama4,
+    to_hf_llama4_state_dict,
+    write_hf_llama4,
+)
+from herd.errors import HerdError
+from herd.models.image_processing import (
+    best_canvas,
+    encode_with_image,
+    image_token_ids,
+    load_image,
+    prepare_image_prompt,
+    preprocess_image,
+    supported_canvases,
+)
+from herd.models.llama4 import Llama4Args, Transformer, VisionArgs
+from herd.models.vision import Llama4Multimodal, WithImages
+
+llama_models = pytest.importorskip("llama_models")
+RESOURCES = Path(llama_models.__file__).parent / "resources"
+DOG, PASTA = RESOURCES / "dog.jpg", RESOURCES / "pasta.jpeg"
+
+# A small model whose <|patch|> id is the real one (200092), so prompts from the real Llama 4
+# tokenizer drive it: the vocabulary must reach past the tokenizer's specials.
+VISION = VisionArgs(image_size=56, patch_size=14, dim=32, n_layers=2, n_heads=2, output_dim=48, max_tiles=4)
+ARGS = Llama4Args(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=16, vocab_size=202048, n_experts=4,
+                  moe_ffn_dim=32, ffn_hidden_dim=48, max_seq_len=512, attention_chunk_size=8, floor_scale=4.0,
+                  vision=VISION)
+
+
+@pytest.fixture(scope="module")
+def models():
+    from transformers import Llama4Config, Llama4ForConditionalGeneration
+
+    torch.manual_seed(0)
+    model = Llama4Multimodal(ARGS)
+    model.init_weights(std=0.3)
+    cfg = {k: v for k, v in hf_config_from_llama4_args(ARGS).items() if k != "architectures"}
+    ref = Llama4ForConditionalGeneration(Llama4Config(**cfg))
+    for c in (ref.config, ref.config.text_config, ref.config.vision_config):
+        c._attn_implementation = "eager"
+    missing, unexpected = ref.load_state_dict(to_hf_llama4_state_dict(model.state_dict(), ARGS), strict=False)
+    assert not missing and not unexpected, (missing, unexpected)
+    return model.eval(), ref.eval()
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from herd.tokenizer import load_tokenizer
+
+    return load_tokenizer("llama4")
+
+
+def hf_logits(ref, tokens, tiles):
+    """Llama4ForConditionalGeneration.forward's own steps (its return path breaks in this
+    transformers release: MoeCausalLMOutputWithPast has no image_outputs)."""
+    emb = ref.get_input_embeddings()(tokens)
+    feats = ref.vision_model(tiles).last_hidden_state
+    proj = ref.multi_modal_projector(feats.reshape(-1, feats.shape[-1]))
+    emb = emb.masked_scatter(ref.get_placeholder_mask(tokens, inputs_embeds=emb, image_features=proj), proj)
+    return ref.language_model(inputs_embeds=emb).logits
+
+
+def test_multimodal_logits_match_transformers_on_a_real_photo(models, tokenizer):
+    model, ref = models
+    ids, tiles = prepare_image_prompt(model, tokenizer, [{"role": "user", "content": "What is in this picture?"}],
+                                      DOG)
+    assert tiles.shape[0] > 1  # several tiles plus the thumbnail: the tiling path is exercised
+    tokens = torch.tensor([ids])
+    with torch.no_grad():
+        ours, theirs, text_only = model(tokens, images=tiles), hf_logits(ref, tokens, tiles), model(tokens)
+    assert (ours - theirs).abs().max().item() <= 1e-4
+    assert (ours - text_only).abs().max().item() > 1e-2  # the image really changes the answer
+
+
+def test_generation_with_image_decodes_like_the_full_forward(models, tokenizer):
+    from herd.inference.generate import generate_batch
+
+    model, _ = models
+    ids, tiles = prepare_image_prompt(model, tokenizer, "A photo of", PASTA)
+    out = generate_batch(WithImages(model, tiles), [ids], max_new_tokens=4)[0].ids
+    seq = torch.tensor([ids + out])
+    with torch.no_grad():
+        full = model(seq, images=tiles)[0, len(ids) - 1:-1].argmax(-1).tolist()
+    assert out == full
+
+
+# ---- preprocessing against Meta's reference -----------------------------------------------------
+def _reference_with_pil_torchvision(monkeypatch):
+    """Import llama-models' llama4 preprocessing and chat format. They import torchvision only for
+    ToTensor, Normalize and resizing a PIL image; torchvision cannot load here (its wheel links a
+    CUDA torch), so those four are given their documented PIL behaviour (torchvision's PIL path is
+    `Image.resize((w, h), BILINEAR)`); the tiling, canvas choice, padding, splitting, thumbnail and
+    prompt tokens all run as Meta wrote them."""
+    from PIL import Image
+
+    def resize(img, size, interpolation=None):
+        return img.resize((size[1], size[0]), Image.BILINEAR)
+
+    def to_tensor(img):
+        return torch.from_numpy(np.array(img, dtype=np.float32)).permute(2, 0, 1) / 255.0
+
+    class Normalize:
+        def __init__(self, mean, std, inplace=False):
+            self.mean, self.std = torch.tensor(mean)[:, None, None], torch.tensor(std)[:, None, None]
+
+        def __call__(self, x):
+            return (x - self.mean) / self.std
+
+    tv = types.ModuleType("torchvision")
+    transforms = types.ModuleType("torchvision.transforms")
+    functional = types.ModuleType("torchvision.transforms.functional")
+    functional.resize = resize
+    transforms.functional = functional
+    transforms.ToTensor = lambda: to_tensor
+    transforms.Normalize = Normalize
+    transforms.Resize = lambda size: (lambda img: resize(img, size))
+    transforms.Compose = lambda fs: (lambda x: [x := f(x) for f in fs][-1])
+    transforms.InterpolationMode = types.SimpleNamespace(BILINEAR="bilinear")
+    tv.transforms = transforms
+    for name, mod in (("torchvision", tv), ("torchvision.transforms", transforms),
+                      ("torchvision.transforms.functional", functional)):
+        monkeypatch.setitem(sys.modules, name, mod)
+    for name in ("llama_models.llama4.preprocess", "llama_models.llama4.chat_format"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    from llama_models.llama4 import chat_format, preprocess
+
+    return chat_format, preprocess
+
+
+def test_canvas_choice_matches_meta_reference(monkeypatch):
+    _, preprocess = _reference_with_pil_torchvision(monkeypatch)
+    ref = preprocess.VariableSizeImageTransform(336)
+    for max_tiles in (1, 4, 16):
+        canvases = supported_canvases(max_tiles, 336)
+        assert canvases == ref.find_supported_resolutions(max_tiles, 336)
+        g = torch.Generator().manual_seed(max_tiles)
+        for w, h in torch.randint(20, 3000, (150, 2), generator=g).tolist() + [[336, 336], [672, 336], [100, 5000]]:
+            assert best_canvas((w, h), canvases) == ref.get_best_fit((w, h), torch.tensor(canvases))
+
+
+@pytest.mark.parametrize("path", [DOG, PASTA])
+def test_tiles_and_prompt_match_meta_reference(monkeypatch, tokenizer, path):
+    chat_format, _ = _reference_with_pil_torchvision(monkeypatch)
+    from llama_models.datatypes import RawMediaItem, RawMessage, RawTextItem
+    from llama_models.llama4.args import Size
+    from llama_models.llama4.args import VisionArgs as MetaVisionArgs
+    from llama_models.llama4.tokenizer import Tokenizer
+
+    vision = VisionArgs()  # the released shapes: 336-pixel tiles, 14-pixel patches, up to 16 tiles
+    meta_vision = MetaVisionArgs(image_size=Size(height=336, width=336), patch_size=Size(height=14, width=14),
+                                 dim=1408, n_layers=1, n_heads=16, mlp_ratio=4.0, output_dim=4096,
+                                 pixel_shuffle_ratio=0.5)
+    fmt = chat_format.ChatFormat(Tokenizer.get_instance(), vision_args=meta_vision, max_num_chunks=vision.max_tiles)
+    text = "Describe this image in two sentences."
+    ref = fmt.encode_dialog_prompt([RawMessage(role="user", content=[RawMediaItem(data=path.read_bytes()),
+                                                                       RawTextItem(text=text)])])
+    processed = preprocess_image(load_image(path), vision)
+    ids = encode_with_image(tokenizer, [{"role": "user", "content": text}],
+                            image_token_ids(processed.grid, vision, tokenizer.special_tokens))
+    assert ids == ref.tokens
+    (ref_tiles,) = ref.images
+    assert processed.tiles.shape == ref_tiles.shape and processed.tiles.shape[0] > 1
+    assert (processed.tiles - ref_tiles).abs().max().item() <= 1e-6
+
+
+def test_prompt_expansion_matches_transformers_processor(tokenizer):
+    from transformers.models.llama4.processing_llama4 import Llama4Processor
+
+    v = VisionArgs()
+    for grid in [(1, 1), (1, 3), (2, 2), (4, 1)]:
+        text = Llama4Processor._prompt_split_image(None, grid, v.tokens_per_tile)
+        assert image_token_ids(grid, v, tokenizer.special_tokens) == tokenizer.encode(text, allow_special=True)
+
+
+# ---- checkpoints and errors ---------------------------------------------------------------------
+def test_hf_round_trip_with_vision(models, tmp_path, tokenizer):
+    from transformers import Llama4ForConditionalGeneration
+
+    model, _ = models
+    write_hf_llama4(tmp_path / "hf", ARGS, model.state_dict())
+    ref = Llama4ForConditionalGeneration.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    args, sd, _ = read_hf_llama4(tmp_path / "hf")
+    assert args == ARGS
+    back = Llama4Multimodal(args).eval()
+    back.load_state_dict(sd)
+    ids, tiles = prepare_image_prompt(model, tokenizer, "Hi", DOG)
+    tokens = torch.tensor([ids])
+    with torch.no_grad():
+        ours = model(tokens, images=tiles)
+        assert torch.equal(back(tokens, images=tiles), ours)
+        assert (hf_logits(ref, tokens, tiles) - ours).abs().max().item() <= 1e-4
+
+
+def test_image_errors(models, tokenizer, tmp_path):
+    model, _ = models
+    text_only = Transformer(ARGS.replace(vision=None))
+    with pytest.raises(HerdError, match="text-only"):
+        prepare_image_prompt(text_only, tokenizer, "Hi", DOG)
+    bad = tmp_path / "notes.jpg"
+    bad.write_text("not a picture")
+    with pytest.raises(HerdError, match="not an image file"):
+        load_image(bad)
+    truncated = tmp_path / "cut.jpg"
+    truncated.write_bytes(DOG.read_bytes()[:2000])
+    with pytest.raises(HerdError, match="unreadable or truncated"):
+        load_image(truncated)
+    ids, tiles = prepare_image_prompt(model, tokenizer, "Hi", DOG)
+    with pytest.raises(HerdError, match="<\\|patch\\|> tokens"):
+        model(torch.tensor([ids]), images=tiles[:1])
+    with pytest.raises(HerdError, match="tiles must have shape"):
+        model(torch.tensor([ids]), images=torch.zeros(tiles.shape[0], 3, 48, 48))
