@@ -26,7 +26,9 @@ examples:
   herd tokenize --tokenizer llama3 --chat dialog.json --add-generation-prompt
   herd data prepare builtin --out data/builtin                  # Shakespeare + Python stdlib, as JSONL
   herd tokenizer train data/builtin --vocab-size 8192 --out tok/ # Llama 3 style BPE → tokenizer.model
+  herd data run configs/data/builtin.toml                       # dedup, filters, mix → token shards
   herd pretrain --config configs/debug.toml --out runs/debug    # train; --resume DIR continues exactly
+  herd sft --data sft.jsonl --out runs/sft --lora.rank=16        # post-train: sft, reward, sample, dpo, eval
   herd average runs/debug/ckpt-* --out runs/debug/averaged      # Polyak average of checkpoints
 """
 
@@ -318,6 +320,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_pretrain_parser(sub)
     add_average_parser(sub)
 
+    from herd.train.posttrain_cli import add_posttrain_parsers
+
+    add_posttrain_parsers(sub)  # sft, reward, dpo, sample, eval
+
     from herd.data.builtin import add_prepare_builtin_parser
     from herd.tokenizer.train import add_tokenizer_parser
 
@@ -325,6 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
     data = p.add_subparsers(dest="data_verb", metavar="STEP", required=True)
     prepare = data.add_parser("prepare", help="fetch and write a corpus as documents.jsonl")
     add_prepare_builtin_parser(prepare.add_subparsers(dest="source", metavar="SOURCE", required=True))
+    from herd.data.pipeline import add_run_parser
+
+    add_run_parser(data)
     p = sub.add_parser("tokenizer", help="train a Llama 3 style BPE tokenizer")
     add_tokenizer_parser(p.add_subparsers(dest="tokenizer_verb", metavar="STEP", required=True))
     return parser

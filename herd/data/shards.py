@@ -109,9 +109,13 @@ class _SplitWriter:
 
 def write_shards(documents: Iterable[Sequence[int]], out: str | os.PathLike, vocab_size: int, *,
                  val_fraction: float = 0.05, shard_tokens: int = 1 << 24, seed: int = 0,
-                 tokenizer: str | None = None) -> Path:
+                 tokenizer: str | None = None, val_split: str = "documents") -> Path:
     """Write token-id documents as train/val shards under `out`, atomically. Empty documents are
-    dropped. Returns `out`."""
+    dropped. `val_split="documents"` holds out whole documents (by a hash of their index);
+    `"tails"` holds out the last `val_fraction` of every document instead, so near-duplicate
+    documents (two editions of one play) put their twin passages on the same side. Returns `out`."""
+    if val_split not in ("documents", "tails"):
+        raise HerdError(f"val_split {val_split!r}: choose documents or tails")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
@@ -129,7 +133,13 @@ def write_shards(documents: Iterable[Sequence[int]], out: str | os.PathLike, voc
                 raise HerdError(f"document {i}: token id {lo if lo < 0 else hi} outside the vocabulary "
                                 f"(vocab_size={vocab_size})")
             max_id = max(max_id, hi)
-            writers["val" if _is_val(i, val_fraction, seed) else "train"].add(arr)
+            if val_split == "tails":
+                cut = len(arr) - int(len(arr) * val_fraction)
+                writers["train"].add(arr[:cut])
+                if cut < len(arr):
+                    writers["val"].add(arr[cut:])
+            else:
+                writers["val" if _is_val(i, val_fraction, seed) else "train"].add(arr)
         for w in writers.values():
             w.flush()
         if writers["train"].tokens == 0:
@@ -345,3 +355,33 @@ class PackedLoader:
     @property
     def batches_per_epoch(self) -> int:
         return self.total_tokens // (self.batch_size * self.window)
+
+
+# ---- pieces for writers that produce shards in parallel (herd/data/pipeline.py) ------------------
+def write_shard_files(root: str | os.PathLike, name: str, docs: Sequence[Sequence[int]]) -> dict:
+    """Write one shard `root/name.bin` + `.idx` (the format above) from whole token documents and
+    return its meta.json entry. Several processes may each write their own names into one
+    directory; `write_meta` then lists them."""
+    root = Path(root)
+    arrs = [np.asarray(d, dtype=TOKEN_DTYPE) for d in docs if len(d)]
+    offsets = np.concatenate([[0], np.cumsum([len(a) for a in arrs], dtype=np.int64)]).astype(np.int64)
+    (np.concatenate(arrs) if arrs else np.zeros(0, TOKEN_DTYPE)).tofile(root / f"{name}.bin")
+    offsets.tofile(root / f"{name}.idx")
+    return {"name": name, "documents": len(arrs), "tokens": int(offsets[-1])}
+
+
+def write_meta(root: str | os.PathLike, vocab_size: int, shards: dict[str, list[dict]], *,
+               max_token_id: int, tokenizer: str | None = None) -> dict:
+    """Write `root/meta.json` listing per split the shard entries from `write_shard_files` (empty
+    shards are left out). PackedLoader reads the result."""
+    splits = {}
+    for s in SPLITS:
+        entries = [e for e in shards.get(s, []) if e["documents"]]
+        splits[s] = {"documents": sum(e["documents"] for e in entries),
+                     "tokens": sum(e["tokens"] for e in entries), "shards": entries}
+    if splits["train"]["tokens"] == 0:
+        raise HerdError("empty corpus: no training tokens to write")
+    meta = {"format": FORMAT_VERSION, "dtype": "uint32", "vocab_size": vocab_size, "max_token_id": max_token_id,
+            "tokenizer": tokenizer, "splits": splits}
+    (Path(root) / "meta.json").write_text(json.dumps(meta, indent=1))
+    return meta

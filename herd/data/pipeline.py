@@ -1,0 +1,879 @@
+"""The Llama 3 pre-training data pipeline (SPEC §3.1), from raw text/JSONL/HTML to token shards.
+
+    herd data run configs/data/builtin.toml [--minhash.threshold=0.3 ...] [--workers N]
+
+Stages, in the paper's order, each writing how many documents and tokens it removed into
+`OUT/manifest.json`:
+
+    read          text / JSONL / HTML (main-content extraction that keeps code)   readers.py
+    url_dedup     one document per URL (the most recent by `date`)                  dedup.py
+    minhash       document near-duplicates: MinHash LSH (datasketch)                dedup.py
+    line_dedup    lines in more than N documents of a bucket (ccNet)                dedup.py
+    repetition    duplicated n-gram coverage: repetitive lines and documents        filters.py
+    dirty_words   blocklisted-word counts                                           filters.py
+    kl_divergence token-distribution KL against the domain's corpus                 filters.py
+    quality       a trained classifier's score (herd data label / train-quality)    quality.py
+    mix           domain mixing weights (up/down-sampling by token share)           mix.py
+    → OUT/        token shards (herd.data.shards format, PackedLoader reads them), documents.jsonl
+
+Tokens are counted with the run's tokenizer, each document with its BOS and EOS, so the counts
+chain exactly: every stage's documents_out/tokens_out is the next stage's *_in, and the last
+stage's equals the shards' totals.
+
+How it runs (map-reduce, the shape datatrove's MinHash pipeline has too). The input is cut into
+units (readers.py). Five parallel phases run over the units — read (+ tokenize, signatures),
+line counts, filters (+ tokenize, unigram counts), KL/quality, shards — separated by four small
+global steps in the main process: URL + MinHash decisions, line-count merge, corpus unigram
+merge, mixing factors. Every unit result is written to `WORK/units/NNNNN/` atomically (temp file,
+fsync, rename) and then a completion marker `PHASE.done`; global results likewise. A run that is
+killed (even SIGKILL) and started again with the same config skips every marked unit and global
+step and redoes the rest; since each result is a pure function of its inputs, the output is
+exactly that of an uninterrupted run — no document lost or duplicated. The finished shards
+directory is published with one rename.
+
+On a cluster. The unit functions (`phase_read`, `phase_line_counts`, `phase_filter`,
+`phase_score`, `phase_write`) take (context, unit index) and touch only files, so any executor
+that runs "task i of N" with a shared filesystem runs them unchanged:
+
+* datatrove: wrap each phase in a `PipelineStep` whose `run(data, rank, world_size)` calls the
+  phase for units `rank, rank + world_size, ...`, and run the five phases as `SlurmPipelineExecutor`
+  jobs chained with `depends=`, the global steps as one-task jobs in between (datatrove's own
+  MinHash dedup is chained the same way: signatures → buckets → clusters → filter). Its
+  completion tracking (`logging_dir/completions`) plays the role of our markers.
+* Ray: `ray.remote(phase_read).remote(ctx, u)` per unit, `ray.get` as the barrier, then the
+  global step on the driver; a retried task rewrites the same files.
+
+The local executor below is the same thing on one machine with a process pool (`run.workers`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import multiprocessing
+import os
+import shutil
+import time
+import typing
+import zlib
+from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from herd.errors import HerdError
+
+STAGES = ("read", "url_dedup", "minhash", "line_dedup", "repetition", "dirty_words", "kl_divergence",
+          "quality", "mix")
+PHASES = ("read", "lines", "filter", "score", "write")
+
+
+# ---- config ----------------------------------------------------------------------------------------
+@dataclass
+class InputConfig:
+    """One `[[input]]` table: a file, directory or glob of text / JSONL / HTML."""
+
+    path: str = ""
+    format: str = "auto"  # auto (by extension) | jsonl | text | html
+    domain: str = ""  # domain tag of documents that carry none ("" → "general")
+
+
+@dataclass
+class RunSection:
+    out: str = "data/pipeline"  # the shards directory written (atomically) at the end
+    work_dir: str = ""  # unit results and markers; "" → a hidden sibling of `out`
+    workers: int = 0  # processes; 0 = all cores
+    shard_bytes: int = 1 << 21  # input bytes per unit (the unit of parallelism and of resumption)
+    tokenizer: str = "llama3"  # "llama3", "llama4", a tokenizer file/directory, or "bytes"
+    val_fraction: float = 0.01  # documents held out (by a hash of their id) as the val split
+    seed: int = 0
+    write_documents: bool = True  # also OUT/documents.jsonl: the kept documents with their copies
+    keep_work: bool = False  # keep WORK after success (for inspection)
+
+
+@dataclass
+class ReadConfig:
+    min_chars: int = 1  # documents with fewer non-space characters after extraction are dropped
+
+
+@dataclass
+class UrlDedupConfig:
+    enabled: bool = True
+
+
+@dataclass
+class MinHashConfig:
+    enabled: bool = True
+    ngram: int = 5  # word n-gram shingles
+    num_perm: int = 128
+    threshold: float = 0.8  # estimated Jaccard similarity that makes a near-duplicate
+    seed: int = 1
+    domains: list[str] = field(default_factory=list)  # apply to these domains only; [] = all
+
+
+@dataclass
+class LineDedupConfig:
+    enabled: bool = True
+    max_repeats: int = 6  # §3.1.1: lines seen more than 6 times …
+    bucket_documents: int = 30_000_000  # … in each bucket of 30M documents
+    domains: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RepetitionConfig:
+    enabled: bool = True
+    line_min_words: int = 20  # lines this long are checked for duplicated n-gram coverage
+    line_ngram: int = 3
+    line_max_fraction: float = 0.5
+    # Gopher table A1 (document rules): [n, max character fraction]
+    top_ngrams: list[tuple[int, float]] = field(default_factory=lambda: [(2, 0.20), (3, 0.18), (4, 0.16)])
+    dup_ngrams: list[tuple[int, float]] = field(default_factory=lambda: [
+        (5, 0.15), (6, 0.14), (7, 0.13), (8, 0.12), (9, 0.11), (10, 0.10)])
+    domains: list[str] = field(default_factory=list)
+
+
+@dataclass
+class DirtyWordsConfig:
+    enabled: bool = True
+    words_file: str = ""  # one word a line; "" = better-profanity's list
+    min_count: int = 3  # drop when at least this many blocklisted words …
+    max_fraction: float = 0.01  # … make more than this share of all words
+    domains: list[str] = field(default_factory=list)
+
+
+@dataclass
+class KLConfig:
+    enabled: bool = True
+    max_kl: float = 3.0  # nats; KL(document unigrams ‖ its domain's corpus unigrams)
+    alpha: float = 1.0  # add-α smoothing of the corpus distribution
+    domains: list[str] = field(default_factory=list)
+
+
+@dataclass
+class QualityConfig:
+    enabled: bool = False
+    model: str = ""  # a .npz from `herd data train-quality`
+    min_score: float = 0.5
+    domains: list[str] = field(default_factory=list)
+
+
+@dataclass
+class MixConfig:
+    weights: dict[str, float] = field(default_factory=dict)  # domain → share of output tokens; {} = as is
+    upsample: bool = True  # allow repeating documents; false = only thin the larger domains
+
+
+@dataclass
+class PipelineConfig:
+    input: list[InputConfig] = field(default_factory=list)
+    run: RunSection = field(default_factory=RunSection)
+    read: ReadConfig = field(default_factory=ReadConfig)
+    url_dedup: UrlDedupConfig = field(default_factory=UrlDedupConfig)
+    minhash: MinHashConfig = field(default_factory=MinHashConfig)
+    line_dedup: LineDedupConfig = field(default_factory=LineDedupConfig)
+    repetition: RepetitionConfig = field(default_factory=RepetitionConfig)
+    dirty_words: DirtyWordsConfig = field(default_factory=DirtyWordsConfig)
+    kl_divergence: KLConfig = field(default_factory=KLConfig)
+    quality: QualityConfig = field(default_factory=QualityConfig)
+    mix: MixConfig = field(default_factory=MixConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = [f.name for f in dataclasses.fields(PipelineConfig)]
+
+
+def _set(obj: Any, section: str, key: str, value: Any) -> None:
+    from herd.train.config import _coerce
+
+    hints = typing.get_type_hints(type(obj))
+    if key not in hints:
+        raise HerdError(f"unknown config key {section}.{key}; valid keys: "
+                        + ", ".join(f"{section}.{k}" for k in hints))
+    hint = hints[key]
+    if typing.get_origin(hint) is dict:
+        if not isinstance(value, dict):
+            raise HerdError(f"{section}.{key}: expected a table, got {value!r}")
+        vt = typing.get_args(hint)[1]
+        value = {str(k): _coerce(v, vt, f"{section}.{key}.{k}") for k, v in value.items()}
+    else:
+        value = _coerce(value, hint, f"{section}.{key}")
+    setattr(obj, key, value)
+
+
+def load_pipeline_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = (),
+                         data: dict | None = None) -> PipelineConfig:
+    """Defaults ← TOML (or `data`) ← `section.key=value` overrides; unknown keys are errors."""
+    from herd.train.config import parse_override, tomllib
+
+    table: dict = dict(data or {})
+    if path is not None:
+        try:
+            table = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise HerdError(f"config file {path} not found") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise HerdError(f"{path}: invalid TOML ({e})") from None
+    cfg = PipelineConfig()
+    for section, values in table.items():
+        if section not in SECTIONS:
+            raise HerdError(f"unknown config section {section!r}; valid sections: {', '.join(SECTIONS)}")
+        if section == "input":
+            entries = values if isinstance(values, list) else [values]
+            for entry in entries:
+                if not isinstance(entry, dict):
+                    raise HerdError("input: each [[input]] must be a table with a path")
+                inp = InputConfig()
+                for k, v in entry.items():
+                    _set(inp, "input", k, v)
+                cfg.input.append(inp)
+            continue
+        if not isinstance(values, dict):
+            raise HerdError(f"config: {section!r} must be a table; valid sections: {', '.join(SECTIONS)}")
+        for k, v in values.items():
+            _set(getattr(cfg, section), section, k, v)
+    for item in overrides:
+        section, key, value = parse_override(item)
+        if section not in SECTIONS:
+            raise HerdError(f"bad override {item!r}: valid sections: {', '.join(SECTIONS)}")
+        if section == "input":  # --input.path=... changes the config's one input
+            if len(cfg.input) > 1:
+                raise HerdError(f"bad override {item!r}: the config has {len(cfg.input)} inputs; edit the file")
+            cfg.input = cfg.input or [InputConfig()]
+            _set(cfg.input[0], "input", key, value)
+            continue
+        _set(getattr(cfg, section), section, key, value)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: PipelineConfig) -> None:
+    if not cfg.input or any(not i.path for i in cfg.input):
+        raise HerdError("config: at least one [[input]] with a path is needed")
+    if not 0 < cfg.minhash.threshold <= 1 or cfg.minhash.ngram < 1 or cfg.minhash.num_perm < 2:
+        raise HerdError("minhash: threshold in (0, 1], ngram >= 1 and num_perm >= 2 are needed")
+    if cfg.line_dedup.max_repeats < 1 or cfg.line_dedup.bucket_documents < 1:
+        raise HerdError("line_dedup: max_repeats and bucket_documents must be positive")
+    if not 0 <= cfg.run.val_fraction < 1:
+        raise HerdError(f"run.val_fraction must be in [0, 1) (got {cfg.run.val_fraction})")
+    if cfg.run.shard_bytes < 1:
+        raise HerdError("run.shard_bytes must be positive")
+    if cfg.quality.enabled and not cfg.quality.model:
+        raise HerdError("quality.enabled needs quality.model (train one with `herd data train-quality`)")
+
+
+def _output_config(cfg: PipelineConfig) -> dict:
+    """The config fields that decide the output (a resumed run must match them)."""
+    d = cfg.to_dict()
+    for k in ("workers", "keep_work", "work_dir"):
+        d["run"].pop(k)
+    return d
+
+
+# ---- small file helpers ----------------------------------------------------------------------------
+def _atomic_write(path: Path, write: typing.Callable[[typing.BinaryIO], None]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    _atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1, ensure_ascii=False).encode()))
+
+
+def _write_jsonl(path: Path, rows: typing.Iterable[dict]) -> None:
+    def w(f):
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False).encode() + b"\n")
+    _atomic_write(path, w)
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def _write_npz(path: Path, **arrays) -> None:
+    _atomic_write(path, lambda f: np.savez(f, **arrays))
+
+
+# ---- tokenizers (one per process) ------------------------------------------------------------------
+class _ByteTokenizer:
+    def __init__(self):
+        from herd.data.shards import BYTE_VOCAB, byte_tokenize
+
+        self.vocab_size, self._enc = BYTE_VOCAB, byte_tokenize
+
+    def encode(self, text: str, *, bos: bool = False, eos: bool = False) -> list[int]:
+        return self._enc(text)
+
+
+_TOKENIZERS: dict[str, Any] = {}
+
+
+def get_tokenizer(spec: str):
+    if spec not in _TOKENIZERS:
+        if spec == "bytes":
+            _TOKENIZERS[spec] = _ByteTokenizer()
+        else:
+            from herd.tokenizer import load_tokenizer
+
+            _TOKENIZERS[spec] = load_tokenizer(spec)
+    return _TOKENIZERS[spec]
+
+
+# ---- counts ----------------------------------------------------------------------------------------
+class Tally:
+    """counts[stage][domain][field]; fields: documents_in/_removed/_added, tokens_in/_removed/_added,
+    lines_removed."""
+
+    def __init__(self, counts: dict | None = None):
+        self.counts: dict[str, dict[str, dict[str, int]]] = counts or {}
+
+    def add(self, stage: str, domain: str, **kw: int) -> None:
+        d = self.counts.setdefault(stage, {}).setdefault(domain, {})
+        for k, v in kw.items():
+            d[k] = d.get(k, 0) + int(v)
+
+    def merge(self, other: dict) -> None:
+        for stage, doms in other.items():
+            for dom, kv in doms.items():
+                self.add(stage, dom, **kv)
+
+
+# ---- the run's context (what every unit task needs; picklable) -------------------------------------
+@dataclass
+class Context:
+    cfg: PipelineConfig
+    work: Path
+    units: list  # readers.Unit
+
+    def unit_dir(self, u: int) -> Path:
+        return self.work / "units" / f"{u:05d}"
+
+    def marker(self, u: int, phase: str) -> Path:
+        return self.unit_dir(u) / f"{phase}.done"
+
+    def in_scope(self, stage_cfg, domain: str) -> bool:
+        return getattr(stage_cfg, "enabled", True) and (not stage_cfg.domains or domain in stage_cfg.domains)
+
+
+def _doc_id(u: int, k: int) -> str:
+    return f"{u:05d}:{k:07d}"
+
+
+def _is_val(doc_id: str, fraction: float, seed: int) -> bool:
+    return fraction > 0 and zlib.crc32(f"val:{seed}:{doc_id}".encode()) / 2**32 < fraction
+
+
+# ---- phase 1: read, extract, tokenize, MinHash signatures ------------------------------------------
+def phase_read(ctx: Context, u: int) -> dict:
+    from herd.data.dedup import minhash_signature
+    from herd.data.readers import read_unit
+
+    cfg = ctx.cfg
+    tok = get_tokenizer(cfg.run.tokenizer)
+    tally = Tally()
+    rows, sig_ids, sigs, urls = [], [], [], []
+    for k, raw in enumerate(read_unit(ctx.units[u])):
+        domain = raw.domain or "general"
+        n_tok = len(tok.encode(raw.text, bos=True, eos=True))
+        tally.add("read", domain, documents_in=1, tokens_in=n_tok)
+        if len(raw.text.strip()) < cfg.read.min_chars:
+            tally.add("read", domain, documents_removed=1, tokens_removed=n_tok)
+            continue
+        doc_id = _doc_id(u, k)
+        rows.append({"id": doc_id, "name": raw.name, "url": raw.url, "date": raw.date, "domain": domain,
+                     "tokens": n_tok, "text": raw.text})
+        urls.append([doc_id, raw.url, raw.date])
+        if ctx.in_scope(cfg.minhash, domain):
+            sig_ids.append(doc_id)
+            sigs.append(minhash_signature(raw.text, cfg.minhash.ngram, cfg.minhash.num_perm, cfg.minhash.seed))
+    d = ctx.unit_dir(u)
+    d.mkdir(parents=True, exist_ok=True)
+    _write_jsonl(d / "read.jsonl", rows)
+    _write_json(d / "urls.json", urls)
+    _write_npz(d / "sig.npz", ids=np.array(sig_ids, dtype=str),
+               sig=np.stack(sigs) if sigs else np.zeros((0, cfg.minhash.num_perm), np.uint64))
+    return {"tally": tally.counts, "documents": len(rows)}
+
+
+# ---- global 1: URL and MinHash decisions -----------------------------------------------------------
+def global_dedup(ctx: Context) -> dict:
+    from herd.data.dedup import minhash_duplicates, url_duplicates
+
+    cfg = ctx.cfg
+    url_removed: dict[str, str] = {}
+    if cfg.url_dedup.enabled:
+        records = [tuple(r) for u in range(len(ctx.units))
+                   for r in json.loads((ctx.unit_dir(u) / "urls.json").read_text())]
+        url_removed = url_duplicates(records)
+    near: dict[str, str] = {}
+    if cfg.minhash.enabled:
+        ids, sigs = [], []
+        for u in range(len(ctx.units)):
+            with np.load(ctx.unit_dir(u) / "sig.npz") as z:
+                ids.extend(z["ids"].tolist())
+                sigs.append(z["sig"])
+        sig = np.concatenate(sigs) if sigs else np.zeros((0, cfg.minhash.num_perm), np.uint64)
+        near = minhash_duplicates(ids, sig, cfg.minhash.threshold, cfg.minhash.seed, skip=url_removed)
+    return {"url": url_removed, "minhash": near}
+
+
+# ---- phase 2: line counts per bucket ---------------------------------------------------------------
+def _n_buckets(ctx: Context) -> int:
+    total = json.loads((ctx.work / "read.summary.json").read_text())["documents"]
+    return max(1, math.ceil(total / ctx.cfg.line_dedup.bucket_documents))
+
+
+def _dedup_removed(ctx: Context) -> tuple[dict, dict]:
+    d = json.loads((ctx.work / "dedup.json").read_text())
+    return d["url"], d["minhash"]
+
+
+def phase_line_counts(ctx: Context, u: int) -> dict:
+    from herd.data.dedup import bucket_of, count_lines, line_hashes
+
+    url_rm, near_rm = _dedup_removed(ctx)
+    nb = _n_buckets(ctx)
+    hashes = []
+    for row in _read_jsonl(ctx.unit_dir(u) / "read.jsonl"):
+        if row["id"] in url_rm or row["id"] in near_rm or not ctx.in_scope(ctx.cfg.line_dedup, row["domain"]):
+            continue
+        hashes.append(line_hashes(row["text"], bucket_of(row["id"], nb))[1])
+    h, c = count_lines(hashes)
+    _write_npz(ctx.unit_dir(u) / "lines.npz", hashes=h, counts=c)
+    return {}
+
+
+def global_lines(ctx: Context) -> np.ndarray:
+    from herd.data.dedup import merge_counts
+
+    parts = []
+    for u in range(len(ctx.units)):
+        with np.load(ctx.unit_dir(u) / "lines.npz") as z:
+            parts.append((z["hashes"], z["counts"]))
+    h, c = merge_counts(parts)
+    return np.sort(h[c > ctx.cfg.line_dedup.max_repeats]).astype(np.uint64)
+
+
+# ---- phase 3: line de-dup, heuristic filters, final tokenization -----------------------------------
+class _Doc:
+    """One document going through phase 3's stages, accounting each in the tally."""
+
+    def __init__(self, text: str, n: int, domain: str, tally: Tally, tok):
+        self.text, self.n, self.domain, self.tally, self.tok = text, n, domain, tally, tok
+        self.ids: list[int] | None = None  # token ids of the current text, once computed
+
+    def stage(self, name: str, removed: bool, new_text: str | None = None, lines: int = 0) -> bool:
+        """Account stage `name`: the document is removed, or its text becomes `new_text` (lines
+        dropped; re-tokenized so the token counts stay exact). Returns whether it survives."""
+        self.tally.add(name, self.domain, documents_in=1, tokens_in=self.n)
+        if not removed and new_text is not None and new_text != self.text:
+            if not new_text.strip():
+                removed = True
+            else:
+                self.ids = self.tok.encode(new_text, bos=True, eos=True)
+                self.tally.add(name, self.domain, tokens_removed=self.n - len(self.ids), lines_removed=lines)
+                self.text, self.n = new_text, len(self.ids)
+        if removed:
+            self.tally.add(name, self.domain, documents_removed=1, tokens_removed=self.n, lines_removed=lines)
+        return not removed
+
+    def token_ids(self) -> list[int]:
+        if self.ids is None:
+            self.ids = self.tok.encode(self.text, bos=True, eos=True)
+        if len(self.ids) != self.n:
+            raise RuntimeError(f"token count changed between stages ({self.n} → {len(self.ids)})")
+        return self.ids
+
+
+def phase_filter(ctx: Context, u: int) -> dict:
+    from herd.data.dedup import bucket_of, line_hashes
+    from herd.data.filters import dirty_word_count, drop_repetitive_lines, load_word_list, repetition_reason
+
+    cfg = ctx.cfg
+    tok = get_tokenizer(cfg.run.tokenizer)
+    url_rm, near_rm = _dedup_removed(ctx)
+    bad = np.load(ctx.work / "bad_lines.npy") if cfg.line_dedup.enabled else np.zeros(0, np.uint64)
+    nb = _n_buckets(ctx) if cfg.line_dedup.enabled else 1
+    words = load_word_list(cfg.dirty_words.words_file) if cfg.dirty_words.enabled else frozenset()
+    tally = Tally()
+    rows, ids_list, unigrams = [], [], {}
+    for row in _read_jsonl(ctx.unit_dir(u) / "read.jsonl"):
+        dom = row["domain"]
+        doc = _Doc(row["text"], row["tokens"], dom, tally, tok)
+        if not doc.stage("url_dedup", row["id"] in url_rm) or not doc.stage("minhash", row["id"] in near_rm):
+            continue
+        new, dropped = None, 0
+        if ctx.in_scope(cfg.line_dedup, dom) and len(bad):
+            lines, h = line_hashes(doc.text, bucket_of(row["id"], nb))
+            drop = np.isin(h, bad)
+            dropped = int(drop.sum())
+            new = "".join(line for line, x in zip(lines, drop, strict=True) if not x)
+        if not doc.stage("line_dedup", False, new, dropped):
+            continue
+        new, dropped, reason = None, 0, ""
+        if ctx.in_scope(cfg.repetition, dom):
+            r = cfg.repetition
+            new, dropped = drop_repetitive_lines(doc.text, r.line_min_words, r.line_ngram, r.line_max_fraction)
+            reason = repetition_reason(new.split(), r.dup_ngrams, r.top_ngrams)
+        if not doc.stage("repetition", bool(reason), new, dropped):
+            continue
+        dirty = False
+        if ctx.in_scope(cfg.dirty_words, dom):
+            hits, total = dirty_word_count(doc.text, words)
+            dirty = hits >= cfg.dirty_words.min_count and hits / total > cfg.dirty_words.max_fraction
+        if not doc.stage("dirty_words", dirty):
+            continue
+        arr = np.asarray(doc.token_ids(), dtype=np.uint32)
+        ids_list.append(arr)
+        unigrams.setdefault(dom, []).append(arr[1:-1])  # without BOS/EOS
+        rows.append({k: row[k] for k in ("id", "name", "url", "domain")} | {"tokens": doc.n, "text": doc.text})
+    d = ctx.unit_dir(u)
+    offsets = np.concatenate([[0], np.cumsum([len(a) for a in ids_list], dtype=np.int64)]).astype(np.int64)
+    _write_npz(d / "filtered.npz", tokens=np.concatenate(ids_list) if ids_list else np.zeros(0, np.uint32),
+               offsets=offsets)
+    uni = {}
+    for dom, arrs in unigrams.items():
+        uu, cc = np.unique(np.concatenate(arrs), return_counts=True)
+        uni[f"ids/{dom}"], uni[f"counts/{dom}"] = uu.astype(np.int64), cc.astype(np.int64)
+    _write_npz(d / "unigram.npz", **uni)
+    _write_jsonl(d / "filtered.jsonl", rows)
+    return {"tally": tally.counts}
+
+
+def global_unigrams(ctx: Context) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    from herd.data.dedup import merge_counts
+
+    parts: dict[str, list] = {}
+    for u in range(len(ctx.units)):
+        with np.load(ctx.unit_dir(u) / "unigram.npz") as z:
+            for key in z.files:
+                if key.startswith("ids/"):
+                    dom = key[4:]
+                    parts.setdefault(dom, []).append((z[key], z[f"counts/{dom}"]))
+    return {dom: merge_counts(p) for dom, p in parts.items()}
+
+
+# ---- phase 4: KL divergence and quality score ------------------------------------------------------
+def _load_filtered(ctx: Context, u: int) -> tuple[list[dict], np.ndarray, np.ndarray]:
+    d = ctx.unit_dir(u)
+    with np.load(d / "filtered.npz") as z:
+        tokens, offsets = z["tokens"], z["offsets"]
+    return _read_jsonl(d / "filtered.jsonl"), tokens, offsets
+
+
+def phase_score(ctx: Context, u: int) -> dict:
+    from herd.data.filters import kl_divergence
+
+    cfg = ctx.cfg
+    rows, tokens, offsets = _load_filtered(ctx, u)
+    tally = Tally()
+    keep = []
+    kl_scores = [0.0] * len(rows)
+    if cfg.kl_divergence.enabled:
+        with np.load(ctx.work / "unigram.npz") as z:
+            corpus = {k[4:]: (z[k], z[f"counts/{k[4:]}"]) for k in z.files if k.startswith("ids/")}
+        vocab = get_tokenizer(cfg.run.tokenizer).vocab_size
+        for i, row in enumerate(rows):
+            if ctx.in_scope(cfg.kl_divergence, row["domain"]):
+                ids_, counts = corpus[row["domain"]]
+                doc = tokens[offsets[i] + 1: offsets[i + 1] - 1].astype(np.int64)
+                kl_scores[i] = kl_divergence(doc, ids_, counts, vocab, cfg.kl_divergence.alpha)
+    q_scores = [1.0] * len(rows)
+    scope = [i for i, r in enumerate(rows) if cfg.quality.enabled and ctx.in_scope(cfg.quality, r["domain"])]
+    if scope:
+        from herd.data.quality import QualityModel
+
+        qm = QualityModel.load(cfg.quality.model)
+        for i, s in zip(scope, qm.score([rows[i]["text"] for i in scope]), strict=True):
+            q_scores[i] = float(s)
+    for i, row in enumerate(rows):
+        dom, n = row["domain"], row["tokens"]
+        tally.add("kl_divergence", dom, documents_in=1, tokens_in=n)
+        if kl_scores[i] > cfg.kl_divergence.max_kl:
+            tally.add("kl_divergence", dom, documents_removed=1, tokens_removed=n)
+            continue
+        tally.add("quality", dom, documents_in=1, tokens_in=n)
+        if q_scores[i] < cfg.quality.min_score and i in scope:
+            tally.add("quality", dom, documents_removed=1, tokens_removed=n)
+            continue
+        keep.append(i)
+    by_domain: dict[str, int] = {}
+    for i in keep:
+        by_domain[rows[i]["domain"]] = by_domain.get(rows[i]["domain"], 0) + rows[i]["tokens"]
+    _write_json(ctx.unit_dir(u) / "scores.json", {"keep": keep, "kl": [round(x, 6) for x in kl_scores],
+                                                  "quality": [round(x, 6) for x in q_scores]})
+    return {"tally": tally.counts, "tokens_by_domain": by_domain}
+
+
+# ---- phase 5: mixing and token shards --------------------------------------------------------------
+def phase_write(ctx: Context, u: int) -> dict:
+    from herd.data.mix import copies
+    from herd.data.shards import write_shard_files
+
+    cfg = ctx.cfg
+    factors = json.loads((ctx.work / "mix.json").read_text())["factors"]
+    rows, tokens, offsets = _load_filtered(ctx, u)
+    keep = json.loads((ctx.unit_dir(u) / "scores.json").read_text())["keep"]
+    tally = Tally()
+    split_docs: dict[str, list[np.ndarray]] = {"train": [], "val": []}
+    out_rows = []
+    for i in keep:
+        row = rows[i]
+        dom, n = row["domain"], row["tokens"]
+        c = copies(row["id"], factors[dom], cfg.run.seed)
+        tally.add("mix", dom, documents_in=1, tokens_in=n)
+        if c == 0:
+            tally.add("mix", dom, documents_removed=1, tokens_removed=n)
+            continue
+        tally.add("mix", dom, documents_added=c - 1, tokens_added=(c - 1) * n)
+        # Every copy of a document lands in the same split: upsampling never leaks into val.
+        split = "val" if _is_val(row["id"], cfg.run.val_fraction, cfg.run.seed) else "train"
+        split_docs[split].extend([tokens[offsets[i]:offsets[i + 1]]] * c)
+        out_rows.append(row | {"copies": c, "split": split})
+    out = ctx.work / "out"
+    entries = {s: write_shard_files(out, f"{s}-u{u:05d}", docs) for s, docs in split_docs.items()}
+    max_id = max((int(a.max()) for docs in split_docs.values() for a in docs), default=-1)
+    _write_jsonl(ctx.unit_dir(u) / "documents.jsonl", out_rows)
+    return {"tally": tally.counts, "shards": entries, "max_token_id": max_id}
+
+
+# ---- the local executor ----------------------------------------------------------------------------
+def _run_phase(ctx: Context, phase: str, fn, workers: int) -> list[dict]:
+    n = len(ctx.units)
+    results: dict[int, dict] = {}
+    todo = []
+    for u in range(n):
+        m = ctx.marker(u, phase)
+        if m.exists():
+            results[u] = json.loads(m.read_text())
+        else:
+            todo.append(u)
+
+    def done(u: int, res: dict) -> None:
+        _write_json(ctx.marker(u, phase), res)  # after the unit's files: the unit is complete
+        results[u] = res
+
+    if workers <= 1 or len(todo) <= 1:
+        for u in todo:
+            done(u, fn(ctx, u))
+    elif todo:
+        methods = multiprocessing.get_all_start_methods()
+        mp = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+        with ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=mp) as ex:
+            futures = {ex.submit(fn, ctx, u): u for u in todo}
+            pending = set(futures)
+            while pending:
+                finished, pending = wait(pending, return_when=FIRST_EXCEPTION)
+                for f in finished:
+                    if f.exception() is not None:
+                        for p in pending:
+                            p.cancel()
+                        raise f.exception()
+                    done(futures[f], f.result())
+    return [results[u] for u in range(n)]
+
+
+def _global(ctx: Context, name: str, compute, save, load):
+    """A global step, done once: its result file is its completion marker."""
+    path = ctx.work / name
+    if not path.exists():
+        save(path, compute(ctx))
+    return load(path)
+
+
+def _plan(cfg: PipelineConfig, work: Path, restart: bool) -> list:
+    from herd.data.readers import Unit, plan_units
+
+    units = [u for inp in cfg.input for u in plan_units(inp.path, inp.format, inp.domain, cfg.run.shard_bytes)]
+    files = sorted({f for u in units for f in u.files})
+    stats = {}
+    for f in files:
+        st = os.stat(f)
+        stats[f] = [st.st_size, st.st_mtime_ns]
+    plan = {"config": json.loads(json.dumps(_output_config(cfg))), "inputs": stats, "units": [dataclasses.asdict(u) for u in units]}
+    path = work / "plan.json"
+    if restart and work.exists():
+        shutil.rmtree(work)
+    if path.exists():
+        old = json.loads(path.read_text())
+        if old["config"] != plan["config"]:
+            changed = _diff(old["config"], plan["config"])
+            raise HerdError(f"{work} holds an unfinished run with a different config ({', '.join(changed)}); "
+                            "run with --restart to start over")
+        if old["inputs"] != plan["inputs"]:
+            raise HerdError(f"{work} holds an unfinished run whose input files have changed since; "
+                            "run with --restart to start over")
+        return [Unit(**u) for u in old["units"]]
+    if not units:
+        raise HerdError("empty corpus: the inputs hold no files")
+    work.mkdir(parents=True, exist_ok=True)
+    _write_json(path, plan)
+    return units
+
+
+def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [x for k in sorted(set(a) | set(b)) for x in _diff(a.get(k), b.get(k), f"{prefix}{k}.")]
+    return [] if a == b else [prefix.rstrip(".")]
+
+
+def work_dir_for(cfg: PipelineConfig) -> Path:
+    out = Path(cfg.run.out)
+    return Path(cfg.run.work_dir) if cfg.run.work_dir else out.with_name(f".{out.name}.work")
+
+
+def run_pipeline(cfg: PipelineConfig, *, workers: int | None = None, restart: bool = False,
+                 log=None) -> dict:
+    """Run (or resume) the pipeline; returns the manifest. See the module docstring."""
+    from herd.data.mix import mixing_factors
+    from herd.data.shards import publish_dir, write_meta
+
+    say = log or (lambda msg: None)
+    workers = workers if workers is not None else (cfg.run.workers or os.cpu_count() or 1)
+    out, work = Path(cfg.run.out), work_dir_for(cfg)
+    units = _plan(cfg, work, restart)
+    ctx = Context(cfg, work, units)
+    if workers > 1 and cfg.run.tokenizer != "bytes":
+        get_tokenizer(cfg.run.tokenizer)  # loaded once here; forked workers inherit it
+    timing: dict[str, float] = {}
+    t0 = time.perf_counter()
+
+    def phase(name, fn):
+        t = time.perf_counter()
+        res = _run_phase(ctx, name, fn, workers)
+        timing[name] = round(time.perf_counter() - t, 3)
+        say(f"{name}: {len(units)} units done ({timing[name]:.1f} s)")
+        return res
+
+    read = phase("read", phase_read)
+    n_docs = sum(r["documents"] for r in read)
+    if n_docs == 0:
+        raise HerdError("empty corpus: no documents in the inputs (" + ", ".join(i.path for i in cfg.input) + ")")
+    if not (work / "read.summary.json").exists():
+        _write_json(work / "read.summary.json", {"documents": n_docs})
+    _global(ctx, "dedup.json", global_dedup, _write_json, lambda p: None)
+    if cfg.line_dedup.enabled:
+        phase("lines", phase_line_counts)
+        _global(ctx, "bad_lines.npy", global_lines,
+                lambda p, a: _atomic_write(p, lambda f: np.save(f, a)), lambda p: None)
+    filt = phase("filter", phase_filter)
+    if cfg.kl_divergence.enabled:
+        _global(ctx, "unigram.npz", global_unigrams,
+                lambda p, d: _write_npz(p, **{f"{k}/{dom}": v for dom, a in d.items()
+                                              for k, v in zip(("ids", "counts"), a, strict=True)}),
+                lambda p: None)
+    score = phase("score", phase_score)
+    tokens_by_domain: dict[str, int] = {}
+    for r in score:
+        for dom, t in r["tokens_by_domain"].items():
+            tokens_by_domain[dom] = tokens_by_domain.get(dom, 0) + t
+    _global(ctx, "mix.json", lambda c: {"factors": mixing_factors(tokens_by_domain, cfg.mix.weights, cfg.mix.upsample),
+                                        "tokens_by_domain": tokens_by_domain}, _write_json, lambda p: None)
+    (work / "out").mkdir(exist_ok=True)
+    written = phase("write", phase_write)
+
+    # ---- publish: meta.json, documents.jsonl, manifest.json, then one rename ----
+    tally = Tally()
+    for r in read + filt + score + written:
+        tally.merge(r.get("tally", {}))
+    shards = {s: [r["shards"][s] for r in written] for s in ("train", "val")}
+    tok = get_tokenizer(cfg.run.tokenizer)
+    meta = write_meta(work / "out", tok.vocab_size, shards, max_token_id=max(r["max_token_id"] for r in written),
+                      tokenizer=cfg.run.tokenizer)
+    if cfg.run.write_documents:
+        with open(work / "out" / "documents.jsonl", "wb") as f:
+            for u in range(len(units)):
+                with open(ctx.unit_dir(u) / "documents.jsonl", "rb") as src:
+                    shutil.copyfileobj(src, f)
+    factors = json.loads((work / "mix.json").read_text())["factors"]
+    manifest = build_manifest(cfg, tally, meta, factors)
+    timing["total"] = round(time.perf_counter() - t0, 3)
+    manifest["timing_s"] = timing
+    manifest["documents_per_s_per_worker"] = round(n_docs / timing["total"] / max(1, min(workers, len(units))), 2)
+    (work / "out" / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    publish_dir(work / "out", out)
+    if not cfg.run.keep_work:
+        shutil.rmtree(work, ignore_errors=True)
+    return manifest
+
+
+def build_manifest(cfg: PipelineConfig, tally: Tally, meta: dict, factors: dict[str, float]) -> dict:
+    keys = ("documents_in", "documents_removed", "documents_added", "tokens_in", "tokens_removed",
+            "tokens_added", "lines_removed")
+    stages = []
+    for name in STAGES:
+        by_dom = tally.counts.get(name, {})
+        tot = {k: sum(d.get(k, 0) for d in by_dom.values()) for k in keys}
+        entry: dict[str, Any] = {"stage": name, "enabled": _enabled(cfg, name)}
+        entry |= {k: v for k, v in tot.items() if v or not k.endswith("added")}
+        entry["documents_out"] = tot["documents_in"] - tot["documents_removed"] + tot["documents_added"]
+        entry["tokens_out"] = tot["tokens_in"] - tot["tokens_removed"] + tot["tokens_added"]
+        entry["by_domain"] = {dom: {k: v for k, v in d.items() if v} for dom, d in sorted(by_dom.items())}
+        stages.append(entry)
+    out_tokens = {s: meta["splits"][s]["tokens"] for s in ("train", "val")}
+    domains: dict[str, dict] = {}
+    mix = tally.counts.get("mix", {})
+    total = sum(d.get("tokens_in", 0) - d.get("tokens_removed", 0) + d.get("tokens_added", 0) for d in mix.values())
+    for dom, d in sorted(mix.items()):
+        t = d.get("tokens_in", 0) - d.get("tokens_removed", 0) + d.get("tokens_added", 0)
+        domains[dom] = {"tokens": t, "share": round(t / total, 6) if total else 0.0,
+                        "weight": cfg.mix.weights.get(dom), "factor": round(factors.get(dom, 1.0), 6)}
+    return {"format": "herd-data-manifest-v1", "tokenizer": cfg.run.tokenizer, "vocab_size": meta["vocab_size"],
+            "stages": stages, "domains": domains,
+            "output": {"documents": meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"],
+                       "tokens": sum(out_tokens.values()), "splits": out_tokens},
+            "config": cfg.to_dict()}
+
+
+def _enabled(cfg: PipelineConfig, stage: str) -> bool:
+    if stage in ("read", "mix"):
+        return True
+    return bool(getattr(cfg, stage).enabled)
+
+
+def config_digest(cfg: PipelineConfig) -> str:
+    return hashlib.sha256(json.dumps(_output_config(cfg), sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---- CLI -------------------------------------------------------------------------------------------
+def cmd_run(a: argparse.Namespace) -> None:
+    from herd.hub import say
+
+    cfg = load_pipeline_config(a.config, a.overrides)
+    work = work_dir_for(cfg)
+    if (work / "plan.json").exists() and not a.restart:
+        say(f"resuming the unfinished run in {work}")
+    m = run_pipeline(cfg, workers=a.workers, restart=a.restart, log=say)
+    removed = ", ".join(f"{s['stage']} -{s['documents_removed']}" for s in m["stages"] if s.get("documents_removed"))
+    say(f"wrote {cfg.run.out}: {m['output']['documents']} documents, {m['output']['tokens']:,} tokens "
+        f"(removed: {removed or 'none'}); counts in {Path(cfg.run.out) / 'manifest.json'}")
+
+
+def add_run_parser(subparsers) -> argparse.ArgumentParser:
+    """Add `run` (and the quality-classifier steps) to a `herd data` subparsers object."""
+    from herd.data.quality import add_quality_parsers
+    from herd.train.cli import _PretrainParser
+
+    p = subparsers.add_parser("run", help="run the data pipeline of a TOML config (resumes an unfinished run)",
+                              description="Run the SPEC §3.1 data pipeline: read → URL/MinHash/line de-dup → "
+                                          "heuristic filters → quality → mix → token shards. Any config key "
+                                          "can be overridden as --section.key=value.")
+    p.__class__ = _PretrainParser  # collects --section.key=value into `overrides`
+    p.add_argument("config", help="pipeline TOML (e.g. configs/data/builtin.toml)")
+    p.add_argument("--workers", type=int, default=None, help="processes (default: run.workers, 0 = all cores)")
+    p.add_argument("--restart", action="store_true", help="discard an unfinished run's work directory")
+    p.set_defaults(func=cmd_run, overrides=[])
+    add_quality_parsers(subparsers)
+    return p

@@ -1,0 +1,207 @@
+"""The model-based quality classifier of SPEC §3.1.1, trainable here.
+
+The paper trains fast classifiers (fastText, RoBERTa-style) on *Llama 2's judgments* of whether a
+document meets its quality bar, then scores the whole corpus with them. Same shape here:
+
+1. `herd data label INPUT --out labels.jsonl` — an instruction model (by default the built-in
+   SmolLM2-135M-Instruct, `herd.load`) judges sampled documents: the label is
+   P("Yes") / (P("Yes") + P("No")) of its next token after a yes/no quality question.
+2. `herd data train-quality labels.jsonl --out quality.npz` — scikit-learn logistic regression on
+   hashed word uni+bigram features (`HashingVectorizer`: no vocabulary to store, same features in
+   every process).
+3. The pipeline's `quality` stage scores every document with the saved weights and drops those
+   below `quality.min_score`.
+
+The saved model is plain arrays in an `.npz` (weights, bias, feature settings) — no pickle, so a
+model file from anywhere is safe to load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from herd.errors import HerdError
+
+FORMAT = "herd-quality-v1"
+JUDGE_PROMPT = ("Here is a document from a web crawl:\n\n<document>\n{text}\n</document>\n\n"
+                "Is this a well-written, coherent, informative text worth learning from (not spam, "
+                "boilerplate, gibberish or a list of keywords)? Answer Yes or No.")
+
+
+@dataclass
+class QualityModel:
+    coef: np.ndarray  # (n_features,)
+    intercept: float
+    n_features: int = 1 << 18
+    ngram_max: int = 2
+
+    def _vectorizer(self):
+        from sklearn.feature_extraction.text import HashingVectorizer
+
+        return HashingVectorizer(n_features=self.n_features, ngram_range=(1, self.ngram_max),
+                                 alternate_sign=False, norm="l2", lowercase=True)
+
+    def score(self, texts: Sequence[str]) -> np.ndarray:
+        """P(high quality) for each text."""
+        if not texts:
+            return np.zeros(0)
+        x = self._vectorizer().transform(list(texts))
+        z = x @ self.coef + self.intercept
+        return 1.0 / (1.0 + np.exp(-z))
+
+    def save(self, path: str | os.PathLike) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.npz")
+        np.savez(tmp, format=np.array(FORMAT), coef=self.coef.astype(np.float32),
+                 intercept=np.array(self.intercept), n_features=np.array(self.n_features),
+                 ngram_max=np.array(self.ngram_max))
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> QualityModel:
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                if str(z["format"]) != FORMAT:
+                    raise HerdError(f"{path}: not a herd quality model (format {z['format']})")
+                return cls(z["coef"].astype(np.float64), float(z["intercept"]), int(z["n_features"]),
+                           int(z["ngram_max"]))
+        except (OSError, ValueError, KeyError) as e:
+            raise HerdError(f"{path}: cannot read a quality model ({e})") from None
+
+
+def train_quality(texts: Sequence[str], labels: Sequence[int], *, n_features: int = 1 << 18,
+                  ngram_max: int = 2, c: float = 4.0, seed: int = 0) -> QualityModel:
+    """Logistic regression on hashed n-gram features (labels: 1 = keep, 0 = drop)."""
+    from sklearn.linear_model import LogisticRegression
+
+    y = np.asarray(labels, dtype=np.int64)
+    if len(texts) != len(y) or len(y) == 0:
+        raise HerdError("quality training needs as many labels as texts, and at least one")
+    if len(set(y.tolist())) < 2:
+        raise HerdError(f"quality training needs both labels; all {len(y)} samples are labelled {y[0]}")
+    model = QualityModel(np.zeros(n_features), 0.0, n_features, ngram_max)
+    clf = LogisticRegression(C=c, max_iter=1000, random_state=seed)
+    clf.fit(model._vectorizer().transform(list(texts)), y)
+    model.coef, model.intercept = clf.coef_[0].astype(np.float64), float(clf.intercept_[0])
+    return model
+
+
+# ---- labels from an instruction model ---------------------------------------------------------------
+def judge(texts: Sequence[str], model, tokenizer, *, max_chars: int = 1500) -> list[float]:
+    """P(Yes) of `model` asked JUDGE_PROMPT about each text (the paper's "Llama 2 judgments")."""
+    import torch
+
+    yes = {tokenizer.encode(w)[0] for w in ("Yes", " Yes")}
+    no = {tokenizer.encode(w)[0] for w in ("No", " No")}
+    scores = []
+    with torch.inference_mode():
+        for text in texts:
+            msgs = [{"role": "user", "content": JUDGE_PROMPT.format(text=text[:max_chars])}]
+            ids = tokenizer.chat.encode_dialog(msgs, add_generation_prompt=True)
+            logits = model(torch.tensor([ids]))[0, -1].float()
+            probs = torch.softmax(logits, -1)
+            p_yes, p_no = float(probs[list(yes)].sum()), float(probs[list(no)].sum())
+            scores.append(p_yes / (p_yes + p_no) if p_yes + p_no > 0 else 0.5)
+    return scores
+
+
+def sample_texts(inputs: Sequence[str], n: int, seed: int, max_chars: int) -> list[str]:
+    """`n` documents drawn uniformly (seeded) from the inputs, each cut to a random window of
+    `max_chars` so long works give a passage rather than always their opening."""
+    from herd.data.readers import plan_units, read_unit
+
+    docs = [d.text for inp in inputs for u in plan_units(inp) for d in read_unit(u) if d.text.strip()]
+    if not docs:
+        raise HerdError("no documents to label in " + ", ".join(inputs))
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        t = docs[rng.randrange(len(docs))]
+        start = rng.randrange(max(1, len(t) - max_chars))
+        out.append(t[start:start + max_chars])
+    return out
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_labels(path: str | os.PathLike) -> tuple[list[str], list[int]]:
+    texts, labels = [], []
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise HerdError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})") from None
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+            texts.append(str(obj["text"]))
+            labels.append(int(obj["label"]))
+        except (ValueError, KeyError, TypeError):
+            raise HerdError(f"{path}:{i}: expected {{\"text\": ..., \"label\": 0 or 1}}") from None
+    return texts, labels
+
+
+# ---- CLI -------------------------------------------------------------------------------------------
+def cmd_label(a: argparse.Namespace) -> None:
+    from herd.api import load
+    from herd.hub import say
+
+    texts = sample_texts(a.inputs, a.samples, a.seed, a.max_chars)
+    model, tok = load(a.model)
+    if tok is None or tok.chat is None:
+        raise HerdError(f"{a.model}: judging needs a model with a tokenizer and chat format")
+    scores = judge(texts, model, tok, max_chars=a.max_chars)
+    rows = [{"text": t, "score": round(s, 6), "label": int(s >= a.threshold)} for t, s in zip(texts, scores, strict=True)]
+    _write_jsonl(Path(a.out), rows)
+    say(f"wrote {a.out}: {len(rows)} judged samples, {sum(r['label'] for r in rows)} labelled 1 "
+        f"(P(Yes) >= {a.threshold}) by {a.model}")
+
+
+def cmd_train_quality(a: argparse.Namespace) -> None:
+    from herd.hub import say
+
+    texts, labels = read_labels(a.labels)
+    model = train_quality(texts, labels, c=a.c)
+    acc = float(np.mean((model.score(texts) >= 0.5) == np.asarray(labels)))
+    model.save(a.out)
+    say(f"wrote {a.out}: logistic regression on {len(texts)} samples (training accuracy {acc:.3f})")
+
+
+def add_quality_parsers(subparsers) -> None:
+    """`herd data label` and `herd data train-quality` on a `herd data` subparsers object."""
+    p = subparsers.add_parser("label", help="judge sampled documents with an instruction model (quality labels)")
+    p.add_argument("inputs", nargs="+", help="text/JSONL/HTML files or directories to sample from")
+    p.add_argument("--out", required=True, help="labels JSONL ({text, score, label})")
+    p.add_argument("--model", default="smollm2-135m-instruct", help="the judge (default: smollm2-135m-instruct)")
+    p.add_argument("--samples", type=int, default=200, help="documents to judge (default: 200)")
+    p.add_argument("--max-chars", type=int, default=1500, help="characters of each sample shown (default: 1500)")
+    p.add_argument("--threshold", type=float, default=0.5, help="label 1 when P(Yes) >= this (default: 0.5)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_label)
+    p = subparsers.add_parser("train-quality", help="train the quality classifier on labels JSONL")
+    p.add_argument("labels", help="JSONL of {text, label} (from `herd data label` or elsewhere)")
+    p.add_argument("--out", required=True, help="model file (.npz), for quality.model in a pipeline config")
+    p.add_argument("--c", type=float, default=4.0, help="inverse L2 strength (default: 4)")
+    p.set_defaults(func=cmd_train_quality)

@@ -1,0 +1,258 @@
+"""Readers of the data pipeline (SPEC §3.1.1): text, JSONL and HTML inputs → plain documents.
+
+An input is a file, a directory or a glob. It is cut into *units* — the pipeline's unit of
+parallel work and of resumption (herd/data/pipeline.py):
+
+* a JSONL file (`.jsonl`, `.jsonl.gz`) one unit per `shard_bytes` byte range; a range owns the
+  lines that *start* inside it, so ranges never share or lose a line (the Hadoop/datatrove way of
+  splitting line-oriented files);
+* text (`.txt`, `.md`, `.py`, ...) and HTML (`.html`, `.htm`) files are one document each, grouped
+  into units of about `shard_bytes`.
+
+A JSONL record needs `"text"` (or `"html"`, which is extracted); `"id"`/`"name"`, `"url"`,
+`"domain"` and `"date"` are kept when present. HTML goes through trafilatura's main-content
+extraction (boilerplate such as menus, footers and sidebars is dropped), with two fixes for what
+the paper keeps (§3.1.1 "we carefully extract HTML … preserving math and code"): every `<pre>`
+block that the extractor kept is restored byte for byte (trafilatura drops its blank lines), and
+MathML / math images become their TeX/alt text before extraction.
+
+Undecodable, truncated or malformed input is a `HerdError` naming the file (and line): a corpus
+that silently loses documents is worse than one that stops.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import json
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from herd.errors import HerdError
+
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".json.gz", ".ndjson")
+HTML_SUFFIXES = (".html", ".htm", ".xhtml")
+FORMATS = ("auto", "jsonl", "text", "html")
+
+
+@dataclass
+class RawDoc:
+    """One document as read, before any filtering. `text` is already extracted for HTML."""
+
+    text: str
+    name: str = ""
+    url: str = ""
+    domain: str = ""
+    date: str = ""
+
+
+@dataclass
+class Unit:
+    """A slice of the input that one worker reads: files (text/HTML) or one JSONL byte range."""
+
+    format: str  # "jsonl", "text" or "html"
+    files: list[str]
+    start: int = 0  # JSONL byte range [start, end) of files[0]
+    end: int = -1
+    domain: str = ""  # default domain tag of its documents
+    meta: dict = field(default_factory=dict)
+
+
+def detect_format(path: str) -> str:
+    low = path.lower()
+    if low.endswith(JSONL_SUFFIXES):
+        return "jsonl"
+    if low.endswith(HTML_SUFFIXES):
+        return "html"
+    return "text"
+
+
+def expand_input(path: str) -> list[str]:
+    """A file, a directory (every file under it, sorted) or a glob → sorted file paths."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        files = sorted(str(f) for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
+    elif p.is_file():
+        files = [str(p)]
+    else:
+        files = sorted(f for f in glob.glob(str(p), recursive=True) if os.path.isfile(f))
+        if not files:
+            raise HerdError(f"input {path}: no such file, directory or matching files")
+    return files
+
+
+def plan_units(path: str, fmt: str = "auto", domain: str = "", shard_bytes: int = 1 << 22) -> list[Unit]:
+    """The units of one input entry, in a fixed order (the order documents keep in the output)."""
+    if fmt not in FORMATS:
+        raise HerdError(f"input {path}: format {fmt!r}; choose {', '.join(FORMATS)}")
+    units: list[Unit] = []
+    group: list[str] = []
+    group_fmt, group_bytes = "", 0
+    for f in expand_input(path):
+        kind = detect_format(f) if fmt == "auto" else fmt
+        try:
+            size = os.path.getsize(f)
+        except OSError as e:
+            raise HerdError(f"{f}: cannot read ({e.strerror})") from None
+        if kind == "jsonl":
+            if f.endswith(".gz"):  # gzip streams cannot be split by byte offset
+                units.append(Unit("jsonl", [f], 0, -1, domain))
+            else:
+                for start in range(0, max(size, 1), shard_bytes):
+                    units.append(Unit("jsonl", [f], start, min(start + shard_bytes, size), domain))
+            continue
+        if group and (group_fmt != kind or group_bytes + size > shard_bytes):
+            units.append(Unit(group_fmt, group, domain=domain))
+            group, group_bytes = [], 0
+        group.append(f)
+        group_fmt = kind
+        group_bytes += size
+    if group:
+        units.append(Unit(group_fmt, group, domain=domain))
+    return units
+
+
+# ---- reading a unit --------------------------------------------------------------------------------
+def read_unit(unit: Unit) -> Iterator[RawDoc]:
+    if unit.format == "jsonl":
+        yield from _read_jsonl(unit.files[0], unit.start, unit.end, unit.domain)
+        return
+    for f in unit.files:
+        data = _read_bytes(f)
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise HerdError(f"{f}: not UTF-8 text (byte {e.start}); convert it or drop it from the inputs") from None
+        name = Path(f).stem
+        if unit.format == "html":
+            url = _canonical_url(text) or Path(f).resolve().as_uri()
+            yield RawDoc(extract_html(text), name=name, url=url, domain=unit.domain)
+        else:
+            yield RawDoc(text, name=name, domain=unit.domain)
+
+
+def _read_bytes(path: str) -> bytes:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read()
+    except OSError as e:
+        raise HerdError(f"{path}: cannot read ({e.strerror})") from None
+
+
+def _jsonl_lines(path: str, start: int, end: int) -> Iterator[tuple[int, bytes]]:
+    """(line number or byte offset, raw line) of the lines starting in [start, end)."""
+    try:
+        if path.endswith(".gz"):
+            with gzip.open(path, "rb") as fh:
+                for i, line in enumerate(fh, 1):
+                    yield i, line
+            return
+        with open(path, "rb") as fh:
+            pos = start
+            if start > 0:  # a line that started before `start` belongs to the previous range
+                fh.seek(start - 1)
+                if fh.read(1) != b"\n":
+                    pos = start + len(fh.readline())
+            fh.seek(pos)
+            while pos < end:
+                line = fh.readline()
+                if not line:
+                    break
+                yield pos, line
+                pos += len(line)
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        raise HerdError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})") from None
+
+
+def _read_jsonl(path: str, start: int, end: int, domain: str) -> Iterator[RawDoc]:
+    where = "line" if path.endswith(".gz") else "byte"
+    for pos, raw in _jsonl_lines(path, start, end):
+        if not raw.strip():
+            continue
+        try:
+            obj = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            raise HerdError(f"{path}: {where} {pos}: not valid JSON (a truncated or corrupt file?)") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("text", obj.get("html")), str):
+            raise HerdError(f"{path}: {where} {pos}: not a JSON object with a \"text\" (or \"html\") string")
+        text = obj["text"] if isinstance(obj.get("text"), str) else extract_html(obj["html"])
+        yield RawDoc(text=text, name=str(obj.get("id", obj.get("name", ""))), url=str(obj.get("url", "") or ""),
+                     domain=str(obj.get("domain", "") or domain), date=str(obj.get("date", "") or ""))
+
+
+# ---- HTML main-content extraction ------------------------------------------------------------------
+_CANONICAL = re.compile(r"""<link[^>]+rel=["']?canonical["']?[^>]*>""", re.I)
+_HREF = re.compile(r"""href=["']([^"']+)["']""", re.I)
+_FENCE = re.compile(r"^```[^\n]*\n(.*?)\n?```$", re.S | re.M)
+
+
+def _canonical_url(html: str) -> str:
+    m = _CANONICAL.search(html)
+    h = _HREF.search(m.group(0)) if m else None
+    return h.group(1) if h else ""
+
+
+def _squash(s: str) -> str:
+    return re.sub(r"\s+", "", s)
+
+
+def extract_html(html: str) -> str:
+    """The main content of an HTML page as text (markdown-ish: headings, lists, fenced code).
+
+    Code blocks survive exactly: trafilatura keeps `<pre>` content as a fenced block but drops its
+    blank lines, so each fenced block is swapped back for the original `<pre>` text it came from
+    (matched ignoring whitespace)."""
+    import lxml.html
+    import trafilatura
+
+    if not html.strip():
+        return ""
+    try:
+        tree = lxml.html.document_fromstring(html)
+    except Exception:  # lxml raises several types on hopeless markup  # noqa: BLE001
+        return ""
+    _math_to_text(tree)
+    pres = [p.text_content().strip("\n") for p in tree.iter("pre")]
+    text = trafilatura.extract(tree, output_format="markdown", include_formatting=True, include_comments=False,
+                               include_tables=True, favor_recall=True, deduplicate=False) or ""
+    if not pres:
+        return text.strip()
+    by_key = {_squash(p): p for p in pres}
+
+    def restore(m: re.Match) -> str:
+        original = by_key.get(_squash(m.group(1)))
+        return f"```\n{original}\n```" if original is not None else m.group(0)
+
+    return _FENCE.sub(restore, text).strip()
+
+
+def _math_to_text(tree) -> None:
+    """MathML → its TeX annotation or alttext; math images → their alt text (kept as `$…$`)."""
+    for m in list(tree.iter("{http://www.w3.org/1998/Math/MathML}math", "math")):
+        tex = m.get("alttext") or ""
+        for ann in m.iter("annotation"):
+            if "tex" in (ann.get("encoding") or "").lower():
+                tex = ann.text_content()
+        if tex:
+            _replace_with_text(m, f"${tex.strip()}$")
+    for img in list(tree.iter("img")):
+        cls = (img.get("class") or "").lower()
+        alt = img.get("alt") or ""
+        if alt and ("math" in cls or "tex" in cls or "latex" in cls):
+            _replace_with_text(img, f"${alt.strip()}$")
+
+
+def _replace_with_text(el, text: str) -> None:
+    parent = el.getparent()
+    if parent is None:
+        return
+    tail = el.tail or ""
+    prev = el.getprevious()
+    if prev is not None:
+        prev.tail = (prev.tail or "") + text + tail
+    else:
+        parent.text = (parent.text or "") + text + tail
+    parent.remove(el)
