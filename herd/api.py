@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from herd.checkpoint.common import model_dir_of, read_model_info
 from herd.errors import HerdError
 from herd.hub import BUILTIN_MODELS, fetch_builtin
 from herd.inference.cpu_linear import pack_linears
@@ -26,7 +27,7 @@ def resolve_model_path(spec: str | Path) -> Path:
     if not path.exists():
         raise HerdError(f"no model {str(spec)!r}: not a built-in name ({', '.join(BUILTIN_MODELS)}) "
                         "and no such file or directory")
-    return path
+    return model_dir_of(path)  # a training checkpoint ckpt-N/ → its model/
 
 
 def load_model_tokenizer(path: Path, device, dtype, for_inference: bool = True):
@@ -44,6 +45,8 @@ def load_model_tokenizer(path: Path, device, dtype, for_inference: bool = True):
         tokenizer = load_tokenizer(path)  # present but broken: say so, don't carry on without it
     else:
         tokenizer = None
+    if tokenizer is not None and path.is_dir() and read_model_info(path).get("chat_format") is False:
+        tokenizer.chat = None  # a base model: prompts are completed as text
     if tokenizer is None:
         warnings.warn(f"{path}: no tokenizer files found; loaded the model without a tokenizer", stacklevel=3)
     elif tokenizer.vocab_size > ckpt.args.vocab_size:

@@ -156,3 +156,41 @@ def write_safetensors_dir(path: str | os.PathLike, config: dict, tensors: dict[s
                 json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
         for fname, text in (extra_files or {}).items():
             (tmp / fname).write_text(text)
+
+
+# ---- what travels with the weights ---------------------------------------------------------------
+# A model directory may hold herd's own note on how to use the model. {"chat_format": false} marks a
+# base (pre-trained) model: text prompts are completed as they are, not wrapped in the tokenizer's
+# chat format, since pre-training does not teach one (herd/api.py reads it; herd/train writes it).
+MODEL_INFO = "herd_model.json"
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def read_model_info(model_dir: str | os.PathLike) -> dict:
+    path = Path(model_dir) / MODEL_INFO
+    if not path.is_file():
+        return {}
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise HerdError(f"{path}: corrupt ({e})") from None
+    return info if isinstance(info, dict) else {}
+
+
+def copy_model_extras(src_dir: str | os.PathLike, dst_dir: str | os.PathLike) -> list[str]:
+    """Copy the tokenizer files and MODEL_INFO of one model directory into another (averaging or
+    converting a trained checkpoint keeps its tokenizer). Returns the names copied."""
+    src, dst = Path(src_dir), Path(dst_dir)
+    copied = []
+    for name in (*TOKENIZER_FILES, MODEL_INFO):
+        if (src / name).is_file() and not (dst / name).exists():
+            shutil.copyfile(src / name, dst / name)
+            copied.append(name)
+    return copied
+
+
+def model_dir_of(path: str | os.PathLike) -> Path:
+    """A training checkpoint (`ckpt-N/` with `model/` and `complete.json`, herd/train/checkpoint.py)
+    stands for its `model/` directory; any other path for itself."""
+    path = Path(path)
+    return path / "model" if (path / "model").is_dir() and (path / "complete.json").exists() else path

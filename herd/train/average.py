@@ -15,11 +15,8 @@ from pathlib import Path
 import torch
 
 from herd.checkpoint import read_checkpoint, write_checkpoint
+from herd.checkpoint.common import copy_model_extras, model_dir_of
 from herd.errors import HerdError
-
-
-def _model_dir(path: Path) -> Path:
-    return path / "model" if (path / "model").is_dir() and (path / "complete.json").exists() else path
 
 
 def average_state_dicts(state_dicts: Sequence[dict[str, torch.Tensor]],
@@ -51,10 +48,12 @@ def average_checkpoints(paths: Sequence[str | os.PathLike], out: str | os.PathLi
                         weights: Sequence[float] | None = None) -> Path:
     if not paths:
         raise HerdError("give at least one checkpoint to average")
-    ckpts = [read_checkpoint(_model_dir(Path(p))) for p in paths]
+    ckpts = [read_checkpoint(model_dir_of(p)) for p in paths]
     args = ckpts[0].args
     for p, c in zip(paths, ckpts, strict=True):
         if c.args != args:
             raise HerdError(f"{p}: different model configuration from {paths[0]}; cannot average")
     sd = average_state_dicts([c.state_dict for c in ckpts], weights)
-    return write_checkpoint(out, "meta", args, sd)
+    out = write_checkpoint(out, "meta", args, sd)
+    copy_model_extras(model_dir_of(paths[0]), out)  # the tokenizer travels with the weights
+    return out

@@ -17,12 +17,14 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from herd.checkpoint.common import MODEL_INFO
 from herd.checkpoint.meta import write_meta
 from herd.data.shards import publish_dir
 from herd.errors import HerdError
@@ -51,7 +53,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(run_dir: str | os.PathLike, step: int, args: ModelArgs,
-                    model_state: dict[str, torch.Tensor], train_state: dict[str, Any], keep: int = 0) -> Path:
+                    model_state: dict[str, torch.Tensor], train_state: dict[str, Any], keep: int = 0,
+                    model_files: Sequence[Path] = ()) -> Path:
+    """Write checkpoint `ckpt-<step>` atomically. `model_files` (the run's tokenizer files) are copied
+    into `model/` so the checkpoint is a complete model directory for `herd generate`, marked as a
+    base model (no chat format: pre-training does not teach one)."""
     run_dir = Path(run_dir)
     dest = run_dir / checkpoint_name(step)
     tmp = run_dir / f".{dest.name}.tmp-{os.getpid()}"
@@ -62,6 +68,10 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, args: ModelArgs,
         if args.tie_embeddings:
             sd.pop("output.weight", None)
         write_meta(tmp / "model", args, sd)
+        for f in model_files:
+            shutil.copyfile(f, tmp / "model" / Path(f).name)
+        if model_files:
+            (tmp / "model" / MODEL_INFO).write_text(json.dumps({"chat_format": False}) + "\n")
         torch.save(train_state, tmp / "train_state.pt")
         (tmp / "complete.json").write_text(json.dumps({"step": step, "files": ["model", "train_state.pt"]}))
         publish_dir(tmp, dest)
