@@ -17,7 +17,7 @@ import torch
 
 from herd.errors import HerdError
 from herd.inference.cpu_linear import PackedLinear
-from herd.inference.kv_cache import KVCache, StaticKVCache
+from herd.inference.kv_cache import StaticKVCache, new_cache
 from herd.inference.sampling import SamplingParams, sample
 
 
@@ -74,7 +74,7 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int
     B, L = len(prompts), max(len(p) for p in prompts)
     max_new_tokens = min(max_new_tokens, args.max_seq_len - L)
     total = L + max_new_tokens
-    cache = (StaticKVCache if compile else KVCache)(args, B, total, dtype=model.tok_embeddings.weight.dtype,
+    cache = (StaticKVCache if compile else new_cache)(args, B, total, dtype=model.tok_embeddings.weight.dtype,
                                                     device=device)
     generator = None
     if sampling.seed is not None:

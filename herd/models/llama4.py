@@ -204,8 +204,9 @@ class Llama4Args(HeadShapes):
         return 3 * forward if training else forward
 
     def kv_cache_bytes_per_token(self, bytes_per_value: int = 2) -> int:
-        """Every layer caches every position here (herd's KVCache); a chunk-sized ring buffer for
-        RoPE layers would cap their share at attention_chunk_size positions."""
+        """KV bytes per position if every layer kept every position (KVCache). Generation uses
+        ChunkedKVCache, whose chunked RoPE layers hold at most attention_chunk_size - 1 positions in
+        all, so past a chunk only the NoPE layers' share grows."""
         return 2 * self.n_layers * self.kv_heads * self.hd * bytes_per_value
 
 
