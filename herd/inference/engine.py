@@ -1,0 +1,672 @@
+"""The serving engine: a block-paged KV cache and a scheduler with continuous batching and prefix
+sharing (DESIGN principle 6: a serving engine separate from the model; SPEC §4/§5).
+
+- KV cache (`KVPool`, `BlockPool`): keys and values of every layer live in one pool of fixed-size
+  blocks of `block_size` positions (PagedAttention). A sequence owns a list of blocks (its block
+  table), so memory is taken as it grows and given back the moment it ends — no per-request
+  preallocation to the longest possible length.
+- Prefix sharing: a full block is named by a hash of its tokens and of every token before it, so
+  two requests (or the `n` samples of one request) with a common prompt point at the same blocks,
+  reference-counted; the prompt is computed once. SPEC §4: sharing the prompt's KV cache across
+  rejection samples doubled the paper's throughput. Blocks nobody references keep their contents
+  and hash until their memory is needed (least recently freed first), so a later request with the
+  same prefix (a system prompt, a multi-turn dialog) finds them too.
+- Scheduler (`Engine.step`): every step admits waiting requests while there is room (batch slots
+  and KV blocks), runs one forward for the sequences that decode (one new token each) and one for
+  prompts being prefilled (in chunks of at most `max_prefill_tokens` per step, so a long prompt
+  never stalls the others for long), samples, applies stop conditions, and retires finished
+  sequences, freeing their blocks at once. When the pool runs dry mid-decode the most recently
+  admitted request is preempted (its blocks freed, its tokens recomputed later), so the engine
+  queues rather than crashes. `cancel` frees a request's blocks immediately.
+
+The model is used through its ordinary `forward(tokens, cache=, positions=, mask=, last_only=True)`:
+a step's rows are left-padded to one length, each row gets its own RoPE positions and a mask over
+its own gathered keys, and `PagedBatch` — the `Cache` the model writes into — scatters new keys and
+values into the rows' blocks and gathers each row's whole context back. Shape letters as in
+herd/models/llama3.py; R rows, N pool slots.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from herd.errors import HerdError
+from herd.inference.sampling import SamplingParams, sample
+
+DEFAULT_KV_CACHE_BYTES = 1 << 30
+
+
+# ---- the paged KV cache ---------------------------------------------------------------------------
+
+class BlockPool:
+    """Reference-counted KV blocks with a hash table of computed full blocks (prefix caching).
+
+    A block with no reference is free; if its contents are named by a hash it stays findable until
+    it is reused. Allocation takes never-named blocks first, then the least recently freed ones."""
+
+    def __init__(self, num_blocks: int):
+        self.num_blocks = num_blocks
+        self.refs = [0] * num_blocks
+        self._free_plain: deque[int] = deque(range(num_blocks))
+        self._free_cached: OrderedDict[int, None] = OrderedDict()  # oldest first
+        self._hash_of: dict[int, int] = {}
+        self._by_hash: dict[int, int] = {}
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free_plain) + len(self._free_cached)
+
+    @property
+    def num_used(self) -> int:
+        return self.num_blocks - self.num_free
+
+    def allocate(self) -> int:
+        if self._free_plain:
+            b = self._free_plain.popleft()
+        elif self._free_cached:
+            b, _ = self._free_cached.popitem(last=False)
+            del self._by_hash[self._hash_of.pop(b)]  # its contents are about to be overwritten
+        else:
+            raise HerdError("KV cache pool exhausted")  # callers check num_free first
+        self.refs[b] = 1
+        return b
+
+    def retain(self, b: int) -> None:
+        if self.refs[b] == 0:
+            del self._free_cached[b]  # only named blocks can be found while free
+        self.refs[b] += 1
+
+    def release(self, b: int) -> None:
+        self.refs[b] -= 1
+        if self.refs[b] == 0:
+            if b in self._hash_of:
+                self._free_cached[b] = None
+            else:
+                self._free_plain.append(b)
+
+    def lookup(self, h: int) -> int | None:
+        return self._by_hash.get(h)
+
+    def register(self, b: int, h: int) -> None:
+        """Name block b's (computed, full) contents by h, unless that content already has a block."""
+        if h not in self._by_hash and b not in self._hash_of:
+            self._by_hash[h] = b
+            self._hash_of[b] = h
+
+
+class KVPool:
+    """The memory: keys and values of every layer in `num_blocks` blocks of `block_size` slots,
+    plus one scratch block that padding positions write into. Layout (L, N, K, d): a slot's keys for
+    all heads are contiguous, so scattering new tokens and gathering a context are row copies."""
+
+    def __init__(self, n_layers: int, kv_heads: int, head_dim: int, num_blocks: int, block_size: int,
+                 dtype: torch.dtype, device: torch.device | str):
+        self.block_size, self.num_blocks = block_size, num_blocks
+        self.scratch_block = num_blocks
+        shape = (n_layers, (num_blocks + 1) * block_size, kv_heads, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+    def copy_block(self, src: int, dst: int, n: int) -> None:
+        """Copy the first n slots of block src into block dst, every layer (copy-on-write)."""
+        bs = self.block_size
+        self.k[:, dst * bs:dst * bs + n] = self.k[:, src * bs:src * bs + n]
+        self.v[:, dst * bs:dst * bs + n] = self.v[:, src * bs:src * bs + n]
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()
+
+
+class PagedBatch:
+    """The `Cache` (herd/models/llama3.py) for one forward over R rows, each row one sequence
+    computing `n_new` tokens from position `start`, left-padded to T. Also builds the forward's
+    inputs: tokens, positions and the attention mask over each row's gathered context."""
+
+    offset = 0  # positions are always given explicitly, so the model never reads this
+
+    def __init__(self, pool: KVPool, rows: Sequence[tuple[list[int], list[int], int]], device):
+        """rows: (block table, the new tokens, start position of the first new token)."""
+        bs = pool.block_size
+        self.pool = pool
+        n = torch.tensor([len(t) for _, t, _ in rows], device=device)
+        start = torch.tensor([s for _, _, s in rows], device=device)
+        ctx = start + n  # (R,) positions each row attends to after this step
+        R, T, S = len(rows), int(n.max()), int(ctx.max())
+        width = max(len(b) for b, _, _ in rows)
+        table = torch.full((R, max(width, 1)), pool.scratch_block, dtype=torch.long)
+        tokens = torch.zeros(R, T, dtype=torch.long)
+        for i, (blocks, new, _) in enumerate(rows):
+            table[i, :len(blocks)] = torch.tensor(blocks, dtype=torch.long)
+            tokens[i, T - len(new):] = torch.tensor(new, dtype=torch.long)
+        table, self.tokens = table.to(device), tokens.to(device)
+        scratch = pool.scratch_block * bs
+
+        def slots(pos):  # (R, X) positions < ctx → pool slot indices
+            return table.gather(1, pos // bs) * bs + pos % bs
+
+        t = torch.arange(T, device=device)
+        pos = start[:, None] + t[None, :] - (T - n)[:, None]  # (R, T); negative on left padding
+        real = pos >= 0
+        self.positions = pos.clamp(min=0)
+        self.write = torch.where(real, slots(self.positions), scratch).reshape(-1)  # (R·T,)
+        s = torch.arange(S, device=device).expand(R, S)
+        self.gather = torch.where(s < ctx[:, None], slots(s.clamp(max=width * bs - 1)), scratch).reshape(-1)
+        # A query sees its own row's keys up to its position; a padding query sees key 0 only (a
+        # query row with no visible key would give NaNs).
+        mask = (s[:, None, :] <= pos[:, :, None]) | (~real[:, :, None] & (s[:, None, :] == 0))
+        self.mask = mask[:, None]  # (R, 1, T, S)
+        self.R, self.T, self.S = R, T, S
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        R, K, T, d = k.shape
+        kp, vp = self.pool.k[layer], self.pool.v[layer]  # (N, K, d)
+        kp.index_copy_(0, self.write, k.transpose(1, 2).reshape(R * T, K, d))
+        vp.index_copy_(0, self.write, v.transpose(1, 2).reshape(R * T, K, d))
+        keys = kp.index_select(0, self.gather).view(R, self.S, K, d).transpose(1, 2)  # (R, K, S, d)
+        values = vp.index_select(0, self.gather).view(R, self.S, K, d).transpose(1, 2)
+        return keys, values
+
+    def advance(self, n: int) -> None:
+        pass
+
+
+# ---- requests and sequences ---------------------------------------------------------------------
+
+@dataclass
+class Event:
+    """What the engine tells a request's listener after a step: new tokens and text of one sample,
+    and its finish reason once it ends ("stop", "length" or "cancelled")."""
+
+    request_id: int
+    index: int  # which of the request's n samples
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass
+class Output:
+    """One sample's whole result (see Engine.generate)."""
+
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+
+
+class _Sequence:
+    def __init__(self, request: Request, index: int, tokens: list[int]):
+        self.request, self.index = request, index
+        self.tokens = tokens  # prompt + generated
+        self.blocks: list[int] = []
+        self.num_computed = 0  # leading tokens whose keys/values are in the blocks
+        self.num_named = 0  # leading full blocks whose hashes are known
+        self.hashes: list[int] = []
+        self.finish_reason: str | None = None
+        self.generator = torch.Generator(device=request.device)
+        if request.sampling.seed is not None:
+            self.generator.manual_seed((request.sampling.seed + index) % (1 << 63))
+        else:
+            self.generator.seed()
+        self.text = ""  # decoded so far (when the engine has a tokenizer)
+        self.sent_text = 0
+        self.sent_tokens = request.prompt_len
+        self.decoder = None
+        self.closed = False  # its final event has been sent
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def num_generated(self) -> int:
+        return len(self.tokens) - self.request.prompt_len
+
+
+@dataclass(eq=False)
+class Request:
+    id: int
+    prompt: list[int]
+    sampling: SamplingParams
+    max_tokens: int
+    n: int
+    stop_ids: frozenset[int]
+    stop_strings: tuple[str, ...]
+    listener: Callable[[Event], None] | None
+    device: torch.device
+    seqs: list[_Sequence] = field(default_factory=list)
+    forked: bool = False
+    reserved: list[int] = field(default_factory=list)  # blocks set aside for the n-1 forks' copies
+    arrival: float = field(default_factory=time.monotonic)
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt)
+
+    @property
+    def live(self) -> list[_Sequence]:
+        return [s for s in self.seqs if not s.finished]
+
+
+def _block_hash(parent: int, tokens: Sequence[int]) -> int:
+    return hash((parent, tuple(tokens)))
+
+
+# ---- the engine ---------------------------------------------------------------------------------
+
+class Engine:
+    """Continuous-batching generation over a paged KV cache. Thread-safe: `submit` and `cancel`
+    may be called from any thread while one thread (`start`, or the caller of `step`) runs steps.
+
+    model: a herd Transformer (any weights: fp32, packed, int8/fp8 quantized). tokenizer: needed
+    for stop strings and streamed text; without one, events carry token ids only.
+    max_batch: most sequences running at once. num_blocks: KV blocks of `block_size` positions
+    (default: as many as fit in `kv_cache_bytes`). max_prefill_tokens: prompt tokens computed per
+    step (chunked prefill). prefix_sharing: reuse the KV blocks of common prefixes.
+    """
+
+    def __init__(self, model, tokenizer=None, *, max_batch: int = 32, num_blocks: int | None = None,
+                 block_size: int = 16, kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES,
+                 max_prefill_tokens: int = 512, prefix_sharing: bool = True, max_waiting: int = 4096):
+        args = model.args
+        if max_batch < 1 or block_size < 1 or max_prefill_tokens < 1:
+            raise HerdError("max_batch, block_size and max_prefill_tokens must be positive")
+        self.model, self.tokenizer, self.args = model, tokenizer, args
+        weight = model.tok_embeddings.weight
+        self.device, dtype = weight.device, weight.dtype
+        if num_blocks is None:
+            per_block = args.kv_cache_bytes_per_token(weight.element_size()) * block_size
+            # No more than the whole batch at full context could use.
+            num_blocks = max(1, min(kv_cache_bytes // per_block, max_batch * -(-args.max_seq_len // block_size)))
+        self.kv = KVPool(args.n_layers, args.kv_heads, args.hd, num_blocks, block_size, dtype, self.device)
+        self.blocks = BlockPool(num_blocks)
+        self.block_size, self.max_batch = block_size, max_batch
+        self.max_prefill_tokens, self.prefix_sharing, self.max_waiting = max_prefill_tokens, prefix_sharing, max_waiting
+        self.stop_ids = frozenset(tokenizer.stop_ids) if tokenizer is not None else frozenset()
+        self._ids = itertools.count()
+        self._lock = threading.RLock()
+        self._wake = threading.Condition(self._lock)
+        self._waiting: deque[Request] = deque()
+        self._running: list[Request] = []  # in admission order
+        self._requests: dict[int, Request] = {}
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "prefix_hit_tokens": 0,
+                      "preemptions": 0}
+
+    # ---- public API ------------------------------------------------------------------------------
+    def submit(self, prompt: Sequence[int], *, max_tokens: int, sampling: SamplingParams = SamplingParams(),
+               n: int = 1, stop_strings: Sequence[str] = (), ignore_eos: bool = False,
+               listener: Callable[[Event], None] | None = None) -> int:
+        """Queue a request; returns its id. `listener` is called (from the engine's thread) with an
+        Event for every step that produced something, and once per sample with its finish reason."""
+        prompt = [int(t) for t in prompt]
+        vocab, context = self.args.vocab_size, self.args.max_seq_len
+        if not prompt:
+            raise HerdError("empty prompt: give at least one token")
+        bad = [t for t in prompt if not 0 <= t < vocab]
+        if bad:
+            raise HerdError(f"token id {bad[0]} is outside the model's vocabulary of {vocab}")
+        if len(prompt) >= context:
+            raise HerdError(f"prompt of {len(prompt)} tokens does not fit the model's context of {context} "
+                            "(at least one position is needed to generate)")
+        if max_tokens < 1 or n < 1:
+            raise HerdError(f"max_tokens and n must be at least 1, got {max_tokens} and {n}")
+        if n > self.max_batch:
+            raise HerdError(f"n={n} exceeds the engine's batch of {self.max_batch} sequences")
+        if stop_strings and self.tokenizer is None:
+            raise HerdError("stop strings need a tokenizer")
+        max_tokens = min(max_tokens, context - len(prompt))
+        bs = self.block_size
+        worst = -(-len(prompt) // bs) + n * (-(-max_tokens // bs) + 1)
+        if worst > self.blocks.num_blocks:
+            raise HerdError(f"request may need {worst * bs} KV positions ({len(prompt)} prompt tokens, n={n}, "
+                            f"max_tokens={max_tokens}) but the KV cache holds {self.blocks.num_blocks * bs}")
+        with self._lock:
+            if len(self._waiting) >= self.max_waiting:
+                raise HerdError(f"too many requests queued ({self.max_waiting}); retry later")
+            req = Request(next(self._ids), prompt, sampling, max_tokens, n,
+                          frozenset() if ignore_eos else self.stop_ids, tuple(s for s in stop_strings if s),
+                          listener, self.device)
+            req.seqs.append(self._new_sequence(req, 0, list(prompt)))
+            self._requests[req.id] = req
+            self._waiting.append(req)
+            self._wake.notify()
+        return req.id
+
+    def cancel(self, request_id: int) -> None:
+        """Stop a request now: its blocks go back to the pool before this returns."""
+        with self._lock:
+            req = self._requests.get(request_id)
+            if req is None:
+                return
+            for s in req.live:
+                self._finish(s, "cancelled")
+                s.closed = True
+                if req.listener is not None:
+                    req.listener(Event(req.id, s.index, [], "", "cancelled", req.prompt_len, s.num_generated))
+            self._retire(req)
+
+    def step(self) -> bool:
+        """Run one scheduling step; False if there was nothing to do."""
+        with self._lock:
+            decode, prefill = self._schedule()
+            if not decode and not prefill:
+                return False
+            batches = [self._batch(rows) for rows in (decode, prefill) if rows]
+        logits = [self._forward(b) for _, b in batches]
+        with self._lock:
+            for (rows, _), lg in zip(batches, logits, strict=True):
+                self._after_forward(rows, lg)
+            self.stats["steps"] += 1
+        return True
+
+    @property
+    def has_work(self) -> bool:
+        with self._lock:
+            return bool(self._waiting or self._running)
+
+    def start(self) -> Engine:
+        """Run steps in a background thread until `shutdown`."""
+        if self._thread is None:
+            self._stopping = False
+            self._thread = threading.Thread(target=self._loop, name="herd-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def shutdown(self, *, cancel: bool = True) -> None:
+        """Stop the background thread; with `cancel`, end every request first (blocks freed)."""
+        with self._lock:
+            if cancel:
+                for rid in list(self._requests):
+                    self.cancel(rid)
+            self._stopping = True
+            self._wake.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def generate(self, prompts: Sequence[Sequence[int]], **kwargs) -> list[list[Output]]:
+        """Submit every prompt, run until all are done; per prompt, its n Outputs. Steps run in
+        this thread unless the background thread is running."""
+        results: dict[int, list[Output]] = {}
+        done = threading.Event()
+        pending = [0]
+
+        def listen(ev: Event) -> None:
+            out = results[ev.request_id][ev.index]
+            out.token_ids += ev.token_ids
+            out.text += ev.text
+            if ev.finish_reason is not None:
+                out.finish_reason = ev.finish_reason
+                pending[0] -= 1
+                if pending[0] == 0:
+                    done.set()
+
+        n = kwargs.get("n", 1)
+        with self._lock:
+            ids = []
+            for p in prompts:
+                rid = self.submit(p, listener=listen, **kwargs)
+                results[rid] = [Output() for _ in range(n)]
+                pending[0] += n
+                ids.append(rid)
+        if self._thread is None:
+            while pending[0] > 0 and self.step():
+                pass
+        else:
+            done.wait()
+        return [results[i] for i in ids]
+
+    @property
+    def blocks_free(self) -> int:
+        with self._lock:
+            return self.blocks.num_free
+
+    # ---- scheduling ------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not (self._waiting or self._running) and not self._stopping:
+                    self._wake.wait()
+                if self._stopping:
+                    return
+            self.step()
+
+    def _new_sequence(self, req: Request, index: int, tokens: list[int]) -> _Sequence:
+        seq = _Sequence(req, index, tokens)
+        if self.tokenizer is not None:
+            from herd.tokenizer.streaming import IncrementalDecoder
+
+            seq.decoder = IncrementalDecoder(self.tokenizer)
+        return seq
+
+    def _num_running(self) -> int:
+        return sum(len(r.live) for r in self._running)
+
+    def _prefix_hits(self, seq: _Sequence) -> list[int]:
+        """Blocks already holding seq's leading full blocks. The last token is always recomputed:
+        its logits are needed to sample."""
+        if not self.prefix_sharing:
+            return []
+        bs = self.block_size
+        self._name_blocks(seq, (len(seq.tokens) - 1) // bs)
+        hits = []
+        for h in seq.hashes[:(len(seq.tokens) - 1) // bs]:
+            b = self.blocks.lookup(h)
+            if b is None:
+                break
+            hits.append(b)
+        return hits
+
+    def _name_blocks(self, seq: _Sequence, upto: int) -> None:
+        bs = self.block_size
+        while len(seq.hashes) < upto:
+            i = len(seq.hashes)
+            parent = seq.hashes[-1] if seq.hashes else 0
+            seq.hashes.append(_block_hash(parent, seq.tokens[i * bs:(i + 1) * bs]))
+
+    def _try_admit(self, req: Request) -> bool:
+        seqs = req.live
+        fresh = not req.forked and req.n > 1
+        if self._num_running() + (req.n if fresh else len(seqs)) > self.max_batch:
+            return False
+        bs = self.block_size
+        plans, need, taken_free = [], 0, set()
+        for s in seqs:
+            hits = self._prefix_hits(s)
+            taken_free |= {b for b in hits if self.blocks.refs[b] == 0}
+            plans.append(hits)
+            need += -(-len(s.tokens) // bs) - len(hits)
+        reserve = (req.n - 1) if fresh and len(req.prompt) % bs else 0
+        # Keep one free block per running sequence so that admitting rarely forces a preemption.
+        if self.blocks.num_free - len(taken_free) < need + reserve + self._num_running():
+            return False
+        for s, hits in zip(seqs, plans, strict=True):
+            for b in hits:
+                self.blocks.retain(b)
+            s.blocks = hits + [self.blocks.allocate() for _ in range(-(-len(s.tokens) // bs) - len(hits))]
+            s.num_computed = len(hits) * bs
+            s.num_named = len(hits)
+            self.stats["prefix_hit_tokens"] += s.num_computed
+        req.reserved = [self.blocks.allocate() for _ in range(reserve)]
+        self._running.append(req)
+        return True
+
+    def _schedule(self) -> tuple[list[_Sequence], list[_Sequence]]:
+        # Decoding sequences get the block for their next position first, preempting the newest
+        # requests (recompute later) when the pool is dry.
+        for req in list(self._running):
+            for s in req.live:
+                if req not in self._running:
+                    break
+                if len(s.tokens) - s.num_computed == 1 and len(s.tokens) > len(s.blocks) * self.block_size:
+                    while self.blocks.num_free == 0:
+                        self._preempt(self._running[-1])
+                        if req not in self._running:
+                            break
+                    if req in self._running:
+                        s.blocks.append(self.blocks.allocate())
+        while self._waiting and self._try_admit(self._waiting[0]):
+            self._waiting.popleft()
+        decode, prefill, budget = [], [], self.max_prefill_tokens
+        for req in self._running:
+            for s in req.live:
+                left = len(s.tokens) - s.num_computed
+                if left == 1:
+                    decode.append((s, 1))
+                elif left > 1 and budget > 0:
+                    take = min(left, budget)
+                    budget -= take
+                    prefill.append((s, take))
+        return decode, prefill
+
+    def _preempt(self, req: Request) -> None:
+        """Give back all of req's blocks and queue it first; its tokens are recomputed on return."""
+        self.stats["preemptions"] += 1
+        for s in req.live:
+            for b in s.blocks:
+                self.blocks.release(b)
+            s.blocks, s.num_computed, s.num_named = [], 0, 0
+        for b in req.reserved:
+            self.blocks.release(b)
+        req.reserved = []
+        self._running.remove(req)
+        self._waiting.appendleft(req)
+
+    # ---- running a batch -----------------------------------------------------------------------
+    def _batch(self, rows: list[tuple[_Sequence, int]]):
+        spec = [(s.blocks, s.tokens[s.num_computed:s.num_computed + n], s.num_computed) for s, n in rows]
+        return rows, PagedBatch(self.kv, spec, self.device)
+
+    @torch.inference_mode()
+    def _forward(self, batch: PagedBatch) -> torch.Tensor:
+        logits = self.model(batch.tokens, cache=batch, positions=batch.positions, mask=batch.mask,
+                            last_only=True)
+        return logits[:, -1]  # (R, V): each row ends at its last new token
+
+    def _after_forward(self, rows: list[tuple[_Sequence, int]], logits: torch.Tensor) -> None:
+        bs = self.block_size
+        sample_rows: list[tuple[_Sequence, int]] = []
+        for i, (s, n) in enumerate(rows):
+            if s.finished or s.request not in self._running:  # cancelled or preempted meanwhile
+                continue
+            s.num_computed += n
+            self.stats["decode_tokens" if n == 1 else "prefill_tokens"] += n
+            if self.prefix_sharing:  # name the blocks that are now full and computed
+                full = s.num_computed // bs
+                self._name_blocks(s, full)
+                for j in range(s.num_named, full):
+                    self.blocks.register(s.blocks[j], s.hashes[j])
+                s.num_named = full
+            if s.num_computed == len(s.tokens):
+                sample_rows.append((s, i))
+        greedy = logits.argmax(dim=-1).tolist() if sample_rows else []
+        for s, i in sample_rows:
+            req = s.request
+            if req.n > 1 and not req.forked:
+                self._fork(req)
+            for child in (req.seqs if req.n > 1 and len(s.tokens) == req.prompt_len else [s]):
+                token = greedy[i] if req.sampling.greedy else int(sample(logits[i:i + 1], req.sampling,
+                                                                              child.generator)[0])
+                self._append(child, token)
+        for req in list(self._running):
+            self._flush_events(req)
+            if not req.live:
+                self._retire(req)
+
+    def _fork(self, req: Request) -> None:
+        """The n samples of one request share the prompt's blocks; a partly filled last block is
+        copied for each (it is where each writes its own next tokens)."""
+        parent = req.seqs[0]
+        bs, L = self.block_size, len(parent.tokens)
+        for i in range(1, req.n):
+            child = self._new_sequence(req, i, list(parent.tokens))
+            child.num_computed, child.hashes, child.num_named = L, list(parent.hashes), parent.num_named
+            shared = parent.blocks if L % bs == 0 else parent.blocks[:-1]
+            for b in shared:
+                self.blocks.retain(b)
+            child.blocks = list(shared)
+            if L % bs:
+                b = req.reserved.pop()
+                self.kv.copy_block(parent.blocks[-1], b, L % bs)
+                child.blocks.append(b)
+            req.seqs.append(child)
+        req.forked = True
+
+    def _append(self, s: _Sequence, token: int) -> None:
+        req = s.request
+        if token in req.stop_ids:
+            self._finish(s, "stop")
+            return
+        s.tokens.append(token)
+        if s.decoder is not None:
+            before = len(s.text)
+            s.text += s.decoder.push(token)
+            if req.stop_strings and self._cut_at_stop(s, before):
+                return
+        if s.num_generated >= req.max_tokens or len(s.tokens) >= self.args.max_seq_len:
+            self._finish(s, "length")
+
+    def _cut_at_stop(self, s: _Sequence, before: int) -> bool:
+        longest = max(len(x) for x in s.request.stop_strings)
+        start = max(0, before - longest + 1)
+        found = [i for i in (s.text.find(x, start) for x in s.request.stop_strings) if i >= 0]
+        if not found:
+            return False
+        s.text = s.text[:min(found)]
+        self._finish(s, "stop", flush=False)
+        return True
+
+    def _finish(self, s: _Sequence, reason: str, *, flush: bool = True) -> None:
+        """End a sample and free its blocks now; its last event goes out with the step's events."""
+        if s.decoder is not None and flush and reason != "cancelled":
+            s.text += s.decoder.flush()
+        s.finish_reason = reason
+        for b in s.blocks:
+            self.blocks.release(b)
+        s.blocks = []
+
+    def _held_back(self, s: _Sequence) -> int:
+        """Characters at the end of the text that could be the start of a stop string."""
+        if s.finished or not s.request.stop_strings:
+            return 0
+        tail = s.text[s.sent_text:]
+        for k in range(min(len(tail), max(map(len, s.request.stop_strings)) - 1), 0, -1):
+            if any(x.startswith(tail[-k:]) for x in s.request.stop_strings):
+                return k
+        return 0
+
+    def _flush_events(self, req: Request) -> None:
+        for s in req.seqs:
+            if s.closed:
+                continue
+            end = len(s.text) - self._held_back(s)
+            ids = s.tokens[s.sent_tokens:]
+            text = s.text[s.sent_text:end] if end > s.sent_text else ""
+            if not ids and not text and not s.finished:
+                continue
+            s.sent_tokens += len(ids)
+            s.sent_text = max(s.sent_text, end)
+            s.closed = s.finished  # the final event is sent once
+            if req.listener is not None:
+                req.listener(Event(req.id, s.index, ids, text, s.finish_reason, req.prompt_len, s.num_generated))
+
+    def _retire(self, req: Request) -> None:
+        for b in req.reserved:
+            self.blocks.release(b)
+        req.reserved = []
+        if req in self._running:
+            self._running.remove(req)
+        if req in self._waiting:
+            self._waiting.remove(req)
+        self._requests.pop(req.id, None)
