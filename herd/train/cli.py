@@ -96,6 +96,13 @@ def cmd_pretrain(a) -> None:
 
     overrides = list(a.overrides)
     config = a.config
+    if config is None and a.resume and (Path(a.resume) / RECIPE_COPY).exists():
+        config = str(Path(a.resume) / RECIPE_COPY)
+    from herd.train.recipe import is_recipe
+
+    if is_recipe(config):  # [[stages]]: herd/train/recipe.py
+        _run_recipe(a, config, overrides)
+        return
     if a.resume:
         saved = Path(a.resume) / "config.json"
         if config is None:
@@ -112,6 +119,24 @@ def cmd_pretrain(a) -> None:
     trainer = pretrain(cfg, resume=bool(a.resume), progress=not a.no_progress,
                        log=lambda m: print(m, file=sys.stderr, flush=True))
     print(f"done: step {trainer.step}, run directory {trainer.run_dir}")
+
+
+RECIPE_COPY = "recipe.toml"  # a staged run keeps its recipe, so `--resume DIR` needs nothing else
+
+
+def _run_recipe(a, config: str, overrides: list[str]) -> None:
+    import shutil
+    from pathlib import Path
+
+    from herd.train.recipe import load_recipe, run_recipe
+
+    stages = load_recipe(config, overrides, out_dir=a.resume or a.out)
+    root = Path(stages[0].cfg.train.out_dir).parent
+    root.mkdir(parents=True, exist_ok=True)
+    if Path(config).resolve() != (root / RECIPE_COPY).resolve():
+        shutil.copyfile(config, root / RECIPE_COPY)
+    final = run_recipe(stages, log=lambda m: print(m, file=sys.stderr, flush=True), progress=not a.no_progress)
+    print(f"done: {len(stages)} stages, final model {final}")
 
 
 def cmd_average(a) -> None:
