@@ -32,8 +32,15 @@ from pathlib import Path
 import torch
 
 from herd.checkpoint.common import atomic_path, check_state_dict
+from herd.checkpoint.meta_llama4 import (
+    is_llama4_params,
+    llama4_args_from_params,
+    read_meta_llama4,
+    write_meta_llama4,
+)
 from herd.errors import HerdError
 from herd.models.args import ModelArgs, RopeScaling
+from herd.models.llama4 import Llama4Args
 
 PARAMS = "params.json"
 
@@ -241,6 +248,8 @@ def read_meta(path: str | Path) -> tuple[ModelArgs, dict[str, torch.Tensor], dic
     """→ (args, canonical state dict in the stored dtype, the raw params.json)."""
     path = Path(path)
     params = _read_params(path)
+    if is_llama4_params(params):  # MoE/iRoPE/vision: its own names and shards (meta_llama4.py)
+        return read_meta_llama4(path, params)
     args, sd = _read_weights(path, params)
     return args, check_state_dict(sd, args, str(path)), params
 
@@ -251,6 +260,8 @@ def read_meta_args(path: str | Path) -> ModelArgs:
     memory-mapped to look."""
     path = Path(path)
     params = _read_params(path)
+    if is_llama4_params(params):
+        return llama4_args_from_params(params, str(path / PARAMS))
     if "tie_embeddings" in (params.get("model", params).get("herd") or {}):
         return args_from_params(params, source=str(path / PARAMS))
     return _read_weights(path, params)[0]
@@ -286,6 +297,9 @@ def write_meta(path: str | Path, args: ModelArgs, sd: dict[str, torch.Tensor], *
 
     The .pth always carries `output.weight`, even for tied models, because Meta's Transformer has a
     separate output layer and loads strictly."""
+    if isinstance(args, Llama4Args):  # Llama 4's published names and expert layout (meta_llama4.py)
+        write_meta_llama4(path, args, sd, model_parallel=model_parallel, dtype=dtype, extra_files=extra_files)
+        return
     sd = check_state_dict(sd, args, "model")
     if dtype is not None:
         sd = {k: v.to(dtype) for k, v in sd.items()}
