@@ -2,7 +2,7 @@
 
 Each component owns a small dataclass (DESIGN principle 8); `RunConfig` only composes them.
 A TOML file has one table per component (`[model]`, `[data]`, `[optim]`, `[schedule]`, `[train]`,
-`[checkpoint]`); overrides look like `train.steps=2000` or `--model.dim=256`. An unknown table or
+`[checkpoint]`, `[parallel]`); overrides look like `train.steps=2000` or `--model.dim=256`. An unknown table or
 key is a one-line `HerdError` that lists the valid ones — never silently ignored.
 """
 
@@ -18,6 +18,7 @@ from typing import Any
 
 from herd.errors import HerdError
 from herd.models.args import ModelArgs, get_preset
+from herd.train.parallel import ParallelConfig
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -53,10 +54,20 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     path: str = "data/shards"  # a shards directory (herd.data.shards)
-    # When `path` is missing, build it first from this source: "stdlib" (the interpreter's own
-    # Python sources) or a text file / directory of .txt files, byte-level tokenized.
+    # When `path` is missing, build it first from this source: "builtin" (the built-in corpus,
+    # herd.data.builtin) or "builtin:shakespeare" / "builtin:code" (one domain), "stdlib" (the
+    # interpreter's own Python sources), a documents.jsonl, or a text file / directory of .txt files.
     source: str = ""
-    tokenizer: str = "bytes"  # for building from `source`: "bytes" or a herd tokenizer name
+    # How `source` is tokenized: "bytes" (byte-level ids, no files), a herd tokenizer name
+    # ("llama3", ...) or a tokenizer directory/file. A directory that does not exist yet is trained
+    # there first on `source` when `tokenizer_vocab_size` is set (Llama 3 style BPE, SPEC §2).
+    tokenizer: str = "bytes"
+    tokenizer_vocab_size: int = 0
+    # Validation split: "documents" holds out whole documents (by hash); "tails" holds out the last
+    # `val_fraction` of every document — for corpora with near-duplicate documents (the two
+    # Shakespeare editions), so a held-out passage never has its twin in the training split.
+    val_split: str = "documents"
+    val_fraction: float = 0.05
     val_batches: int = 4  # batches of the validation split per evaluation
 
 
@@ -136,6 +147,7 @@ class RunConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)  # herd/train/parallel.py
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -249,9 +261,14 @@ def validate(cfg: RunConfig) -> None:
             raise HerdError(f"train.{name} must be positive (got {getattr(t, name)})")
     if t.dtype not in ("auto", "float32", "bfloat16"):
         raise HerdError(f"train.dtype {t.dtype!r}: choose auto, float32 or bfloat16")
+    if cfg.data.val_split not in ("documents", "tails"):
+        raise HerdError(f"data.val_split {cfg.data.val_split!r}: choose documents or tails")
+    if not 0 <= cfg.data.val_fraction < 1:
+        raise HerdError(f"data.val_fraction must be in [0, 1) (got {cfg.data.val_fraction})")
     if cfg.schedule.name not in ("cosine", "linear", "constant"):
         raise HerdError(f"schedule.name {cfg.schedule.name!r}: choose cosine, linear or constant")
     args = cfg.model.args()  # raises on an unknown preset or invalid shape
+    cfg.parallel.validate()
     starts = [s for s, _, _ in t.batch_schedule]
     if starts != sorted(starts) or any(min(e) < 0 or min(e[1:]) <= 0 for e in t.batch_schedule):
         raise HerdError("train.batch_schedule: entries [from_step, batch_size, seq_len] need increasing "

@@ -26,12 +26,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from herd.data.shards import PackedLoader, python_stdlib_files, shards_from_texts, text_documents
+from herd.data.shards import PackedLoader
 from herd.errors import HerdError
 from herd.models.llama3 import Transformer
 from herd.train import checkpoint as ckpt
+from herd.train import dist_checkpoint
 from herd.train.config import OptimConfig, RunConfig
+from herd.train.metrics import MetricSinks
 from herd.train.objectives import NextTokenLM, Objective
+from herd.train.parallel import Parallel
+from herd.train.prepare import ensure_shards, tokenizer_files
 from herd.train.schedule import lr_at
 
 
@@ -53,13 +57,15 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
 
 
 def accumulate_gradients(model: nn.Module, objective: Objective, micro_batches: Sequence[Any],
-                         autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
-                         ) -> tuple[torch.Tensor, int]:
+                         autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+                         *, denominator: float | None = None) -> tuple[torch.Tensor, int]:
     """Backward over all micro-batches, each summed loss divided by the step's total number of loss
     terms (the correct normalization for unequal micro-batches; torchtune #2307). Gradients are
-    accumulated into .grad (the caller zeroes them). Returns (mean loss, terms)."""
+    accumulated into .grad (the caller zeroes them). Returns (loss sum / denominator, terms).
+    `denominator` replaces the local term count when the micro-batches are one data-parallel rank's
+    share of the step (herd/train/parallel.py)."""
     total = sum(objective.num_terms(b) for b in micro_batches)
-    denom = max(total, 1)
+    denom = max(total, 1) if denominator is None else denominator
     loss_sum = torch.zeros((), dtype=torch.float32)
     for b in micro_batches:
         with autocast():
@@ -79,15 +85,19 @@ class StepResult:
 
 def train_step(model: nn.Module, objective: Objective, micro_batches: Sequence[Any],
                optimizer: torch.optim.Optimizer, grad_clip: float,
-               autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> StepResult:
+               autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext, *,
+               backward: Callable[..., tuple[torch.Tensor, int]] = accumulate_gradients,
+               clip_grad_norm: Callable[..., torch.Tensor] = torch.nn.utils.clip_grad_norm_) -> StepResult:
+    """One optimizer step. A distributed run passes its own `backward` (data-parallel shares,
+    pipeline schedule) and `clip_grad_norm` (norm over all shards): herd/train/parallel.py."""
     optimizer.zero_grad(set_to_none=True)
-    loss, terms = accumulate_gradients(model, objective, micro_batches, autocast)
+    loss, terms = backward(model, objective, micro_batches, autocast)
     loss_f = float(loss)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     if not math.isfinite(loss_f):  # a bad batch must not poison the weights: skip the update
         optimizer.zero_grad(set_to_none=True)
         return StepResult(loss_f, terms, float("nan"), True)
-    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+    norm = clip_grad_norm(params, grad_clip if grad_clip > 0 else float("inf"))
     norm_f = float(norm)
     if not math.isfinite(norm_f):
         optimizer.zero_grad(set_to_none=True)
@@ -129,29 +139,6 @@ def peak_flops_for(device: torch.device) -> float:
     return 2 * 2 * lanes * 3e9 * torch.get_num_threads()
 
 
-# ---- data preparation ---------------------------------------------------------------------------
-def ensure_shards(cfg: RunConfig, log: Callable[[str], None]) -> Path:
-    """The config's shards directory; built first from `data.source` when it is missing."""
-    path = Path(cfg.data.path)
-    if (path / "meta.json").exists():
-        return path
-    if not cfg.data.source:
-        raise HerdError(f"data.path {path} has no shards (meta.json) and data.source is not set")
-    src = cfg.data.source
-    if src == "stdlib":
-        files = python_stdlib_files()
-    else:
-        p = Path(src)
-        files = sorted(p.rglob("*.txt")) if p.is_dir() else [p]
-        if not files or not all(f.exists() for f in files):
-            raise HerdError(f"data.source {src}: no text files found")
-    log(f"preparing shards {path} from {src} ({len(files)} files, tokenizer {cfg.data.tokenizer}) — first run")
-    texts = list(text_documents(files))
-    if not texts:
-        raise HerdError(f"data.source {src}: empty corpus")
-    return shards_from_texts(texts, path, tokenizer=cfg.data.tokenizer, seed=cfg.train.seed)
-
-
 # ---- the run ------------------------------------------------------------------------------------
 def _read_metrics(path: Path, upto_step: int) -> list[dict]:
     rows = []
@@ -183,7 +170,11 @@ class Trainer:
     """
 
     def __init__(self, cfg: RunConfig, *, objective: Objective | None = None, resume: bool = False,
-                 log: Callable[[str], None] | None = None, progress: bool = True):
+                 log: Callable[[str], None] | None = None, progress: bool = True,
+                 model: nn.Module | None = None, data: tuple[Any, Any] | None = None):
+        """model: train this (e.g. loaded from a checkpoint for post-training) instead of building
+        `cfg.model`; data: (train, val or None) loaders offering PackedLoader's interface (next,
+        batch(i), batches_per_epoch, set_shape, state_dict) instead of the config's token shards."""
         self.cfg = cfg
         self.objective = objective or NextTokenLM()
         self.log = log or (lambda msg: print(msg, flush=True))
@@ -192,11 +183,20 @@ class Trainer:
         self.run_dir = Path(t.out_dir)
         if t.threads:
             torch.set_num_threads(t.threads)
-        self.device = torch.device(t.device)
+        # herd/train/parallel.py: joins the torchrun job when WORLD_SIZE > 1 and holds the layout.
+        self.parallel = Parallel(cfg.parallel, t.device)
+        self.device = self.parallel.device
+        resume = resume or self.parallel.restarted  # torchrun --max-restarts: continue from the last checkpoint
+        if not self.parallel.is_main:  # rank 0 speaks (logs, progress, metrics) for the job
+            self.log, self.progress = (lambda msg: None), False
         use_bf16 = t.dtype == "bfloat16" or (t.dtype == "auto" and self.device.type == "cuda")
         self.autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if use_bf16 \
             else contextlib.nullcontext
-        self.args = cfg.model.args()
+        # Under FSDP on GPU, MixedPrecisionPolicy computes in bf16 and reduces in fp32 instead.
+        self.mixed_precision = use_bf16 and self.device.type == "cuda" and self.parallel.sharded
+        if self.mixed_precision:
+            self.autocast = contextlib.nullcontext
+        self.args = cfg.model.args() if model is None else model.args
 
         existing = ckpt.latest_checkpoint(self.run_dir)
         if existing is not None and not resume:
@@ -206,7 +206,42 @@ class Trainer:
         random.seed(t.seed)
         np.random.seed(t.seed)
         torch.manual_seed(t.seed)
-        shards = ensure_shards(cfg, self.log)
+        if data is not None:
+            self.tokenizer_files: list[Path] = []
+            self.train_data, self.val_data = data
+        else:
+            with self.parallel.rank0_first():  # one rank prepares missing shards, the others then read them
+                self._shard_data(cfg)
+        self.parallel.check(self.args, t)
+        if model is not None:
+            if self.parallel.distributed:
+                raise HerdError("distributed training of a model passed in is not supported yet; "
+                                "let the Trainer build it from cfg.model")
+            self.model = model.to(self.device)
+        else:
+            self._build_model(cfg)
+        self.model.train()
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.step = 0
+        self.tokens = 0
+        self.metrics_path = self.run_dir / "metrics.jsonl" if self.parallel.is_main else Path(os.devnull)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        for stale in ckpt.remove_partial(self.run_dir):
+            self.log(f"removed {stale.name}, a checkpoint whose writing was interrupted")
+        if resume and existing is not None:
+            self._restore(existing)
+        elif self.parallel.is_main:
+            _atomic_write_text(self.metrics_path, "")
+        if self.parallel.is_main:
+            _atomic_write_text(self.run_dir / "config.json", json.dumps(cfg.to_dict(), indent=1))
+        # MFU is against the peak of every device in the job
+        self.peak_flops = (t.peak_flops or peak_flops_for(self.device)) * self.parallel.world
+
+    def _shard_data(self, cfg: RunConfig) -> None:
+        t = cfg.train
+        shards = ensure_shards(cfg.data, t.seed, self.log)
+        # copied into every checkpoint, so `herd generate --model <checkpoint>` has its tokenizer
+        self.tokenizer_files = tokenizer_files(cfg.data.tokenizer)
         self.train_data = PackedLoader(shards, batch_size=t.batch_size, seq_len=t.seq_len, split="train",
                                        seed=t.seed, vocab_size=self.args.vocab_size)
         try:
@@ -217,27 +252,18 @@ class Trainer:
             self.log(f"no validation loss: {e}")
             self.val_data = None
 
+    def _build_model(self, cfg: RunConfig) -> None:
         # DESIGN principle 3: build on meta, then materialize and initialize explicitly.
         with torch.device("meta"):
             self.model = Transformer(self.args)
-        self.model.to_empty(device=self.device)
-        self.model.init_weights()
-        if t.init_from:
-            self._init_from(Path(t.init_from))
-        self.model.train()
-        self.optimizer = build_optimizer(self.model, cfg.optim)
-        self.step = 0
-        self.tokens = 0
-        self.metrics_path = self.run_dir / "metrics.jsonl"
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        for stale in ckpt.remove_partial(self.run_dir):
-            self.log(f"removed {stale.name}, a checkpoint whose writing was interrupted")
-        if resume and existing is not None:
-            self._restore(existing)
+        if self.parallel.active:  # TP/SP → AC → compile → FSDP2, or this rank's pipeline stages
+            self.model = self.parallel.parallelize(self.model, mixed_precision=self.mixed_precision)
+            self.parallel.init_weights(self.model, cfg.train.seed, lambda: Transformer(self.args))
         else:
-            _atomic_write_text(self.metrics_path, "")
-        _atomic_write_text(self.run_dir / "config.json", json.dumps(cfg.to_dict(), indent=1))
-        self.peak_flops = t.peak_flops or peak_flops_for(self.device)
+            self.model.to_empty(device=self.device)
+            self.model.init_weights()
+        if cfg.train.init_from:
+            self._init_from(Path(cfg.train.init_from))
 
     # ---- checkpoints ----
     def _train_state(self) -> dict[str, Any]:
@@ -246,8 +272,11 @@ class Trainer:
                 "rng": ckpt.rng_state(), "config": self.cfg.to_dict()}
 
     def save(self) -> Path:
+        if self.parallel.distributed:  # every rank writes its shards (torch.distributed.checkpoint)
+            return dist_checkpoint.save(self)
         path = ckpt.save_checkpoint(self.run_dir, self.step, self.args, self.model.state_dict(),
-                                    self._train_state(), keep=self.cfg.checkpoint.keep)
+                                    self._train_state(), keep=self.cfg.checkpoint.keep,
+                                    model_files=self.tokenizer_files)
         return path
 
     def _init_from(self, path: Path) -> None:
@@ -264,10 +293,15 @@ class Trainer:
         if self.args.tie_embeddings:
             sd["output.weight"] = sd["tok_embeddings.weight"]
         with torch.no_grad():
-            self.model.load_state_dict({k: v.to(self.device, torch.float32) for k, v in sd.items()})
+            if self.parallel.active:
+                self.parallel.load_full_state_dict(self.model, {k: v.float() for k, v in sd.items()})
+            else:
+                self.model.load_state_dict({k: v.to(self.device, torch.float32) for k, v in sd.items()})
         self.log(f"initialized weights from {src}")
 
     def _restore(self, path: Path) -> None:
+        if dist_checkpoint.is_distributed_checkpoint(path) or self.parallel.distributed:
+            return dist_checkpoint.restore(self, path)  # any layout, including back to one process
         sd, state = ckpt.load_train_state(path)
         if self.args.tie_embeddings:
             sd["output.weight"] = sd["tok_embeddings.weight"]
@@ -292,7 +326,9 @@ class Trainer:
         rows: list[dict] = []
         bar = tqdm(total=t.steps, initial=self.step, disable=None if self.progress else True,
                    dynamic_ncols=True, desc="pretrain")
-        with open(self.metrics_path, "a") as metrics:
+        sinks = MetricSinks(self.run_dir, start_step=self.step, log=self.log,
+                            tensorboard=self.parallel.is_main, png=self.parallel.is_main)
+        with open(self.metrics_path, "a") as metrics, sinks:
             while self.step < t.steps:
                 lr = lr_at(self.step, cfg.optim.lr, cfg.schedule, t.steps)
                 for g in self.optimizer.param_groups:
@@ -303,7 +339,7 @@ class Trainer:
                 start = time.perf_counter()
                 batches = [next(self.train_data).to(self.device) for _ in range(t.grad_accum)]
                 result = train_step(self.model, self.objective, batches, self.optimizer, cfg.optim.grad_clip,
-                                    self.autocast)
+                                    self.autocast, **self.parallel.step_hooks())
                 if self.device.type == "cuda":
                     torch.cuda.synchronize()
                 elapsed = time.perf_counter() - start
@@ -321,10 +357,11 @@ class Trainer:
                              f"{result.grad_norm}); update skipped")
                 last = self.step == t.steps
                 if self.val_data is not None and ((t.eval_every and self.step % t.eval_every == 0) or last):
-                    row["val_loss"] = evaluate(self.model, self.objective, self.val_data, cfg.data.val_batches,
-                                               self.autocast, self.device)
+                    row["val_loss"] = (self.parallel.evaluate if self.parallel.distributed else evaluate)(
+                        self.model, self.objective, self.val_data, cfg.data.val_batches, self.autocast, self.device)
                 metrics.write(json.dumps(row) + "\n")
                 metrics.flush()
+                sinks.add(row)
                 rows.append(row)
                 bar.update(1)
                 bar.set_postfix(loss=f"{result.loss:.4f}", **({"val": f"{row['val_loss']:.4f}"}
@@ -332,6 +369,7 @@ class Trainer:
                 every = cfg.checkpoint.every
                 if (every and self.step % every == 0) or last:
                     self.save()
+                    sinks.plot(_read_metrics(self.metrics_path, self.step))
         bar.close()
         return rows
 
