@@ -9,7 +9,7 @@
 * Dirty words (Raffel et al. 2020, C4): documents whose count or share of blocklisted words
   exceeds a limit are dropped ("adult websites not covered by domain block lists").
 * Token-distribution KL divergence: KL(p_doc ‖ p_corpus) of a document's unigram token
-  distribution against its domain's corpus distribution (add-α smoothed); documents with many
+  distribution against its domain's corpus distribution (smoothed); documents with many
   outlier tokens (binary blobs, tables of numbers, foreign scripts) score high and are dropped.
 """
 
@@ -138,17 +138,19 @@ def unigram_counts(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def kl_divergence(doc_ids: np.ndarray, corpus_ids: np.ndarray, corpus_counts: np.ndarray, vocab_size: int,
-                  alpha: float = 1.0) -> float:
-    """KL(p_doc ‖ q) in nats, q the add-α smoothed corpus unigram distribution given by the sorted
-    (corpus_ids, corpus_counts). p_doc is the document's empirical distribution (no smoothing:
-    only its own tokens contribute)."""
+                  smoothing: float = 1e-3) -> float:
+    """KL(p_doc ‖ q) in nats. q is the corpus unigram distribution given by the sorted
+    (corpus_ids, corpus_counts), mixed with a uniform share `smoothing` so that no token has
+    probability 0 (a Jelinek-Mercer mix rather than add-one: with a 128K vocabulary, add-one would
+    swamp a small corpus). p_doc is the document's empirical distribution."""
     if doc_ids.size == 0:
         return 0.0
     u, c = np.unique(doc_ids, return_counts=True)
     p = c / c.sum()
-    pos = np.searchsorted(corpus_ids, u)
-    pos_ok = np.minimum(pos, max(len(corpus_ids) - 1, 0))
-    found = (pos < len(corpus_ids)) & (corpus_ids[pos_ok] == u) if len(corpus_ids) else np.zeros(len(u), bool)
-    cnt = np.where(found, corpus_counts[pos_ok] if len(corpus_ids) else 0, 0)
-    q = (cnt + alpha) / (corpus_counts.sum() + alpha * vocab_size)
+    cnt = np.zeros(len(u))
+    if len(corpus_ids):
+        pos = np.minimum(np.searchsorted(corpus_ids, u), len(corpus_ids) - 1)
+        cnt = np.where(corpus_ids[pos] == u, corpus_counts[pos], 0)
+    total = corpus_counts.sum()
+    q = (1 - smoothing) * (cnt / total if total else 0) + smoothing / vocab_size
     return float(np.sum(p * np.log(p / q)))

@@ -150,7 +150,8 @@ class DirtyWordsConfig:
 class KLConfig:
     enabled: bool = True
     max_kl: float = 3.0  # nats; KL(document unigrams ‖ its domain's corpus unigrams)
-    alpha: float = 1.0  # add-α smoothing of the corpus distribution
+    smoothing: float = 1e-3  # uniform share mixed into the corpus distribution
+    min_tokens: int = 200  # shorter documents are not judged: their unigram estimate is too noisy
     domains: list[str] = field(default_factory=list)
 
 
@@ -367,6 +368,11 @@ class Context:
         return getattr(stage_cfg, "enabled", True) and (not stage_cfg.domains or domain in stage_cfg.domains)
 
 
+def _gone(doc_id: str, name: str, domain: str, stage: str, detail: str) -> dict:
+    """A line of OUT/removed.jsonl: which document a stage removed, and why."""
+    return {"id": doc_id, "name": name, "domain": domain, "stage": stage, "detail": detail}
+
+
 def _doc_id(u: int, k: int) -> str:
     return f"{u:05d}:{k:07d}"
 
@@ -383,18 +389,19 @@ def phase_read(ctx: Context, u: int) -> dict:
     cfg = ctx.cfg
     tok = get_tokenizer(cfg.run.tokenizer)
     tally = Tally()
-    rows, sig_ids, sigs, urls = [], [], [], []
+    rows, sig_ids, sigs, urls, gone = [], [], [], [], []
     for k, raw in enumerate(read_unit(ctx.units[u])):
         domain = raw.domain or "general"
+        doc_id = _doc_id(u, k)
         n_tok = len(tok.encode(raw.text, bos=True, eos=True))
         tally.add("read", domain, documents_in=1, tokens_in=n_tok)
         if len(raw.text.strip()) < cfg.read.min_chars:
             tally.add("read", domain, documents_removed=1, tokens_removed=n_tok)
+            gone.append(_gone(doc_id, raw.name, domain, "read", f"{len(raw.text.strip())} characters"))
             continue
-        doc_id = _doc_id(u, k)
         rows.append({"id": doc_id, "name": raw.name, "url": raw.url, "date": raw.date, "domain": domain,
                      "tokens": n_tok, "text": raw.text})
-        urls.append([doc_id, raw.url, raw.date])
+        urls.append([doc_id, raw.url, raw.date, raw.name])
         if ctx.in_scope(cfg.minhash, domain):
             sig_ids.append(doc_id)
             sigs.append(minhash_signature(raw.text, cfg.minhash.ngram, cfg.minhash.num_perm, cfg.minhash.seed))
@@ -402,6 +409,7 @@ def phase_read(ctx: Context, u: int) -> dict:
     d.mkdir(parents=True, exist_ok=True)
     _write_jsonl(d / "read.jsonl", rows)
     _write_json(d / "urls.json", urls)
+    _write_jsonl(d / "read.removed.jsonl", gone)
     _write_npz(d / "sig.npz", ids=np.array(sig_ids, dtype=str),
                sig=np.stack(sigs) if sigs else np.zeros((0, cfg.minhash.num_perm), np.uint64))
     return {"tally": tally.counts, "documents": len(rows)}
@@ -413,10 +421,9 @@ def global_dedup(ctx: Context) -> dict:
 
     cfg = ctx.cfg
     url_removed: dict[str, str] = {}
+    records = [r for u in range(len(ctx.units)) for r in json.loads((ctx.unit_dir(u) / "urls.json").read_text())]
     if cfg.url_dedup.enabled:
-        records = [tuple(r) for u in range(len(ctx.units))
-                   for r in json.loads((ctx.unit_dir(u) / "urls.json").read_text())]
-        url_removed = url_duplicates(records)
+        url_removed = url_duplicates([tuple(r[:3]) for r in records])
     near: dict[str, str] = {}
     if cfg.minhash.enabled:
         ids, sigs = [], []
@@ -426,7 +433,10 @@ def global_dedup(ctx: Context) -> dict:
                 sigs.append(z["sig"])
         sig = np.concatenate(sigs) if sigs else np.zeros((0, cfg.minhash.num_perm), np.uint64)
         near = minhash_duplicates(ids, sig, cfg.minhash.threshold, cfg.minhash.seed, skip=url_removed)
-    return {"url": url_removed, "minhash": near}
+    # removed id → "kept id (kept name)", for OUT/removed.jsonl
+    names = {r[0]: r[3] for r in records}
+    return {k: {rm: f"{kept} ({names[kept]})" for rm, kept in d.items()}
+            for k, d in (("url", url_removed), ("minhash", near))}
 
 
 # ---- phase 2: line counts per bucket ---------------------------------------------------------------
@@ -470,23 +480,26 @@ def global_lines(ctx: Context) -> np.ndarray:
 class _Doc:
     """One document going through phase 3's stages, accounting each in the tally."""
 
-    def __init__(self, text: str, n: int, domain: str, tally: Tally, tok):
-        self.text, self.n, self.domain, self.tally, self.tok = text, n, domain, tally, tok
+    def __init__(self, row: dict, tally: Tally, tok, gone: list[dict]):
+        self.id, self.name, self.domain = row["id"], row["name"], row["domain"]
+        self.text, self.n, self.tally, self.tok, self.gone = row["text"], row["tokens"], tally, tok, gone
         self.ids: list[int] | None = None  # token ids of the current text, once computed
 
-    def stage(self, name: str, removed: bool, new_text: str | None = None, lines: int = 0) -> bool:
+    def stage(self, name: str, removed: bool, new_text: str | None = None, lines: int = 0,
+              detail: str = "") -> bool:
         """Account stage `name`: the document is removed, or its text becomes `new_text` (lines
         dropped; re-tokenized so the token counts stay exact). Returns whether it survives."""
         self.tally.add(name, self.domain, documents_in=1, tokens_in=self.n)
         if not removed and new_text is not None and new_text != self.text:
             if not new_text.strip():
-                removed = True
+                removed, detail = True, f"all {lines} non-blank lines removed"
             else:
                 self.ids = self.tok.encode(new_text, bos=True, eos=True)
                 self.tally.add(name, self.domain, tokens_removed=self.n - len(self.ids), lines_removed=lines)
                 self.text, self.n = new_text, len(self.ids)
         if removed:
             self.tally.add(name, self.domain, documents_removed=1, tokens_removed=self.n, lines_removed=lines)
+            self.gone.append(_gone(self.id, self.name, self.domain, name, detail))
         return not removed
 
     def token_ids(self) -> list[int]:
@@ -508,11 +521,13 @@ def phase_filter(ctx: Context, u: int) -> dict:
     nb = _n_buckets(ctx) if cfg.line_dedup.enabled else 1
     words = load_word_list(cfg.dirty_words.words_file) if cfg.dirty_words.enabled else frozenset()
     tally = Tally()
-    rows, ids_list, unigrams = [], [], {}
+    rows, ids_list, unigrams, gone = [], [], {}, []
     for row in _read_jsonl(ctx.unit_dir(u) / "read.jsonl"):
         dom = row["domain"]
-        doc = _Doc(row["text"], row["tokens"], dom, tally, tok)
-        if not doc.stage("url_dedup", row["id"] in url_rm) or not doc.stage("minhash", row["id"] in near_rm):
+        doc = _Doc(row, tally, tok, gone)
+        if not doc.stage("url_dedup", row["id"] in url_rm, detail=f"duplicate of {url_rm.get(row['id'])}"):
+            continue
+        if not doc.stage("minhash", row["id"] in near_rm, detail=f"near-duplicate of {near_rm.get(row['id'])}"):
             continue
         new, dropped = None, 0
         if ctx.in_scope(cfg.line_dedup, dom) and len(bad):
@@ -527,13 +542,13 @@ def phase_filter(ctx: Context, u: int) -> dict:
             r = cfg.repetition
             new, dropped = drop_repetitive_lines(doc.text, r.line_min_words, r.line_ngram, r.line_max_fraction)
             reason = repetition_reason(new.split(), r.dup_ngrams, r.top_ngrams)
-        if not doc.stage("repetition", bool(reason), new, dropped):
+        if not doc.stage("repetition", bool(reason), new, dropped, detail=reason):
             continue
-        dirty = False
+        dirty, hits, total = False, 0, 0
         if ctx.in_scope(cfg.dirty_words, dom):
             hits, total = dirty_word_count(doc.text, words)
             dirty = hits >= cfg.dirty_words.min_count and hits / total > cfg.dirty_words.max_fraction
-        if not doc.stage("dirty_words", dirty):
+        if not doc.stage("dirty_words", dirty, detail=f"{hits} of {total} words"):
             continue
         arr = np.asarray(doc.token_ids(), dtype=np.uint32)
         ids_list.append(arr)
@@ -549,6 +564,7 @@ def phase_filter(ctx: Context, u: int) -> dict:
         uni[f"ids/{dom}"], uni[f"counts/{dom}"] = uu.astype(np.int64), cc.astype(np.int64)
     _write_npz(d / "unigram.npz", **uni)
     _write_jsonl(d / "filtered.jsonl", rows)
+    _write_jsonl(d / "filter.removed.jsonl", gone)
     return {"tally": tally.counts}
 
 
@@ -579,17 +595,17 @@ def phase_score(ctx: Context, u: int) -> dict:
     cfg = ctx.cfg
     rows, tokens, offsets = _load_filtered(ctx, u)
     tally = Tally()
-    keep = []
+    keep, gone = [], []
     kl_scores = [0.0] * len(rows)
     if cfg.kl_divergence.enabled:
         with np.load(ctx.work / "unigram.npz") as z:
             corpus = {k[4:]: (z[k], z[f"counts/{k[4:]}"]) for k in z.files if k.startswith("ids/")}
         vocab = get_tokenizer(cfg.run.tokenizer).vocab_size
         for i, row in enumerate(rows):
-            if ctx.in_scope(cfg.kl_divergence, row["domain"]):
+            if ctx.in_scope(cfg.kl_divergence, row["domain"]) and row["tokens"] >= cfg.kl_divergence.min_tokens:
                 ids_, counts = corpus[row["domain"]]
                 doc = tokens[offsets[i] + 1: offsets[i + 1] - 1].astype(np.int64)
-                kl_scores[i] = kl_divergence(doc, ids_, counts, vocab, cfg.kl_divergence.alpha)
+                kl_scores[i] = kl_divergence(doc, ids_, counts, vocab, cfg.kl_divergence.smoothing)
     q_scores = [1.0] * len(rows)
     scope = [i for i, r in enumerate(rows) if cfg.quality.enabled and ctx.in_scope(cfg.quality, r["domain"])]
     if scope:
@@ -603,10 +619,12 @@ def phase_score(ctx: Context, u: int) -> dict:
         tally.add("kl_divergence", dom, documents_in=1, tokens_in=n)
         if kl_scores[i] > cfg.kl_divergence.max_kl:
             tally.add("kl_divergence", dom, documents_removed=1, tokens_removed=n)
+            gone.append(_gone(row["id"], row["name"], dom, "kl_divergence", f"KL {kl_scores[i]:.3f} nats"))
             continue
         tally.add("quality", dom, documents_in=1, tokens_in=n)
         if q_scores[i] < cfg.quality.min_score and i in scope:
             tally.add("quality", dom, documents_removed=1, tokens_removed=n)
+            gone.append(_gone(row["id"], row["name"], dom, "quality", f"score {q_scores[i]:.3f}"))
             continue
         keep.append(i)
     by_domain: dict[str, int] = {}
@@ -614,6 +632,7 @@ def phase_score(ctx: Context, u: int) -> dict:
         by_domain[rows[i]["domain"]] = by_domain.get(rows[i]["domain"], 0) + rows[i]["tokens"]
     _write_json(ctx.unit_dir(u) / "scores.json", {"keep": keep, "kl": [round(x, 6) for x in kl_scores],
                                                   "quality": [round(x, 6) for x in q_scores]})
+    _write_jsonl(ctx.unit_dir(u) / "score.removed.jsonl", gone)
     return {"tally": tally.counts, "tokens_by_domain": by_domain}
 
 
@@ -628,7 +647,7 @@ def phase_write(ctx: Context, u: int) -> dict:
     keep = json.loads((ctx.unit_dir(u) / "scores.json").read_text())["keep"]
     tally = Tally()
     split_docs: dict[str, list[np.ndarray]] = {"train": [], "val": []}
-    out_rows = []
+    out_rows, gone = [], []
     for i in keep:
         row = rows[i]
         dom, n = row["domain"], row["tokens"]
@@ -636,6 +655,7 @@ def phase_write(ctx: Context, u: int) -> dict:
         tally.add("mix", dom, documents_in=1, tokens_in=n)
         if c == 0:
             tally.add("mix", dom, documents_removed=1, tokens_removed=n)
+            gone.append(_gone(row["id"], row["name"], dom, "mix", f"factor {factors[dom]:.4f}"))
             continue
         tally.add("mix", dom, documents_added=c - 1, tokens_added=(c - 1) * n)
         # Every copy of a document lands in the same split: upsampling never leaks into val.
@@ -646,6 +666,7 @@ def phase_write(ctx: Context, u: int) -> dict:
     entries = {s: write_shard_files(out, f"{s}-u{u:05d}", docs) for s, docs in split_docs.items()}
     max_id = max((int(a.max()) for docs in split_docs.values() for a in docs), default=-1)
     _write_jsonl(ctx.unit_dir(u) / "documents.jsonl", out_rows)
+    _write_jsonl(ctx.unit_dir(u) / "write.removed.jsonl", gone)
     return {"tally": tally.counts, "shards": entries, "max_token_id": max_id}
 
 
@@ -793,10 +814,9 @@ def run_pipeline(cfg: PipelineConfig, *, workers: int | None = None, restart: bo
     meta = write_meta(work / "out", tok.vocab_size, shards, max_token_id=max(r["max_token_id"] for r in written),
                       tokenizer=cfg.run.tokenizer)
     if cfg.run.write_documents:
-        with open(work / "out" / "documents.jsonl", "wb") as f:
-            for u in range(len(units)):
-                with open(ctx.unit_dir(u) / "documents.jsonl", "rb") as src:
-                    shutil.copyfileobj(src, f)
+        _concat(work / "out" / "documents.jsonl", [ctx.unit_dir(u) / "documents.jsonl" for u in range(len(units))])
+    _concat(work / "out" / "removed.jsonl", [ctx.unit_dir(u) / f"{p}.removed.jsonl" for u in range(len(units))
+                                              for p in ("read", "filter", "score", "write")])
     factors = json.loads((work / "mix.json").read_text())["factors"]
     manifest = build_manifest(cfg, tally, meta, factors)
     timing["total"] = round(time.perf_counter() - t0, 3)
@@ -807,6 +827,13 @@ def run_pipeline(cfg: PipelineConfig, *, workers: int | None = None, restart: bo
     if not cfg.run.keep_work:
         shutil.rmtree(work, ignore_errors=True)
     return manifest
+
+
+def _concat(dest: Path, parts: list[Path]) -> None:
+    with open(dest, "wb") as f:
+        for p in parts:
+            with open(p, "rb") as src:
+                shutil.copyfileobj(src, f)
 
 
 def build_manifest(cfg: PipelineConfig, tally: Tally, meta: dict, factors: dict[str, float]) -> dict:
