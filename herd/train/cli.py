@@ -23,6 +23,7 @@ examples:
   herd pretrain --config configs/tiny.toml --train.steps=2000 --model.dim=256
   herd pretrain --resume runs/tiny                  # continue exactly from the newest checkpoint
   herd average runs/tiny/ckpt-* --out runs/tiny/averaged
+  torchrun --nproc_per_node 4 -m herd pretrain --config configs/tiny.toml --parallel.dp_shard=2 --parallel.tp=2
 """
 
 
@@ -66,7 +67,7 @@ def add_pretrain_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "pretrain", help="pre-train a Llama 3 model from a TOML config (resumable)",
         description="Pre-train from a TOML config. Any config value can be overridden as "
-                    "--section.key=value (sections: model, data, optim, schedule, train, checkpoint).",
+                    "--section.key=value (sections: model, data, optim, schedule, train, checkpoint, parallel).",
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=PRETRAIN_EXAMPLES)
     p.__class__ = _PretrainParser
     p.add_argument("--config", default=None, help="TOML config (default: built-in defaults; with --resume: the run's saved config)")
@@ -118,7 +119,9 @@ def cmd_pretrain(a) -> None:
             cfg.train.out_dir = a.out
     trainer = pretrain(cfg, resume=bool(a.resume), progress=not a.no_progress,
                        log=lambda m: print(m, file=sys.stderr, flush=True))
-    print(f"done: step {trainer.step}, run directory {trainer.run_dir}")
+    if trainer.parallel.is_main:  # under torchrun, one line for the job
+        print(f"done: step {trainer.step}, run directory {trainer.run_dir}")
+    trainer.parallel.shutdown()
 
 
 RECIPE_COPY = "recipe.toml"  # a staged run keeps its recipe, so `--resume DIR` needs nothing else

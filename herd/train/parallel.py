@@ -638,6 +638,12 @@ class Parallel:
         # Context-parallel ranks share rows: their terms and losses are parts of the same rows.
         return float(total / max(float(n), 1.0))
 
+    def shutdown(self) -> None:
+        """Leave the process group at the end of a distributed run."""
+        if self.distributed and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier()
