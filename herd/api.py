@@ -77,18 +77,35 @@ def encode_prompt(tokenizer, prompt: Prompt) -> list[int]:
     return tokenizer.chat.encode_dialog(list(prompt), add_generation_prompt=True)
 
 
+def with_image(model, tokenizer, prompt: Prompt, image):
+    """(the model to generate with, prompt ids): without an image, the model and the encoded
+    prompt; with one (a path or a PIL image), the image's tiles bound to the model for the prefill
+    and its tokens placed in the prompt (herd/models/image_processing.py)."""
+    if image is None:
+        return model, encode_prompt(tokenizer, prompt)
+    from herd.models.image_processing import prepare_image_prompt
+    from herd.models.vision import WithImages
+
+    ids, tiles = prepare_image_prompt(model, tokenizer, prompt, image)
+    return WithImages(model, tiles.to(model.tok_embeddings.weight.device)), ids
+
+
 def _sampling(temperature, top_p, top_k, seed) -> SamplingParams:
     return SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
 
 
 def generate(model, tokenizer, prompt: Prompt | list[Prompt], *, max_new_tokens: int = 256,
              temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
-             compile: bool = False) -> str | list[str]:
+             compile: bool = False, image=None) -> str | list[str]:
     """Complete one prompt (→ str) or a batch of prompts (→ list[str]) of any lengths.
-    compile: decode through torch.compile (worth it on a GPU; the first call compiles)."""
+    compile: decode through torch.compile (worth it on a GPU; the first call compiles).
+    image: a picture (path or PIL image) for a single prompt to a multimodal Llama 4."""
     single = isinstance(prompt, str) or (len(prompt) > 0 and isinstance(prompt[0], dict))
     prompts = [prompt] if single else list(prompt)
-    ids = [encode_prompt(tokenizer, p) for p in prompts]
+    if image is not None and not single:
+        raise HerdError("an image goes with one prompt, not a batch")
+    model, first = with_image(model, tokenizer, prompts[0], image)
+    ids = [first] + [encode_prompt(tokenizer, p) for p in prompts[1:]]
     outs: list[Completion] = generate_batch(model, ids, max_new_tokens=max_new_tokens,
                                             sampling=_sampling(temperature, top_p, top_k, seed),
                                             stop_ids=sorted(tokenizer.stop_ids), compile=compile)
@@ -98,15 +115,16 @@ def generate(model, tokenizer, prompt: Prompt | list[Prompt], *, max_new_tokens:
 
 def stream(model, tokenizer, prompt: Prompt, *, max_new_tokens: int = 256, temperature: float = 0.0,
            top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
-           completion: Completion | None = None, compile: bool = False) -> Iterator[str]:
+           completion: Completion | None = None, compile: bool = False, image=None) -> Iterator[str]:
     """Yield text pieces as they are generated; never a broken UTF-8 character. If `completion`
-    is given it collects the generated ids and the finish reason."""
+    is given it collects the generated ids and the finish reason. `image` as in `generate`."""
     from herd.tokenizer.streaming import IncrementalDecoder
 
     completion = completion if completion is not None else Completion()
     decoder = IncrementalDecoder(tokenizer)
     stop = set(tokenizer.stop_ids)
-    for (token,) in generate_ids(model, [encode_prompt(tokenizer, prompt)], max_new_tokens=max_new_tokens,
+    model, ids = with_image(model, tokenizer, prompt, image)
+    for (token,) in generate_ids(model, [ids], max_new_tokens=max_new_tokens,
                                  sampling=_sampling(temperature, top_p, top_k, seed), stop_ids=sorted(stop),
                                  compile=compile):
         if token in stop:

@@ -20,6 +20,7 @@ examples:
   herd chat                                                      # interactive; /reset, /system TEXT, /exit
   herd generate --model path/to/Meta-Llama-3.1-8B-Instruct/ --prompt "Hi"   # HF or Meta layout
   herd generate --model model.gguf --prompt "Once upon a time" --raw --temperature 0.8 --seed 1
+  herd generate --model Llama-4-Scout-17B-16E-Instruct/ --image dog.jpg --prompt "What is in this picture?"
   herd convert model.gguf out/ --to hf                           # hf | meta | gguf, any to any
   herd info llama3-405b                                          # sizes, FLOPs/token, KV cache, memory
   herd tokenize --tokenizer llama3 "Hello world"                 # ids as JSON ("-" reads stdin)
@@ -30,6 +31,7 @@ examples:
   herd pretrain --config configs/debug.toml --out runs/debug    # train; --resume DIR continues exactly
   herd sft --data sft.jsonl --out runs/sft --lora.rank=16        # post-train: sft, reward, sample, dpo, eval
   herd average runs/debug/ckpt-* --out runs/debug/averaged      # Polyak average of checkpoints
+  herd plan --model llama3-405b --parallel.tp=8 --parallel.pp=16 --parallel.dp_shard=64 --seq 8192  # per-GPU memory
 """
 
 
@@ -76,6 +78,11 @@ def _load(a):
 def cmd_generate(a) -> None:
     from herd.api import stream
 
+    image = None
+    if a.image:  # read the picture first: a bad file fails before the model loads
+        from herd.models.image_processing import load_image
+
+        image = load_image(a.image)
     model, tokenizer = _load(a)
     prompt = sys.stdin.read() if a.prompt == "-" else a.prompt
     if a.raw or tokenizer.chat is None:
@@ -83,7 +90,7 @@ def cmd_generate(a) -> None:
     else:
         request = ([{"role": "system", "content": a.system}] if a.system else []) + [
             {"role": "user", "content": prompt}]
-    for piece in stream(model, tokenizer, request, **_sampling_kwargs(a)):
+    for piece in stream(model, tokenizer, request, image=image, **_sampling_kwargs(a)):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -276,6 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True, help="the prompt text ('-' reads stdin)")
     p.add_argument("--system", default=None, help="system prompt (chat format only)")
     p.add_argument("--raw", action="store_true", help="plain text completion, no chat format")
+    p.add_argument("--image", default=None, metavar="PATH",
+                   help="a picture for a multimodal Llama 4 (JPEG, PNG, ...), placed before the prompt")
     _add_sampling(p, 256)
     p.set_defaults(func=cmd_generate)
 
@@ -319,6 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_pretrain_parser(sub)
     add_average_parser(sub)
+    from herd.train.plan import add_plan_parser
+
+    add_plan_parser(sub)
 
     from herd.train.posttrain_cli import add_posttrain_parsers
 

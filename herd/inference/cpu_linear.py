@@ -57,6 +57,7 @@ def pack_linears(model: nn.Module) -> nn.Module:
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             w = getattr(child, "weight", None)
-            if type(child) is nn.Linear and w.device.type == "cpu" and w.dtype == torch.float32:
+            if (type(child) is nn.Linear and child.bias is None  # the vision encoder's have biases
+                    and w.device.type == "cpu" and w.dtype == torch.float32):
                 setattr(parent, name, PackedLinear(child))
     return model.eval().requires_grad_(False)

@@ -158,13 +158,15 @@ def encode_with_image(tokenizer, prompt, image_ids: list[int]) -> list[int]:
         bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
         return bos + image_ids + tokenizer.encode(prompt, bos=False)
     chat = tokenizer.chat
-    if chat is None or not hasattr(chat, "encode_message"):
-        raise HerdError("images need Meta's Llama 4 chat format (this tokenizer has none)")
+    if chat is None:
+        raise HerdError("this tokenizer has no chat format; pass a plain text prompt with the image")
     messages = list(prompt)
-    users = [i for i, m in enumerate(messages) if m.get("role") == "user"]
+    users = [i for i, m in enumerate(messages) if isinstance(m, dict) and m.get("role") == "user"]
     if not users:
         raise HerdError("an image needs a user message to attach to")
     at = users[-1]
+    if not hasattr(chat, "encode_message"):
+        return _template_with_image(chat, messages, at, image_ids, tokenizer)
     before = chat.encode_dialog(messages[:at], add_generation_prompt=False)
     turn = chat.encode_message(messages[at])
     head = len(chat.header("user"))
@@ -172,6 +174,24 @@ def encode_with_image(tokenizer, prompt, image_ids: list[int]) -> list[int]:
     if chat.bos_id is not None:
         after = after[1:]  # encode_dialog starts every dialog with BOS; only the first part keeps it
     return before + turn[:head] + image_ids + turn[head:] + after
+
+
+def _template_with_image(chat, messages: list, at: int, image_ids: list[int], tokenizer) -> list[int]:
+    """A checkpoint's own chat template (TemplateChatFormat encodes its rendering with special
+    tokens allowed): render the user turn with a leading `<|image|>` marker, check that the marker
+    is the only difference from the plain rendering, and put the image's tokens in its place — what
+    transformers' Llama4Processor does with the `<|image|>` its template emits."""
+    marker = tokenizer.special_tokens.get("<|image|>")
+    content = messages[at].get("content")
+    if marker is None or not isinstance(content, str):
+        raise HerdError("an image prompt needs a Llama 4 tokenizer and a text user message")
+    plain = chat.encode_dialog(messages, add_generation_prompt=True)
+    marked = chat.encode_dialog(messages[:at] + [{**messages[at], "content": "<|image|>" + content}]
+                                + messages[at + 1:], add_generation_prompt=True)
+    i = next((j for j, (a, b) in enumerate(zip(plain, marked, strict=False)) if a != b), len(plain))
+    if len(marked) != len(plain) + 1 or marked[i] != marker or marked[i + 1:] != plain[i:]:
+        raise HerdError("cannot place the image in this chat template's rendering")
+    return plain[:i] + image_ids + plain[i:]
 
 
 def prepare_image_prompt(model, tokenizer, prompt, image) -> tuple[list[int], torch.Tensor]:

@@ -189,7 +189,7 @@ class Llama4Multimodal(Transformer):
         if images.ndim != 4 or tuple(images.shape[1:]) != (3, v.image_size, v.image_size):
             raise HerdError(f"image tiles must have shape (tiles, 3, {v.image_size}, {v.image_size}), "
                             f"got {tuple(images.shape)}")
-        feats = self.vision_embeddings(images.to(self.vision_projection.weight.dtype))
+        feats = self.vision_embeddings(images.to(self.vision_embeddings.vision_encoder.class_embedding.dtype))
         return self.vision_projection(feats).flatten(0, 1)
 
     def merge_images(self, tokens: torch.Tensor, h: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
