@@ -1,0 +1,70 @@
+"""`herd plan` against published figures: the paper's 405B run (SPEC §3; paper Table 4: 8,192
+H100s as TP 8 × PP 16 × DP 64, sequence 8,192, 32 sequences per DP rank = 16M tokens per step,
+430 TFLOP/s = 43% MFU; 3.8e25 FLOPs for 405B on 15.6T tokens, §3.2.1) and torchtitan's
+performance table (Llama 3.1 8B, FSDP on 8 H100s, local batch 2 × 8,192, selective AC: 82.4 GiB,
+5,762 tokens/s/GPU; with torch.compile 6,667 — "33% to 39% MFU")."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from herd.errors import HerdError
+from herd.models.args import get_preset
+from herd.train.parallel import ParallelConfig
+from herd.train.plan import H100_BF16_PEAK, H100_MEMORY, GiB, plan
+
+PAPER_405B = ParallelConfig(tp=8, pp=16, dp_shard=64, pp_microbatches=32)
+
+
+def test_paper_405b_layout_fits_an_h100_and_makes_16m_token_steps():
+    p = plan(get_preset("llama3-405b"), PAPER_405B, None, 8192, rows_per_dp=32, mfu=0.43)
+    assert p.world == 8192
+    assert p.tokens_per_step == 64 * 32 * 8192  # Table 4: 16M tokens per batch
+    assert p.total_bytes <= H100_MEMORY, p.total_bytes / GiB
+    assert p.activations_bytes > 0.5 * p.total_bytes  # pipelining trades activations for weights
+    assert 430e12 / H100_BF16_PEAK == pytest.approx(0.43, abs=0.01)  # Table 4's TFLOP/s ↔ MFU pairing
+    # halving the pipeline (PP 8, DP 128) doubles each stage's layers and weights; with 1F1B the
+    # first stage then holds 8 micro-batches of 16 layers instead of 16 of 8: the same activations
+    half = plan(get_preset("llama3-405b"), ParallelConfig(tp=8, pp=8, dp_shard=128, pp_microbatches=32), None,
+                8192, rows_per_dp=32)
+    assert half.stage_layers == 16 and half.params_bytes > 1.8 * p.params_bytes
+    assert half.activations_bytes == pytest.approx(p.activations_bytes, rel=1e-9)
+    # §3.2.1: 405B parameters on 15.6T tokens ≈ 3.8e25 FLOPs
+    assert p.flops_per_token * 15.6e12 == pytest.approx(3.8e25, rel=0.06)
+
+
+def test_torchtitan_8b_fsdp_memory_and_mfu():
+    args = get_preset("llama3-8b")
+    p = plan(args, ParallelConfig(dp_shard=8, activation_checkpoint="selective"), None, 8192, rows_per_dp=2)
+    # torchtitan's figure is the allocator's peak reservation (fragmentation included) and its
+    # selective AC saves every other matmul: the arithmetic lands within 15%.
+    assert p.total_bytes / GiB == pytest.approx(82.4, rel=0.15)
+    assert p.optimizer_bytes == pytest.approx(8 * args.num_params() / 8)
+    # torchtitan counts attention over the full T×T square (12·L·H·hd·T per token), herd the causal half
+    full_square = p.flops_per_token + 3 * 2 * 2 * args.n_layers * args.n_heads * args.hd * 8192 / 2
+    assert 5762 * full_square / H100_BF16_PEAK == pytest.approx(0.33, abs=0.015)
+    assert 6667 * full_square / H100_BF16_PEAK == pytest.approx(0.39, abs=0.015)
+
+
+def test_activation_checkpointing_and_tp_shrink_activations():
+    args = get_preset("llama3-70b")
+    by_mode = {m: plan(args, ParallelConfig(tp=8, dp_shard=4, activation_checkpoint=m), None, 8192).activations_bytes
+               for m in ("none", "selective", "full")}
+    assert by_mode["none"] > by_mode["selective"] > by_mode["full"]
+    no_tp = plan(args, ParallelConfig(dp_shard=32), None, 8192).activations_bytes
+    assert no_tp == pytest.approx(8 * by_mode["none"], rel=1e-9)
+
+
+def test_plan_cli_prints_memory_and_refuses_bad_layouts():
+    cmd = [sys.executable, "-m", "herd", "plan", "--model", "llama3-405b", "--parallel.tp=8", "--parallel.pp=16",
+           "--parallel.dp_shard=64", "--seq", "8192"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    for word in ("parameters", "gradients", "optimizer", "activations", "GFLOP/token", "8,192 GPUs"):
+        assert word in out
+    bad = subprocess.run(cmd[:6] + ["--parallel.tp=3"], capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.startswith("herd: error: tp=3 must divide n_heads")
+    with pytest.raises(HerdError, match="micro-batches"):
+        plan(get_preset("llama3-8b"), ParallelConfig(pp=4, dp_shard=2, pp_microbatches=3), None, 8192, rows_per_dp=4)
