@@ -329,8 +329,8 @@ class MoE(nn.Module):
     replace it — an expert-parallel layer sends each expert's rows to the rank holding it
     (all-to-all), runs `shard_experts(...)`'s local slice there, and sends the rows back.
 
-    Router statistics: `tokens_per_expert` (E,) counts the (token, expert) assignments since the
-    last `router_stats(model)` call, for load-balance logging during training.
+    Router statistics: in training mode, `tokens_per_expert` (E,) counts the (token, expert)
+    assignments since the last `router_stats(model)` call, for load-balance logging.
     """
 
     def __init__(self, args: Llama4Args):
@@ -354,8 +354,9 @@ class MoE(nn.Module):
         order = torch.argsort(flat_experts, stable=True)
         token_of = torch.arange(x.shape[0], device=x.device).repeat_interleave(self.top_k)[order]
         counts = torch.bincount(flat_experts, minlength=self.n_experts)
-        seen = counts.detach()
-        self.tokens_per_expert = seen if self.tokens_per_expert is None else self.tokens_per_expert + seen
+        if self.training:  # training tokens only: evaluation and generation do not skew the log
+            seen = counts.detach()
+            self.tokens_per_expert = seen if self.tokens_per_expert is None else self.tokens_per_expert + seen
         # The score scales the expert's *input* (HF and Meta both do), not its output.
         routed_in = x[token_of] * scores.reshape(-1, 1)[order]
         routed_out = self.experts(routed_in, counts)

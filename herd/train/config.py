@@ -28,7 +28,7 @@ else:  # Python 3.10: the same parser from PyPI
 
 @dataclass
 class ModelConfig:
-    """A preset name (herd.models.args.PRESETS) plus the fields to change."""
+    """A preset name (herd.models.args.PRESETS or a Llama 4 one) plus the fields to change."""
 
     preset: str = "debug"
     dim: int | None = None
@@ -45,10 +45,20 @@ class ModelConfig:
     max_seq_len: int | None = None
     tie_embeddings: bool | None = None
 
+    # Llama 4 (herd.models.llama4.LLAMA4_PRESETS, e.g. preset = "llama4-debug") only
+    n_experts: int | None = None
+    top_k: int | None = None
+    moe_every: int | None = None
+    moe_ffn_dim: int | None = None
+    attention_chunk_size: int | None = None
+
     def args(self) -> ModelArgs:
+        from herd.models.llama4 import LLAMA4_PRESETS
+
         changes = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
                    if f.name != "preset" and getattr(self, f.name) is not None}
-        return get_preset(self.preset).replace(**changes)
+        base = LLAMA4_PRESETS[self.preset] if self.preset in LLAMA4_PRESETS else get_preset(self.preset)
+        return base.replace(**changes)
 
 
 @dataclass

@@ -29,6 +29,8 @@ from torch import nn
 from herd.data.shards import PackedLoader
 from herd.errors import HerdError
 from herd.models.llama3 import Transformer
+from herd.models.llama4 import Llama4Args, router_stats
+from herd.models.llama4 import Transformer as Llama4Transformer
 from herd.train import checkpoint as ckpt
 from herd.train import dist_checkpoint
 from herd.train.config import OptimConfig, RunConfig
@@ -254,11 +256,12 @@ class Trainer:
 
     def _build_model(self, cfg: RunConfig) -> None:
         # DESIGN principle 3: build on meta, then materialize and initialize explicitly.
+        model_class = Llama4Transformer if isinstance(self.args, Llama4Args) else Transformer
         with torch.device("meta"):
-            self.model = Transformer(self.args)
+            self.model = model_class(self.args)
         if self.parallel.active:  # TP/SP → AC → compile → FSDP2, or this rank's pipeline stages
             self.model = self.parallel.parallelize(self.model, mixed_precision=self.mixed_precision)
-            self.parallel.init_weights(self.model, cfg.train.seed, lambda: Transformer(self.args))
+            self.parallel.init_weights(self.model, cfg.train.seed, lambda: model_class(self.args))
         else:
             self.model.to_empty(device=self.device)
             self.model.init_weights()
@@ -351,6 +354,7 @@ class Trainer:
                 row: dict[str, Any] = {"step": self.step, "tokens": self.tokens, "loss": result.loss, "lr": lr,
                                        "tokens_per_s": tps, "grad_norm": result.grad_norm,
                                        "mfu": tps * flops_per_token / self.peak_flops}
+                row.update(router_stats(self.model))  # Llama 4 MoE: tokens per expert this step
                 if result.skipped:
                     row["skipped"] = True
                     self.log(f"step {self.step}: non-finite loss/grad norm ({result.loss}, "
