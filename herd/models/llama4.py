@@ -214,7 +214,8 @@ class Llama4Args(HeadShapes):
 # Shapes of the released checkpoints' config.json (transformers' Llama4TextConfig defaults are
 # Scout's). Meta's params.json derives the same widths: ffn_exp 4, ffn_dim_multiplier 1.2,
 # multiple_of 2048, expert width halved by auto_scale_F (capacity_factor 1) → 8192, dense 16384.
-_SCOUT_VISION = 850_960_896 + 20_971_520  # ViT (hidden 1408, 34 layers, MLP 5632) + projector to 5120
+# The released vision tower (ViT 1408 wide, 34 layers, 336-pixel tiles; adapter and projector to 5120).
+_SCOUT_VISION = VisionArgs().num_params(text_dim=5120)
 _BASE = dict(dim=5120, n_layers=48, n_heads=40, n_kv_heads=8, head_dim=128, vocab_size=202048,
              moe_ffn_dim=8192, ffn_hidden_dim=16384, vision_params=_SCOUT_VISION)
 

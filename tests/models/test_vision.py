@@ -226,3 +226,22 @@ def test_image_errors(models, tokenizer, tmp_path):
         model(torch.tensor([ids]), images=tiles[:1])
     with pytest.raises(HerdError, match="tiles must have shape"):
         model(torch.tensor([ids]), images=torch.zeros(tiles.shape[0], 3, 48, 48))
+
+
+def test_vision_parameter_count_equals_transformers():
+    """The released vision tower's size (counted in Scout's and Maverick's published totals)."""
+    from transformers import Llama4VisionConfig
+    from transformers.models.llama4.modeling_llama4 import Llama4VisionModel
+
+    from herd.models.vision import VisionEmbeddings
+
+    v = VisionArgs()
+    with torch.device("meta"):
+        ref = Llama4VisionModel(Llama4VisionConfig(
+            hidden_size=v.dim, num_hidden_layers=v.n_layers, num_attention_heads=v.n_heads,
+            intermediate_size=v.mlp_dim, image_size=v.image_size, patch_size=v.patch_size,
+            vision_output_dim=v.output_dim, projector_input_dim=v.output_dim, projector_output_dim=v.output_dim))
+        ours = VisionEmbeddings(v)
+    n_ref = sum(p.numel() for p in ref.parameters())
+    assert sum(p.numel() for p in ours.parameters()) == n_ref == 850_960_896
+    assert v.num_params(text_dim=5120) == n_ref + v.output_dim * 5120  # + the projector into the text model
