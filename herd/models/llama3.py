@@ -80,6 +80,10 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     B, H, T, d = q.shape
     K, S = k.shape[1], k.shape[2]
     group = H // K
+    if mask is None and T == S and T > 1:
+        # Plain causal attention over the new tokens only (training, prefill on an empty cache): the
+        # fused kernels skip the masked half and read K/V once per group themselves.
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=group > 1)
     if mask is None and T > 1:
         mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)[None, None]
     if group > 1:
