@@ -4,8 +4,9 @@
   characters that sit in n-grams seen earlier in the same text. The paper uses it "to remove lines
   that consist of repeated content such as logging or error messages" — long unique lines that
   line de-dup cannot catch — so it runs on long lines, and on whole documents with Gopher's
-  thresholds (5-grams 0.15 … 10-grams 0.10). The counting is exactly datatrove's
-  `find_all_duplicate` (FineWeb's implementation), which the tests check it against.
+  thresholds (5-grams 0.15 … 10-grams 0.10). The counting is datatrove's `find_all_duplicate`
+  (FineWeb's implementation; the tests check it against it), except that n-grams compare as word
+  sequences — datatrove joins the words without a separator, so "ab c" and "a bc" collide there.
 * Dirty words (Raffel et al. 2020, C4): documents whose count or share of blocklisted words
   exceeds a limit are dropped ("adult websites not covered by domain block lists").
 * Token-distribution KL divergence: KL(p_doc ‖ p_corpus) of a document's unigram token

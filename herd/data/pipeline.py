@@ -781,6 +781,7 @@ def run_pipeline(cfg: PipelineConfig, *, workers: int | None = None, restart: bo
     read = phase("read", phase_read)
     n_docs = sum(r["documents"] for r in read)
     if n_docs == 0:
+        shutil.rmtree(work, ignore_errors=True)  # nothing worth resuming
         raise HerdError("empty corpus: no documents in the inputs (" + ", ".join(i.path for i in cfg.input) + ")")
     if not (work / "read.summary.json").exists():
         _write_json(work / "read.summary.json", {"documents": n_docs})

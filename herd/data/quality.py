@@ -173,10 +173,14 @@ def cmd_label(a: argparse.Namespace) -> None:
     if tok is None or tok.chat is None:
         raise HerdError(f"{a.model}: judging needs a model with a tokenizer and chat format")
     scores = judge(texts, model, tok, max_chars=a.max_chars)
-    rows = [{"text": t, "score": round(s, 6), "label": int(s >= a.threshold)} for t, s in zip(texts, scores, strict=True)]
+    # "median": the judge ranks, the better half is labelled 1 — a small judge's P(Yes) is poorly
+    # calibrated (SmolLM2-135M rates most text 0.3-0.6), but its ordering still carries signal.
+    cut = float(np.median(scores)) if a.threshold == "median" else float(a.threshold)
+    rows = [{"text": t, "score": round(s, 6), "label": int(s > cut if a.threshold == "median" else s >= cut)}
+            for t, s in zip(texts, scores, strict=True)]
     _write_jsonl(Path(a.out), rows)
     say(f"wrote {a.out}: {len(rows)} judged samples, {sum(r['label'] for r in rows)} labelled 1 "
-        f"(P(Yes) >= {a.threshold}) by {a.model}")
+        f"(P(Yes) {'above the median' if a.threshold == 'median' else '>='} {cut:.3f}) by {a.model}")
 
 
 def cmd_train_quality(a: argparse.Namespace) -> None:
@@ -189,6 +193,15 @@ def cmd_train_quality(a: argparse.Namespace) -> None:
     say(f"wrote {a.out}: logistic regression on {len(texts)} samples (training accuracy {acc:.3f})")
 
 
+def _threshold(text: str) -> str | float:
+    if text == "median":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: a probability or 'median'") from None
+
+
 def add_quality_parsers(subparsers) -> None:
     """`herd data label` and `herd data train-quality` on a `herd data` subparsers object."""
     p = subparsers.add_parser("label", help="judge sampled documents with an instruction model (quality labels)")
@@ -197,7 +210,8 @@ def add_quality_parsers(subparsers) -> None:
     p.add_argument("--model", default="smollm2-135m-instruct", help="the judge (default: smollm2-135m-instruct)")
     p.add_argument("--samples", type=int, default=200, help="documents to judge (default: 200)")
     p.add_argument("--max-chars", type=int, default=1500, help="characters of each sample shown (default: 1500)")
-    p.add_argument("--threshold", type=float, default=0.5, help="label 1 when P(Yes) >= this (default: 0.5)")
+    p.add_argument("--threshold", type=_threshold, default="median",
+                   help="label 1 when P(Yes) >= this, or 'median' for the better-judged half (default)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_label)
     p = subparsers.add_parser("train-quality", help="train the quality classifier on labels JSONL")
