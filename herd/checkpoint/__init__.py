@@ -132,6 +132,8 @@ def write_checkpoint(path: str | Path, fmt: str, args: ModelArgs, state_dict: di
     if fmt not in FORMATS:
         raise HerdError(f"unknown checkpoint format {fmt!r} (choose {', '.join(FORMATS)})")
     if fmt == "gguf":
+        if isinstance(args, Llama4Args):
+            raise HerdError("GGUF output is not supported for Llama 4 (mixture-of-experts) models; use hf or meta")
         if isinstance(dtype, torch.dtype):
             dtype = _DTYPE_NAMES.get(dtype, str(dtype))
         gguf_meta = source_metadata if source_metadata and "general.architecture" in source_metadata else None

@@ -150,3 +150,9 @@ def test_llama_models_reference_loads_what_herd_writes(tmp_path, scaled):
     with torch.no_grad():
         ours = model(tokens)
     assert (ours - theirs).abs().max().item() <= 1e-4
+
+
+def test_gguf_output_of_llama4_is_refused_in_one_line(tmp_path):
+    with pytest.raises(HerdError, match="GGUF output is not supported for Llama 4") as e:
+        write_checkpoint(tmp_path / "x.gguf", "gguf", ARGS, built(ARGS).state_dict())
+    assert "\n" not in str(e.value)
