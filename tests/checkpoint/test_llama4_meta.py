@@ -4,11 +4,13 @@ same logits, and the published params.json sizing gives the released widths (iss
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -122,33 +124,57 @@ META_REFERENCE = textwrap.dedent("""
     import json
     d = sys.argv[1]
     params = json.load(open(d + "/params.json"))
-    model = Transformer(ModelArgs(**params, max_seq_len=64, max_batch_size=1))
+    model = Transformer(ModelArgs(**params, max_seq_len=64, max_batch_size=1)).float()  # its ViT is bf16
     model.load_state_dict(torch.load(d + "/consolidated.00.pth", weights_only=True), strict=True)
     tokens = torch.load(d + "/tokens.pt")
-    torch.save(model(TransformerInput(tokens=tokens, tokens_position=0)).logits, d + "/logits.pt")
+    image = None
+    if os.path.exists(d + "/tiles.pt"):  # generation.py's prefill: the encoder's features at <|patch|>
+        from llama_models.llama4.datatypes import MaskedEmbedding
+        mask = (tokens == int(sys.argv[3]))[..., None]
+        h = model.tok_embeddings(tokens)
+        image = MaskedEmbedding(embedding=model.vision_embeddings([[torch.load(d + "/tiles.pt")]], mask, h),
+                                mask=mask)
+    out = model(TransformerInput(tokens=tokens, tokens_position=0, image_embedding=image))
+    torch.save(out.logits, d + "/logits.pt")
 """)
 
 
-@pytest.mark.parametrize("scaled", [False, True])
-def test_llama_models_reference_loads_what_herd_writes(tmp_path, scaled):
+@pytest.mark.parametrize("variant", ["plain", "scaled-rope", "vision"])
+def test_llama_models_reference_loads_what_herd_writes(tmp_path, variant):
     """Meta's own Llama 4 Transformer (llama-models, run on CPU in a subprocess with fairscale)
-    loads herd's consolidated.00.pth strictly and computes the same logits."""
+    loads herd's consolidated.00.pth strictly and computes the same logits — with its vision
+    encoder too, on the tiles of a real photo."""
     pytest.importorskip("fairscale")
     from herd.models.args import RopeScaling
 
+    scaled = variant == "scaled-rope"
     args = ARGS.replace(rope_scaling=RopeScaling(factor=16.0, low_freq_factor=1.0, high_freq_factor=1.0,
                                                  original_max_position_embeddings=8192) if scaled else None,
-                        rope_theta=10.0 if scaled else 500000.0)  # small θ: the scaling touches short contexts
-    model = built(args)
+                        rope_theta=10.0 if scaled else 500000.0,  # small θ: the scaling touches short contexts
+                        vision=VISION if variant == "vision" else None)
+    model = built(args, Llama4Multimodal if args.vision else Transformer)
     write_checkpoint(tmp_path / "meta", "meta", args, model.state_dict())
-    tokens = torch.randint(0, args.vocab_size, (1, 21))
+    tokens = torch.randint(0, 299, (1, 21))
+    tiles = None
+    if args.vision:
+        import llama_models
+
+        from herd.models.image_processing import load_image, preprocess_image
+
+        dog = Path(llama_models.__file__).parent / "resources" / "dog.jpg"
+        tiles = preprocess_image(load_image(dog), dataclasses.replace(VISION, max_tiles=4)).tiles
+        n = tiles.shape[0] * VISION.tokens_per_tile  # several 56-pixel tiles and the thumbnail
+        tokens = torch.cat([tokens[:, :3], torch.full((1, n), VISION.image_token_id), tokens[:, 3:]], dim=1)
+        torch.save(tiles, tmp_path / "meta" / "tiles.pt")
     torch.save(tokens, tmp_path / "meta" / "tokens.pt")
-    port = str(29500 + os.getpid() % 400 + scaled)
-    subprocess.run([sys.executable, "-c", META_REFERENCE, str(tmp_path / "meta"), port], check=True,
-                   capture_output=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    port = str(29500 + os.getpid() % 400 + ["plain", "scaled-rope", "vision"].index(variant))
+    subprocess.run([sys.executable, "-c", META_REFERENCE, str(tmp_path / "meta"), port, str(VISION.image_token_id)],
+                   check=True, capture_output=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     theirs = torch.load(tmp_path / "meta" / "logits.pt")
     with torch.no_grad():
-        ours = model(tokens)
+        ours = model(tokens) if tiles is None else model(tokens, images=tiles)
+        if tiles is not None:  # several tiles, and the picture changes the logits
+            assert tiles.shape[0] > 2 and (ours - model(tokens)).abs().max().item() > 1e-2
     assert (ours - theirs).abs().max().item() <= 1e-4
 
 
