@@ -31,6 +31,7 @@ examples:
   herd pretrain --config configs/debug.toml --out runs/debug    # train; --resume DIR continues exactly
   herd sft --data sft.jsonl --out runs/sft --lora.rank=16        # post-train: sft, reward, sample, dpo, eval
   herd average runs/debug/ckpt-* --out runs/debug/averaged      # Polyak average of checkpoints
+  herd serve --port 8000 --max-batch 32                         # OpenAI-compatible server (--quantize int8|fp8)
   herd plan --model llama3-405b --parallel.tp=8 --parallel.pp=16 --parallel.dp_shard=64 --seq 8192  # per-GPU memory
 """
 
@@ -328,6 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_pretrain_parser(sub)
     add_average_parser(sub)
+    from herd.inference.server import add_serve_parser
+
+    add_serve_parser(sub)
     from herd.train.plan import add_plan_parser
 
     add_plan_parser(sub)

@@ -43,6 +43,10 @@ from herd.inference.sampling import SamplingParams, sample
 DEFAULT_KV_CACHE_BYTES = 1 << 30
 
 
+class EngineBusy(HerdError):
+    """The queue is full: try again later (HTTP 429)."""
+
+
 # ---- the paged KV cache ---------------------------------------------------------------------------
 
 class BlockPool:
@@ -333,7 +337,7 @@ class Engine:
                             f"max_tokens={max_tokens}) but the KV cache holds {self.blocks.num_blocks * bs}")
         with self._lock:
             if len(self._waiting) >= self.max_waiting:
-                raise HerdError(f"too many requests queued ({self.max_waiting}); retry later")
+                raise EngineBusy(f"too many requests queued ({self.max_waiting}); retry later")
             req = Request(next(self._ids), prompt, sampling, max_tokens, n,
                           frozenset() if ignore_eos else self.stop_ids, tuple(s for s in stop_strings if s),
                           listener, self.device)

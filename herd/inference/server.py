@@ -1,0 +1,579 @@
+"""An OpenAI-compatible HTTP server over the engine (FastAPI + uvicorn): `herd serve`.
+
+Endpoints: GET /health, GET /v1/models, POST /v1/completions and /v1/chat/completions — streamed
+as server-sent events or not, `n` samples, `stop`, `max_tokens`, `temperature`, `top_p`, `top_k`,
+`seed`, and tool calls returned in OpenAI's `tool_calls` shape, parsed from the model's output by
+the chat format (herd/tokenizer/chat.py).
+
+Every request is validated before it reaches the engine; a bad one gets a 4xx with OpenAI's error
+shape `{"error": {"message", "type", "param", "code"}}`: malformed or non-UTF-8 JSON, unknown
+fields, wrong types, out-of-range values (ranges as text-generation-inference checks them:
+temperature ≥ 0, 0 < top_p ≤ 1, top_k ≥ 0, at most 4 stop sequences), token ids outside the
+vocabulary, prompts that do not fit the context, bodies over the size limit (413), a full queue
+(429). OpenAI fields herd does not implement (logprobs, penalties, logit_bias, ...) are refused
+when set to anything but their neutral value rather than silently ignored. A client that goes away
+cancels its request, which frees its KV blocks at once. On shutdown uvicorn stops accepting, lets
+in-flight requests finish (up to `graceful_s` seconds), then the engine cancels whatever is left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import threading
+import time
+import uuid
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from herd.errors import HerdError
+from herd.inference.engine import Engine, EngineBusy, Event
+from herd.inference.sampling import SamplingParams
+
+MAX_BODY_BYTES = 4 << 20
+MAX_STOP = 4  # OpenAI's and TGI's limit
+MAX_STOP_CHARS = 512
+MAX_PROMPTS = 32
+
+
+class RequestError(Exception):
+    def __init__(self, message: str, status: int = 400, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.message, self.status, self.param, self.code, self.kind = message, status, param, code, kind
+
+
+@dataclass
+class Limits:
+    max_n: int = 16
+    max_body_bytes: int = MAX_BODY_BYTES
+
+
+# ---- validation ---------------------------------------------------------------------------------
+
+_NEUTRAL = {  # OpenAI fields accepted only at their no-op value: anything else would be ignored
+    "presence_penalty": (0, 0.0, None), "frequency_penalty": (0, 0.0, None), "logit_bias": (None, {}),
+    "logprobs": (None, False), "top_logprobs": (None, 0), "echo": (None, False), "suffix": (None,),
+    "best_of": (None, 1), "response_format": (None, {"type": "text"}),
+}
+_IGNORED = ("user", "metadata", "store", "parallel_tool_calls", "service_tier")  # no effect on output
+_COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "n", "stop", "seed", "stream",
+           "stream_options", "ignore_eos", *_NEUTRAL, *_IGNORED}
+_FIELDS = {"completions": _COMMON | {"prompt"},
+           "chat": _COMMON | {"messages", "tools", "tool_choice", "max_completion_tokens"}}
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _int(body, name, lo, hi, default=None):
+    x = body.get(name)
+    if x is None:
+        return default
+    if not _is_int(x):
+        raise RequestError(f"{name} must be an integer, got {json.dumps(x)[:40]}", param=name)
+    if not lo <= x <= hi:
+        raise RequestError(f"{name} must be between {lo} and {hi}, got {x}", param=name)
+    return x
+
+
+def _float(body, name, default, ok, rule):
+    x = body.get(name)
+    if x is None:
+        return default
+    if not isinstance(x, (int, float)) or isinstance(x, bool) or not math.isfinite(x) or not ok(x):
+        raise RequestError(f"{name} must be {rule}, got {json.dumps(x)[:40]}", param=name)
+    return float(x)
+
+
+@dataclass
+class Params:
+    max_tokens: int | None
+    sampling: SamplingParams
+    n: int
+    stop: list[str]
+    stream: bool
+    include_usage: bool
+    ignore_eos: bool
+
+
+def parse_params(body: dict, kind: str, limits: Limits) -> Params:
+    unknown = sorted(set(body) - _FIELDS[kind])
+    if unknown:
+        raise RequestError(f"unrecognized request argument(s): {', '.join(unknown)}", param=unknown[0])
+    for name, neutral in _NEUTRAL.items():
+        if name in body and body[name] not in neutral:
+            raise RequestError(f"{name} is not supported by this server (only {neutral[0]!r})", param=name)
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise RequestError("model must be a string", param="model")
+    temperature = _float(body, "temperature", 1.0, lambda x: 0 <= x <= 2, "between 0 and 2")
+    top_p = _float(body, "top_p", 1.0, lambda x: 0 < x <= 1, "in (0, 1]")
+    top_k = _int(body, "top_k", 0, 1 << 31, 0)
+    seed = _int(body, "seed", -(1 << 63), (1 << 63) - 1)
+    n = _int(body, "n", 1, limits.max_n, 1)
+    name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = _int(body, name, 1, 1 << 31, 16 if kind == "completions" else None)
+    stop = body.get("stop")
+    if stop is None:
+        stop = []
+    elif isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+        raise RequestError("stop must be a string or a list of strings", param="stop")
+    if len(stop) > MAX_STOP:
+        raise RequestError(f"at most {MAX_STOP} stop sequences are allowed, got {len(stop)}", param="stop")
+    if any(len(s) == 0 or len(s) > MAX_STOP_CHARS for s in stop):
+        raise RequestError(f"each stop sequence must have 1 to {MAX_STOP_CHARS} characters", param="stop")
+    stream = body.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise RequestError("stream must be a boolean", param="stream")
+    opts = body.get("stream_options")
+    if opts is not None and (not isinstance(opts, dict) or set(opts) - {"include_usage"}
+                             or not isinstance(opts.get("include_usage", False), bool)):
+        raise RequestError('stream_options must be {"include_usage": bool}', param="stream_options")
+    ignore_eos = body.get("ignore_eos", False)
+    if not isinstance(ignore_eos, bool):
+        raise RequestError("ignore_eos must be a boolean", param="ignore_eos")
+    sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+    return Params(max_tokens, sampling, n, stop, stream, bool(opts and opts.get("include_usage")), ignore_eos)
+
+
+def _check_ids(ids: list, vocab: int) -> list[int]:
+    if not ids:
+        raise RequestError("prompt is empty", param="prompt")
+    for t in ids:
+        if not _is_int(t) or not 0 <= t < vocab:
+            raise RequestError(f"token id {json.dumps(t)[:40]} is outside the vocabulary of {vocab}", param="prompt")
+    return ids
+
+
+def completion_prompts(body: dict, tokenizer, vocab: int) -> list[list[int]]:
+    """`prompt`: a string, a list of strings, a list of token ids, or a list of such lists."""
+    p = body.get("prompt")
+    if isinstance(p, str):
+        items = [p]
+    elif isinstance(p, list) and p and all(_is_int(t) for t in p):
+        items = [p]
+    elif isinstance(p, list) and p and all(isinstance(x, (str, list)) for x in p):
+        items = p
+    elif isinstance(p, list) and not p:
+        raise RequestError("prompt is empty", param="prompt")
+    else:
+        raise RequestError("prompt must be a string, a list of strings, or token ids", param="prompt")
+    if len(items) > MAX_PROMPTS:
+        raise RequestError(f"at most {MAX_PROMPTS} prompts per request", param="prompt")
+    out = []
+    for x in items:
+        if isinstance(x, str):
+            if tokenizer is None:
+                raise RequestError("this model has no tokenizer: send token ids", param="prompt")
+            add_bos = tokenizer.bos_id is not None and getattr(tokenizer, "add_bos", True)
+            out.append(_check_ids(tokenizer.encode(x, bos=add_bos), vocab))
+        else:
+            out.append(_check_ids(x, vocab))
+    return out
+
+
+def chat_prompt(body: dict, tokenizer) -> tuple[list[int], bool]:
+    """→ (prompt ids, whether tool calls are to be parsed from the reply)."""
+    if tokenizer is None or tokenizer.chat is None:
+        raise RequestError("this model has no chat format; use /v1/completions")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise RequestError("messages must be a non-empty list", param="messages")
+    tools = body.get("tools")
+    if tools is not None and (not isinstance(tools, list) or not all(
+            isinstance(t, dict) and t.get("type", "function") == "function" and isinstance(t.get("function"), dict)
+            for t in tools)):
+        raise RequestError('tools must be a list of {"type": "function", "function": {...}}', param="tools")
+    choice = body.get("tool_choice")
+    if choice not in (None, "auto", "none"):
+        raise RequestError('tool_choice must be "auto" or "none"', param="tool_choice")
+    use_tools = bool(tools) and choice != "none"
+    try:
+        ids = tokenizer.chat.encode_dialog(messages, add_generation_prompt=True,
+                                           tools=[t["function"] for t in tools] if use_tools else None)
+    except HerdError as e:
+        raise RequestError(str(e), param="messages") from None
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError) as e:
+        raise RequestError(f"invalid messages or tools: {type(e).__name__}: {e}", param="messages") from None
+    return ids, use_tools
+
+
+# ---- the app ------------------------------------------------------------------------------------
+
+def _error(e: RequestError):
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse({"error": {"message": e.message, "type": e.kind, "param": e.param, "code": e.code}},
+                        status_code=e.status)
+
+
+async def _read_json(request, limits: Limits) -> dict:
+    length = request.headers.get("content-length")
+    if length is not None and (not length.isdigit() or int(length) > limits.max_body_bytes):
+        raise RequestError(f"request body over {limits.max_body_bytes} bytes", status=413)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limits.max_body_bytes:
+            raise RequestError(f"request body over {limits.max_body_bytes} bytes", status=413)
+        chunks.append(chunk)
+    try:
+        text = b"".join(chunks).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RequestError(f"request body is not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    try:
+        body = json.loads(text)
+        json.dumps(body, ensure_ascii=False).encode("utf-8")  # lone surrogates ("\\ud800") fail here
+    except json.JSONDecodeError as e:
+        raise RequestError(f"request body is not valid JSON: {e}") from None
+    except UnicodeEncodeError:
+        raise RequestError("request body contains invalid Unicode (a lone surrogate escape)") from None
+    except RecursionError:
+        raise RequestError("request body is nested too deeply") from None
+    if not isinstance(body, dict):
+        raise RequestError("request body must be a JSON object")
+    return body
+
+
+class _Listener:
+    """Engine events (from the engine's thread) → an asyncio queue on the server's loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop, self.queue = loop, asyncio.Queue()
+
+    def __call__(self, ev: Event) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, ev)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            pass
+
+
+def create_app(engine: Engine, model_name: str, limits: Limits | None = None):
+    """The FastAPI app serving `engine` under `model_name`. Its lifespan starts and stops the
+    engine's thread."""
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, StreamingResponse
+    from starlette.exceptions import HTTPException
+
+    limits = limits or Limits()
+    tokenizer, args = engine.tokenizer, engine.args
+    created = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(app):
+        engine.start()
+        try:
+            yield
+        finally:
+            engine.shutdown(cancel=True)
+
+    app = FastAPI(title="herd", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.engine = engine
+
+    @app.exception_handler(RequestError)
+    async def _request_error(request, e: RequestError):
+        return _error(e)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request, e: HTTPException):
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return _error(RequestError(str(e.detail), status=e.status_code, kind=kind))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request, e: RequestValidationError):
+        return _error(RequestError(f"invalid request: {e.errors()[:1]}"))
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": model_name, "kv_blocks_free": engine.blocks_free,
+                "kv_blocks": engine.blocks.num_blocks}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
+                                            "owned_by": "herd", "max_model_len": args.max_seq_len}]}
+
+    def check_model(body):
+        if body.get("model") not in (None, model_name):
+            raise RequestError(f"the model {body['model']!r} does not exist; this server serves {model_name!r}",
+                               status=404, param="model", code="model_not_found", kind="not_found_error")
+
+    def budget(prompts: list[list[int]], p: Params) -> int:
+        context = args.max_seq_len
+        longest = max(len(x) for x in prompts)
+        if longest >= context:
+            raise RequestError(f"this model's maximum context length is {context} tokens, but the prompt has "
+                               f"{longest}", param="messages" if p.max_tokens is None else "prompt",
+                               code="context_length_exceeded")
+        if p.max_tokens is None:
+            return context - longest
+        if longest + p.max_tokens > context:
+            raise RequestError(f"this model's maximum context length is {context} tokens, but {longest} prompt "
+                               f"tokens + max_tokens {p.max_tokens} exceed it", param="max_tokens",
+                               code="context_length_exceeded")
+        return p.max_tokens
+
+    def submit_all(prompts, p: Params, max_tokens: int, listener) -> list[int]:
+        ids: list[int] = []
+        try:
+            for x in prompts:
+                ids.append(engine.submit(x, max_tokens=max_tokens, sampling=p.sampling, n=p.n,
+                                         stop_strings=p.stop, ignore_eos=p.ignore_eos, listener=listener))
+        except EngineBusy as e:
+            for rid in ids:
+                engine.cancel(rid)
+            raise RequestError(str(e), status=429, kind="rate_limit_error") from None
+        except HerdError as e:
+            for rid in ids:
+                engine.cancel(rid)
+            raise RequestError(str(e)) from None
+        return ids
+
+    async def events(request: Request, listener: _Listener, ids: list[int], total: int):
+        """Yield (choice index, event) until every sample has finished; cancel all if the client
+        goes away or the consumer stops early."""
+        index = {rid: k for k, rid in enumerate(ids)}
+        n = total // len(ids)
+        left = total
+        try:
+            while left:
+                try:
+                    ev = await asyncio.wait_for(listener.queue.get(), timeout=1.0)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        return
+                    continue
+                if ev.finish_reason is not None:
+                    left -= 1
+                yield index[ev.request_id] * n + ev.index, ev
+        finally:
+            for rid in ids:
+                engine.cancel(rid)  # a no-op for finished requests
+
+    def usage(prompts, completion_tokens):
+        prompt_tokens = sum(len(x) for x in prompts)
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens}
+
+    def sse(obj) -> str:
+        return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+    def tool_message(ids: list[int], text: str) -> tuple[dict, bool]:
+        msg = tokenizer.chat.decode_assistant(ids)
+        calls = msg.get("tool_calls")
+        if not calls:
+            return {"role": "assistant", "content": text}, False
+        return {"role": "assistant", "content": None, "tool_calls": [
+            {"id": c["id"], "type": "function",
+             "function": {"name": c["function"]["name"], "arguments": json.dumps(c["function"]["arguments"])}}
+            for c in calls]}, True
+
+    async def run(request: Request, kind: str):
+        body = await _read_json(request, limits)
+        p = parse_params(body, kind, limits)
+        check_model(body)
+        if kind == "chat":
+            prompt, use_tools = chat_prompt(body, tokenizer)
+            prompts = [prompt]
+        else:
+            prompts, use_tools = completion_prompts(body, tokenizer, args.vocab_size), False
+        max_tokens = budget(prompts, p)
+        listener = _Listener(asyncio.get_running_loop())
+        ids = submit_all(prompts, p, max_tokens, listener)
+        total = len(prompts) * p.n
+        rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
+        obj = "chat.completion" if kind == "chat" else "text_completion"
+        now = int(time.time())
+        stream = events(request, listener, ids, total)
+        if not p.stream:
+            texts, toks, reasons, completion_tokens = [""] * total, [[] for _ in range(total)], [None] * total, 0
+            async for i, ev in stream:
+                texts[i] += ev.text
+                toks[i] += ev.token_ids
+                if ev.finish_reason is not None:
+                    reasons[i] = ev.finish_reason
+                    completion_tokens += ev.completion_tokens
+            if any(r is None for r in reasons):  # the client left: nobody to answer
+                return JSONResponse({}, status_code=499)
+            choices = []
+            for i in range(total):
+                if kind == "chat":
+                    msg, called = tool_message(toks[i], texts[i]) if use_tools else (
+                        {"role": "assistant", "content": texts[i]}, False)
+                    choices.append({"index": i, "message": msg, "logprobs": None,
+                                    "finish_reason": "tool_calls" if called else reasons[i]})
+                else:
+                    choices.append({"index": i, "text": texts[i], "logprobs": None, "finish_reason": reasons[i]})
+            return {"id": rid, "object": obj, "created": now, "model": model_name, "choices": choices,
+                    "usage": usage(prompts, completion_tokens)}
+
+        chunk_obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+
+        def chunk(choices, **extra):
+            return sse({"id": rid, "object": chunk_obj, "created": now, "model": model_name,
+                        "choices": choices, **extra})
+
+        async def gen():
+            completion_tokens = 0
+            held = [("", []) for _ in range(total)]  # with tools, the reply is parsed when complete
+            try:
+                if kind == "chat":
+                    for i in range(total):
+                        yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
+                                      "logprobs": None, "finish_reason": None}])
+                async for i, ev in stream:
+                    reason = ev.finish_reason
+                    if reason is not None:
+                        completion_tokens += ev.completion_tokens
+                    if kind != "chat":
+                        if ev.text or reason:
+                            yield chunk([{"index": i, "text": ev.text, "logprobs": None, "finish_reason": reason}])
+                        continue
+                    if use_tools:
+                        held[i] = (held[i][0] + ev.text, held[i][1] + ev.token_ids)
+                        if reason is None:
+                            continue
+                        msg, called = tool_message(held[i][1], held[i][0])
+                        if called:
+                            calls = [dict(c, index=k) for k, c in enumerate(msg["tool_calls"])]
+                            yield chunk([{"index": i, "delta": {"tool_calls": calls}, "logprobs": None,
+                                          "finish_reason": None}])
+                            reason = "tool_calls"
+                        elif held[i][0]:
+                            yield chunk([{"index": i, "delta": {"content": held[i][0]}, "logprobs": None,
+                                          "finish_reason": None}])
+                    elif ev.text:
+                        yield chunk([{"index": i, "delta": {"content": ev.text}, "logprobs": None,
+                                      "finish_reason": None}])
+                    if reason is not None:
+                        yield chunk([{"index": i, "delta": {}, "logprobs": None, "finish_reason": reason}])
+                if p.include_usage:
+                    yield chunk([], usage=usage(prompts, completion_tokens))
+                yield "data: [DONE]\n\n"
+            finally:
+                await stream.aclose()  # cancels the engine requests if we stopped early
+
+        return StreamingResponse(gen(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await run(request, "completions")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await run(request, "chat")
+
+    return app
+
+
+# ---- running it ---------------------------------------------------------------------------------
+
+def uvicorn_config(app, host: str, port: int, *, graceful_s: float = 30.0, log_level: str = "warning"):
+    import uvicorn
+
+    return uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=graceful_s,
+                          h11_max_incomplete_event_size=64 * 1024, access_log=False, lifespan="on")
+
+
+class ServerThread:
+    """The server on a background thread (tests, benches, notebooks): `with ServerThread(app) as s:`
+    then talk to `s.url`."""
+
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0):
+        import socket
+
+        import uvicorn
+
+        if port == 0:
+            with socket.socket() as sock:
+                sock.bind((host, 0))
+                port = sock.getsockname()[1]
+        self.url = f"http://{host}:{port}"
+        self.server = uvicorn.Server(uvicorn_config(app, host, port, graceful_s=5.0))
+        self.thread = threading.Thread(target=self.server.run, name="herd-server", daemon=True)
+
+    def __enter__(self) -> ServerThread:
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise HerdError(f"server did not start on {self.url}")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=60)
+
+
+def build_engine(model: str, *, quantize: str | None = None, max_batch: int = 32, kv_cache_mb: int | None = None,
+                 prefix_sharing: bool = True, device: str = "cpu") -> Engine:
+    """Load a model (built-in name or path), quantize it if asked, and wrap it in an Engine."""
+    import warnings
+
+    import torch
+
+    from herd.api import load
+    from herd.inference.engine import DEFAULT_KV_CACHE_BYTES
+
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        net, tokenizer = load(model, device=device, dtype=dtype, for_inference=quantize is None)
+    if quantize is not None:
+        from herd.inference.quantize import quantize as apply
+
+        apply(net, quantize)
+    kv_bytes = DEFAULT_KV_CACHE_BYTES if kv_cache_mb is None else kv_cache_mb << 20
+    return Engine(net, tokenizer, max_batch=max_batch, kv_cache_bytes=kv_bytes, prefix_sharing=prefix_sharing)
+
+
+def add_serve_parser(sub) -> None:
+    """`herd serve`: registered by herd/cli.py."""
+    from herd.hub import BUILTIN_MODELS, DEFAULT_MODEL
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (continuous batching, paged KV cache)",
+                       description="Serve a model over OpenAI's API: /v1/models, /v1/completions, "
+                                   "/v1/chat/completions (streaming or not), /health.")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"built-in name ({', '.join(BUILTIN_MODELS)}), checkpoint directory or .gguf "
+                        f"(default: {DEFAULT_MODEL})")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="(default: 8000)")
+    p.add_argument("--max-batch", type=int, default=32, help="most sequences decoded together (default: 32)")
+    p.add_argument("--quantize", choices=["int8", "fp8"], default=None,
+                   help="int8: weight-only int8 linears; fp8: §6.2 row-wise FP8 FFNs (emulated on CPU)")
+    p.add_argument("--kv-cache-mb", type=int, default=None, help="KV cache memory (default: 1024)")
+    p.add_argument("--no-prefix-sharing", action="store_true", help="compute every prompt in full")
+    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--served-model-name", default=None, help="the model id clients use (default: --model)")
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(a) -> None:
+    import sys
+
+    import uvicorn
+
+    if not 0 <= a.port <= 65535:
+        raise HerdError(f"--port must be in 0..65535, got {a.port}")
+    if a.max_batch < 1:
+        raise HerdError(f"--max-batch must be at least 1, got {a.max_batch}")
+    engine = build_engine(a.model, quantize=a.quantize, max_batch=a.max_batch, kv_cache_mb=a.kv_cache_mb,
+                          prefix_sharing=not a.no_prefix_sharing, device=a.device)
+    if engine.tokenizer is None:
+        raise HerdError(f"{a.model}: no tokenizer found next to the checkpoint; serving text needs one")
+    name = a.served_model_name or str(a.model)
+    app = create_app(engine, name)
+    print(f"herd serve: {name} on http://{a.host}:{a.port}/v1 ({engine.blocks.num_blocks} KV blocks of "
+          f"{engine.block_size}, batch {engine.max_batch}{', ' + a.quantize if a.quantize else ''})", file=sys.stderr)
+    uvicorn.Server(uvicorn_config(app, a.host, a.port, log_level="info")).run()
