@@ -54,7 +54,10 @@ def extract_answer(reply: str, answer: Any) -> str | float | None:
             return _as_number(m.group(1))
         nums = _NUMBER.findall(reply)
         return _as_number(nums[-1]) if nums else None
-    return reply.strip().strip("\"'`").strip().removesuffix(".").strip()
+    text = reply.strip()
+    for _ in range(2):  # quotes around a final period, or a period after quotes
+        text = text.strip().strip("\"'`").strip().removesuffix(".")
+    return text.strip()
 
 
 def is_correct(reply: str, answer: Any) -> bool:

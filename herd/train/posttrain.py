@@ -719,9 +719,11 @@ class PostTrainer(Trainer):
         self.log(f"resumed from {path} at step {self.step}")
 
 
-def _check_seq_len(cfg, model) -> None:
+def _fit_seq_len(cfg, model, log) -> None:
+    """Rows never exceed the model's context: a longer train.seq_len is lowered to it."""
     if cfg.train.seq_len > model.args.max_seq_len:
-        raise HerdError(f"train.seq_len={cfg.train.seq_len} exceeds the model's context of {model.args.max_seq_len}")
+        log(f"train.seq_len {cfg.train.seq_len} lowered to the model's context of {model.args.max_seq_len}")
+        cfg.train.seq_len = model.args.max_seq_len
 
 
 def finetune(stage: str, cfg, model_spec: str, data_path: str, *, val_path: str | None = None,
@@ -737,18 +739,19 @@ def finetune(stage: str, cfg, model_spec: str, data_path: str, *, val_path: str 
     log = log or (lambda m: print(m, flush=True))
     lora = lora or LoRAConfig()
     t = cfg.train
+    # read the data first: a malformed line is reported before the (slow) model load
+    read = load_chats if stage == "sft" else load_preferences
+    train_rows, val_rows = read(data_path), (read(val_path) if val_path else None)
     model, tok = load_trainable(model_spec, t.device)
-    _check_seq_len(cfg, model)
+    _fit_seq_len(cfg, model, log)
     kw = dict(batch_size=t.batch_size, seq_len=t.seq_len)
     if stage == "sft":
-        train = sft_loader(tok, load_chats(data_path), seed=t.seed, **kw)
-        val = sft_loader(tok, load_chats(val_path), shuffle=False, **kw) if val_path else None
+        train = sft_loader(tok, train_rows, seed=t.seed, **kw)
+        val = sft_loader(tok, val_rows, shuffle=False, **kw) if val_rows else None
         objective: Any = SFT()
     else:
-        prefs = load_preferences(data_path)
-        train = ranked_loader(tok, prefs, seed=t.seed, **kw)
-        val = ranked_loader(tok, load_preferences(val_path), shuffle=False, start=len(prefs), **kw) \
-            if val_path else None
+        train = ranked_loader(tok, train_rows, seed=t.seed, **kw)
+        val = ranked_loader(tok, val_rows, shuffle=False, start=len(train_rows), **kw) if val_rows else None
         objective = RewardRanking() if stage == "reward" else DPO(**vars(dpo or DPOConfig()))
     if stage == "dpo":
         # §4.1.4: the reference is the starting policy unless given; its log-probs are computed

@@ -53,11 +53,14 @@ def _apply_own(objs: dict, section: str, key: str, value) -> None:
     setattr(obj, key, value)
 
 
-def build_config(config: str | None, overrides: list[str], out: str | None):
-    """(RunConfig, {"lora": LoRAConfig, "dpo": DPOConfig}) from the defaults above ← TOML ← overrides."""
+def build_config(config: str | None, overrides: list[str], out: str | None, tables: dict | None = None):
+    """(RunConfig, {"lora": LoRAConfig, "dpo": DPOConfig}) from the defaults above ← TOML file (or
+    `tables`, a dict of the same shape) ← overrides."""
     from herd.train.config import load_config, parse_override, tomllib
 
     table = {k: dict(v) for k, v in DEFAULTS.items()}
+    for section, values in (tables or {}).items():
+        table.setdefault(section, {}).update(values)
     if config:
         try:
             loaded = tomllib.loads(Path(config).read_text())

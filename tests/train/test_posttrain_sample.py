@@ -1,0 +1,53 @@
+"""Rejection sampling: K samples share one prefill of the prompt, and give the same tokens as
+generating K copies of the prompt independently (herd.inference.generate)."""
+
+from __future__ import annotations
+
+import torch
+
+from herd.inference.generate import generate_batch
+from herd.inference.sampling import SamplingParams
+from herd.models.args import get_preset
+from herd.models.llama3 import Transformer
+from herd.train.rejection import Sampled, preference_pairs, sample_k, write_best
+
+
+def _model():
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        m = Transformer(get_preset("debug"))
+    m.to_empty(device="cpu")
+    m.init_weights(std=0.3, generator=torch.Generator().manual_seed(0))
+    return m.eval()
+
+
+def test_sample_k_shares_prefill_and_matches_independent_generation():
+    model = _model()
+    prompt = [5, 17, 99, 3, 42, 7, 8]
+    calls = []
+    h = model.register_forward_pre_hook(lambda m, a: calls.append(a[0].shape))
+    params = SamplingParams(temperature=1.0)
+    got = sample_k(model, prompt, 4, max_new_tokens=6, sampling=params, stop_ids=[1],
+                   generator=torch.Generator().manual_seed(7))
+    h.remove()
+    assert calls[0] == (1, len(prompt))  # the prompt is prefilled once, for all 4 samples
+    assert all(s == (4, 1) for s in calls[1:])
+    ref = generate_batch(model, [prompt] * 4, max_new_tokens=6, sampling=SamplingParams(temperature=1.0, seed=7),
+                         stop_ids=[1])
+    assert [c.ids for c in got] == [c.ids for c in ref]
+    assert len({tuple(c.ids) for c in got}) > 1  # really sampled
+    greedy = sample_k(model, prompt, 2, max_new_tokens=5, sampling=SamplingParams(), stop_ids=[])
+    ref = generate_batch(model, [prompt], max_new_tokens=5, sampling=SamplingParams())
+    assert greedy[0].ids == greedy[1].ids == ref[0].ids
+
+
+def test_best_and_pairs(tmp_path):
+    import json
+
+    p = [{"role": "user", "content": "q"}]
+    res = [Sampled(p, {"answer": 3}, ["a", "b", "c"], [0.0, 1.0, 0.0]), Sampled(p, {}, ["x", "y"], [0.0, 0.0])]
+    n = write_best(res, tmp_path / "best.jsonl", min_score=1.0)
+    rows = [json.loads(x) for x in (tmp_path / "best.jsonl").read_text().splitlines()]
+    assert n == 1 and rows[0]["messages"][-1] == {"role": "assistant", "content": "b"} and rows[0]["answer"] == 3
+    pairs = preference_pairs(res)
+    assert len(pairs) == 1 and pairs[0]["chosen"][0]["content"] == "b" and pairs[0]["rejected"][0]["content"] in "ac"
