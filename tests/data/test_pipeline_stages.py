@@ -101,6 +101,30 @@ def test_repetition_counts_equal_datatrove_on_real_text():
     assert checked >= 25
 
 
+def test_repetition_shortcut_never_changes_a_decision():
+    """repetition_reason skips the exact scan when a vectorized upper bound already passes; its
+    decisions must equal the exact rule's (checked on real text and on planted repetition)."""
+    from herd.data.filters import dup_ngram_fraction, repetition_reason
+
+    top = [(2, 0.20), (3, 0.18), (4, 0.16)]
+    dup = [(5, 0.15), (6, 0.14), (7, 0.13), (8, 0.12), (9, 0.11), (10, 0.10)]
+    rng = random.Random(0)
+    texts = [d.text[:30_000] for d in builtin.builtin_documents(code_limit=30)][::3]
+    for t in list(texts[:8]):  # planted: a passage repeated with growing share
+        words = t.split()
+        for k in (2, 4, 8):
+            chunk = words[:60]
+            texts.append(" ".join(words[:400] + chunk * k + [str(rng.random()) for _ in range(50)]))
+    failing = 0
+    for t in texts:
+        words = t.split()
+        exact = any(top_ngram_fraction(words, n) > lim for n, lim in top) or any(
+            dup_ngram_fraction(words, n) > lim for n, lim in dup)
+        assert bool(repetition_reason(words, dup, top)) == exact
+        failing += exact
+    assert 5 <= failing < len(texts)  # both outcomes exercised
+
+
 # ---- quality classifier -------------------------------------------------------------------------------
 def _passages(names, rng, n_per, size=600):
     docs = {d.name: d.text for d in builtin.shakespeare_documents() if d.name in names}
