@@ -68,11 +68,14 @@ class VisionAttention(nn.Module):
 
 
 class VisionMLP(nn.Module):
-    def __init__(self, dim: int, hidden: int, bias: bool = True, gelu_out: bool = False, out_dim: int | None = None):
+    """c_proj(GELU(c_fc(x))): the ViT's MLP (biased, back to `dim`) or, with `adapter`, Meta's
+    SimpleMLP (bias-free, stays at `hidden`, GELU after c_proj too)."""
+
+    def __init__(self, dim: int, hidden: int, adapter: bool = False):
         super().__init__()
-        self.c_fc = nn.Linear(dim, hidden, bias=bias)
-        self.c_proj = nn.Linear(hidden, out_dim or (hidden if gelu_out else dim), bias=bias)
-        self.gelu_out = gelu_out  # the adapter applies GELU after its second linear too (SimpleMLP)
+        self.c_fc = nn.Linear(dim, hidden, bias=not adapter)
+        self.c_proj = nn.Linear(hidden, hidden if adapter else dim, bias=not adapter)
+        self.gelu_out = adapter
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.c_proj(F.gelu(self.c_fc(x)))
@@ -154,7 +157,7 @@ class VisionAdapter(nn.Module):
     def __init__(self, args: VisionArgs):
         super().__init__()
         self.ratio = args.pixel_shuffle_ratio
-        self.mlp = VisionMLP(args.adapter_in, args.output_dim, bias=False, gelu_out=True)
+        self.mlp = VisionMLP(args.adapter_in, args.output_dim, adapter=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.mlp(pixel_shuffle(x, self.ratio))
