@@ -9,7 +9,14 @@ import pytest
 import torch
 
 from herd.errors import HerdError
-from herd.eval.tasks import choice_logps, evaluate_items, extract_answer, is_correct, load_task, wilson_interval
+from herd.eval.tasks import (
+    choice_logps,
+    evaluate_items,
+    extract_answer,
+    is_correct,
+    load_task,
+    wilson_interval,
+)
 from tests.train.posttrain_fixtures import make_tiny_model, write_jsonl
 
 
