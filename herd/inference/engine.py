@@ -157,8 +157,8 @@ class PagedBatch:
             return table.gather(1, pos // bs) * bs + pos % bs
 
         t = torch.arange(T, device=device)
-        pos = start[:, None] + t[None, :] - (T - n)[:, None]  # (R, T); negative on left padding
-        real = pos >= 0
+        real = t[None, :] >= (T - n)[:, None]  # (R, T): False on left padding
+        pos = torch.where(real, start[:, None] + t[None, :] - (T - n)[:, None], -1)
         self.positions = pos.clamp(min=0)
         self.write = torch.where(real, slots(self.positions), scratch).reshape(-1)  # (R·T,)
         s = torch.arange(S, device=device).expand(R, S)
