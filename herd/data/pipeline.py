@@ -14,7 +14,8 @@ Stages, in the paper's order, each writing how many documents and tokens it remo
     kl_divergence token-distribution KL against the domain's corpus                 filters.py
     quality       a trained classifier's score (herd data label / train-quality)    quality.py
     mix           domain mixing weights (up/down-sampling by token share)           mix.py
-    → OUT/        token shards (herd.data.shards format, PackedLoader reads them), documents.jsonl
+    → OUT/        token shards (herd.data.shards format, PackedLoader reads them), manifest.json,
+                  documents.jsonl (kept text, with copies and split), removed.jsonl (what, where, why)
 
 Tokens are counted with the run's tokenizer, each document with its BOS and EOS, so the counts
 chain exactly: every stage's documents_out/tokens_out is the next stage's *_in, and the last

@@ -7,7 +7,8 @@ parallel work and of resumption (herd/data/pipeline.py):
   lines that *start* inside it, so ranges never share or lose a line (the Hadoop/datatrove way of
   splitting line-oriented files);
 * text (`.txt`, `.md`, `.py`, ...) and HTML (`.html`, `.htm`) files are one document each, grouped
-  into units of about `shard_bytes`.
+  into units of about `shard_bytes`. A directory contributes its files with these suffixes (any
+  file when the input names its format).
 
 A JSONL record needs `"text"` (or `"html"`, which is extracted); `"id"`/`"name"`, `"url"`,
 `"domain"` and `"date"` are kept when present. HTML goes through trafilatura's main-content
@@ -35,6 +36,9 @@ from herd.errors import HerdError
 
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".json.gz", ".ndjson")
 HTML_SUFFIXES = (".html", ".htm", ".xhtml")
+TEXT_SUFFIXES = (".txt", ".text", ".md", ".rst", ".py")
+# what a directory contributes with format = "auto" (its manifest.json, images, ... are skipped)
+KNOWN_SUFFIXES = JSONL_SUFFIXES + HTML_SUFFIXES + TEXT_SUFFIXES
 FORMATS = ("auto", "jsonl", "text", "html")
 
 
@@ -70,11 +74,13 @@ def detect_format(path: str) -> str:
     return "text"
 
 
-def expand_input(path: str) -> list[str]:
-    """A file, a directory (every file under it, sorted) or a glob → sorted file paths."""
+def expand_input(path: str, fmt: str = "auto") -> list[str]:
+    """A file, a directory (its files, sorted; with format "auto" those with a known suffix) or a
+    glob → sorted file paths."""
     p = Path(path).expanduser()
     if p.is_dir():
-        files = sorted(str(f) for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
+        files = sorted(str(f) for f in p.rglob("*") if f.is_file() and not f.name.startswith(".")
+                       and (fmt != "auto" or f.name.lower().endswith(KNOWN_SUFFIXES)))
     elif p.is_file():
         files = [str(p)]
     else:
@@ -91,7 +97,7 @@ def plan_units(path: str, fmt: str = "auto", domain: str = "", shard_bytes: int 
     units: list[Unit] = []
     group: list[str] = []
     group_fmt, group_bytes = "", 0
-    for f in expand_input(path):
+    for f in expand_input(path, fmt):
         kind = detect_format(f) if fmt == "auto" else fmt
         try:
             size = os.path.getsize(f)
