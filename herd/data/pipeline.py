@@ -61,6 +61,7 @@ import time
 import typing
 import zlib
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,6 +83,9 @@ class InputConfig:
     path: str = ""
     format: str = "auto"  # auto (by extension) | jsonl | text | html
     domain: str = ""  # domain tag of documents that carry none ("" → "general")
+    # "builtin": when `path` (DIR/documents.jsonl) is missing, write the built-in corpus there
+    # first (`herd data prepare builtin --out DIR`), and say so
+    prepare: str = ""
 
 
 @dataclass
@@ -693,17 +697,21 @@ def _run_phase(ctx: Context, phase: str, fn, workers: int) -> list[dict]:
     elif todo:
         methods = multiprocessing.get_all_start_methods()
         mp = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-        with ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=mp) as ex:
-            futures = {ex.submit(fn, ctx, u): u for u in todo}
-            pending = set(futures)
-            while pending:
-                finished, pending = wait(pending, return_when=FIRST_EXCEPTION)
-                for f in finished:
-                    if f.exception() is not None:
-                        for p in pending:
-                            p.cancel()
-                        raise f.exception()
-                    done(futures[f], f.result())
+        try:
+            with ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=mp) as ex:
+                futures = {ex.submit(fn, ctx, u): u for u in todo}
+                pending = set(futures)
+                while pending:
+                    finished, pending = wait(pending, return_when=FIRST_EXCEPTION)
+                    for f in finished:
+                        if f.exception() is not None:
+                            for p in pending:
+                                p.cancel()
+                            raise f.exception()
+                        done(futures[f], f.result())
+        except BrokenProcessPool:
+            raise HerdError(f"a worker process of phase {phase!r} died (out of memory? killed?); run the "
+                            "same command again to resume from the finished units") from None
     return [results[u] for u in range(n)]
 
 
@@ -713,6 +721,20 @@ def _global(ctx: Context, name: str, compute, save, load):
     if not path.exists():
         save(path, compute(ctx))
     return load(path)
+
+
+def prepare_inputs(cfg: PipelineConfig, say) -> None:
+    """Write the inputs that a config says how to make and that are missing."""
+    for inp in cfg.input:
+        if not inp.prepare or Path(inp.path).exists():
+            continue
+        if inp.prepare != "builtin" or Path(inp.path).name != "documents.jsonl":
+            raise HerdError(f"input {inp.path}: prepare = {inp.prepare!r} needs prepare = \"builtin\" and a "
+                            "path ending in documents.jsonl")
+        from herd.data.builtin import prepare_builtin
+
+        say(f"{inp.path} is missing: preparing the built-in corpus first")
+        prepare_builtin(Path(inp.path).parent)
 
 
 def _plan(cfg: PipelineConfig, work: Path, restart: bool) -> list:
@@ -765,6 +787,7 @@ def run_pipeline(cfg: PipelineConfig, *, workers: int | None = None, restart: bo
     say = log or (lambda msg: None)
     workers = workers if workers is not None else (cfg.run.workers or os.cpu_count() or 1)
     out, work = Path(cfg.run.out), work_dir_for(cfg)
+    prepare_inputs(cfg, say)
     units = _plan(cfg, work, restart)
     ctx = Context(cfg, work, units)
     if workers > 1 and cfg.run.tokenizer != "bytes":

@@ -294,3 +294,18 @@ def test_unit_reader_rejects_a_non_object_record(tmp_path):
     p.write_text("[1, 2]\n")
     with pytest.raises(HerdError, match=r"not a JSON object with a \"text\""):
         list(read_unit(Unit("jsonl", [str(p)], 0, p.stat().st_size)))
+
+
+def test_missing_builtin_input_is_prepared_first(tmp_path, capsys):
+    from herd.data.pipeline import prepare_inputs
+    from herd.hub import say
+
+    target = tmp_path / "builtin" / "documents.jsonl"
+    cfg = load_pipeline_config(data={"input": [{"path": str(target), "prepare": "builtin"}]})
+    prepare_inputs(cfg, say)
+    assert "preparing the built-in corpus first" in capsys.readouterr().err
+    names = [json.loads(x)["name"] for x in target.read_text().splitlines()]
+    assert "hamlet_gut" in names and "hamlet_gut_f" in names and len(names) > 200
+    bad = load_pipeline_config(data={"input": [{"path": str(tmp_path / "x.jsonl"), "prepare": "wikipedia"}]})
+    with pytest.raises(HerdError, match="needs prepare = \"builtin\""):
+        prepare_inputs(bad, say)
