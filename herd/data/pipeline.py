@@ -715,14 +715,6 @@ def _run_phase(ctx: Context, phase: str, fn, workers: int) -> list[dict]:
     return [results[u] for u in range(n)]
 
 
-def _global(ctx: Context, name: str, compute, save, load):
-    """A global step, done once: its result file is its completion marker."""
-    path = ctx.work / name
-    if not path.exists():
-        save(path, compute(ctx))
-    return load(path)
-
-
 def prepare_inputs(cfg: PipelineConfig, say) -> None:
     """Write the inputs that a config says how to make and that are missing."""
     for inp in cfg.input:
@@ -778,80 +770,149 @@ def work_dir_for(cfg: PipelineConfig) -> Path:
     return Path(cfg.run.work_dir) if cfg.run.work_dir else out.with_name(f".{out.name}.work")
 
 
-def run_pipeline(cfg: PipelineConfig, *, workers: int | None = None, restart: bool = False,
-                 log=None) -> dict:
-    """Run (or resume) the pipeline; returns the manifest. See the module docstring."""
+# ---- the steps: parallel phases over units, global steps between them ------------------------------
+def _markers(ctx: Context, phase: str) -> list[dict]:
+    return [json.loads(ctx.marker(u, phase).read_text()) for u in range(len(ctx.units))]
+
+
+def step_summary(ctx: Context) -> None:
+    n_docs = sum(r["documents"] for r in _markers(ctx, "read"))
+    if n_docs == 0:
+        shutil.rmtree(ctx.work, ignore_errors=True)  # nothing worth resuming
+        raise HerdError("empty corpus: no documents in the inputs ("
+                        + ", ".join(i.path for i in ctx.cfg.input) + ")")
+    _write_json(ctx.work / "read.summary.json", {"documents": n_docs})
+
+
+def step_dedup(ctx: Context) -> None:
+    _write_json(ctx.work / "dedup.json", global_dedup(ctx))
+
+
+def step_bad_lines(ctx: Context) -> None:
+    bad = global_lines(ctx)
+    _atomic_write(ctx.work / "bad_lines.npy", lambda f: np.save(f, bad))
+
+
+def step_unigrams(ctx: Context) -> None:
+    d = global_unigrams(ctx)
+    _write_npz(ctx.work / "unigram.npz", **{f"{k}/{dom}": v for dom, a in d.items()
+                                            for k, v in zip(("ids", "counts"), a, strict=True)})
+
+
+def step_mix(ctx: Context) -> None:
     from herd.data.mix import mixing_factors
+
+    tokens_by_domain: dict[str, int] = {}
+    for r in _markers(ctx, "score"):
+        for dom, t in r["tokens_by_domain"].items():
+            tokens_by_domain[dom] = tokens_by_domain.get(dom, 0) + t
+    factors = mixing_factors(tokens_by_domain, ctx.cfg.mix.weights, ctx.cfg.mix.upsample)
+    _write_json(ctx.work / "mix.json", {"factors": factors, "tokens_by_domain": tokens_by_domain})
+    (ctx.work / "out").mkdir(exist_ok=True)
+
+
+def step_publish(ctx: Context, timing: dict | None = None) -> dict:
+    """meta.json, documents.jsonl, removed.jsonl, manifest.json into WORK/out, then one rename."""
     from herd.data.shards import publish_dir, write_meta
 
+    cfg, work, n = ctx.cfg, ctx.work, len(ctx.units)
+    written = _markers(ctx, "write")
+    tally = Tally()
+    for phase in ("read", "filter", "score"):
+        for r in _markers(ctx, phase):
+            tally.merge(r.get("tally", {}))
+    for r in written:
+        tally.merge(r["tally"])
+    shards = {s: [r["shards"][s] for r in written] for s in ("train", "val")}
+    meta = write_meta(work / "out", get_tokenizer(cfg.run.tokenizer).vocab_size, shards,
+                      max_token_id=max(r["max_token_id"] for r in written), tokenizer=cfg.run.tokenizer)
+    if cfg.run.write_documents:
+        _concat(work / "out" / "documents.jsonl", [ctx.unit_dir(u) / "documents.jsonl" for u in range(n)])
+    _concat(work / "out" / "removed.jsonl", [ctx.unit_dir(u) / f"{p}.removed.jsonl" for u in range(n)
+                                              for p in ("read", "filter", "score", "write")])
+    manifest = build_manifest(cfg, tally, meta, json.loads((work / "mix.json").read_text())["factors"])
+    if timing:
+        manifest["timing_s"] = timing
+    (work / "out" / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    publish_dir(work / "out", Path(cfg.run.out))
+    if not cfg.run.keep_work:
+        shutil.rmtree(work, ignore_errors=True)
+    return manifest
+
+
+# (kind, name, function, result file of a global step). A phase runs its function once per unit;
+# a global step once, and is done when its result file exists.
+STEPS = [
+    ("phase", "read", phase_read, ""),
+    ("global", "summary", step_summary, "read.summary.json"),
+    ("global", "dedup", step_dedup, "dedup.json"),
+    ("phase", "lines", phase_line_counts, ""),
+    ("global", "bad_lines", step_bad_lines, "bad_lines.npy"),
+    ("phase", "filter", phase_filter, ""),
+    ("global", "unigrams", step_unigrams, "unigram.npz"),
+    ("phase", "score", phase_score, ""),
+    ("global", "mix", step_mix, "mix.json"),
+    ("phase", "write", phase_write, ""),
+]
+
+
+def steps_for(cfg: PipelineConfig) -> list[tuple[str, str, Any, str]]:
+    """The steps this config runs (line counting and the unigram merge only when their stage is on);
+    the publish step follows the last."""
+    skip = set()
+    if not cfg.line_dedup.enabled:
+        skip |= {"lines", "bad_lines"}
+    if not cfg.kl_divergence.enabled:
+        skip.add("unigrams")
+    return [s for s in STEPS if s[1] not in skip]
+
+
+def run_units(ctx: Context, phase: str, rank: int = 0, world_size: int = 1) -> None:
+    """Run phase `phase` on units rank, rank + world_size, ... that are not marked done — the body
+    of one task of a cluster job (any executor that runs "task i of N" on a shared filesystem)."""
+    fn = {name: f for kind, name, f, _ in STEPS if kind == "phase"}[phase]
+    for u in range(rank, len(ctx.units), world_size):
+        if not ctx.marker(u, phase).exists():
+            _write_json(ctx.marker(u, phase), fn(ctx, u))
+
+
+def run_global(ctx: Context, name: str) -> None:
+    """Run global step `name` unless its result exists (one task of its own job on a cluster)."""
+    if name == "publish":
+        step_publish(ctx)
+        return
+    _, _, fn, result = next(s for s in STEPS if s[1] == name)
+    if not (ctx.work / result).exists():
+        fn(ctx)
+
+
+def open_run(cfg: PipelineConfig, *, restart: bool = False, log=None) -> Context:
+    """Prepare missing inputs and plan the units (or reload the plan of an unfinished run)."""
+    prepare_inputs(cfg, log or (lambda msg: None))
+    work = work_dir_for(cfg)
+    return Context(cfg, work, _plan(cfg, work, restart))
+
+
+def run_pipeline(cfg: PipelineConfig, *, workers: int | None = None, restart: bool = False,
+                 log=None) -> dict:
+    """Run (or resume) the pipeline on this machine with a process pool; returns the manifest."""
     say = log or (lambda msg: None)
     workers = workers if workers is not None else (cfg.run.workers or os.cpu_count() or 1)
-    out, work = Path(cfg.run.out), work_dir_for(cfg)
-    prepare_inputs(cfg, say)
-    units = _plan(cfg, work, restart)
-    ctx = Context(cfg, work, units)
+    ctx = open_run(cfg, restart=restart, log=say)
     if workers > 1 and cfg.run.tokenizer != "bytes":
         get_tokenizer(cfg.run.tokenizer)  # loaded once here; forked workers inherit it
     timing: dict[str, float] = {}
     t0 = time.perf_counter()
-
-    def phase(name, fn):
+    for kind, name, fn, _ in steps_for(cfg):
+        if kind == "global":
+            run_global(ctx, name)
+            continue
         t = time.perf_counter()
-        res = _run_phase(ctx, name, fn, workers)
+        _run_phase(ctx, name, fn, workers)
         timing[name] = round(time.perf_counter() - t, 3)
-        say(f"{name}: {len(units)} units done ({timing[name]:.1f} s)")
-        return res
-
-    read = phase("read", phase_read)
-    n_docs = sum(r["documents"] for r in read)
-    if n_docs == 0:
-        shutil.rmtree(work, ignore_errors=True)  # nothing worth resuming
-        raise HerdError("empty corpus: no documents in the inputs (" + ", ".join(i.path for i in cfg.input) + ")")
-    if not (work / "read.summary.json").exists():
-        _write_json(work / "read.summary.json", {"documents": n_docs})
-    _global(ctx, "dedup.json", global_dedup, _write_json, lambda p: None)
-    if cfg.line_dedup.enabled:
-        phase("lines", phase_line_counts)
-        _global(ctx, "bad_lines.npy", global_lines,
-                lambda p, a: _atomic_write(p, lambda f: np.save(f, a)), lambda p: None)
-    filt = phase("filter", phase_filter)
-    if cfg.kl_divergence.enabled:
-        _global(ctx, "unigram.npz", global_unigrams,
-                lambda p, d: _write_npz(p, **{f"{k}/{dom}": v for dom, a in d.items()
-                                              for k, v in zip(("ids", "counts"), a, strict=True)}),
-                lambda p: None)
-    score = phase("score", phase_score)
-    tokens_by_domain: dict[str, int] = {}
-    for r in score:
-        for dom, t in r["tokens_by_domain"].items():
-            tokens_by_domain[dom] = tokens_by_domain.get(dom, 0) + t
-    _global(ctx, "mix.json", lambda c: {"factors": mixing_factors(tokens_by_domain, cfg.mix.weights, cfg.mix.upsample),
-                                        "tokens_by_domain": tokens_by_domain}, _write_json, lambda p: None)
-    (work / "out").mkdir(exist_ok=True)
-    written = phase("write", phase_write)
-
-    # ---- publish: meta.json, documents.jsonl, manifest.json, then one rename ----
-    tally = Tally()
-    for r in read + filt + score + written:
-        tally.merge(r.get("tally", {}))
-    shards = {s: [r["shards"][s] for r in written] for s in ("train", "val")}
-    tok = get_tokenizer(cfg.run.tokenizer)
-    meta = write_meta(work / "out", tok.vocab_size, shards, max_token_id=max(r["max_token_id"] for r in written),
-                      tokenizer=cfg.run.tokenizer)
-    if cfg.run.write_documents:
-        _concat(work / "out" / "documents.jsonl", [ctx.unit_dir(u) / "documents.jsonl" for u in range(len(units))])
-    _concat(work / "out" / "removed.jsonl", [ctx.unit_dir(u) / f"{p}.removed.jsonl" for u in range(len(units))
-                                              for p in ("read", "filter", "score", "write")])
-    factors = json.loads((work / "mix.json").read_text())["factors"]
-    manifest = build_manifest(cfg, tally, meta, factors)
+        say(f"{name}: {len(ctx.units)} units done ({timing[name]:.1f} s)")
     timing["total"] = round(time.perf_counter() - t0, 3)
-    manifest["timing_s"] = timing
-    manifest["documents_per_s_per_worker"] = round(n_docs / timing["total"] / max(1, min(workers, len(units))), 2)
-    (work / "out" / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
-    publish_dir(work / "out", out)
-    if not cfg.run.keep_work:
-        shutil.rmtree(work, ignore_errors=True)
-    return manifest
+    return step_publish(ctx, timing)
 
 
 def _concat(dest: Path, parts: list[Path]) -> None:
