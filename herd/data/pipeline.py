@@ -32,17 +32,18 @@ step and redoes the rest; since each result is a pure function of its inputs, th
 exactly that of an uninterrupted run — no document lost or duplicated. The finished shards
 directory is published with one rename.
 
-On a cluster. The unit functions (`phase_read`, `phase_line_counts`, `phase_filter`,
-`phase_score`, `phase_write`) take (context, unit index) and touch only files, so any executor
-that runs "task i of N" with a shared filesystem runs them unchanged:
+On a cluster. The steps are data (`STEPS`): a phase runs once per unit, a global step once.
+`run_units(ctx, phase, rank, world_size)` is one task of a phase (units rank, rank + world_size,
+...), `run_global(ctx, name)` a one-task job; both touch only files, so any executor that runs
+"task i of N" on a shared filesystem runs them unchanged:
 
-* datatrove: wrap each phase in a `PipelineStep` whose `run(data, rank, world_size)` calls the
-  phase for units `rank, rank + world_size, ...`, and run the five phases as `SlurmPipelineExecutor`
-  jobs chained with `depends=`, the global steps as one-task jobs in between (datatrove's own
-  MinHash dedup is chained the same way: signatures → buckets → clusters → filter). Its
-  completion tracking (`logging_dir/completions`) plays the role of our markers.
-* Ray: `ray.remote(phase_read).remote(ctx, u)` per unit, `ray.get` as the barrier, then the
-  global step on the driver; a retried task rewrites the same files.
+* datatrove: `herd.data.cluster.datatrove_executors(cfg, tasks=N, executor=SlurmPipelineExecutor,
+  ...)` chains one job per step with `depends=` (datatrove's own MinHash dedup is chained the
+  same way: signatures → buckets → clusters → filter). Its completion tracking skips finished
+  ranks; herd's markers skip finished units inside a rank. Tested with `LocalPipelineExecutor`:
+  the output equals the single-machine run's.
+* Ray: `ray.remote(run_units).remote(ctx, phase, r, N)` for r < N, `ray.get` as the barrier, then
+  `run_global` on the driver; a retried task rewrites the same files.
 
 The local executor below is the same thing on one machine with a process pool (`run.workers`).
 """

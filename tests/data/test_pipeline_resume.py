@@ -63,6 +63,15 @@ def corpus(tmp_path_factory):
     return tmp, inp, len(rows)
 
 
+@pytest.fixture(scope="module")
+def reference(corpus):
+    """One uninterrupted run, in this process, on one worker."""
+    tmp, inp, _ = corpus
+    (tmp / "ref.toml").write_text(_toml(inp, tmp / "ref"))
+    manifest = run_pipeline(load_pipeline_config(tmp / "ref.toml"), workers=1)
+    return tmp / "ref", manifest
+
+
 def _files(out: Path) -> dict[str, bytes]:
     got = {p.name: p.read_bytes() for p in out.iterdir() if p.name != "manifest.json"}
     got["stages"] = json.dumps(json.loads((out / "manifest.json").read_text())["stages"]).encode()
@@ -90,14 +99,12 @@ def _kill_when(proc: subprocess.Popen, work: Path, pattern: str, n: int, timeout
     raise AssertionError(f"no {pattern} within {timeout} s")
 
 
-def test_sigkill_mid_run_then_resume_gives_the_uninterrupted_output(corpus):
+def test_sigkill_mid_run_then_resume_gives_the_uninterrupted_output(corpus, reference):
     tmp, inp, n_rows = corpus
-    # the reference: one uninterrupted run, in this process, on one worker (the killed runs use
-    # two: the output does not depend on the worker count either)
-    ref_out = tmp / "ref"
-    (tmp / "ref.toml").write_text(_toml(inp, ref_out))
-    manifest = run_pipeline(load_pipeline_config(tmp / "ref.toml"), workers=1)
-    n_units = len(list((tmp / "ref").glob("train-u*.bin")))
+    # the reference ran on one worker; the killed runs use two: the output does not depend on
+    # the worker count either
+    ref_out, manifest = reference
+    n_units = len(list(ref_out.glob("train-u*.bin")))
     assert n_units >= 8, n_units  # enough units that the kills land mid-phase
 
     out = tmp / "killed"
@@ -121,6 +128,21 @@ def test_sigkill_mid_run_then_resume_gives_the_uninterrupted_output(corpus):
     ids = [d["id"] for d in docs] + [r["id"] for r in removed]
     assert len(ids) == len(set(ids)) == n_rows == manifest["stages"][0]["documents_in"]
     assert not work.exists()  # cleaned up after publishing
+
+
+def test_datatrove_executors_give_the_same_output(corpus, reference, tmp_path):
+    """The cluster form: every step as a datatrove job (LocalPipelineExecutor here; Slurm is the
+    same chain with another executor class), 3 tasks on 2 worker processes."""
+    pytest.importorskip("datatrove")
+    from herd.data.cluster import datatrove_executors
+
+    _, inp, _ = corpus
+    (tmp_path / "dt.toml").write_text(_toml(inp, tmp_path / "dt"))
+    cfg = load_pipeline_config(tmp_path / "dt.toml")
+    last = datatrove_executors(cfg, tasks=3, workers=2, logging_dir=tmp_path / "logs", start_method="fork")
+    last.run()
+    assert _files(tmp_path / "dt") == _files(reference[0])
+    assert (tmp_path / "logs" / "00-read" / "completions").is_dir()  # datatrove tracked the tasks
 
 
 def test_changed_config_on_an_unfinished_run_is_refused(tmp_path):
