@@ -16,8 +16,8 @@ cancels its request, which frees its KV blocks at once. On shutdown uvicorn stop
 in-flight requests finish (up to `graceful_s` seconds), then the engine cancels whatever is left.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: FastAPI reads the handlers' annotations (Request) at
+# definition time, inside create_app, where fastapi is imported (lazily, so `herd --help` stays fast).
 import asyncio
 import json
 import math
@@ -501,7 +501,7 @@ class ServerThread:
         self.server = uvicorn.Server(uvicorn_config(app, host, port, graceful_s=5.0))
         self.thread = threading.Thread(target=self.server.run, name="herd-server", daemon=True)
 
-    def __enter__(self) -> ServerThread:
+    def __enter__(self) -> "ServerThread":
         self.thread.start()
         deadline = time.monotonic() + 60
         while not self.server.started:
