@@ -273,6 +273,8 @@ def validate(cfg: PipelineConfig) -> None:
         raise HerdError("run.shard_bytes must be positive")
     if cfg.quality.enabled and not cfg.quality.model:
         raise HerdError("quality.enabled needs quality.model (train one with `herd data train-quality`)")
+    if cfg.quality.enabled and not Path(cfg.quality.model).is_file():
+        raise HerdError(f"quality.model {cfg.quality.model}: no such file (train one with `herd data train-quality`)")
 
 
 def _output_config(cfg: PipelineConfig) -> dict:
@@ -614,6 +616,7 @@ def phase_score(ctx: Context, u: int) -> dict:
                 kl_scores[i] = kl_divergence(doc, ids_, counts, vocab, cfg.kl_divergence.smoothing)
     q_scores = [1.0] * len(rows)
     scope = [i for i, r in enumerate(rows) if cfg.quality.enabled and ctx.in_scope(cfg.quality, r["domain"])]
+    in_scope = set(scope)
     if scope:
         from herd.data.quality import QualityModel
 
@@ -628,7 +631,7 @@ def phase_score(ctx: Context, u: int) -> dict:
             gone.append(_gone(row["id"], row["name"], dom, "kl_divergence", f"KL {kl_scores[i]:.3f} nats"))
             continue
         tally.add("quality", dom, documents_in=1, tokens_in=n)
-        if q_scores[i] < cfg.quality.min_score and i in scope:
+        if q_scores[i] < cfg.quality.min_score and i in in_scope:
             tally.add("quality", dom, documents_removed=1, tokens_removed=n)
             gone.append(_gone(row["id"], row["name"], dom, "quality", f"score {q_scores[i]:.3f}"))
             continue
@@ -898,7 +901,7 @@ def run_pipeline(cfg: PipelineConfig, *, workers: int | None = None, restart: bo
                  log=None) -> dict:
     """Run (or resume) the pipeline on this machine with a process pool; returns the manifest."""
     say = log or (lambda msg: None)
-    workers = workers if workers is not None else (cfg.run.workers or os.cpu_count() or 1)
+    workers = workers or cfg.run.workers or os.cpu_count() or 1  # 0 / None: the config's, then all cores
     ctx = open_run(cfg, restart=restart, log=say)
     if workers > 1 and cfg.run.tokenizer != "bytes":
         get_tokenizer(cfg.run.tokenizer)  # loaded once here; forked workers inherit it
