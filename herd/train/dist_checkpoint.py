@@ -10,6 +10,9 @@ single-process ones of herd/train/checkpoint.py (same naming, same atomic publis
 `complete.json` written last), holding
     dcp/            {"model": ..., "optimizer": ...} as DCP shards + .metadata
     train_state.pt  step, tokens, data-loader position, RNG state, config (rank 0's)
+    model/          for models up to 1B parameters, also the whole weights in Meta layout with the
+                    run's tokenizer, so `herd generate`, `herd average` and `train.init_from` take the
+                    checkpoint directly (gathered by rank 0 from the shards just written)
 All ranks must see the same filesystem (a cluster's shared storage). `export` turns one into an
 HF or Meta checkpoint (herd.checkpoint) in one process:
 
@@ -32,6 +35,15 @@ from herd.errors import HerdError
 from herd.train import checkpoint as ckpt
 
 DCP_DIR = "dcp"
+
+
+def model_class(args) -> type:
+    """The herd decoder class for these args (Llama 4 MoE or dense Llama 3)."""
+    from herd.models.llama3 import Transformer
+    from herd.models.llama4 import Llama4Args
+    from herd.models.llama4 import Transformer as Llama4Transformer
+
+    return Llama4Transformer if isinstance(args, Llama4Args) else Transformer
 
 
 def is_distributed_checkpoint(path: str | Path) -> bool:
@@ -60,12 +72,18 @@ def save(trainer) -> Path:
     dcp.save(_state_dicts(trainer.model, trainer.optimizer), checkpoint_id=tmp / DCP_DIR,
              no_dist=not par.distributed)
     if par.is_main:
+        from herd.train.parallel import FULL_INIT_MAX_PARAMS
+
+        files = [DCP_DIR, "train_state.pt"]
+        if trainer.args.num_params() <= FULL_INIT_MAX_PARAMS:
+            _write_model_dir(tmp, trainer.args, _load_full(tmp / DCP_DIR, trainer.args),
+                             getattr(trainer, "tokenizer_files", []))
+            files.append("model")
         state = trainer._train_state()
         state.pop("optimizer")  # in dcp/, sharded
         state["layout"] = dict(par.d)
         torch.save(state, tmp / "train_state.pt")
-        (tmp / "complete.json").write_text(json.dumps({"step": trainer.step, "format": "dcp",
-                                                        "files": [DCP_DIR, "train_state.pt"]}))
+        (tmp / "complete.json").write_text(json.dumps({"step": trainer.step, "format": "dcp", "files": files}))
         publish_dir(tmp, dest)
         keep = trainer.cfg.checkpoint.keep
         if keep > 0:
@@ -118,13 +136,11 @@ def _load_single_process(trainer, sd: dict[str, torch.Tensor], optim_state: dict
     model, then each rank keeps its shards."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    from herd.models.llama3 import Transformer
-
     if trainer.args.tie_embeddings:
         sd["output.weight"] = sd["tok_embeddings.weight"]
     trainer.parallel.load_full_state_dict(trainer.model, sd)
     with torch.device("meta"):
-        whole = Transformer(trainer.args)
+        whole = model_class(trainer.args)(trainer.args)
     seen, decay, no_decay = set(), [], []
     for name, p in whole.named_parameters():
         if id(p) not in seen:
@@ -147,9 +163,6 @@ def _load_single_process(trainer, sd: dict[str, torch.Tensor], optim_state: dict
 def consolidate(path: str | Path) -> tuple[Any, dict[str, torch.Tensor]]:
     """(ModelArgs, full canonical state dict) of a DCP training checkpoint, gathered in this one
     process (no process group needed)."""
-    import torch.distributed.checkpoint as dcp
-
-    from herd.models.llama3 import Transformer
     from herd.train.config import load_config
 
     path = Path(path)
@@ -159,14 +172,33 @@ def consolidate(path: str | Path) -> tuple[Any, dict[str, torch.Tensor]]:
         raise HerdError(f"{path}: incomplete checkpoint (no complete.json)")
     state = torch.load(path / "train_state.pt", map_location="cpu", weights_only=False)
     args = load_config(data=state["config"]).model.args()
+    return args, _load_full(path / DCP_DIR, args)
+
+
+def _load_full(dcp_dir: Path, args) -> dict[str, torch.Tensor]:
+    """The whole model's weights from DCP shards, in this process (canonical names)."""
+    import torch.distributed.checkpoint as dcp
+
     with torch.device("meta"):
-        model = Transformer(args)
+        model = model_class(args)(args)
     model.to_empty(device="cpu")
     sd = model.state_dict()
-    dcp.load({"model": sd}, checkpoint_id=path / DCP_DIR, no_dist=True)
+    dcp.load({"model": sd}, checkpoint_id=dcp_dir, no_dist=True)
     if args.tie_embeddings:
         sd.pop("output.weight", None)
-    return args, {k: v.detach() for k, v in sd.items()}
+    return {k: v.detach() for k, v in sd.items()}
+
+
+def _write_model_dir(tmp: Path, args, sd: dict[str, torch.Tensor], tokenizer_files) -> None:
+    """model/ as herd/train/checkpoint.py writes it: Meta layout, the run's tokenizer, base-model marker."""
+    from herd.checkpoint.common import MODEL_INFO
+    from herd.checkpoint.meta import write_meta
+
+    write_meta(tmp / "model", args, sd)
+    for f in tokenizer_files:
+        shutil.copyfile(f, tmp / "model" / Path(f).name)
+    if tokenizer_files:
+        (tmp / "model" / MODEL_INFO).write_text(json.dumps({"chat_format": False}) + "\n")
 
 
 def export(path: str | Path, out: str | Path, fmt: str = "hf", dtype: str | None = None) -> Path:

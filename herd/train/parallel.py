@@ -57,7 +57,7 @@ class ParallelConfig:
     cp: int = 1  # context parallel (sequence sharding in attention; GPU only)
     tp: int = 1  # tensor parallel with sequence-parallel norms
     pp_schedule: str = "1f1b"  # 1f1b | interleaved_1f1b | gpipe
-    pp_microbatches: int = 0  # per data-parallel share of a micro-batch; 0 = number of stages
+    pp_microbatches: int = 0  # per data-parallel share of a micro-batch; 0 = one sequence each
     pp_stages_per_rank: int = 0  # 0 = 2 for interleaved_1f1b, else 1
     activation_checkpoint: str = "none"  # none | selective (save matmuls + attention) | full
     compile: bool = False  # torch.compile each block (GPU only)
@@ -112,8 +112,30 @@ def init_distributed(device: str) -> torch.device:
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        store = _elastic_store()
+        if store is None:
+            dist.init_process_group(backend=backend)
+        else:
+            dist.init_process_group(backend=backend, store=store, rank=int(os.environ["RANK"]),
+                                    world_size=int(os.environ["WORLD_SIZE"]))
     return dev
+
+
+def _elastic_store():
+    """Under torchrun, the rendezvous store with a prefix for this restart. The agent keeps one store
+    across restarts, so without it the workers of a restarted job can read the dead workers'
+    connection addresses from the previous attempt and wait on them forever (seen with gloo)."""
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if restart is None or "MASTER_ADDR" not in os.environ:
+        return None
+    from datetime import timedelta
+
+    agent_hosts = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                          int(os.environ["WORLD_SIZE"]), is_master=not agent_hosts and os.environ["RANK"] == "0",
+                          timeout=timedelta(minutes=30))
+    return dist.PrefixStore(f"herd/attempt_{restart}", store)
 
 
 def build_mesh(degrees: dict[str, int], device_type: str):
@@ -415,17 +437,21 @@ class Parallel:
             if b % self.dp_size:
                 raise HerdError(f"train.batch_size={b} must be divisible by the data-parallel degree "
                                 f"dp_replicate×dp_shard={self.dp_size}")
-            if self.pipelined and (b // self.dp_size) % self.microbatches:
-                raise HerdError(f"pipeline parallel: each data-parallel share ({b // self.dp_size} rows) must be "
-                                f"divisible by parallel.pp_microbatches={self.microbatches}")
+            if self.pipelined:
+                rows = b // self.dp_size
+                n_mb = self.microbatches(rows)
+                if rows % n_mb or n_mb < self.d["pp"]:
+                    raise HerdError(f"pipeline parallel: each data-parallel share ({rows} rows) must split into "
+                                    f"parallel.pp_microbatches={n_mb} micro-batches, at least pp={self.d['pp']}")
         for t in seq_lens:
             if t % (tp * 2 * cp if cp > 1 else tp):
                 raise HerdError(f"train.seq_len={t} must be divisible by tp{'×2×cp' if cp > 1 else ''} "
                                 f"(= {tp * 2 * cp if cp > 1 else tp}) for sequence/context parallel")
 
-    @property
-    def microbatches(self) -> int:
-        return self.cfg.pp_microbatches or self.d["pp"] * self.cfg.stages_per_rank
+    def microbatches(self, rows: int) -> int:
+        """Micro-batches per pipeline step for a share of `rows` sequences: one sequence each unless
+        set (the fewest activations in flight and the smallest bubble, (pp-1)/micro-batches)."""
+        return self.cfg.pp_microbatches or rows
 
     def parallelize(self, model: DecoderOnly, *, mixed_precision: bool = False) -> nn.Module:
         """Apply the layout to a model built on the meta device; returns the module to train (the
@@ -445,6 +471,11 @@ class Parallel:
             ScheduleInterleaved1F1B,
         )
 
+        from herd.models.llama3 import Transformer
+
+        if type(model) is not Transformer:
+            raise HerdError(f"pipeline parallel splits the dense Llama 3 Transformer; {type(model).__module__}."
+                            f"{type(model).__name__} is not supported yet")
         pp, per_rank = self.d["pp"], self.cfg.stages_per_rank
         n_stages = pp * per_rank
         runs = split_layers(model.args.n_layers, n_stages)
@@ -462,12 +493,11 @@ class Parallel:
         parts = PipelineParts(model, modules)
         self._make_stages = lambda: [PipelineStage(m, s, n_stages, self.device, group=pp_group) for s, m in stages]
         loss_fn = _pp_loss(self._denominator)
-        n_mb = self.microbatches
         if self.cfg.pp_schedule == "interleaved_1f1b":
-            self._schedule_fn = lambda st: ScheduleInterleaved1F1B(st, n_mb, loss_fn=loss_fn, scale_grads=False)
+            self._schedule_fn = lambda st, n: ScheduleInterleaved1F1B(st, n, loss_fn=loss_fn, scale_grads=False)
         else:
             cls = Schedule1F1B if self.cfg.pp_schedule == "1f1b" else ScheduleGPipe
-            self._schedule_fn = lambda st: cls(st[0], n_mb, loss_fn=loss_fn, scale_grads=False)
+            self._schedule_fn = lambda st, n: cls(st[0], n, loss_fn=loss_fn, scale_grads=False)
         return parts
 
     def init_weights(self, model: nn.Module, seed: int, full_init: Callable[[], DecoderOnly]) -> None:
@@ -488,8 +518,16 @@ class Parallel:
             torch.manual_seed(seed + self.pp_rank)  # stages hold different layers: different draws
             model.init_weights()
         model.init_buffers(self.device)
-        if self.pipelined:
-            self.schedule = self._schedule_fn(self._make_stages())
+
+    def _schedule_for(self, inputs: torch.Tensor, grad: bool):
+        """The pipeline schedule for micro-batches of this shape. Stages learn their activation
+        shapes on first use, so a new batch shape (SPEC §3.4's batch and sequence schedule) gets
+        fresh stages and schedule; eval keeps its own (no backward state to share)."""
+        key = (tuple(inputs.shape), grad, torch.is_autocast_enabled(self.device.type))
+        if getattr(self, "_schedule_key", None) != key:
+            self.schedule = self._schedule_fn(self._make_stages(), self.microbatches(inputs.shape[0]))
+            self._schedule_key = key
+        return self.schedule
 
     def load_full_state_dict(self, model: nn.Module, full: dict[str, torch.Tensor]) -> None:
         """Load an unsharded state dict (every rank holds it) into the sharded model: each rank keeps
@@ -561,16 +599,42 @@ class Parallel:
 
         mine = [self.share(b) for b in micro_batches]
         local_terms = sum(objective.num_terms(b) for b in mine)
-        total = int(self._all_reduce(torch.tensor(float(local_terms), dtype=torch.float64), self._dp_dims()))
+        # context-parallel ranks share rows: count each row's terms once, over the data-parallel ranks
+        total = int(self._all_reduce(torch.tensor(float(local_terms), dtype=torch.float64),
+                                     ("dp_replicate", "dp_shard")))
         denom = max(total, 1) / self.grad_ranks
         if self.pipelined:
             loss = self._pipeline_backward(objective, mine, autocast, denom)
+        elif self.d["cp"] > 1:
+            loss = self._context_parallel_backward(model, objective, mine, autocast, denom)
         else:
             with self.train_context():
                 loss, _ = accumulate_gradients(model, _LocalLoss(objective), mine, autocast, denominator=denom)
         # Mean over data-parallel ranks of sum_r/denom = (global sum)/(global terms).
         loss = self._all_reduce(loss.detach().to(torch.float64), self._dp_dims()) / self.grad_ranks
         return loss.float().cpu(), total
+
+    def _context_parallel_backward(self, model, objective, mine, autocast, denom: float) -> torch.Tensor:
+        """Each cp rank runs a load-balanced slice of every sequence (PyTorch's context_parallel
+        shards tokens, positions and targets in place and turns causal SDPA into ring attention);
+        the partial losses add up over the cp ranks. GPU only, causal attention without document
+        masking (ring attention takes no arbitrary mask)."""
+        if not isinstance(objective, NextTokenLM) or objective.document_masking:
+            raise HerdError("context parallel needs plain causal attention: NextTokenLM(document_masking=False)")
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        for b in mine:
+            inputs = b.inputs.contiguous()
+            B, T = inputs.shape
+            positions = torch.arange(T, device=inputs.device).expand(B, T).contiguous()
+            targets = lm_targets(b).contiguous()
+            with self.train_context(), context_parallel_shard(self, [inputs, positions, targets]):
+                with autocast():
+                    logits = model(inputs, positions=positions)
+                    part = _local(F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
+                                                  ignore_index=IGNORE, reduction="sum"))
+                (part / denom).backward()
+            loss_sum += part.detach().to(torch.float64)
+        return loss_sum / denom  # as accumulate_gradients returns it
 
     def _pipeline_backward(self, objective, mine, autocast, denom: float) -> torch.Tensor:
         if not isinstance(objective, NextTokenLM):
@@ -583,7 +647,7 @@ class Parallel:
             args, kwargs, targets = _pipeline_inputs(objective, b)
             losses: list[torch.Tensor] = []
             with self.train_context(), autocast():
-                self.schedule.step(*(args if has_first else ()), target=targets if has_last else None,
+                self._schedule_for(args[0], True).step(*(args if has_first else ()), target=targets if has_last else None,
                                    losses=losses if has_last else None, return_outputs=False, **kwargs)
             for part in losses:
                 loss_sum += _local(part).detach().to(torch.float64)
@@ -624,7 +688,7 @@ class Parallel:
                 has_first = any(f for f, _ in self.stage_infos)
                 has_last = any(la for _, la in self.stage_infos)
                 with self.train_context(), autocast():
-                    self.schedule.eval(*(args if has_first else ()), target=targets if has_last else None,
+                    self._schedule_for(args[0], False).eval(*(args if has_first else ()), target=targets if has_last else None,
                                        losses=losses if has_last else None, **kwargs)
                 total += sum(float(_local(x)) for x in losses)
             else:

@@ -113,8 +113,7 @@ def plan(args: ModelArgs, cfg: ParallelConfig, world: int | None, seq_len: int, 
         raise HerdError("--seq and --batch must be positive")
     if seq_len % (tp * (2 * cp if cp > 1 else 1)):
         raise HerdError(f"--seq {seq_len} must be divisible by tp (and 2·cp) for sequence/context parallel")
-    n_mb = (cfg.pp_microbatches or pp * cfg.stages_per_rank) if pp > 1 else 1
-    n_mb = min(n_mb, rows_per_dp) if pp > 1 else 1
+    n_mb = (cfg.pp_microbatches or rows_per_dp) if pp > 1 else 1  # as Parallel.microbatches
     if rows_per_dp % n_mb:
         raise HerdError(f"--batch {rows_per_dp} sequences per data-parallel rank do not split into {n_mb} micro-batches")
     stages = split_layers(args.n_layers, pp * cfg.stages_per_rank)
@@ -166,7 +165,7 @@ def plan(args: ModelArgs, cfg: ParallelConfig, world: int | None, seq_len: int, 
 PLAN_EXAMPLES = """\
 examples:
   herd plan --model llama3-405b --parallel.tp=8 --parallel.pp=16 --parallel.dp_shard=64 --seq 8192 \
-            --batch 32 --parallel.pp_microbatches=32       # the paper's 405B layout (Table 4)
+            --batch 32                                      # the paper's 405B layout (Table 4)
   herd plan --model llama3-8b --parallel.dp_shard=8 --seq 8192 --batch 2 --parallel.activation_checkpoint=selective
 """
 

@@ -40,6 +40,8 @@ LAYOUTS = {
     "tp2_ac_selective": (2, {"parallel.tp": 2, "parallel.activation_checkpoint": '"selective"'}),
     "pp2_1f1b": (2, {"parallel.pp": 2}),
     "pp2_interleaved": (2, {"parallel.pp": 2, "parallel.pp_schedule": '"interleaved_1f1b"', "model.n_layers": 4}),
+    # the batch shape changes at step 2 (SPEC §3.4's schedule): the stages are rebuilt for it
+    "pp2_gpipe_reshape": (2, {"parallel.pp": 2, "parallel.pp_schedule": '"gpipe"', "train.batch_schedule": "[[2, 8, 16]]"}),
     "fsdp4_save3": (4, {"parallel.dp_shard": 4, "train.steps": 3}),
     "tp2_fsdp2": (4, {"parallel.tp": 2, "parallel.dp_shard": 2}),
     "pp2_fsdp2": (4, {"parallel.pp": 2, "parallel.dp_shard": 2}),
@@ -97,10 +99,19 @@ def runs(shards, tmp_path_factory):
     out["resume_tp2_fsdp2"] = root / "resume_tp2_fsdp2"
     out["resume_single"] = root / "resume_single"
     Trainer(_cfg(shards, root / "resume_single"), resume=True, progress=False, log=lambda m: None).run()
-    pretrain(_cfg(shards, root / "single"), progress=False, log=lambda m: None)
-    pretrain(_cfg(shards, root / "single4", **{"model.n_layers": 4}), progress=False, log=lambda m: None)
-    out["single"], out["single4"] = root / "single", root / "single4"
+    for name in ["fsdp4_save3", *LAYOUTS]:
+        ref = _reference(name)
+        if ref not in out:
+            extra = {k: v for k, v in LAYOUTS[name][1].items() if not k.startswith("parallel.") and k != "train.steps"}
+            out[ref] = root / ref
+            pretrain(_cfg(shards, out[ref], **extra), progress=False, log=lambda m: None)
     return out
+
+
+def _reference(name: str) -> str:
+    """The single-process run a layout is compared with: same model and batches, one process."""
+    extra = {k: v for k, v in LAYOUTS[name][1].items() if not k.startswith("parallel.") and k != "train.steps"}
+    return "single" + "".join(f"_{k}={v}" for k, v in sorted(extra.items())).replace('"', "").replace(" ", "")
 
 
 def _close(a: float, b: float) -> bool:
@@ -109,7 +120,7 @@ def _close(a: float, b: float) -> bool:
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_layout_matches_single_process(runs, name):
-    ref = _rows(runs["single4" if "model.n_layers" in LAYOUTS[name][1] else "single"])
+    ref = _rows(runs[_reference(name)])
     got = _rows(runs[name])
     assert [r["step"] for r in got] == list(range(1, len(got) + 1)) and len(got) >= 3
     for r, g in zip(ref, got, strict=False):
@@ -135,12 +146,14 @@ def test_dcp_checkpoint_exports_to_hf_and_matches_single_process_weights(runs, t
     from herd.checkpoint import read_checkpoint
     from herd.train import checkpoint as ckpt
 
-    out = dist_checkpoint.export(runs["resume_tp2_fsdp2"] / "ckpt-00000004", tmp_path / "hf", "hf")
-    loaded = read_checkpoint(out)
+    ckpt_dir = runs["resume_tp2_fsdp2"] / "ckpt-00000004"
+    out = dist_checkpoint.export(ckpt_dir, tmp_path / "hf", "hf")
     ref, _ = ckpt.load_train_state(runs["single"] / "ckpt-00000004")
-    assert set(loaded.state_dict) == set(ref)
-    for k, v in ref.items():
-        torch.testing.assert_close(loaded.state_dict[k], v, rtol=1e-4, atol=1e-6, msg=k)
+    # the export, and the Meta-layout model/ a small model's distributed checkpoint also carries
+    for loaded in (read_checkpoint(out), read_checkpoint(ckpt_dir / "model")):
+        assert set(loaded.state_dict) == set(ref)
+        for k, v in ref.items():
+            torch.testing.assert_close(loaded.state_dict[k], v, rtol=1e-4, atol=1e-6, msg=k)
 
 
 def test_bad_layouts_are_one_line_errors(shards, tmp_path):

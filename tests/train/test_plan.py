@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from herd.errors import HerdError
 from herd.models.args import get_preset
+from herd.train.config import load_config
 from herd.train.parallel import ParallelConfig
 from herd.train.plan import H100_BF16_PEAK, H100_MEMORY, GiB, plan
 
-PAPER_405B = ParallelConfig(tp=8, pp=16, dp_shard=64, pp_microbatches=32)
+PAPER_405B = ParallelConfig(tp=8, pp=16, dp_shard=64)  # one sequence per micro-batch
 
 
 def test_paper_405b_layout_fits_an_h100_and_makes_16m_token_steps():
@@ -68,3 +70,27 @@ def test_plan_cli_prints_memory_and_refuses_bad_layouts():
     assert bad.returncode == 2 and bad.stderr.startswith("herd: error: tp=3 must divide n_heads")
     with pytest.raises(HerdError, match="micro-batches"):
         plan(get_preset("llama3-8b"), ParallelConfig(pp=4, dp_shard=2, pp_microbatches=3), None, 8192, rows_per_dp=4)
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("name,world", [("llama3-8b", 128), ("llama3-70b", 512), ("llama3-405b", 8192)])
+def test_cluster_configs_follow_the_paper_schedule_and_fit_an_h100(name, world):
+    """SPEC §3.4: 4M tokens per step at sequence 4,096, 8M at 8,192 after 252M tokens, 16M after
+    2.87T tokens; every phase splits evenly over the data-parallel ranks and fits in memory."""
+    cfg = load_config(ROOT / "configs" / f"{name}.toml")
+    t, d = cfg.train, cfg.parallel.degrees(world)
+    shapes = [(0, t.batch_size, t.seq_len), *t.batch_schedule]
+    tokens = [b * t.grad_accum * s for _, b, s in shapes]
+    assert tokens == [4 * 2**20, 8 * 2**20, 16 * 2**20]
+    (s1, _, _), (s2, _, _) = t.batch_schedule
+    assert abs(s1 * tokens[0] - 252e6) < tokens[0]
+    assert abs(s1 * tokens[0] + (s2 - s1) * tokens[1] - 2.87e12) < tokens[1]
+    peak_lr = {"llama3-8b": 3e-4, "llama3-70b": 1.5e-4, "llama3-405b": 8e-5}[name]  # SPEC §1
+    assert (cfg.optim.lr, t.steps, cfg.schedule.warmup_steps) == (peak_lr, 1_200_000, 8000)
+    dp = d["dp_replicate"] * d["dp_shard"]
+    for _, b, s in shapes:
+        assert b % dp == 0
+        p = plan(get_preset(name), cfg.parallel, world, s, rows_per_dp=b // dp)
+        assert p.total_bytes <= H100_MEMORY, (name, s, b, p.total_bytes / GiB)
