@@ -63,6 +63,8 @@ def load_image(path: str | Path):
             return img.convert("RGB")
     except UnidentifiedImageError:
         raise HerdError(f"{path}: not an image file PIL can read (JPEG, PNG, GIF, BMP, WebP, ...)") from None
+    except Image.DecompressionBombError as e:
+        raise HerdError(f"{path}: refusing to decode: {e}") from None
     except (OSError, ValueError, SyntaxError) as e:
         raise HerdError(f"{path}: unreadable or truncated image ({e})") from None
     finally:
