@@ -169,10 +169,11 @@ def test_tiles_and_prompt_match_meta_reference(monkeypatch, tokenizer, path):
                                  pixel_shuffle_ratio=0.5)
     fmt = chat_format.ChatFormat(Tokenizer.get_instance(), vision_args=meta_vision, max_num_chunks=vision.max_tiles)
     text = "Describe this image in two sentences."
-    ref = fmt.encode_dialog_prompt([RawMessage(role="user", content=[RawMediaItem(data=path.read_bytes()),
-                                                                       RawTextItem(text=text)])])
+    system = [] if path == DOG else [{"role": "system", "content": "Answer briefly."}]  # with a system turn too
+    ref = fmt.encode_dialog_prompt([RawMessage(**m) for m in system] + [RawMessage(
+        role="user", content=[RawMediaItem(data=path.read_bytes()), RawTextItem(text=text)])])
     processed = preprocess_image(load_image(path), vision)
-    ids = encode_with_image(tokenizer, [{"role": "user", "content": text}],
+    ids = encode_with_image(tokenizer, system + [{"role": "user", "content": text}],
                             image_token_ids(processed.grid, vision, tokenizer.special_tokens))
     assert ids == ref.tokens
     (ref_tiles,) = ref.images
