@@ -87,6 +87,12 @@ def runs(shards, tmp_path_factory):
     jobs = {2: [], 4: []}
     for name, (world, extra) in LAYOUTS.items():
         jobs[world].append((name, debug_overrides(shards, out[name], **{**COMMON, **extra}), False))
+    # a single-process checkpoint of step 3 (Meta weights + AdamW state) continued under FSDP×2
+    pretrain(_cfg(shards, root / "single_save3", **{"train.steps": 3}), progress=False, log=lambda m: None)
+    shutil.copytree(root / "single_save3", root / "resume_fsdp2_from_single")
+    out["resume_fsdp2_from_single"] = root / "resume_fsdp2_from_single"
+    jobs[2].append(("resume_fsdp2_from_single", debug_overrides(shards, root / "resume_fsdp2_from_single", **{
+        **COMMON, "parallel.dp_shard": 2}), True))
     # resume the FSDP×4 checkpoint of step 3 under TP×FSDP (2×2) for step 4
     jobs[4].append(("resume_tp2_fsdp2", debug_overrides(shards, root / "resume_tp2_fsdp2", **{
         **COMMON, "parallel.tp": 2, "parallel.dp_shard": 2}), True))
@@ -97,6 +103,7 @@ def runs(shards, tmp_path_factory):
     shutil.copytree(out["fsdp4_save3"], root / "resume_single")
     _spawn(4, jobs[4][3:])
     out["resume_tp2_fsdp2"] = root / "resume_tp2_fsdp2"
+    out["single_save3"] = root / "single_save3"
     out["resume_single"] = root / "resume_single"
     Trainer(_cfg(shards, root / "resume_single"), resume=True, progress=False, log=lambda m: None).run()
     for name in ["fsdp4_save3", *LAYOUTS]:
@@ -132,12 +139,14 @@ def test_layout_matches_single_process(runs, name):
         assert _close(got[-1]["val_loss"], ref[len(got) - 1]["val_loss"]), (name, got[-1]["val_loss"])
 
 
-@pytest.mark.parametrize("resumed", ["resume_tp2_fsdp2", "resume_single"])
-def test_fsdp4_checkpoint_resumes_under_another_layout(runs, resumed):
+@pytest.mark.parametrize("resumed", ["resume_tp2_fsdp2", "resume_single", "resume_fsdp2_from_single"])
+def test_checkpoint_resumes_under_another_layout(runs, resumed):
+    """FSDP×4 → TP×FSDP (2×2) and → one process; one process → FSDP×2: the same step-4 loss."""
     ref = _rows(runs["single"])
     assert dist_checkpoint.is_distributed_checkpoint(runs["fsdp4_save3"] / "ckpt-00000003")
+    assert not dist_checkpoint.is_distributed_checkpoint(runs["single_save3"] / "ckpt-00000003")
     got = _rows(runs[resumed])
-    assert [r["step"] for r in got] == [1, 2, 3, 4]  # steps 1-3 kept from the FSDP×4 run, 4 is new
+    assert [r["step"] for r in got] == [1, 2, 3, 4]  # steps 1-3 kept from the first run, 4 is new
     assert _close(got[3]["loss"], ref[3]["loss"]), (resumed, got[3]["loss"], ref[3]["loss"])
     assert _close(got[3]["val_loss"], ref[3]["val_loss"])
 
