@@ -110,7 +110,7 @@ def judge(texts: Sequence[str], model, tokenizer, *, max_chars: int = 1500) -> l
         for text in texts:
             msgs = [{"role": "user", "content": JUDGE_PROMPT.format(text=text[:max_chars])}]
             ids = tokenizer.chat.encode_dialog(msgs, add_generation_prompt=True)
-            logits = model(torch.tensor([ids]))[0, -1].float()
+            logits = model(torch.tensor([ids]), last_only=True)[0, -1].float()
             probs = torch.softmax(logits, -1)
             p_yes, p_no = float(probs[list(yes)].sum()), float(probs[list(no)].sum())
             scores.append(p_yes / (p_yes + p_no) if p_yes + p_no > 0 else 0.5)
