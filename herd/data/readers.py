@@ -185,8 +185,21 @@ def _read_jsonl(path: str, start: int, end: int, domain: str) -> Iterator[RawDoc
         if not isinstance(obj, dict) or not isinstance(obj.get("text", obj.get("html")), str):
             raise HerdError(f"{path}: {where} {pos}: not a JSON object with a \"text\" (or \"html\") string")
         text = obj["text"] if isinstance(obj.get("text"), str) else extract_html(obj["html"])
-        yield RawDoc(text=text, name=str(obj.get("id", obj.get("name", ""))), url=str(obj.get("url", "") or ""),
+        yield RawDoc(text=_valid_unicode(text), name=str(obj.get("id", obj.get("name", ""))), url=str(obj.get("url", "") or ""),
                      domain=str(obj.get("domain", "") or domain), date=str(obj.get("date", "") or ""))
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _valid_unicode(text: str) -> str:
+    """JSON may escape lone UTF-16 surrogates ("\\ud800"), which no UTF-8 writer or tokenizer
+    takes; they become U+FFFD, as an undecodable byte would."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return _SURROGATE.sub("\ufffd", text)
 
 
 # ---- HTML main-content extraction ------------------------------------------------------------------

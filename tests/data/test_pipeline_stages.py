@@ -4,6 +4,7 @@ classifier trains and filters, mixing weights, and bad input → one line, exit 
 
 from __future__ import annotations
 
+import gzip
 import json
 import random
 
@@ -72,6 +73,13 @@ def test_jsonl_byte_ranges_lose_and_repeat_no_line(tmp_path):
     for shard_bytes in (1, 97, 1000, 4096, 10**6):
         ids = [int(d.name) for u in plan_units(str(path), shard_bytes=shard_bytes) for d in read_unit(u)]
         assert ids == list(range(400)), shard_bytes
+    gz = tmp_path / "d.jsonl.gz"
+    gz.write_bytes(gzip.compress(path.read_bytes()))
+    assert [int(d.name) for u in plan_units(str(gz)) for d in read_unit(u)] == list(range(400))
+    # a lone surrogate escaped in JSON becomes U+FFFD instead of breaking UTF-8 writers later
+    bad = tmp_path / "s.jsonl"
+    bad.write_text('{"text": "ok \\ud800 ok"}\n')
+    assert [d.text for u in plan_units(str(bad)) for d in read_unit(u)] == ["ok \ufffd ok"]
 
 
 def test_url_dedup_keeps_the_most_recent_version():
