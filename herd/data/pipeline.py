@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import math
 import multiprocessing
@@ -958,10 +957,6 @@ def _enabled(cfg: PipelineConfig, stage: str) -> bool:
     if stage in ("read", "mix"):
         return True
     return bool(getattr(cfg, stage).enabled)
-
-
-def config_digest(cfg: PipelineConfig) -> str:
-    return hashlib.sha256(json.dumps(_output_config(cfg), sort_keys=True).encode()).hexdigest()[:16]
 
 
 # ---- CLI -------------------------------------------------------------------------------------------
