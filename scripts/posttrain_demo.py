@@ -49,8 +49,9 @@ def arithmetic_item(rng: random.Random) -> dict:
 
 
 def format_item(word: str) -> dict:
-    return {"prompt": f"Write the word '{word}' in capital letters only. Reply with just that word.",
-            "answer": word.upper(), "family": "format"}
+    # The required format: the word in capital letters (the verifier looks for it in the reply).
+    return {"prompt": f"Rewrite '{word}' in all caps. For example, 'cat' becomes 'CAT'. Answer with only the word.",
+            "answer": word.upper(), "match": "contains", "family": "format"}
 
 
 def make_tasks(d: dict) -> tuple[list[dict], list[dict]]:
@@ -142,7 +143,7 @@ def main(argv=None) -> None:
 
     train_items, held_items = make_tasks(d)
     train_path = write_jsonl(out / "train_prompts.jsonl", train_items)
-    held_path = write_jsonl(out / "heldout.jsonl", held_items)
+    held_path = write_jsonl(out / "heldout.jsonl", held_items)  # also a task file for `herd eval`
     held_task = load_task(held_path)
     gen = dict(max_new_tokens=d["max_new_tokens"])
     log(f"{len(train_items)} training prompts, {len(held_items)} held-out prompts")
@@ -153,8 +154,13 @@ def main(argv=None) -> None:
             fam.setdefault(item["family"], []).append(ok)
         return {f: sum(v) / len(v) for f, v in fam.items()}
 
-    # 0. the base model
-    base, tok = herd.load(d["model"])
+    # 0. the base model, converted once from its GGUF file to an fp32 checkpoint that loads fast
+    base_dir = out / "base"
+    if not (base_dir / "params.json").exists():
+        from herd.train.posttrain import export_model, load_trainable
+
+        export_model(*load_trainable(d["model"]), base_dir)
+    base, tok = herd.load(base_dir)
     base_eval = evaluate_items(base, tok, held_task, **gen)
     log(f"base model, held-out: {base_eval.line()}")
     stamps["base eval"] = time.time() - t0
@@ -179,7 +185,7 @@ def main(argv=None) -> None:
 
     # 2. SFT on the rejection-sampled data
     sft_cfg, own = stage_config("sft", "sft")
-    _, sft_dir = finetune("sft", sft_cfg, d["model"], str(out / "sft.jsonl"), lora=own["lora"], log=log, progress=False)
+    _, sft_dir = finetune("sft", sft_cfg, str(base_dir), str(out / "sft.jsonl"), lora=own["lora"], log=log, progress=False)
     sft_model, _ = herd.load(sft_dir)
     sft_eval = evaluate_items(sft_model, tok, held_task, **gen)
     log(f"after rejection-sampled SFT, held-out: {sft_eval.line()}")
@@ -187,7 +193,7 @@ def main(argv=None) -> None:
 
     # 3. reward model on the training pairs (from the base model)
     rm_cfg, own = stage_config("reward", "reward")
-    _, rm_dir = finetune("reward", rm_cfg, d["model"], str(train_pairs), lora=own["lora"], log=log, progress=False)
+    _, rm_dir = finetune("reward", rm_cfg, str(base_dir), str(train_pairs), lora=own["lora"], log=log, progress=False)
     rm, _ = load_reward_model(rm_dir)
     held_loader = ranked_loader(tok, load_preferences(held_pairs), batch_size=4, seq_len=512, shuffle=False)
     rm_acc = pairwise_accuracy(rm, held_loader)

@@ -5,10 +5,10 @@ Two kinds of item, told apart per line:
   letter ("B") or the choice's text}; the model picks the choice whose reply it gives the highest
   log-likelihood (summed over the reply's content tokens, through the chat format when the model
   has one; the prompt is computed once for all choices).
-- generation (GSM8K style): {"prompt" | "question", "answer"}; greedy decoding, then answer
-  extraction: a numeric answer is compared with the last number in the reply (GSM8K's "#### N"
-  when present), any other answer with the reply stripped of surrounding space, quotes and a final
-  period.
+- generation (GSM8K style): {"prompt" | "question", "answer", optional "match"}; greedy decoding,
+  then answer extraction: a numeric answer is compared with the last number in the reply (GSM8K's
+  "#### N" when present), any other answer with the reply stripped of surrounding space, quotes and
+  a final period; "match": "contains" accepts a reply that contains the answer.
 """
 
 from __future__ import annotations
@@ -54,13 +54,29 @@ def extract_answer(reply: str, answer: Any) -> str | float | None:
             return _as_number(m.group(1))
         nums = _NUMBER.findall(reply)
         return _as_number(nums[-1]) if nums else None
+    return _clean(reply)
+
+
+def _clean(reply: str) -> str:
+    """The reply without surrounding space, quotes and a final period."""
     text = reply.strip()
     for _ in range(2):  # quotes around a final period, or a period after quotes
         text = text.strip().strip("\"'`").strip().removesuffix(".")
     return text.strip()
 
 
-def is_correct(reply: str, answer: Any) -> bool:
+MATCHES = ("auto", "exact", "contains")
+
+
+def is_correct(reply: str, answer: Any, match: str = "auto") -> bool:
+    """`match`: "auto" (numbers by the last number, text exactly; see extract_answer), "exact" (the
+    stripped reply equals the answer) or "contains" (the answer appears in the reply, case-sensitive)."""
+    if match == "contains":
+        return str(answer) in reply
+    if match == "exact":
+        return _clean(reply) == str(answer).strip()
+    if match != "auto":
+        raise HerdError(f"unknown answer match {match!r}; choose {', '.join(MATCHES)}")
     got = extract_answer(reply, answer)
     if isinstance(got, float):
         return math.isclose(got, float(_as_number(str(answer))), rel_tol=0, abs_tol=1e-9)
@@ -73,6 +89,7 @@ class TaskItem:
     prompt: list[dict]
     answer: Any
     choices: list[str] | None = None
+    match: str = "auto"  # how a generated reply is checked (is_correct)
 
     @property
     def kind(self) -> str:
@@ -103,7 +120,10 @@ def load_task(path: str | os.PathLike) -> list[TaskItem]:
                 answer = choices.index(answer)
             if not isinstance(answer, int) or not 0 <= answer < len(choices):
                 raise HerdError(f"{where}: answer must index one of the {len(choices)} choices")
-        items.append(TaskItem(where, as_messages(prompt, where), answer, choices))
+        match = obj.get("match", "auto")
+        if match not in MATCHES:
+            raise HerdError(f"{where}: unknown 'match' {match!r}; choose {', '.join(MATCHES)}")
+        items.append(TaskItem(where, as_messages(prompt, where), answer, choices, match))
     return items
 
 
@@ -145,7 +165,7 @@ def evaluate_items(model, tokenizer, items: Sequence[TaskItem], *, max_new_token
         idx = gen[start:start + batch_size]
         outs = generate(model, tokenizer, [items[i].prompt for i in idx], max_new_tokens=max_new_tokens)
         for i, o in zip(idx, outs, strict=True):
-            replies[i], ok[i] = o, is_correct(o, items[i].answer)
+            replies[i], ok[i] = o, is_correct(o, items[i].answer, items[i].match)
     for i, it in enumerate(items):
         if it.kind == "choice":
             lps = choice_logps(model, tokenizer, it.prompt, it.choices)

@@ -69,8 +69,8 @@ Scorer = Callable[[list[dict], dict, list[str]], list[float]]  # (prompt, record
 
 
 def verifier_scorer(name: str) -> Scorer:
-    """A programmatic verifier over records with an `answer` (herd/eval/tasks.py's answer matching):
-    1.0 for a correct sample, 0.0 otherwise."""
+    """A programmatic verifier over records with an `answer` and optional `match` (herd/eval/tasks.py's
+    answer matching): 1.0 for a correct sample, 0.0 otherwise."""
     from herd.eval.tasks import is_correct
 
     if name != "answer":
@@ -79,7 +79,8 @@ def verifier_scorer(name: str) -> Scorer:
     def score(prompt, record, samples):
         if "answer" not in record:
             raise HerdError("the 'answer' verifier needs an 'answer' field in every prompt line")
-        return [1.0 if is_correct(s, record["answer"]) else 0.0 for s in samples]
+        match = record.get("match", "auto")
+        return [1.0 if is_correct(s, record["answer"], match) else 0.0 for s in samples]
 
     return score
 
@@ -138,8 +139,9 @@ def write_best(results: Sequence[Sampled], out: str | os.PathLike, min_score: fl
             continue
         row: dict[str, Any] = {"messages": r.prompt + [{"role": "assistant", "content": r.samples[b]}],
                                "score": r.scores[b]}
-        if "answer" in r.record:
-            row["answer"] = r.record["answer"]
+        for key in ("answer", "match"):
+            if key in r.record:
+                row[key] = r.record[key]
         if keep_all:
             row["samples"], row["scores"] = r.samples, r.scores
         lines.append(json.dumps(row, ensure_ascii=False) + "\n")

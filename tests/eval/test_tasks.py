@@ -35,6 +35,8 @@ def test_answer_extraction():
     assert not is_correct("no number here", 3)
     assert is_correct(" 'GARDEN'. ", "GARDEN") and not is_correct("garden", "GARDEN")
     assert not is_correct("GARDEN and more", "GARDEN")
+    assert is_correct("Sure: GARDEN and more", "GARDEN", "contains") and not is_correct("Garden", "GARDEN", "contains")
+    assert is_correct("12.", "12", "exact") and not is_correct("it is 12", "12", "exact")
 
 
 def test_multiple_choice_by_loglikelihood(tmp_path):
