@@ -57,12 +57,17 @@ def _cfg(shards, out, **extra):
     return load_config(overrides=debug_overrides(shards, out, **{**COMMON, **extra}))
 
 
-def _worker(rank: int, world: int, port: int, jobs: list[tuple[str, list[str], bool]]) -> None:
+def _worker(rank: int, world: int, port: int, jobs: list[tuple[str, list[str], str | None]]) -> None:
+    """Runs the jobs in order; a job with `resume_from` first gets a copy of that run directory."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=120))
     try:
-        for _, overrides, resume in jobs:
+        for _, overrides, resume_from in jobs:
+            resume = resume_from is not None
+            if resume and rank == 0:
+                shutil.copytree(resume_from, load_config(overrides=overrides).train.out_dir)
+            dist.barrier()
             trainer = Trainer(load_config(overrides=overrides), resume=resume, progress=False, log=lambda m: None)
             trainer.run()
     finally:
@@ -86,22 +91,18 @@ def runs(shards, tmp_path_factory):
     out = {name: root / name for name in LAYOUTS}
     jobs = {2: [], 4: []}
     for name, (world, extra) in LAYOUTS.items():
-        jobs[world].append((name, debug_overrides(shards, out[name], **{**COMMON, **extra}), False))
+        jobs[world].append((name, debug_overrides(shards, out[name], **{**COMMON, **extra}), None))
     # a single-process checkpoint of step 3 (Meta weights + AdamW state) continued under FSDP×2
     pretrain(_cfg(shards, root / "single_save3", **{"train.steps": 3}), progress=False, log=lambda m: None)
-    shutil.copytree(root / "single_save3", root / "resume_fsdp2_from_single")
     out["resume_fsdp2_from_single"] = root / "resume_fsdp2_from_single"
     jobs[2].append(("resume_fsdp2_from_single", debug_overrides(shards, root / "resume_fsdp2_from_single", **{
-        **COMMON, "parallel.dp_shard": 2}), True))
-    # resume the FSDP×4 checkpoint of step 3 under TP×FSDP (2×2) for step 4
+        **COMMON, "parallel.dp_shard": 2}), str(root / "single_save3")))
+    # resume the FSDP×4 checkpoint of step 3 under TP×FSDP (2×2) for step 4, after it is written
     jobs[4].append(("resume_tp2_fsdp2", debug_overrides(shards, root / "resume_tp2_fsdp2", **{
-        **COMMON, "parallel.tp": 2, "parallel.dp_shard": 2}), True))
+        **COMMON, "parallel.tp": 2, "parallel.dp_shard": 2}), str(out["fsdp4_save3"])))
     _spawn(2, jobs[2])
-    # the resumed runs start from copies of the FSDP×4 run directory once it exists
-    _spawn(4, jobs[4][:3])
-    shutil.copytree(out["fsdp4_save3"], root / "resume_tp2_fsdp2")
-    shutil.copytree(out["fsdp4_save3"], root / "resume_single")
-    _spawn(4, jobs[4][3:])
+    _spawn(4, jobs[4])
+    shutil.copytree(out["fsdp4_save3"], root / "resume_single")  # back to one process, below
     out["resume_tp2_fsdp2"] = root / "resume_tp2_fsdp2"
     out["single_save3"] = root / "single_save3"
     out["resume_single"] = root / "resume_single"
