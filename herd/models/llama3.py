@@ -73,25 +73,27 @@ class Attention(nn.Module):
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Grouped-query attention: query head h reads key/value head h // (H/K).
 
-    mask: None for plain causal attention over T == S, else boolean (B or 1, 1, T, S), True where
-    a query may attend. The query heads of one group are folded into the row dimension, so keys and
-    values are never repeated in memory (GQA's point: a K-times smaller KV cache to read).
+    mask: None for plain causal attention (the T new tokens come after S - T cached ones), else
+    boolean (B or 1, 1, T, S), True where a query may attend. Keys and values are never repeated in
+    memory (GQA's point: a K-times smaller KV cache to read).
     """
     B, H, T, d = q.shape
     K, S = k.shape[1], k.shape[2]
     group = H // K
-    if mask is None and T == S and T > 1:
-        # Plain causal attention over the new tokens only (training, prefill on an empty cache): the
-        # fused kernels skip the masked half and read K/V once per group themselves.
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=group > 1)
-    if mask is None and T > 1:
-        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)[None, None]
-    if group > 1:
-        q = q.reshape(B, K, group * T, d)
+    if T == 1:
+        # Decoding: fold the group's query heads into the row dimension, one (group, S) product per
+        # KV head — the layout that reads the cache once.
+        q = q.reshape(B, K, group, d)
         if mask is not None:
-            mask = mask.unsqueeze(2).expand(-1, -1, group, -1, -1).reshape(mask.shape[0], 1, group * T, S)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    return out.reshape(B, H, T, d)
+            mask = mask.expand(-1, -1, group, -1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).reshape(B, H, 1, d)
+    # Many queries (training, prefill): the fused kernels map query heads to KV heads themselves;
+    # plain causal attention over the new tokens alone also skips the masked half.
+    if mask is None and T == S:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=group > 1)
+    if mask is None:
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)[None, None]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=group > 1)
 
 
 class FeedForward(nn.Module):
