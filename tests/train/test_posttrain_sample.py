@@ -51,3 +51,45 @@ def test_best_and_pairs(tmp_path):
     assert n == 1 and rows[0]["messages"][-1] == {"role": "assistant", "content": "b"} and rows[0]["answer"] == 3
     pairs = preference_pairs(res)
     assert len(pairs) == 1 and pairs[0]["chosen"][0]["content"] == "b" and pairs[0]["rejected"][0]["content"] in "ac"
+
+
+def test_cli_sample_eval_reward_and_weighted_average(tmp_path, capsys):
+    import json
+
+    import herd
+    from herd.cli import main
+    from tests.train.posttrain_fixtures import make_tiny_model, preference_rows, write_jsonl
+
+    tiny = make_tiny_model(tmp_path / "m", seed=1)
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "What is 2 + 2?", "answer": 4},
+                                                 {"prompt": [{"role": "user", "content": "Say hi."}], "answer": "hi",
+                                                  "match": "contains"}])
+    assert main(["sample", "--model", str(tiny), "--prompts", str(prompts), "-k", "3", "--max-new-tokens", "4",
+                 "--verifier", "answer", "--keep-all", "--out", str(tmp_path / "best.jsonl")]) == 0
+    rows = [json.loads(x) for x in (tmp_path / "best.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(len(r["samples"]) == 3 and r["messages"][-1]["role"] == "assistant" for r in rows)
+    assert main(["sample", "--model", str(tiny), "--prompts", str(prompts), "--out", str(tmp_path / "x")]) == 2
+    assert "give exactly one of --reward" in capsys.readouterr().err
+
+    # a reward model scores the samples instead of the verifier
+    prefs = write_jsonl(tmp_path / "prefs.jsonl", preference_rows(2))
+    assert main(["reward", "--model", str(tiny), "--data", str(prefs), "--out", str(tmp_path / "rm"), "--no-progress",
+                 "--train.steps=1", "--train.seq_len=128"]) == 0
+    assert main(["sample", "--model", str(tiny), "--prompts", str(prompts), "-k", "2", "--max-new-tokens", "3",
+                 "--reward", str(tmp_path / "rm"), "--out", str(tmp_path / "rm.jsonl")]) == 0
+    assert len((tmp_path / "rm.jsonl").read_text().splitlines()) == 2
+
+    assert main(["eval", "--model", str(tiny), "--task", str(prompts), "--max-new-tokens", "3",
+                 "--out", str(tmp_path / "eval.json")]) == 0
+    report = json.loads((tmp_path / "eval.json").read_text())[str(prompts)]
+    assert report["n"] == 2 and len(report["replies"]) == 2 and 0 <= report["ci95"][0] <= report["ci95"][1] <= 1
+
+    # weighted averaging of two post-trained models: 0.25·a + 0.75·b
+    other = make_tiny_model(tmp_path / "m2", seed=2)
+    assert main(["average", str(tiny), str(other), "--weights", "0.25,0.75", "--out", str(tmp_path / "avg")]) == 0
+    a, _ = herd.load(tiny, for_inference=False)
+    b, _ = herd.load(other, for_inference=False)
+    avg, tok = herd.load(tmp_path / "avg", for_inference=False)
+    w = "layers.1.feed_forward.w2.weight"
+    torch.testing.assert_close(avg.state_dict()[w], 0.25 * a.state_dict()[w] + 0.75 * b.state_dict()[w])
+    assert tok is not None
