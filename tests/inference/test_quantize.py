@@ -1,0 +1,191 @@
+"""FP8 (SPEC §5, paper §6.2) and int8 quantization: the FP8 rounding against torch's own
+float8_e4m3fn cast, the scale bound, the int8 kernels against dequantized weights, and on the real
+SmolLM2 the mean KL divergence of next-token distributions from fp32."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from herd.errors import HerdError
+from herd.inference.quantize import (
+    ACT_SCALE_UB,
+    FP8,
+    FP8_MAX,
+    FP8Linear,
+    Int8Linear,
+    fp8_quantize,
+    quantize,
+)
+
+
+def test_fp8_rounding_is_torchs_e4m3_cast():
+    x = torch.randn(8, 64) * torch.logspace(-3, 3, 8)[:, None]
+    q, scale = fp8_quantize(x, rowwise=True)
+    assert q.dtype == FP8 and scale.shape == (8, 1)
+    assert torch.equal(scale[:, 0], x.abs().amax(1) / FP8_MAX)
+    assert torch.equal(q.float(), (x / scale).to(FP8).float())  # the grid is torch's, no rounding of ours
+    assert (q.float().abs().amax(1) == FP8_MAX).all()  # each row uses the whole range
+
+
+def test_rowwise_scales_keep_small_rows_that_one_tensor_scale_flushes():
+    x = torch.randn(4, 256)
+    x[0] *= 1e6  # one huge row: a shared scale pushes the others below e4m3's smallest subnormal
+    err = {}
+    for rowwise in (True, False):
+        q, s = fp8_quantize(x, rowwise=rowwise)
+        err[rowwise] = ((q.float() * s - x).norm(dim=1) / x.norm(dim=1))[1:].max().item()
+    assert err[True] < 0.05 < 0.5 < err[False]
+
+
+def test_activation_bound_clips_only_rows_above_it():
+    x = torch.randn(3, 64)
+    x[1, 5] = 3000.0
+    bounded, sb = fp8_quantize(x, rowwise=True, amax_ub=ACT_SCALE_UB)
+    free, sf = fp8_quantize(x, rowwise=True)
+    assert torch.equal(bounded[[0, 2]].float(), free[[0, 2]].float()) and torch.equal(sb[[0, 2]], sf[[0, 2]])
+    assert (bounded[1].float() * sb[1]).max().item() == pytest.approx(ACT_SCALE_UB)  # saturated at the bound
+
+
+def test_fp8_linear_is_the_fp8_product_of_rounded_operands():
+    torch.manual_seed(0)
+    lin = nn.Linear(96, 48, bias=False)
+    x = torch.randn(2, 5, 96)
+    y = FP8Linear(lin)(x)
+    xq, xs = fp8_quantize(x.reshape(-1, 96), rowwise=True, amax_ub=ACT_SCALE_UB)
+    wq, ws = fp8_quantize(lin.weight, rowwise=True)
+    want = (xq.float() * xs) @ (wq.float() * ws).t()
+    torch.testing.assert_close(y.reshape(-1, 48), want, rtol=1e-5, atol=1e-5)
+    ref = lin(x)
+    assert ((y - ref).norm() / ref.norm()).item() < 0.06  # e4m3 has 3 mantissa bits
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="real FP8 matmuls need a CUDA GPU")
+def test_fp8_scaled_mm_on_gpu_matches_the_cpu_emulation():
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("this GPU has no FP8 tensor cores")
+    torch.manual_seed(0)
+    lin = nn.Linear(256, 512, bias=False)
+    x = torch.randn(32, 256)
+    cpu = FP8Linear(lin)(x)
+    gpu = FP8Linear(lin.cuda())(x.cuda().bfloat16())
+    torch.testing.assert_close(gpu.float().cpu(), cpu, rtol=2e-2, atol=2e-2)  # bf16 output
+
+
+@pytest.mark.parametrize("rows", [1, 3, 17])
+def test_int8_linear_equals_its_dequantized_weights(rows):
+    torch.manual_seed(0)
+    lin = nn.Linear(160, 96, bias=False)
+    q = Int8Linear(lin)
+    x = torch.randn(rows, 160)
+    w = q.weight_int8.float() * q.weight_scale[:, None]
+    assert (w - lin.weight).abs().max() <= q.weight_scale.max() / 2 + 1e-7  # round to nearest
+    torch.testing.assert_close(q(x), F.linear(x, w), rtol=1e-4, atol=1e-4)
+
+
+def test_quantize_refuses_unknown_modes_and_packed_models():
+    from herd.inference.cpu_linear import pack_linears
+    from herd.models.args import PRESETS
+    from herd.models.llama3 import Transformer
+
+    model = Transformer(PRESETS["debug"])
+    with pytest.raises(HerdError, match="unknown quantization"):
+        quantize(model, "int4")
+    pack_linears(model)
+    with pytest.raises(HerdError, match="for_inference=False"):
+        quantize(model, "fp8")
+
+
+# ---- SmolLM2: next-token KL against fp32 ---------------------------------------------------------
+
+TEXT = ("The history of the city begins in the Roman era, when a small settlement grew up by the river. "
+        "Over the centuries it became a centre of trade, learning and craft, and its cathedral, begun in "
+        "the twelfth century, still dominates the skyline.")
+
+
+@contextmanager
+def _swapped(model, make):
+    """Temporarily replace the linears `make(name, module)` returns a module for."""
+    saved = []
+    for pname, parent in list(model.named_modules()):
+        for name, child in list(parent.named_children()):
+            new = make(f"{pname}.{name}", child) if type(child) is nn.Linear else None
+            if new is not None:
+                saved.append((parent, name, child))
+                setattr(parent, name, new)
+    try:
+        yield model
+    finally:
+        for parent, name, child in saved:
+            setattr(parent, name, child)
+
+
+@pytest.fixture(scope="module")
+def smol(smollm2_gguf):
+    import herd
+
+    # One thread: these matmuls are small, and on a shared two-core machine a second thread mostly
+    # waits at barriers (measured 10x slower under load).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    model, tok = herd.load(smollm2_gguf, for_inference=False)
+    ids = torch.tensor([tok.encode(TEXT)])
+    with torch.inference_mode():
+        ref = torch.log_softmax(model(ids), -1)
+    yield model, ids, ref
+    torch.set_num_threads(threads)
+
+
+def _kl(model, ids, ref) -> float:
+    with torch.inference_mode():
+        logq = torch.log_softmax(model(ids), -1)
+    return (ref.exp() * (ref - logq)).sum(-1).mean().item()
+
+
+def test_fp8_and_int8_kl_on_smollm2(smol):
+    """Measured (mean next-token KL from fp32, nats): §6.2's recipe without the bound 0.011 beats
+    naive per-tensor FP8 over every layer 0.016 — skipping the first and last layers is what helps
+    (row-wise and per-tensor scales agree here: e4m3's exponent range absorbs SmolLM2's spread).
+    The activation bound of 1200 hurts on this model: its FFN inputs reach ~2800 (a massive
+    activation in layer 11's w2 input), which the bound clips, and the full recipe lands at 0.048.
+    Llama 3 405B's activations are what 1200 was chosen for (paper §6.2). int8 weight-only: 0.003."""
+    model, ids, ref = smol
+    last = model.args.n_layers - 1
+
+    def fp8(rowwise, ub, skip):
+        def make(name, lin):
+            parts = name.split(".")
+            if parts[-1] in ("w1", "w2", "w3") and not (skip and int(parts[1]) in (0, last)):
+                return FP8Linear(lin, rowwise=rowwise, act_scale_ub=ub)
+            return None
+        return make
+
+    kl = {}
+    paper = {}  # built once, measured with and without the bound
+    with _swapped(model, fp8(True, ACT_SCALE_UB, True)) as m:
+        kl["paper"] = _kl(m, ids, ref)
+        for mod in m.modules():
+            if isinstance(mod, FP8Linear):
+                mod.act_scale_ub = None
+                paper[mod] = True
+        kl["paper_unbounded"] = _kl(m, ids, ref)
+    assert len(paper) == 3 * (model.args.n_layers - 2)
+    for label, make in (("naive", fp8(False, None, False)), ("int8", lambda name, lin: Int8Linear(lin))):
+        with _swapped(model, make):
+            kl[label] = _kl(model, ids, ref)
+    print("mean KL vs fp32:", {k: round(v, 4) for k, v in kl.items()})
+    assert kl["paper_unbounded"] < kl["naive"] < 0.05
+    assert kl["int8"] < 0.01
+    # The bound is what costs on SmolLM2, and only because some FFN input rows exceed it.
+    big = []
+    hooks = [layer.feed_forward.w2.register_forward_hook(lambda m, i, o: big.append(i[0].abs().amax().item()))
+             for layer in model.layers]
+    with torch.inference_mode():
+        model(ids)
+    for h in hooks:
+        h.remove()
+    assert max(big) > ACT_SCALE_UB and kl["paper"] > kl["paper_unbounded"]
