@@ -1,6 +1,6 @@
 """4D parallelism on CPU with gloo (DESIGN principle 10: sharded against unsharded, as torchtitan's
-DTensorTestBase does): FSDP, TP (+SP, loss parallel), PP (1F1B, interleaved), FSDP×TP and PP×FSDP
-train to the same per-step losses, gradient norms and validation loss as one process (fp32,
+DTensorTestBase does): FSDP, TP (+SP, loss parallel), PP (1F1B, interleaved, GPipe), FSDP×TP,
+PP×FSDP and FSDP on Llama 4's MoE model train to the same per-step losses, gradient norms and validation loss as one process (fp32,
 relative difference ≤ 1e-5); a checkpoint saved under FSDP over 4 ranks resumes under TP×FSDP and
 in one process with the same next-step loss.
 
@@ -25,7 +25,7 @@ from herd.errors import HerdError
 from herd.train import dist_checkpoint
 from herd.train.config import load_config
 from herd.train.loop import Trainer, pretrain
-from herd.train.parallel import ParallelConfig, split_layers
+from herd.train.parallel import ParallelConfig, apply_expert_parallel, split_layers
 
 from .conftest import debug_overrides
 
@@ -42,6 +42,8 @@ LAYOUTS = {
     "pp2_interleaved": (2, {"parallel.pp": 2, "parallel.pp_schedule": '"interleaved_1f1b"', "model.n_layers": 4}),
     # the batch shape changes at step 2 (SPEC §3.4's schedule): the stages are rebuilt for it
     "pp2_gpipe_reshape": (2, {"parallel.pp": 2, "parallel.pp_schedule": '"gpipe"', "train.batch_schedule": "[[2, 8, 16]]"}),
+    # Llama 4 (MoE with routed experts, NoPE/chunked attention) sharded by FSDP2
+    "llama4_fsdp2": (2, {"parallel.dp_shard": 2, "model.preset": '"llama4-debug"', "model.n_experts": 4}),
     "fsdp4_save3": (4, {"parallel.dp_shard": 4, "train.steps": 3}),
     "tp2_fsdp2": (4, {"parallel.tp": 2, "parallel.dp_shard": 2}),
     "pp2_fsdp2": (4, {"parallel.pp": 2, "parallel.dp_shard": 2}),
@@ -177,5 +179,12 @@ def test_bad_layouts_are_one_line_errors(shards, tmp_path):
     with pytest.raises(HerdError, match="not divisible"):
         ParallelConfig(tp=4).degrees(6)
     assert split_layers(126, 16)[0] == list(range(8)) and sum(map(len, split_layers(126, 16))) == 126
+    from herd.models.llama4 import LLAMA4_PRESETS
+    from herd.models.llama4 import Transformer as Llama4
+
+    with torch.device("meta"):
+        moe_model = Llama4(LLAMA4_PRESETS["llama4-debug"])
+    with pytest.raises(HerdError, match="expert parallelism for Llama 4 MoE layers is not implemented"):
+        apply_expert_parallel(moe_model, None)
     with pytest.raises(HerdError, match="only 2 layers"):
         split_layers(2, 4)
