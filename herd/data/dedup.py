@@ -10,8 +10,9 @@
   squeezed) and hashed with their *bucket* (documents are spread over buckets of about
   `bucket_documents` by a hash of their id; the paper uses buckets of 30M documents); a line found
   in more than `max_repeats` documents of its bucket is removed everywhere in that bucket (the
-  paper's "more than 6 times"; we count a line once per document, so a refrain repeated inside one
-  work survives while boilerplate shared across documents goes).
+  paper's "more than 6 times"; by default a line counts once per document, so a refrain repeated
+  inside one work survives while boilerplate shared across documents goes; `per_document = false`
+  counts every occurrence).
 """
 
 from __future__ import annotations
@@ -150,9 +151,10 @@ def line_hashes(text: str, bucket: int) -> tuple[list[str], np.ndarray]:
     return lines, out
 
 
-def count_lines(hash_lists: Iterable[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Document frequency of each line hash: (sorted unique hashes, counts)."""
-    per_doc = [np.unique(h[h != 0]) for h in hash_lists]
+def count_lines(hash_lists: Iterable[np.ndarray], per_document: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """How often each line hash occurs — in how many documents (`per_document`), or in total:
+    (sorted unique hashes, counts)."""
+    per_doc = [np.unique(h[h != 0]) if per_document else h[h != 0] for h in hash_lists]
     if not per_doc:
         return np.zeros(0, np.uint64), np.zeros(0, np.int64)
     allh = np.concatenate(per_doc)

@@ -126,6 +126,7 @@ class LineDedupConfig:
     enabled: bool = True
     max_repeats: int = 6  # §3.1.1: lines seen more than 6 times …
     bucket_documents: int = 30_000_000  # … in each bucket of 30M documents
+    per_document: bool = True  # count a line once per document (false: every occurrence)
     domains: list[str] = field(default_factory=list)
 
 
@@ -467,7 +468,7 @@ def phase_line_counts(ctx: Context, u: int) -> dict:
         if row["id"] in url_rm or row["id"] in near_rm or not ctx.in_scope(ctx.cfg.line_dedup, row["domain"]):
             continue
         hashes.append(line_hashes(row["text"], bucket_of(row["id"], nb))[1])
-    h, c = count_lines(hashes)
+    h, c = count_lines(hashes, ctx.cfg.line_dedup.per_document)
     _write_npz(ctx.unit_dir(u) / "lines.npz", hashes=h, counts=c)
     return {}
 

@@ -317,3 +317,29 @@ def test_missing_builtin_input_is_prepared_first(tmp_path, capsys):
     bad = load_pipeline_config(data={"input": [{"path": str(tmp_path / "x.jsonl"), "prepare": "wikipedia"}]})
     with pytest.raises(HerdError, match="needs prepare = \"builtin\""):
         prepare_inputs(bad, say)
+
+
+def test_line_dedup_counts_documents_or_occurrences(tmp_path):
+    """A refrain repeated 8 times inside one document survives counting per document and goes when
+    every occurrence counts; a line shared by 7 documents goes either way."""
+    rng = random.Random(0)
+    docs = []
+    for i in range(7):
+        # (ccNet's normalization maps digits to 0: unique lines need unique letters)
+        body = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz ") for _ in range(40)) for _ in range(20)]
+        docs.append("\n".join(["Shared header seen in seven documents"] + body + (["Sing hey nonny"] * 8 if i == 0 else [])))
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
+    kept = {}
+    for per_doc in (True, False):
+        out = tmp_path / f"out{per_doc}"
+        cfg = load_pipeline_config(data={
+            "input": [{"path": str(inp)}], "run": {"out": str(out), "tokenizer": "bytes", "val_fraction": 0},
+            "line_dedup": {"per_document": per_doc}, "kl_divergence": {"enabled": False},
+            "minhash": {"enabled": False}, "repetition": {"enabled": False}})  # templated text: line stage only
+        run_pipeline(cfg, workers=1)
+        kept[per_doc] = [json.loads(x)["text"] for x in (out / "documents.jsonl").read_text().splitlines()]
+    assert all("Shared header" not in t for t in kept[True] + kept[False])
+    assert kept[True][0].count("Sing hey nonny") == 8 and "Sing hey nonny" not in kept[False][0]
+    for t, original in zip(kept[True], docs, strict=True):
+        assert t.splitlines()[:20] == original.splitlines()[1:21]  # the unique lines all stay
