@@ -57,6 +57,7 @@ import math
 import multiprocessing
 import os
 import shutil
+import sys
 import time
 import typing
 import zlib
@@ -969,6 +970,12 @@ def cmd_run(a: argparse.Namespace) -> None:
     if (work / "plan.json").exists() and not a.restart:
         say(f"resuming the unfinished run in {work}")
     m = run_pipeline(cfg, workers=a.workers, restart=a.restart, log=say)
+    print(f"{'stage':<14}{'documents in':>13}{'removed':>9}{'added':>7}{'tokens in':>13}{'removed':>11}"
+          f"{'lines removed':>15}", file=sys.stderr)
+    for s in m["stages"]:
+        print(f"{s['stage']:<14}{s['documents_in']:>13,}{s['documents_removed']:>9,}{s.get('documents_added', 0):>7,}"
+              f"{s['tokens_in']:>13,}{s['tokens_removed']:>11,}{s['lines_removed']:>15,}"
+              + ("" if s["enabled"] else "  (off)"), file=sys.stderr)
     removed = ", ".join(f"{s['stage']} -{s['documents_removed']}" for s in m["stages"] if s.get("documents_removed"))
     say(f"wrote {cfg.run.out}: {m['output']['documents']} documents, {m['output']['tokens']:,} tokens "
         f"(removed: {removed or 'none'}); counts in {Path(cfg.run.out) / 'manifest.json'}")
