@@ -12,8 +12,9 @@
   CUDA GPU with FP8 support the same numbers go through `torch._scaled_mm`.
 - int8 weight-only (CPU decoding is bound by streaming the weights from memory): every linear
   layer holds int8 weights with one symmetric scale per output channel — a quarter of the fp32
-  bytes — and activations stay fp32. Decode-sized inputs go through PyTorch's weight-only int8
-  kernel (`_weight_int8pack_mm`); larger ones dequantize the weight once per call. Rounding
+  bytes. Decode-sized inputs (≤ 8 rows) go through PyTorch's weight-only int8 kernel
+  (`_weight_int8pack_mm`, with activations rounded to bf16, the dtype its vectorized CPU path
+  takes); larger ones dequantize the weight once per call and stay fp32. Rounding
   activations too (fbgemm's dynamic int8 `quantized::linear_dynamic`, one scale per tensor) was
   measured and rejected: SmolLM2's massive activations (row maxima up to ~2800 against typical
   values near 1) wreck a shared 8-bit activation scale (mean next-token KL 1.1 vs 0.003).
@@ -93,12 +94,12 @@ class FP8Linear(nn.Module):
 
 # ---- int8 ----------------------------------------------------------------------------------------
 
-_INT8PACK_MAX_ROWS = 4  # beyond this many rows the kernel falls behind dequantize-then-matmul
+_INT8PACK_MAX_ROWS = 8  # beyond this many rows the kernel falls behind dequantize-then-matmul
 
 
 class Int8Linear(nn.Module):
-    """y = x Wᵀ with W in int8, one symmetric scale per output channel; x stays in its dtype
-    (weight-only: activations are never rounded)."""
+    """y = x Wᵀ with W in int8, one symmetric scale per output channel (weight-only: activations are
+    not quantized; the decode kernel takes them in bf16)."""
 
     def __init__(self, linear: nn.Module):
         super().__init__()
@@ -107,13 +108,18 @@ class Int8Linear(nn.Module):
         scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)  # (N,)
         self.register_buffer("weight_int8", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
         self.register_buffer("weight_scale", scale)
+        self._scale_bf16 = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
         if x2.device.type == "cpu" and x2.shape[0] <= _INT8PACK_MAX_ROWS and _HAS_INT8PACK:
-            # Decoding: PyTorch's weight-only int8 GEMV streams a quarter of the fp32 bytes.
-            y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.weight_int8, self.weight_scale.to(x.dtype))
+            # Decoding: PyTorch's weight-only int8 kernel streams a quarter of the fp32 bytes. Its
+            # vectorized CPU path takes bf16 activations (with fp32 ones it measured ~10x slower
+            # than packed fp32), so they are rounded to bf16 for the call.
+            if self._scale_bf16 is None:
+                self._scale_bf16 = self.weight_scale.bfloat16()
+            y = torch.ops.aten._weight_int8pack_mm(x2.bfloat16(), self.weight_int8, self._scale_bf16).to(x.dtype)
         else:  # many rows (prefill, big batches): dequantize once per call, then one matmul
             y = F.linear(x2, self.weight_int8.to(x.dtype) * self.weight_scale.to(x.dtype)[:, None])
         return y.reshape(*shape[:-1], self.out_features)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from herd.errors import HerdError
+from herd.inference import quantize as quantize_mod
 from herd.inference.quantize import (
     ACT_SCALE_UB,
     FP8,
@@ -84,7 +85,11 @@ def test_int8_linear_equals_its_dequantized_weights(rows):
     x = torch.randn(rows, 160)
     w = q.weight_int8.float() * q.weight_scale[:, None]
     assert (w - lin.weight).abs().max() <= q.weight_scale.max() / 2 + 1e-7  # round to nearest
-    torch.testing.assert_close(q(x), F.linear(x, w), rtol=1e-4, atol=1e-4)
+    ref = F.linear(x, w)
+    if rows <= 8:  # the int8 kernel: bf16 activations, scales and output (8 mantissa bits)
+        torch.testing.assert_close(q(x), ref, rtol=1e-2, atol=1e-2)
+    else:
+        torch.testing.assert_close(q(x), ref, rtol=1e-4, atol=1e-4)
 
 
 def test_quantize_refuses_unknown_modes_and_packed_models():
@@ -147,12 +152,13 @@ def _kl(model, ids, ref) -> float:
 
 
 def test_fp8_and_int8_kl_on_smollm2(smol):
-    """Measured (mean next-token KL from fp32, nats): §6.2's recipe without the bound 0.011 beats
-    naive per-tensor FP8 over every layer 0.016 — skipping the first and last layers is what helps
-    (row-wise and per-tensor scales agree here: e4m3's exponent range absorbs SmolLM2's spread).
-    The activation bound of 1200 hurts on this model: its FFN inputs reach ~2800 (a massive
-    activation in layer 11's w2 input), which the bound clips, and the full recipe lands at 0.048.
-    Llama 3 405B's activations are what 1200 was chosen for (paper §6.2). int8 weight-only: 0.003."""
+    """Measured (mean next-token KL from fp32, nats, on TEXT): §6.2's recipe without the bound 0.012
+    beats naive per-tensor FP8 over every layer 0.019 — skipping the first and last layers is what
+    helps (row-wise and per-tensor scales agree here: e4m3's exponent range absorbs SmolLM2's
+    spread). The activation bound of 1200 hurts on this model: its FFN inputs reach ~2800 (massive
+    activations in the w2 inputs of layers 11 and 28), which the bound clips, and the full recipe
+    lands at 0.063 — worse than naive. 1200 was chosen for Llama 3 405B's activations (§6.2);
+    `quantize(..., act_scale_ub=None)` drops it. int8 weight-only: 0.003."""
     model, ids, ref = smol
     last = model.args.n_layers - 1
 
@@ -174,12 +180,18 @@ def test_fp8_and_int8_kl_on_smollm2(smol):
                 paper[mod] = True
         kl["paper_unbounded"] = _kl(m, ids, ref)
     assert len(paper) == 3 * (model.args.n_layers - 2)
-    for label, make in (("naive", fp8(False, None, False)), ("int8", lambda name, lin: Int8Linear(lin))):
-        with _swapped(model, make):
-            kl[label] = _kl(model, ids, ref)
+    with _swapped(model, fp8(False, None, False)):
+        kl["naive"] = _kl(model, ids, ref)
+    with _swapped(model, lambda name, lin: Int8Linear(lin)):
+        kl["int8"] = _kl(model, ids, ref)  # the prefill path: dequantized weights, fp32 activations
+        quantize_mod._INT8PACK_MAX_ROWS, saved = 1 << 30, quantize_mod._INT8PACK_MAX_ROWS
+        try:
+            kl["int8_kernel"] = _kl(model, ids, ref)  # the decode path's kernel for every row
+        finally:
+            quantize_mod._INT8PACK_MAX_ROWS = saved
     print("mean KL vs fp32:", {k: round(v, 4) for k, v in kl.items()})
     assert kl["paper_unbounded"] < kl["naive"] < 0.05
-    assert kl["int8"] < 0.01
+    assert kl["int8"] < 0.01 and kl["int8_kernel"] < 0.01
     # The bound is what costs on SmolLM2, and only because some FFN input rows exceed it.
     big = []
     hooks = [layer.feed_forward.w2.register_forward_hook(lambda m, i, o: big.append(i[0].abs().amax().item()))
