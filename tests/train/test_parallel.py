@@ -1,6 +1,6 @@
 """4D parallelism on CPU with gloo (DESIGN principle 10: sharded against unsharded, as torchtitan's
 DTensorTestBase does): FSDP, TP (+SP, loss parallel), PP (1F1B, interleaved, GPipe), FSDP×TP,
-PP×FSDP and FSDP on Llama 4's MoE model train to the same per-step losses, gradient norms and validation loss as one process (fp32,
+PP×FSDP, PP×TP, HSDP and FSDP on Llama 4's MoE model train to the same per-step losses, gradient norms and validation loss as one process (fp32,
 relative difference ≤ 1e-5); a checkpoint saved under FSDP over 4 ranks resumes under TP×FSDP and
 in one process with the same next-step loss.
 
@@ -47,6 +47,8 @@ LAYOUTS = {
     "fsdp4_save3": (4, {"parallel.dp_shard": 4, "train.steps": 3}),
     "tp2_fsdp2": (4, {"parallel.tp": 2, "parallel.dp_shard": 2}),
     "pp2_fsdp2": (4, {"parallel.pp": 2, "parallel.dp_shard": 2}),
+    "pp2_tp2": (4, {"parallel.pp": 2, "parallel.tp": 2}),
+    "hsdp_2x2": (4, {"parallel.dp_replicate": 2, "parallel.dp_shard": 2}),
 }
 REL = 1e-5
 
