@@ -335,6 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
     from herd.train.plan import add_plan_parser
 
     add_plan_parser(sub)
+    from herd.train.dist_checkpoint import add_export_parser
+
+    add_export_parser(sub)
 
     from herd.train.posttrain_cli import add_posttrain_parsers
 

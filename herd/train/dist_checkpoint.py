@@ -16,7 +16,7 @@ single-process ones of herd/train/checkpoint.py (same naming, same atomic publis
 All ranks must see the same filesystem (a cluster's shared storage). `export` turns one into an
 HF or Meta checkpoint (herd.checkpoint) in one process:
 
-    python -m herd.train.dist_checkpoint runs/8b/ckpt-00001000 out-hf --to hf
+    herd export runs/llama3-8b/ckpt-00001000 out-hf --to hf
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -167,7 +167,8 @@ def consolidate(path: str | Path) -> tuple[Any, dict[str, torch.Tensor]]:
 
     path = Path(path)
     if not is_distributed_checkpoint(path):
-        raise HerdError(f"{path}: not a distributed (DCP) training checkpoint (no {DCP_DIR}/.metadata)")
+        hint = f"; it holds a model: herd convert {path / 'model'} OUT --to hf" if (path / "model").is_dir() else ""
+        raise HerdError(f"{path}: not a distributed (DCP) training checkpoint (no {DCP_DIR}/.metadata){hint}")
     if not ckpt.is_complete(path):
         raise HerdError(f"{path}: incomplete checkpoint (no complete.json)")
     state = torch.load(path / "train_state.pt", map_location="cpu", weights_only=False)
@@ -183,7 +184,9 @@ def _load_full(dcp_dir: Path, args) -> dict[str, torch.Tensor]:
         model = model_class(args)(args)
     model.to_empty(device="cpu")
     sd = model.state_dict()
-    dcp.load({"model": sd}, checkpoint_id=dcp_dir, no_dist=True)
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load({"model": sd}, checkpoint_id=dcp_dir, no_dist=True)
     if args.tie_embeddings:
         sd.pop("output.weight", None)
     return {k: v.detach() for k, v in sd.items()}
@@ -209,22 +212,18 @@ def export(path: str | Path, out: str | Path, fmt: str = "hf", dtype: str | None
     return write_checkpoint(out, fmt, args, sd, dtype=dtype)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m herd.train.dist_checkpoint",
-                                description="Export a distributed (DCP) training checkpoint as a model checkpoint.")
+def add_export_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("export", help="write a distributed (DCP) training checkpoint as an HF/Meta/GGUF model",
+                              description="Gather a distributed training checkpoint (ckpt-N/ with dcp/) in one "
+                                          "process and write it as a model checkpoint.")
     p.add_argument("checkpoint", help="a ckpt-NNNNNNNN directory written by a distributed run")
     p.add_argument("out", help="output directory (hf, meta) or .gguf file")
-    p.add_argument("--to", default="hf", choices=["hf", "meta", "gguf"])
-    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
-    a = p.parse_args(argv)
-    try:
-        out = export(a.checkpoint, a.out, a.to, a.dtype)
-    except HerdError as e:
-        print(f"herd: error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {out}")
-    return 0
+    p.add_argument("--to", default="hf", choices=["hf", "meta", "gguf"], help="output format (default: hf)")
+    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                   help="weight type to write (default: float32)")
+    p.set_defaults(func=cmd_export)
+    return p
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def cmd_export(a) -> None:
+    print(f"wrote {export(a.checkpoint, a.out, a.to, a.dtype)}")

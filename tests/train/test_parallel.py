@@ -14,6 +14,8 @@ import json
 import os
 import shutil
 import socket
+import subprocess
+import sys
 from datetime import timedelta
 
 import pytest
@@ -161,7 +163,13 @@ def test_dcp_checkpoint_exports_to_hf_and_matches_single_process_weights(runs, t
     from herd.train import checkpoint as ckpt
 
     ckpt_dir = runs["resume_tp2_fsdp2"] / "ckpt-00000004"
-    out = dist_checkpoint.export(ckpt_dir, tmp_path / "hf", "hf")
+    out = tmp_path / "hf"
+    done = subprocess.run([sys.executable, "-m", "herd", "export", str(ckpt_dir), str(out), "--to", "hf"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.startswith("wrote"), done.stderr[-2000:]
+    bad = subprocess.run([sys.executable, "-m", "herd", "export", str(runs["single"] / "ckpt-00000004"),
+                          str(tmp_path / "x")], capture_output=True, text=True)
+    assert bad.returncode == 2 and "not a distributed (DCP) training checkpoint" in bad.stderr
     ref, _ = ckpt.load_train_state(runs["single"] / "ckpt-00000004")
     # the export, and the Meta-layout model/ a small model's distributed checkpoint also carries
     for loaded in (read_checkpoint(out), read_checkpoint(ckpt_dir / "model")):
