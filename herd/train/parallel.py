@@ -367,6 +367,11 @@ class Parallel:
 
     def __init__(self, cfg: ParallelConfig, device: str = "cpu"):
         cfg.validate()
+        if cfg.cp > 1 and torch.device(device).type != "cuda":
+            raise HerdError("parallel.cp > 1 (context parallel) runs on GPUs only (PyTorch's context_parallel "
+                            "needs CUDA SDPA kernels)")
+        if cfg.compile and torch.device(device).type != "cuda":
+            raise HerdError("parallel.compile is for GPU runs (per-block torch.compile); leave it off on CPU")
         self.cfg = cfg
         self.device = init_distributed(device)
         self.world = world_size()
@@ -374,11 +379,6 @@ class Parallel:
         self.distributed = self.world > 1
         self.rank = dist.get_rank() if self.distributed else 0
         self.mesh = build_mesh(self.d, self.device.type) if self.distributed else None
-        if self.d["cp"] > 1 and self.device.type != "cuda":
-            raise HerdError("parallel.cp > 1 (context parallel) runs on GPUs only (PyTorch's context_parallel "
-                            "needs CUDA SDPA kernels)")
-        if cfg.compile and self.device.type != "cuda":
-            raise HerdError("parallel.compile is for GPU runs (per-block torch.compile); leave it off on CPU")
         self.dp_size = self.d["dp_replicate"] * self.d["dp_shard"]  # ranks that read different rows
         self.grad_ranks = self.dp_size * self.d["cp"]  # ranks whose gradients FSDP averages
         if self.distributed:

@@ -185,6 +185,11 @@ def test_bad_layouts_are_one_line_errors(shards, tmp_path):
         _cfg(shards, tmp_path / "b", **{"parallel.pp_schedule": '"zigzag"'})
     with pytest.raises(HerdError, match="unknown config key parallel.tensor"):
         _cfg(shards, tmp_path / "c", **{"parallel.tensor": 2})
+    # what needs a GPU says so on CPU (context parallel's ring attention, compile)
+    with pytest.raises(HerdError, match="context parallel.*GPUs only"):
+        Trainer(_cfg(shards, tmp_path / "d", **{"parallel.cp": 2}), progress=False)
+    with pytest.raises(HerdError, match="parallel.compile is for GPU runs"):
+        Trainer(_cfg(shards, tmp_path / "e", **{"parallel.compile": "true"}), progress=False)
     assert ParallelConfig(tp=2, pp=2).degrees(16) == {"pp": 2, "dp_replicate": 1, "dp_shard": 4, "cp": 1, "tp": 2}
     with pytest.raises(HerdError, match="not divisible"):
         ParallelConfig(tp=4).degrees(6)
@@ -198,3 +203,13 @@ def test_bad_layouts_are_one_line_errors(shards, tmp_path):
         apply_expert_parallel(moe_model, None)
     with pytest.raises(HerdError, match="only 2 layers"):
         split_layers(2, 4)
+
+
+def test_activation_checkpointing_in_one_process_keeps_the_losses(runs, shards, tmp_path):
+    """parallelize without a mesh applies only activation checkpointing (the model's parameter
+    names stay, so its checkpoint is an ordinary one)."""
+    run = tmp_path / "ac"
+    pretrain(_cfg(shards, run, **{"parallel.activation_checkpoint": '"selective"'}), progress=False, log=lambda m: None)
+    ref, got = _rows(runs["single"]), _rows(run)
+    assert [g["loss"] for g in got] == pytest.approx([r["loss"] for r in ref], rel=REL)
+    assert not dist_checkpoint.is_distributed_checkpoint(run / "ckpt-00000004")
