@@ -171,7 +171,9 @@ def main(argv=None) -> None:
     train_samples = rejection_sample(base, tok, load_prompts(train_path), d["k"], verifier, **samp)
     held_samples = rejection_sample(base, tok, load_prompts(held_path), d["k"], verifier, **{**samp, "seed": d["seed"] + 1})
     n_sft = write_best(train_samples, out / "sft.jsonl", min_score=1.0, keep_all=False)
-    train_rows, held_rows = preference_pairs(train_samples, d["seed"]), preference_pairs(held_samples, d["seed"])
+    per = d.get("pairs_per_prompt", 1)
+    train_rows = preference_pairs(train_samples, d["seed"], per)
+    held_rows = preference_pairs(held_samples, d["seed"], per)
     n_train_pairs, n_held_pairs = len(train_rows), len(held_rows)
     if not (n_sft and n_train_pairs and n_held_pairs):
         raise SystemExit("too few correct samples to go on: raise demo.k, demo.max_new_tokens or the prompt counts")

@@ -127,6 +127,7 @@ def add_posttrain_parsers(sub) -> None:
     p.add_argument("-k", type=int, default=8, help="samples per prompt (default: 8)")
     p.add_argument("--out", required=True, help="JSONL of prompt + best reply as chat lines (input of herd sft)")
     p.add_argument("--pairs", default=None, help="also write preference JSONL (best vs a worse sample)")
+    p.add_argument("--pairs-per-prompt", type=int, default=1, help="preference pairs per prompt for --pairs")
     p.add_argument("--min-score", type=float, default=None, help="drop prompts whose best score is lower")
     p.add_argument("--keep-all", action="store_true", help="keep every sample and score in --out")
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -199,7 +200,7 @@ def cmd_sample(a) -> None:
     if a.pairs:
         from herd.checkpoint.common import atomic_path
 
-        rows = preference_pairs(results, a.seed)
+        rows = preference_pairs(results, a.seed, a.pairs_per_prompt)
         with atomic_path(Path(a.pairs)) as tmp:
             tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
         print(f"wrote {len(rows)} preference pairs to {a.pairs}")

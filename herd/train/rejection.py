@@ -150,17 +150,19 @@ def write_best(results: Sequence[Sampled], out: str | os.PathLike, min_score: fl
     return len(lines)
 
 
-def preference_pairs(results: Sequence[Sampled], seed: int = 0) -> list[dict]:
-    """Preference lines from scored samples: the best-scored sample as chosen, a strictly
-    lower-scored one (picked at random) as rejected; prompts whose samples all tie give none."""
+def preference_pairs(results: Sequence[Sampled], seed: int = 0, per_prompt: int = 1) -> list[dict]:
+    """Preference lines from scored samples: up to `per_prompt` distinct (chosen, rejected) pairs
+    per prompt, the chosen among the best-scored samples and the rejected strictly lower-scored,
+    drawn at random; prompts whose samples all tie give none."""
     rng = random.Random(seed)
     rows = []
     for r in results:
-        b = r.best
-        worse = [i for i, s in enumerate(r.scores) if s < r.scores[b]]
-        if not worse:
-            continue
-        w = rng.choice(worse)
-        rows.append({"prompt": r.prompt, "chosen": [{"role": "assistant", "content": r.samples[b]}],
-                     "rejected": [{"role": "assistant", "content": r.samples[w]}]})
+        top = max(r.scores)
+        best = [i for i, s in enumerate(r.scores) if s == top]
+        worse = [i for i, s in enumerate(r.scores) if s < top]
+        combos = [(b, w) for b in best for w in worse]
+        rng.shuffle(combos)
+        for b, w in combos[:per_prompt]:
+            rows.append({"prompt": r.prompt, "chosen": [{"role": "assistant", "content": r.samples[b]}],
+                         "rejected": [{"role": "assistant", "content": r.samples[w]}]})
     return rows

@@ -93,3 +93,11 @@ def test_cli_sample_eval_reward_and_weighted_average(tmp_path, capsys):
     w = "layers.1.feed_forward.w2.weight"
     torch.testing.assert_close(avg.state_dict()[w], 0.25 * a.state_dict()[w] + 0.75 * b.state_dict()[w])
     assert tok is not None
+
+
+def test_pairs_per_prompt_are_distinct_and_ordered():
+    p = [{"role": "user", "content": "q"}]
+    res = [Sampled(p, {}, ["a", "b", "c", "d"], [1.0, 0.0, 1.0, 0.0])]
+    pairs = preference_pairs(res, per_prompt=10)
+    got = {(x["chosen"][0]["content"], x["rejected"][0]["content"]) for x in pairs}
+    assert got == {("a", "b"), ("a", "d"), ("c", "b"), ("c", "d")} and len(pairs) == 4
