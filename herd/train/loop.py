@@ -194,8 +194,8 @@ class Trainer:
         use_bf16 = t.dtype == "bfloat16" or (t.dtype == "auto" and self.device.type == "cuda")
         self.autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if use_bf16 \
             else contextlib.nullcontext
-        # Under FSDP on GPU, MixedPrecisionPolicy computes in bf16 and reduces in fp32 instead.
-        self.mixed_precision = use_bf16 and self.device.type == "cuda" and self.parallel.sharded
+        # Under FSDP, MixedPrecisionPolicy computes in bf16 and reduces gradients in fp32 instead.
+        self.mixed_precision = use_bf16 and self.parallel.sharded
         if self.mixed_precision:
             self.autocast = contextlib.nullcontext
         self.args = cfg.model.args() if model is None else model.args

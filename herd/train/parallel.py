@@ -252,7 +252,11 @@ def apply_fsdp(model: nn.Module, dp_mesh, *, mixed_precision: bool, pipelined: b
 
     kw: dict[str, Any] = {"mesh": dp_mesh}
     if mixed_precision:
-        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        # Inputs are not cast: a block's activations arrive in bf16 from the bf16 embedding anyway,
+        # while its RoPE rotations (cos, sin) must stay fp32 (bf16 angles lose whole positions at
+        # long context, and the complex rotation needs fp32).
+        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                               cast_forward_inputs=False)
     # With pipelining each micro-batch would all-gather again: keep parameters gathered instead.
     reshard = not pipelined
     if getattr(model, "tok_embeddings", None) is not None:
@@ -457,7 +461,7 @@ class Parallel:
         """Apply the layout to a model built on the meta device; returns the module to train (the
         model itself, or this rank's pipeline stages as `PipelineParts`). Weights are not initialized
         yet: call `init_weights` next (or load a checkpoint)."""
-        self.mixed_precision = mixed_precision and self.device.type == "cuda" and self.distributed
+        self.mixed_precision = mixed_precision and self.distributed
         if self.pipelined:
             return self._build_pipeline(model)
         parallelize(model, self.mesh, self.cfg, mixed_precision=self.mixed_precision)
