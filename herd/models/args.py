@@ -41,6 +41,21 @@ class HeadShapes:
     def hd(self) -> int:
         return self.head_dim or self.dim // self.n_heads
 
+    def shape_problems(self, *positive: str) -> list[str]:
+        """What is wrong with the attention shapes (and with the fields named in `positive`, which
+        must be > 0 like dim, n_layers, n_heads and vocab_size): at most one problem, the first."""
+        kv = self.kv_heads
+        names = ("dim", "n_layers", "n_heads", "vocab_size", *positive)
+        if min(kv, *(getattr(self, n) for n in names)) <= 0:
+            return [f"{', '.join(names)} and n_kv_heads must be positive"]
+        if self.n_heads % kv:
+            return [f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({kv})"]
+        if self.head_dim is None and self.dim % self.n_heads:
+            return [f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads})"]
+        if self.hd % 2:
+            return [f"head_dim ({self.hd}) must be even for RoPE"]
+        return []
+
     def replace(self, **changes):
         known = {f.name for f in dataclasses.fields(self)}
         unknown = sorted(set(changes) - known)
@@ -67,16 +82,7 @@ class ModelArgs(HeadShapes):
     tie_embeddings: bool = False
 
     def __post_init__(self) -> None:
-        kv = self.kv_heads
-        problems = []
-        if min(self.dim, self.n_layers, self.n_heads, kv, self.vocab_size) <= 0:
-            problems.append("dim, n_layers, n_heads, n_kv_heads and vocab_size must be positive")
-        elif self.n_heads % kv:
-            problems.append(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({kv})")
-        elif self.head_dim is None and self.dim % self.n_heads:
-            problems.append(f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
-        elif self.hd % 2:
-            problems.append(f"head_dim ({self.hd}) must be even for RoPE")
+        problems = self.shape_problems()
         if problems:
             raise HerdError("invalid model config: " + "; ".join(problems))
 

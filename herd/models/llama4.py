@@ -134,18 +134,8 @@ class Llama4Args(HeadShapes):
     vision: VisionArgs | None = None
 
     def __post_init__(self) -> None:
-        kv = self.kv_heads
-        problems = []
-        if min(self.dim, self.n_layers, self.n_heads, kv, self.vocab_size, self.n_experts, self.top_k,
-               self.moe_every, self.moe_ffn_dim, self.ffn_hidden_dim) <= 0:
-            problems.append("sizes, n_experts, top_k and moe_every must be positive")
-        elif self.n_heads % kv:
-            problems.append(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({kv})")
-        elif self.head_dim is None and self.dim % self.n_heads:
-            problems.append(f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
-        elif self.hd % 2:
-            problems.append(f"head_dim ({self.hd}) must be even for RoPE")
-        elif self.top_k > self.n_experts:
+        problems = self.shape_problems("n_experts", "top_k", "moe_every", "moe_ffn_dim", "ffn_hidden_dim")
+        if not problems and self.top_k > self.n_experts:
             problems.append(f"top_k ({self.top_k}) exceeds n_experts ({self.n_experts})")
         if self.attention_chunk_size is not None and self.attention_chunk_size <= 0:
             problems.append("attention_chunk_size must be positive or None")
