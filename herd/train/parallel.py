@@ -21,7 +21,6 @@ the model or the batch is a one-line `HerdError`.
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -215,12 +214,7 @@ def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
     """Recompute each block's activations in backward (`full`) or all but its matmul and attention
     outputs (`selective`). The block's forward is wrapped in place, so parameter names (and with
     them checkpoints) do not change."""
-    from torch.utils.checkpoint import (
-        CheckpointPolicy,
-        checkpoint,
-        create_selective_checkpoint_contexts,
-        noop_context_fn,
-    )
+    from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
     if mode == "none":
         return
@@ -229,11 +223,22 @@ def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
     def policy(ctx, op, *args, **kwargs):
         return CheckpointPolicy.MUST_SAVE if op in saved else CheckpointPolicy.PREFER_RECOMPUTE
 
-    context_fn = noop_context_fn if mode == "full" else functools.partial(create_selective_checkpoint_contexts,
-                                                                         policy)
+    def selective_context():
+        return create_selective_checkpoint_contexts(policy)
+
+    # Plain closures (no functools.partial, no context_fn for full AC): torch.compile of the block
+    # then traces the checkpoint as one region instead of silently falling back to eager.
+    def wrap(inner):
+        if mode == "full":
+            def checkpointed(*args, **kwargs):
+                return checkpoint(inner, *args, use_reentrant=False, **kwargs)
+        else:
+            def checkpointed(*args, **kwargs):
+                return checkpoint(inner, *args, use_reentrant=False, context_fn=selective_context, **kwargs)
+        return checkpointed
+
     for block in model.layers.children():
-        inner = block.forward
-        block.forward = functools.partial(checkpoint, inner, use_reentrant=False, context_fn=context_fn)
+        block.forward = wrap(block.forward)
 
 
 def apply_compile(model: nn.Module) -> None:
