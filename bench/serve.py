@@ -35,11 +35,11 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, model: str, *flags: str):
+    def __init__(self, model: str, threads: int, *flags: str):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-c", "from herd.cli import main; main()", "serve", "--model", model,
-               "--port", str(self.port), "--max-batch", "32", *flags]
+               "--port", str(self.port), "--max-batch", "32", "--threads", str(threads), *flags]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         self.flags = flags
 
@@ -120,11 +120,13 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--sequential-requests", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads of each server (default: 2)")
     a = ap.parse_args()
-    print(f"bench/serve.py: {a.model}, {os.cpu_count()} CPUs, {a.rounds} rounds, {a.max_tokens} tokens/request",
+    print(f"bench/serve.py: {a.model}, {os.cpu_count()} CPUs, {a.threads} threads/server, {a.rounds} rounds, "
+          f"{a.max_tokens} tokens/request",
           flush=True)
-    servers = {"fp32": Server(a.model), "fp32-no-sharing": Server(a.model, "--no-prefix-sharing"),
-               "int8": Server(a.model, "--quantize", "int8")}
+    servers = {"fp32": Server(a.model, a.threads), "fp32-no-sharing": Server(a.model, a.threads, "--no-prefix-sharing"),
+               "int8": Server(a.model, a.threads, "--quantize", "int8")}
     try:
         for s in servers.values():
             s.wait()

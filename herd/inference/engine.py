@@ -342,6 +342,9 @@ class Engine:
                           frozenset() if ignore_eos else self.stop_ids, tuple(s for s in stop_strings if s),
                           listener, self.device)
             req.seqs.append(self._new_sequence(req, 0, list(prompt)))
+            if n > 1 and not self.prefix_sharing:  # n independent sequences, each computing the prompt
+                req.seqs += [self._new_sequence(req, i, list(prompt)) for i in range(1, n)]
+                req.forked = True
             self._requests[req.id] = req
             self._waiting.append(req)
             self._wake.notify()
@@ -577,9 +580,11 @@ class Engine:
         greedy = logits.argmax(dim=-1).tolist() if sample_rows else []
         for s, i in sample_rows:
             req = s.request
-            if req.n > 1 and not req.forked:
+            targets = [s]
+            if req.n > 1 and not req.forked:  # the prompt is computed: its n samples branch off here
                 self._fork(req)
-            for child in (req.seqs if req.n > 1 and len(s.tokens) == req.prompt_len else [s]):
+                targets = req.seqs
+            for child in targets:
                 token = greedy[i] if req.sampling.greedy else int(sample(logits[i:i + 1], req.sampling,
                                                                               child.generator)[0])
                 self._append(child, token)

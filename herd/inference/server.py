@@ -556,6 +556,7 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--no-prefix-sharing", action="store_true", help="compute every prompt in full")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     p.add_argument("--served-model-name", default=None, help="the model id clients use (default: --model)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.set_defaults(func=cmd_serve)
 
 
@@ -568,6 +569,12 @@ def cmd_serve(a) -> None:
         raise HerdError(f"--port must be in 0..65535, got {a.port}")
     if a.max_batch < 1:
         raise HerdError(f"--max-batch must be at least 1, got {a.max_batch}")
+    if a.threads is not None:
+        if a.threads < 1:
+            raise HerdError(f"--threads must be at least 1, got {a.threads}")
+        import torch
+
+        torch.set_num_threads(a.threads)
     engine = build_engine(a.model, quantize=a.quantize, max_batch=a.max_batch, kv_cache_mb=a.kv_cache_mb,
                           prefix_sharing=not a.no_prefix_sharing, device=a.device)
     if engine.tokenizer is None:

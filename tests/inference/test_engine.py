@@ -98,11 +98,7 @@ def test_n_samples_share_the_prompt_blocks():
     used = {}
     for sharing in (True, False):
         engine = Engine(model, block_size=16, prefix_sharing=sharing)
-        if sharing:
-            engine.submit(prompt, max_tokens=4, n=4)
-        else:  # without sharing the n samples are n separate requests
-            for _ in range(4):
-                engine.submit(prompt, max_tokens=4)
+        engine.submit(prompt, max_tokens=4, n=4)
         engine.step()  # the prefill, and the first token of every sample
         used[sharing] = engine.blocks.num_used
         while engine.step():
@@ -110,10 +106,14 @@ def test_n_samples_share_the_prompt_blocks():
         _pool_is_full(engine)
     assert used[True] == 2 + 4  # two shared full blocks, the partial one copied per sample
     assert used[False] == 4 * 3
-    # Greedy samples of one prompt are all the single greedy answer.
-    engine = Engine(model, block_size=16)
-    outs = engine.generate([prompt], max_tokens=12, n=3)[0]
-    assert [o.token_ids for o in outs] == _alone(model, [prompt], 12) * 3
+    # Greedy samples of one prompt are all the single greedy answer; seeded ones the same either way.
+    for sharing in (True, False):
+        engine = Engine(model, block_size=16, prefix_sharing=sharing)
+        outs = engine.generate([prompt], max_tokens=12, n=3)[0]
+        assert [o.token_ids for o in outs] == _alone(model, [prompt], 12) * 3
+        outs = engine.generate([prompt], max_tokens=12, n=3, sampling=SamplingParams(temperature=1.0, seed=3))[0]
+        used[sharing] = [o.token_ids for o in outs]
+    assert used[True] == used[False] and len({tuple(x) for x in used[True]}) == 3
 
 
 def test_seeded_samples_are_reproducible_and_distinct():
