@@ -195,6 +195,8 @@ def test_bad_layouts_are_one_line_errors(shards, tmp_path):
     # what needs a GPU says so on CPU (context parallel's ring attention, compile)
     with pytest.raises(HerdError, match="context parallel.*GPUs only"):
         Trainer(_cfg(shards, tmp_path / "d", **{"parallel.cp": 2}), progress=False)
+    with pytest.raises(HerdError, match="compile with parallel.tp > 1 is refused"):
+        Trainer(_cfg(shards, tmp_path / "f", **{"parallel.compile": "true", "parallel.tp": 2}), progress=False)
     with pytest.raises(HerdError, match="parallel.compile is for GPU runs"):
         Trainer(_cfg(shards, tmp_path / "e", **{"parallel.compile": "true"}), progress=False)
     assert ParallelConfig(tp=2, pp=2).degrees(16) == {"pp": 2, "dp_replicate": 1, "dp_shard": 4, "cp": 1, "tp": 2}
