@@ -55,7 +55,7 @@ def apply_rope(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
     arithmetic, which Inductor fuses (it does not generate complex code)."""
     if not torch.compiler.is_compiling():
         xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())  # (B, T, H, d/2)
-        rc = torch.view_as_complex(rotations.contiguous()).unsqueeze(-2)  # broadcast over heads
+        rc = torch.view_as_complex(rotations.float().contiguous()).unsqueeze(-2)  # broadcast over heads
         return torch.view_as_real(xc * rc).flatten(-2).type_as(x)
     x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (B, T, H, d/2) each
     cos, sin = rotations.unsqueeze(-3).unbind(-1)  # broadcast over heads
