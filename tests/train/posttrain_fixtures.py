@@ -15,13 +15,16 @@ def write_jsonl(path: Path, rows) -> Path:
 
 
 def make_tiny_model(directory: Path, seed: int = 0, vocab_size: int = 128256) -> Path:
-    """A `debug`-shaped Transformer with the Llama 3 vocabulary, Meta layout + tokenizer.model."""
+    """A `debug`-shaped Transformer narrowed to dim 32 with tied embeddings (as SmolLM2 and Llama 3.2
+    have) and the Llama 3 vocabulary, Meta layout + tokenizer.model: the 128K-row embedding is most
+    of its weight, so it is kept narrow."""
     from herd.checkpoint import write_checkpoint
     from herd.models.args import get_preset
     from herd.models.llama3 import Transformer
     from herd.tokenizer import load_tokenizer
 
-    args = get_preset("debug").replace(vocab_size=vocab_size, max_seq_len=256)
+    args = get_preset("debug").replace(vocab_size=vocab_size, max_seq_len=256, dim=32, n_heads=4,
+                                       tie_embeddings=True)
     torch.manual_seed(seed)
     with torch.device("meta"):
         model = Transformer(args)
