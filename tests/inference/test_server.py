@@ -312,3 +312,13 @@ def test_graceful_shutdown_finishes_in_flight_requests():
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 60
     assert not server.thread.is_alive() and engine._thread is None
     _pool_is_full(engine)
+
+
+def test_herd_serve_refuses_bad_options_in_one_line(capsys):
+    from herd.cli import main
+
+    assert main(["serve", "--port", "70000"]) == 2
+    assert capsys.readouterr().err.strip() == "herd: error: --port must be in 0..65535, got 70000"
+    assert main(["serve", "--max-batch", "0"]) == 2
+    assert main(["serve", "--model", "/no/such/model.gguf", "--port", "0"]) == 2
+    assert "no model" in capsys.readouterr().err
