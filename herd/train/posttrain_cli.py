@@ -136,7 +136,7 @@ def add_posttrain_parsers(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_sample)
 
-    p = sub.add_parser("eval", help="accuracy on local JSONL tasks with a 95% confidence interval",
+    p = sub.add_parser("eval", help="accuracy on local JSONL tasks with a 95%% confidence interval",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES)
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--task", required=True, action="append",

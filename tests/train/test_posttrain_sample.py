@@ -101,3 +101,16 @@ def test_pairs_per_prompt_are_distinct_and_ordered():
     pairs = preference_pairs(res, per_prompt=10)
     got = {(x["chosen"][0]["content"], x["rejected"][0]["content"]) for x in pairs}
     assert got == {("a", "b"), ("a", "d"), ("c", "b"), ("c", "d")} and len(pairs) == 4
+
+
+def test_help_of_every_post_training_verb(capsys):
+    import pytest
+
+    from herd.cli import main
+
+    for argv in (["--help"], ["sft", "--help"], ["reward", "--help"], ["dpo", "--help"], ["sample", "--help"],
+                 ["eval", "--help"]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 0
+    assert "95% confidence interval" in capsys.readouterr().out
