@@ -191,6 +191,13 @@ def copy_model_extras(src_dir: str | os.PathLike, dst_dir: str | os.PathLike) ->
 
 def model_dir_of(path: str | os.PathLike) -> Path:
     """A training checkpoint (`ckpt-N/` with `model/` and `complete.json`, herd/train/checkpoint.py)
-    stands for its `model/` directory; any other path for itself."""
+    stands for its `model/` directory, a training run directory (with `metrics.jsonl`) for its
+    newest complete checkpoint's; any other path for itself."""
     path = Path(path)
-    return path / "model" if (path / "model").is_dir() and (path / "complete.json").exists() else path
+    if (path / "model").is_dir() and (path / "complete.json").exists():
+        return path / "model"
+    if path.is_dir() and (path / "metrics.jsonl").exists():
+        ckpts = sorted(p for p in path.glob("ckpt-[0-9]*") if (p / "complete.json").exists() and (p / "model").is_dir())
+        if ckpts:  # names are zero-padded steps: the last is the newest
+            return ckpts[-1] / "model"
+    return path

@@ -198,36 +198,19 @@ SECTIONS = [f.name for f in dataclasses.fields(PipelineConfig)]
 
 
 def _set(obj: Any, section: str, key: str, value: Any) -> None:
-    from herd.train.config import _coerce
+    from herd.train.config import set_field
 
-    hints = typing.get_type_hints(type(obj))
-    if key not in hints:
-        raise HerdError(f"unknown config key {section}.{key}; valid keys: "
-                        + ", ".join(f"{section}.{k}" for k in hints))
-    hint = hints[key]
-    if typing.get_origin(hint) is dict:
-        if not isinstance(value, dict):
-            raise HerdError(f"{section}.{key}: expected a table, got {value!r}")
-        vt = typing.get_args(hint)[1]
-        value = {str(k): _coerce(v, vt, f"{section}.{key}.{k}") for k, v in value.items()}
-    else:
-        value = _coerce(value, hint, f"{section}.{key}")
-    setattr(obj, key, value)
+    set_field(obj, section, key, value)
 
 
 def load_pipeline_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = (),
                          data: dict | None = None) -> PipelineConfig:
     """Defaults ← TOML (or `data`) ← `section.key=value` overrides; unknown keys are errors."""
-    from herd.train.config import parse_override, tomllib
+    from herd.train.config import parse_override, read_toml
 
     table: dict = dict(data or {})
     if path is not None:
-        try:
-            table = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise HerdError(f"config file {path} not found") from None
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-            raise HerdError(f"{path}: invalid TOML ({e})") from None
+        table = read_toml(path)
     cfg = PipelineConfig()
     for section, values in table.items():
         if section not in SECTIONS:

@@ -13,7 +13,19 @@ from herd.errors import HerdError
 from herd.models.args import ModelArgs
 
 
-class KVCache:
+class _Positions:
+    """Position bookkeeping every cache shares: `offset` positions are stored."""
+
+    offset: int = 0
+
+    def advance(self, n: int) -> None:
+        self.offset += n
+
+    def reset(self) -> None:
+        self.offset = 0
+
+
+class KVCache(_Positions):
     def __init__(self, args: ModelArgs, batch_size: int, max_len: int, *,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
         if max_len > args.max_seq_len:
@@ -31,12 +43,6 @@ class KVCache:
         self.k[layer, :, :, self.offset:end] = k
         self.v[layer, :, :, self.offset:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
-
-    def advance(self, n: int) -> None:
-        self.offset += n
-
-    def reset(self) -> None:
-        self.offset = 0
 
     @property
     def nbytes(self) -> int:
@@ -62,7 +68,7 @@ class StaticKVCache(KVCache):
         pass
 
 
-class ChunkedKVCache:
+class ChunkedKVCache(_Positions):
     """Llama 4's cache (iRoPE, SPEC §1): the NoPE layers attend to the whole context and keep every
     position, as KVCache does; the chunked-attention RoPE layers keep only the last
     `attention_chunk_size - 1` positions, all a later query can still see (its chunk started at
@@ -116,12 +122,6 @@ class ChunkedKVCache:
             self.local_k[i, :, :, :keep] = keys[:, :, keys.shape[2] - keep:]
             self.local_v[i, :, :, :keep] = values[:, :, values.shape[2] - keep:]
         return keys, values
-
-    def advance(self, n: int) -> None:
-        self.offset += n
-
-    def reset(self) -> None:
-        self.offset = 0
 
     @property
     def nbytes(self) -> int:

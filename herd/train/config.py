@@ -189,6 +189,11 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             except HerdError:
                 continue
         raise HerdError(f"{key}: {value!r} is not a {hint}")
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise HerdError(f"{key}: expected a table, got {value!r}")
+        kt, vt = typing.get_args(hint)
+        return {_coerce(k, kt, key): _coerce(v, vt, f"{key}.{k}") for k, v in value.items()}
     if origin is list:
         if not isinstance(value, (list, tuple)):
             raise HerdError(f"{key}: expected a list, got {value!r}")
@@ -212,15 +217,32 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     raise HerdError(f"{key}: expected {getattr(hint, '__name__', hint)}, got {value!r}")
 
 
-def _apply(cfg: RunConfig, section: str, key: str, value: Any) -> None:
-    if section not in SECTIONS:
-        raise HerdError(f"unknown config section {section!r}; valid: {', '.join(SECTIONS)}")
-    obj = getattr(cfg, section)
+def set_field(obj: Any, section: str, key: str, value: Any) -> None:
+    """Set `section.key` of a config dataclass `obj` to a checked value; an unknown key is one line
+    listing the valid ones (DESIGN principle 8). Shared by every typed config (the data pipeline's too)."""
     hints = typing.get_type_hints(type(obj))
     if key not in hints:
         valid = ", ".join(f"{section}.{k}" for k in hints)
         raise HerdError(f"unknown config key {section}.{key}; valid keys: {valid}")
     setattr(obj, key, _coerce(value, hints[key], f"{section}.{key}"))
+
+
+def read_toml(path: str | Path) -> dict:
+    """A TOML file as a dict; a missing, unreadable or invalid file is one line."""
+    try:
+        return tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise HerdError(f"config file {path} not found") from None
+    except OSError as e:
+        raise HerdError(f"config file {path}: cannot read ({e.strerror})") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise HerdError(f"{path}: invalid TOML ({e})") from None
+
+
+def _apply(cfg: RunConfig, section: str, key: str, value: Any) -> None:
+    if section not in SECTIONS:
+        raise HerdError(f"unknown config section {section!r}; valid: {', '.join(SECTIONS)}")
+    set_field(getattr(cfg, section), section, key, value)
 
 
 def _parse_value(text: str) -> Any:
@@ -247,12 +269,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     cfg = RunConfig()
     table: dict = dict(data or {})
     if path is not None:
-        try:
-            table = tomllib.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise HerdError(f"config file {path} not found") from None
-        except tomllib.TOMLDecodeError as e:
-            raise HerdError(f"{path}: invalid TOML ({e})") from None
+        table = read_toml(path)
     for section, values in table.items():
         if not isinstance(values, dict):
             raise HerdError(f"config: {section!r} must be a table; valid sections: {', '.join(SECTIONS)}")

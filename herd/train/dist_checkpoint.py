@@ -116,14 +116,7 @@ def restore(trainer, path: Path) -> None:
     except (RuntimeError, ValueError, KeyError) as e:
         raise HerdError(f"{path}: checkpoint does not fit this run's model/optimizer "
                         f"({str(e).strip().splitlines()[0]})") from None
-    trainer.train_data.load_state_dict(state["data"])
-    ckpt.set_rng_state(state["rng"])
-    trainer.step, trainer.tokens = int(state["step"]), int(state["tokens"])
-    if par.is_main:
-        from herd.train.loop import _atomic_write_text, _read_metrics
-
-        rows = _read_metrics(trainer.metrics_path, trainer.step)  # drop steps logged after the checkpoint
-        _atomic_write_text(trainer.metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
+    trainer._resume_position(state)
     was = state.get("layout")
     where = " × ".join(f"{k}={v}" for k, v in was.items() if v > 1) if was else "single process"
     trainer.log(f"resumed from {path} at step {trainer.step} (saved as {where or 'single process'}, "

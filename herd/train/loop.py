@@ -306,20 +306,32 @@ class Trainer:
         if dist_checkpoint.is_distributed_checkpoint(path) or self.parallel.distributed:
             return dist_checkpoint.restore(self, path)  # any layout, including back to one process
         sd, state = ckpt.load_train_state(path)
-        if self.args.tie_embeddings:
-            sd["output.weight"] = sd["tok_embeddings.weight"]
+        sd = self._checkpoint_weights(sd, state)
         try:
             self.model.load_state_dict({k: v.to(self.device) for k, v in sd.items()}, strict=True)
             self.optimizer.load_state_dict(state["optimizer"])
         except (RuntimeError, ValueError, KeyError) as e:
             raise HerdError(f"{path}: checkpoint does not fit this run's model/optimizer "
                             f"({str(e).splitlines()[0]})") from None
+        self._resume_position(state)
+        self.log(f"resumed from {path} at step {self.step}")
+
+    def _checkpoint_weights(self, sd: dict[str, torch.Tensor], state: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """A checkpoint's `model/` weights → this run's model's state dict (subclasses add what
+        they keep beside the canonical weights)."""
+        if self.args.tie_embeddings:
+            sd["output.weight"] = sd["tok_embeddings.weight"]
+        return sd
+
+    def _resume_position(self, state: dict[str, Any]) -> None:
+        """Data position, RNG states and counters from a checkpoint's train state; metrics logged
+        after the checkpoint are dropped, so the resumed run writes them once."""
         self.train_data.load_state_dict(state["data"])
         ckpt.set_rng_state(state["rng"])
         self.step, self.tokens = int(state["step"]), int(state["tokens"])
-        rows = _read_metrics(self.metrics_path, self.step)  # drop steps logged after the checkpoint
-        _atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
-        self.log(f"resumed from {path} at step {self.step}")
+        if self.parallel.is_main:
+            rows = _read_metrics(self.metrics_path, self.step)
+            _atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
 
     # ---- the loop ----
     def run(self) -> list[dict]:

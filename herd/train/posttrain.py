@@ -38,7 +38,7 @@ from torch import nn
 
 from herd.errors import HerdError
 from herd.train import checkpoint as ckpt
-from herd.train.loop import Trainer, _atomic_write_text, _read_metrics
+from herd.train.loop import Trainer
 from herd.train.objectives import IGNORE, document_mask, document_positions
 
 Messages = list[dict[str, Any]]
@@ -698,25 +698,13 @@ class PostTrainer(Trainer):
         state["extra_weights"] = {k: v.detach().cpu() for k, v in extra.items()}
         return ckpt.save_checkpoint(self.run_dir, self.step, self.args, base, state, keep=self.cfg.checkpoint.keep)
 
-    def _restore(self, path: Path) -> None:
-        sd, state = ckpt.load_train_state(path)
+    def _checkpoint_weights(self, sd: dict[str, torch.Tensor], state: dict) -> dict[str, torch.Tensor]:
         if isinstance(self.model, RewardModel):
             sd = {f"backbone.{k}": v for k, v in sd.items() if not k.startswith("output.")}
         elif self.args.tie_embeddings:
             sd["output.weight"] = sd["tok_embeddings.weight"]
         sd.update(state.get("extra_weights", {}))
-        try:
-            self.model.load_state_dict({k: v.to(self.device) for k, v in sd.items()}, strict=True)
-            self.optimizer.load_state_dict(state["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise HerdError(f"{path}: checkpoint does not fit this run's model/optimizer "
-                            f"({str(e).splitlines()[0]})") from None
-        self.train_data.load_state_dict(state["data"])
-        ckpt.set_rng_state(state["rng"])
-        self.step, self.tokens = int(state["step"]), int(state["tokens"])
-        rows = _read_metrics(self.metrics_path, self.step)  # drop steps logged after the checkpoint
-        _atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
-        self.log(f"resumed from {path} at step {self.step}")
+        return sd
 
 
 def _fit_seq_len(cfg, model, log) -> None:

@@ -56,19 +56,13 @@ def _apply_own(objs: dict, section: str, key: str, value) -> None:
 def build_config(config: str | None, overrides: list[str], out: str | None, tables: dict | None = None):
     """(RunConfig, {"lora": LoRAConfig, "dpo": DPOConfig}) from the defaults above ← TOML file (or
     `tables`, a dict of the same shape) ← overrides."""
-    from herd.train.config import load_config, parse_override, tomllib
+    from herd.train.config import load_config, parse_override, read_toml
 
     table = {k: dict(v) for k, v in DEFAULTS.items()}
     for section, values in (tables or {}).items():
         table.setdefault(section, {}).update(values)
     if config:
-        try:
-            loaded = tomllib.loads(Path(config).read_text())
-        except FileNotFoundError:
-            raise HerdError(f"config file {config} not found") from None
-        except tomllib.TOMLDecodeError as e:
-            raise HerdError(f"{config}: invalid TOML ({e})") from None
-        for section, values in loaded.items():
+        for section, values in read_toml(config).items():
             if not isinstance(values, dict):
                 raise HerdError(f"config: {section!r} must be a table")
             table.setdefault(section, {}).update(values)

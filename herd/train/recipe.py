@@ -27,19 +27,13 @@ from __future__ import annotations
 
 import copy
 import json
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from herd.errors import HerdError
 from herd.train import checkpoint as ckpt
-from herd.train.config import RunConfig, load_config, parse_override
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:
-    import tomli as tomllib
+from herd.train.config import RunConfig, load_config, parse_override, read_toml
 
 _STAGE_KEYS = ("name", "average")
 
@@ -63,17 +57,8 @@ class Stage:
         return self.run_dir / "averaged"
 
 
-def read_table(path: str | Path) -> dict:
-    try:
-        return tomllib.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise HerdError(f"config file {path} not found") from None
-    except tomllib.TOMLDecodeError as e:
-        raise HerdError(f"{path}: invalid TOML ({e})") from None
-
-
 def is_recipe(path: str | Path | None) -> bool:
-    return path is not None and "stages" in read_table(path)
+    return path is not None and "stages" in read_toml(path)
 
 
 def _merge(base: dict, stage: dict, where: str) -> dict:
@@ -90,7 +75,7 @@ def _merge(base: dict, stage: dict, where: str) -> dict:
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), out_dir: str | None = None) -> list[Stage]:
     """The stages of recipe `path`, each a validated RunConfig. `overrides` apply to every stage."""
-    table = read_table(path)
+    table = read_toml(path)
     stages = table.pop("stages", None)
     if not isinstance(stages, list) or not stages or not all(isinstance(s, dict) for s in stages):
         raise HerdError(f"{path}: `stages` must be a non-empty array of [[stages]] tables")

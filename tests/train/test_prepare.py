@@ -79,6 +79,9 @@ def test_checkpoint_is_a_complete_base_model_directory(run, capsys):
     torch.testing.assert_close(model(ids), ref(ids), rtol=1e-5, atol=1e-5)
     assert herd_main(["generate", "--model", str(ckpt), "--prompt", "def ", "--max-new-tokens", "5"]) == 0
     assert capsys.readouterr().out.strip()
+    # the run directory stands for its newest checkpoint (not for an HF directory: it has a config.json)
+    newest, _ = herd.load(tmp_path / "run")
+    torch.testing.assert_close(newest(ids), ref(ids), rtol=1e-5, atol=1e-5)
     # averaging keeps the tokenizer with the weights
     out = tmp_path / "avg"
     assert herd_main(["average", str(tmp_path / "run" / "ckpt-00000003"), str(ckpt), "--out", str(out)]) == 0
