@@ -213,8 +213,8 @@ def test_malformed_bodies_headers_and_routes(debug):
     try:
         r = httpx.post(url + "/v1/completions", json={"prompt": "hi"}, headers={"x-big": "a" * 200_000}, timeout=60)
         assert 400 <= r.status_code < 500
-    except httpx.RemoteProtocolError:
-        pass  # the connection was closed instead: also no 5xx, and the server lives on
+    except (httpx.RemoteProtocolError, httpx.ReadError):
+        pass  # the connection was closed (or reset) instead: also no 5xx, and the server lives on
     assert httpx.get(url + "/health").json()["status"] == "ok"
     _pool_is_full(engine)
 
