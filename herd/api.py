@@ -90,8 +90,15 @@ def with_image(model, tokenizer, prompt: Prompt, image):
     return WithImages(model, tiles.to(model.tok_embeddings.weight.device)), ids
 
 
-def _sampling(temperature, top_p, top_k, seed) -> SamplingParams:
-    return SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+def reserved_ids(tokenizer) -> tuple[int, ...]:
+    """The ids of a tokenizer's reserved (never used) special tokens, which generation suppresses."""
+    specials = getattr(tokenizer, "special_tokens", None) or {}
+    return tuple(sorted(i for name, i in specials.items() if "reserved" in name))
+
+
+def _sampling(temperature, top_p, top_k, seed, tokenizer=None) -> SamplingParams:
+    return SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+                          suppress=reserved_ids(tokenizer) if tokenizer is not None else ())
 
 
 def generate(model, tokenizer, prompt: Prompt | list[Prompt], *, max_new_tokens: int = 256,
@@ -107,7 +114,7 @@ def generate(model, tokenizer, prompt: Prompt | list[Prompt], *, max_new_tokens:
     model, first = with_image(model, tokenizer, prompts[0], image)
     ids = [first] + [encode_prompt(tokenizer, p) for p in prompts[1:]]
     outs: list[Completion] = generate_batch(model, ids, max_new_tokens=max_new_tokens,
-                                            sampling=_sampling(temperature, top_p, top_k, seed),
+                                            sampling=_sampling(temperature, top_p, top_k, seed, tokenizer),
                                             stop_ids=sorted(tokenizer.stop_ids), compile=compile)
     texts = [tokenizer.decode(c.ids) for c in outs]
     return texts[0] if single else texts
@@ -125,7 +132,7 @@ def stream(model, tokenizer, prompt: Prompt, *, max_new_tokens: int = 256, tempe
     stop = set(tokenizer.stop_ids)
     model, ids = with_image(model, tokenizer, prompt, image)
     for (token,) in generate_ids(model, [ids], max_new_tokens=max_new_tokens,
-                                 sampling=_sampling(temperature, top_p, top_k, seed), stop_ids=sorted(stop),
+                                 sampling=_sampling(temperature, top_p, top_k, seed, tokenizer), stop_ids=sorted(stop),
                                  compile=compile):
         if token in stop:
             completion.stop_token, completion.finish_reason = token, "stop"

@@ -15,6 +15,9 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0  # 0 → no top-k cut
     seed: int | None = None
+    # Ids never to produce: the tokenizer's reserved special tokens. A model never trained on them
+    # (every herd pre-training run) leaves their logits near zero, which can beat real tokens'.
+    suppress: tuple[int, ...] = ()
 
     def __post_init__(self):
         if self.temperature < 0:
@@ -31,6 +34,8 @@ class SamplingParams:
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> torch.Tensor:
     """logits (B, V) → token ids (B,)."""
+    if params.suppress:
+        logits = logits.index_fill(-1, torch.tensor(params.suppress, device=logits.device), float("-inf"))
     if params.greedy:
         return logits.argmax(dim=-1)
     logits = logits.float() / params.temperature
