@@ -10,6 +10,7 @@ import threading
 import time
 
 import httpx
+import openai  # a test dependency (pyproject [test])
 import pytest
 import torch
 from torch import nn
@@ -20,8 +21,6 @@ from herd.inference.generate import generate_batch
 from herd.inference.server import Limits, ServerThread, create_app
 from herd.models.args import PRESETS
 from herd.models.llama3 import Transformer
-
-openai = pytest.importorskip("openai")
 
 
 def _wait_idle(engine, timeout=30.0):
