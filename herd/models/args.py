@@ -63,6 +63,19 @@ class HeadShapes:
             raise HerdError(f"unknown model option(s): {', '.join(unknown)} (known: {', '.join(sorted(known))})")
         return dataclasses.replace(self, **changes)
 
+    def flops_per_token(self, seq_len: int | None = None, training: bool = True) -> float:
+        """Matmul FLOPs per token: 2 per parameter touched forward (embedding lookup is free) plus
+        attention scores and values over an average causal context of seq_len/2; ×3 for training
+        (forward + backward), as in the paper's 6ND compute estimates (§3.2.1). `flop_params` is
+        every parameter for a dense model, the active ones for a mixture of experts."""
+        seq_len = seq_len or self.max_seq_len
+        # Every weight is a matmul operand except the input embedding table (a lookup); a tied
+        # table is counted once, as the output projection.
+        matmul_params = self.flop_params() - (0 if self.tie_embeddings else self.vocab_size * self.dim)
+        attention = 2 * 2 * self.n_layers * self.n_heads * self.hd * (seq_len / 2)
+        forward = 2 * matmul_params + attention
+        return 3 * forward if training else forward
+
 
 @dataclass(frozen=True)
 class ModelArgs(HeadShapes):
@@ -108,17 +121,9 @@ class ModelArgs(HeadShapes):
         out = 0 if self.tie_embeddings else self.vocab_size * d
         return body + (emb + out if include_embeddings else out)
 
-    def flops_per_token(self, seq_len: int | None = None, training: bool = True) -> float:
-        """Matmul FLOPs per token: 2 per parameter touched forward (embedding lookup is free) plus
-        attention scores and values over an average causal context of seq_len/2; ×3 for training
-        (forward + backward), as in the paper's 6ND compute estimates (§3.2.1)."""
-        seq_len = seq_len or self.max_seq_len
-        # Every weight is a matmul operand except the input embedding table (a lookup); a tied
-        # table is counted once, as the output projection.
-        matmul_params = self.num_params() - (0 if self.tie_embeddings else self.vocab_size * self.dim)
-        attention = 2 * 2 * self.n_layers * self.n_heads * self.hd * (seq_len / 2)
-        forward = 2 * matmul_params + attention
-        return 3 * forward if training else forward
+    def flop_params(self) -> int:
+        """The parameters one token's forward touches (all of them in a dense model)."""
+        return self.num_params()
 
     def kv_cache_bytes_per_token(self, bytes_per_value: int = 2) -> int:
         return 2 * self.n_layers * self.kv_heads * self.hd * bytes_per_value

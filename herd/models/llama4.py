@@ -184,14 +184,10 @@ class Llama4Args(HeadShapes):
         (and the whole router), dense layers, embeddings — the published "17B active"."""
         return self._count(self.top_k, include_embeddings)
 
-    def flops_per_token(self, seq_len: int | None = None, training: bool = True) -> float:
-        """As ModelArgs.flops_per_token, over the *active* parameters (2 FLOPs each, forward). The
-        attention term ignores chunking (an upper bound for RoPE layers beyond one chunk)."""
-        seq_len = seq_len or self.max_seq_len
-        matmul_params = self.active_params() - (0 if self.tie_embeddings else self.vocab_size * self.dim)
-        attention = 2 * 2 * self.n_layers * self.n_heads * self.hd * (seq_len / 2)
-        forward = 2 * matmul_params + attention
-        return 3 * forward if training else forward
+    def flop_params(self) -> int:
+        """FLOPs count the *active* parameters. The attention term ignores chunking (an upper bound
+        for RoPE layers beyond one chunk)."""
+        return self.active_params()
 
     def kv_cache_bytes_per_token(self, bytes_per_value: int = 2) -> int:
         """KV bytes per position if every layer kept every position (KVCache). Generation uses
