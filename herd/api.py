@@ -77,17 +77,54 @@ def encode_prompt(tokenizer, prompt: Prompt) -> list[int]:
     return tokenizer.chat.encode_dialog(list(prompt), add_generation_prompt=True)
 
 
-def with_image(model, tokenizer, prompt: Prompt, image):
-    """(the model to generate with, prompt ids): without an image, the model and the encoded
-    prompt; with one (a path or a PIL image), the image's tiles bound to the model for the prefill
-    and its tokens placed in the prompt (herd/models/image_processing.py)."""
-    if image is None:
-        return model, encode_prompt(tokenizer, prompt)
-    from herd.models.image_processing import prepare_image_prompt
+def _image_list(images) -> list:
+    """One prompt's images: None → [], a single path or PIL image → [it], a list as is."""
+    if images is None:
+        return []
+    if isinstance(images, (str, Path)) or not isinstance(images, (list, tuple)):
+        return [images]
+    return list(images)
+
+
+def with_images(model, tokenizer, prompts: list[Prompt], images: list | None = None):
+    """(the model to generate with, every prompt's ids). A row with images (given in `images[i]`,
+    or as image parts of its dialog) gets their token runs in its prompt
+    (herd/models/image_processing.py); all rows' tiles, in row order, are bound to the model for
+    the batched prefill, whose `<|patch|>` slots are filled row by row in the same order."""
+    from herd.models.image_processing import prompt_images
+
+    if images is not None and not isinstance(images, (list, tuple)):
+        raise HerdError("images for a batch: a list with one entry per prompt (None, an image or a list)")
+    per_row = [[] for _ in prompts] if images is None else [_image_list(x) for x in images]
+    if len(per_row) != len(prompts):
+        raise HerdError(f"images: one entry per prompt is needed, got {len(per_row)} for {len(prompts)} prompts")
+    if not any(per_row) and not any(prompt_images(p) for p in prompts):
+        return model, [encode_prompt(tokenizer, p) for p in prompts]
+    from herd.models.image_processing import prepare_images_prompt
     from herd.models.vision import WithImages
 
-    ids, tiles = prepare_image_prompt(model, tokenizer, prompt, image)
-    return WithImages(model, tiles.to(model.tok_embeddings.weight.device)), ids
+    ids, tiles = [], []
+    for p, imgs in zip(prompts, per_row, strict=True):
+        if imgs or prompt_images(p):
+            row = prepare_images_prompt(model, tokenizer, p, imgs)
+            ids.append(row.ids)
+            tiles.append(row.tiles)
+        else:
+            ids.append(encode_prompt(tokenizer, p))
+    return WithImages(model, torch.cat(tiles).to(model.tok_embeddings.weight.device)), ids
+
+
+def with_image(model, tokenizer, prompt: Prompt, image):
+    """(the model to generate with, prompt ids) for one prompt and its image(s) (a path or PIL
+    image, or a list of them), as `with_images` does for a batch."""
+    model, (ids,) = with_images(model, tokenizer, [prompt], [image])
+    return model, ids
+
+
+def _one_prompt_images(image, images) -> list:
+    if image is not None and images is not None:
+        raise HerdError("give image= or images=, not both")
+    return _image_list(image if image is not None else images)
 
 
 def reserved_ids(tokenizer) -> tuple[int, ...]:
@@ -103,16 +140,23 @@ def _sampling(temperature, top_p, top_k, seed, tokenizer=None) -> SamplingParams
 
 def generate(model, tokenizer, prompt: Prompt | list[Prompt], *, max_new_tokens: int = 256,
              temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
-             compile: bool = False, image=None) -> str | list[str]:
+             compile: bool = False, image=None, images=None) -> str | list[str]:
     """Complete one prompt (→ str) or a batch of prompts (→ list[str]) of any lengths.
     compile: decode through torch.compile (worth it on a GPU; the first call compiles).
-    image: a picture (path or PIL image) for a single prompt to a multimodal Llama 4."""
+    Pictures for a multimodal Llama 4 (paths or PIL images): for one prompt, `image=` one or
+    `images=[...]` several, placed in order before the text of the (last) user turn; for a batch,
+    `images=[row0, row1, ...]` with one entry per prompt (None, an image or a list). A dialog can
+    also place them itself: content parts `{"type": "image", "image": path}` where they go, or
+    `{"type": "image"}` slots filled from `images` in order."""
     single = isinstance(prompt, str) or (len(prompt) > 0 and isinstance(prompt[0], dict))
     prompts = [prompt] if single else list(prompt)
-    if image is not None and not single:
-        raise HerdError("an image goes with one prompt, not a batch")
-    model, first = with_image(model, tokenizer, prompts[0], image)
-    ids = [first] + [encode_prompt(tokenizer, p) for p in prompts[1:]]
+    if single:
+        per_row = [_one_prompt_images(image, images)]
+    elif image is not None:
+        raise HerdError("image= goes with one prompt; for a batch pass images=[...] with one entry per prompt")
+    else:
+        per_row = images
+    model, ids = with_images(model, tokenizer, prompts, per_row)
     outs: list[Completion] = generate_batch(model, ids, max_new_tokens=max_new_tokens,
                                             sampling=_sampling(temperature, top_p, top_k, seed, tokenizer),
                                             stop_ids=sorted(tokenizer.stop_ids), compile=compile)
@@ -122,15 +166,17 @@ def generate(model, tokenizer, prompt: Prompt | list[Prompt], *, max_new_tokens:
 
 def stream(model, tokenizer, prompt: Prompt, *, max_new_tokens: int = 256, temperature: float = 0.0,
            top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
-           completion: Completion | None = None, compile: bool = False, image=None) -> Iterator[str]:
+           completion: Completion | None = None, compile: bool = False, image=None,
+           images=None) -> Iterator[str]:
     """Yield text pieces as they are generated; never a broken UTF-8 character. If `completion`
-    is given it collects the generated ids and the finish reason. `image` as in `generate`."""
+    is given it collects the generated ids and the finish reason. `image`/`images` as in
+    `generate` for one prompt."""
     from herd.tokenizer.streaming import IncrementalDecoder
 
     completion = completion if completion is not None else Completion()
     decoder = IncrementalDecoder(tokenizer)
     stop = set(tokenizer.stop_ids)
-    model, ids = with_image(model, tokenizer, prompt, image)
+    model, ids = with_image(model, tokenizer, prompt, _one_prompt_images(image, images))
     for (token,) in generate_ids(model, [ids], max_new_tokens=max_new_tokens,
                                  sampling=_sampling(temperature, top_p, top_k, seed, tokenizer), stop_ids=sorted(stop),
                                  compile=compile):

@@ -17,10 +17,11 @@ from herd.hub import BUILTIN_MODELS, DEFAULT_MODEL
 EXAMPLES = """\
 examples:
   herd generate --prompt "What is the capital of France?"      # built-in SmolLM2-135M-Instruct
-  herd chat                                                      # interactive; /reset, /system TEXT, /exit
+  herd chat                                                      # interactive; /reset, /system TEXT, /image PATH, /exit
   herd generate --model path/to/Meta-Llama-3.1-8B-Instruct/ --prompt "Hi"   # HF or Meta layout
   herd generate --model model.gguf --prompt "Once upon a time" --raw --temperature 0.8 --seed 1
   herd generate --model Llama-4-Scout-17B-16E-Instruct/ --image dog.jpg --prompt "What is in this picture?"
+  herd generate --model Llama-4-Scout-17B-16E-Instruct/ --image a.jpg --image b.jpg --prompt "Compare them"
   herd convert model.gguf out/ --to hf                           # hf | meta | gguf, any to any
   herd info llama3-405b                                          # sizes, FLOPs/token, KV cache, memory
   herd tokenize --tokenizer llama3 "Hello world"                 # ids as JSON ("-" reads stdin)
@@ -79,11 +80,7 @@ def _load(a):
 def cmd_generate(a) -> None:
     from herd.api import stream
 
-    image = None
-    if a.image:  # read the picture first: a bad file fails before the model loads
-        from herd.models.image_processing import load_image
-
-        image = load_image(a.image)
+    images = _read_images(a.image)  # a bad file fails before the model loads
     model, tokenizer = _load(a)
     prompt = sys.stdin.read() if a.prompt == "-" else a.prompt
     if a.raw or tokenizer.chat is None:
@@ -91,25 +88,36 @@ def cmd_generate(a) -> None:
     else:
         request = ([{"role": "system", "content": a.system}] if a.system else []) + [
             {"role": "user", "content": prompt}]
-    for piece in stream(model, tokenizer, request, image=image, **_sampling_kwargs(a)):
+    for piece in stream(model, tokenizer, request, images=images or None, **_sampling_kwargs(a)):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
 
 
+def _read_images(paths: list[str] | None) -> list:
+    """--image files as RGB PIL images; an unreadable one is the one-line error."""
+    from herd.models.image_processing import load_image
+
+    return [load_image(p) for p in paths or []]
+
+
 def cmd_chat(a) -> None:
     from herd.api import stream
     from herd.inference.generate import Completion
+    from herd.models.image_processing import load_image, require_vision
 
+    pending = _read_images(a.image)  # for the next user message (the first, from --image)
     model, tokenizer = _load(a)
     if tokenizer.chat is None:
         raise HerdError(f"{a.model}: the tokenizer has no chat format; use `herd generate --raw`")
+    if pending:
+        require_vision(model)
     system = a.system
     history: list[dict] = []
     interactive = sys.stdin.isatty()
     if interactive:
         print(f"herd chat · {a.model} · /reset clears the dialog, /system TEXT sets the system prompt, "
-              "/exit quits", file=sys.stderr)
+              "/image PATH attaches a picture to your next message, /exit quits", file=sys.stderr)
     while True:
         try:
             line = input("> " if interactive else "")
@@ -122,14 +130,28 @@ def cmd_chat(a) -> None:
             break
         if text == "/reset":
             history.clear()
+            pending.clear()
             print("(dialog cleared)", file=sys.stderr)
+            continue
+        if text == "/image" or text.startswith("/image "):
+            try:
+                require_vision(model)
+                pending.append(load_image(text[len("/image"):].strip() or "(no path given)"))
+            except HerdError as e:
+                print(f"herd: {e}", file=sys.stderr)
+                continue
+            print(f"(image {len(pending)} attached to your next message)", file=sys.stderr)
             continue
         if text.startswith("/system"):
             system = text[len("/system"):].strip() or None
             history.clear()
             print(f"(system prompt {'set' if system else 'cleared'}; dialog cleared)", file=sys.stderr)
             continue
-        history.append({"role": "user", "content": text})
+        # Images go before the text of their turn, in order (Meta's layout for a picture that
+        # precedes the question); they stay in the history, so later turns still see them.
+        content = [{"type": "image", "image": img} for img in pending] + [{"type": "text", "text": text}]
+        history.append({"role": "user", "content": content if pending else text})
+        pending = []
         dialog = ([{"role": "system", "content": system}] if system else []) + history
         done = Completion()
         try:
@@ -139,7 +161,8 @@ def cmd_chat(a) -> None:
         except KeyboardInterrupt:
             print("\n(interrupted)", file=sys.stderr)
         except HerdError as e:  # e.g. the dialog outgrew the context: say so, keep the session
-            history.pop()
+            turn = history.pop()["content"]
+            pending = [p["image"] for p in turn[:-1]] if isinstance(turn, list) else []
             print(f"herd: {e} (try /reset)", file=sys.stderr)
             continue
         sys.stdout.write("\n")
@@ -284,16 +307,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True, help="the prompt text ('-' reads stdin)")
     p.add_argument("--system", default=None, help="system prompt (chat format only)")
     p.add_argument("--raw", action="store_true", help="plain text completion, no chat format")
-    p.add_argument("--image", default=None, metavar="PATH",
-                   help="a picture for a multimodal Llama 4 (JPEG, PNG, ...), placed before the prompt")
+    p.add_argument("--image", action="append", default=None, metavar="PATH",
+                   help="a picture for a multimodal Llama 4 (JPEG, PNG, ...), placed before the prompt; "
+                        "repeat for several, in order")
     _add_sampling(p, 256)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("chat", help="interactive multi-turn chat with streaming",
                        description="Chat in the terminal. Commands: /reset clears the dialog, "
-                                   "/system TEXT sets the system prompt, /exit quits.")
+                                   "/system TEXT sets the system prompt, /image PATH attaches a picture "
+                                   "to the next message (multimodal Llama 4), /exit quits.")
     _add_model(p)
     p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--image", action="append", default=None, metavar="PATH",
+                   help="a picture for the first message (multimodal Llama 4); repeat for several")
     _add_sampling(p, 512)
     p.set_defaults(func=cmd_chat)
 

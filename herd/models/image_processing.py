@@ -56,11 +56,7 @@ def load_image(path: str | Path):
     try:
         with Image.open(path) as img:
             img.load()
-            if img.mode == "RGBA":
-                rgb = Image.new("RGB", img.size, (255, 255, 255))
-                rgb.paste(img, mask=img.split()[3])
-                return rgb
-            return img.convert("RGB")
+            return as_rgb(img)
     except UnidentifiedImageError:
         raise HerdError(f"{path}: not an image file PIL can read (JPEG, PNG, GIF, BMP, WebP, ...)") from None
     except Image.DecompressionBombError as e:
@@ -69,6 +65,19 @@ def load_image(path: str | Path):
         raise HerdError(f"{path}: unreadable or truncated image ({e})") from None
     finally:
         ImageFile.LOAD_TRUNCATED_IMAGES = lenient
+
+
+def as_rgb(img):
+    """A PIL image as RGB; transparency laid on white (Meta's `convert_image_to_rgb`)."""
+    from PIL import Image
+
+    if not isinstance(img, Image.Image):
+        raise HerdError(f"an image must be a file path or a PIL image, got {type(img).__name__}")
+    if img.mode == "RGBA":
+        rgb = Image.new("RGB", img.size, (255, 255, 255))
+        rgb.paste(img, mask=img.split()[3])
+        return rgb
+    return img.convert("RGB")
 
 
 def supported_canvases(max_tiles: int, tile: int) -> list[tuple[int, int]]:
@@ -152,64 +161,183 @@ def image_token_ids(grid: tuple[int, int], vision: VisionArgs, special: dict[str
     return ids + [special["<|image|>"]] + patch + [special["<|image_end|>"]]
 
 
-def encode_with_image(tokenizer, prompt, image_ids: list[int]) -> list[int]:
-    """Prompt ids with the image first in the (last) user turn, where Meta's chat format puts an
-    image that precedes the text: a plain-text prompt becomes BOS + image + text; a dialog gets the
-    image right after the last user message's header."""
+def is_image_part(part) -> bool:
+    return isinstance(part, dict) and part.get("type") == "image"
+
+
+def prompt_images(prompt) -> list:
+    """The image parts of a dialog's messages, in order ([] for a text prompt or plain dialog)."""
     if isinstance(prompt, str):
-        bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
-        return bos + image_ids + tokenizer.encode(prompt, bos=False)
-    chat = tokenizer.chat
-    if chat is None:
-        raise HerdError("this tokenizer has no chat format; pass a plain text prompt with the image")
+        return []
+    return [p for m in prompt if isinstance(m, dict) and isinstance(m.get("content"), list)
+            for p in m["content"] if is_image_part(p)]
+
+
+def place_images(prompt, n: int):
+    """`prompt` with `n` separately given images placed in it: a text prompt is unchanged (its
+    images go first, after BOS); a dialog without image parts gets `{"type": "image"}` parts at the
+    start of its last user message, where Meta's chat format puts images that precede the text.
+    A dialog that has image parts already must have exactly `n` slots without data to fill."""
+    if isinstance(prompt, str) or n == 0:
+        return prompt
     messages = list(prompt)
+    if prompt_images(messages):
+        return messages
     users = [i for i, m in enumerate(messages) if isinstance(m, dict) and m.get("role") == "user"]
     if not users:
         raise HerdError("an image needs a user message to attach to")
     at = users[-1]
-    if not hasattr(chat, "encode_message"):
-        return _template_with_image(chat, messages, at, image_ids, tokenizer)
-    before = chat.encode_dialog(messages[:at], add_generation_prompt=False)
-    turn = chat.encode_message(messages[at])
-    head = len(chat.header("user"))
-    after = chat.encode_dialog(messages[at + 1:], add_generation_prompt=True)
-    if chat.bos_id is not None:
-        after = after[1:]  # encode_dialog starts every dialog with BOS; only the first part keeps it
-    return before + turn[:head] + image_ids + turn[head:] + after
-
-
-def _template_with_image(chat, messages: list, at: int, image_ids: list[int], tokenizer) -> list[int]:
-    """A checkpoint's own chat template (TemplateChatFormat encodes its rendering with special
-    tokens allowed): render the user turn with a leading `<|image|>` marker, check that the marker
-    is the only difference from the plain rendering, and put the image's tokens in its place — what
-    transformers' Llama4Processor does with the `<|image|>` its template emits."""
-    marker = tokenizer.special_tokens.get("<|image|>")
     content = messages[at].get("content")
-    if marker is None or not isinstance(content, str):
-        raise HerdError("an image prompt needs a Llama 4 tokenizer and a text user message")
-    plain = chat.encode_dialog(messages, add_generation_prompt=True)
-    marked = chat.encode_dialog(messages[:at] + [{**messages[at], "content": "<|image|>" + content}]
-                                + messages[at + 1:], add_generation_prompt=True)
-    i = next((j for j, (a, b) in enumerate(zip(plain, marked, strict=False)) if a != b), len(plain))
-    if len(marked) != len(plain) + 1 or marked[i] != marker or marked[i + 1:] != plain[i:]:
-        raise HerdError("cannot place the image in this chat template's rendering")
-    return plain[:i] + image_ids + plain[i:]
+    parts = [content] if isinstance(content, str) else list(content or [])
+    messages[at] = {**messages[at], "content": [{"type": "image"}] * n + parts}
+    return messages
 
 
-def prepare_image_prompt(model, tokenizer, prompt, image) -> tuple[list[int], torch.Tensor]:
-    """(prompt ids, tiles) for `model` given an image path or PIL image; a text-only model is an
-    error, as is a tokenizer without Llama 4's image tokens."""
+def image_sources(prompt, images: list) -> list:
+    """Every image of a prompt in order of appearance: a dialog's `{"type": "image", "image": X}`
+    parts carry their own (a path or PIL image); `{"type": "image"}` slots take the given `images`
+    in order (transformers' convention); a prompt with no image parts takes them all."""
+    parts = prompt_images(prompt)
+    if not parts:
+        return list(images)
+    slots = sum("image" not in p for p in parts)
+    if slots != len(images):
+        raise HerdError(f"the dialog has {slots} image slot(s) without data ({{'type': 'image'}}) but "
+                        f"{len(images)} image(s) were given")
+    given = iter(images)
+    return [p["image"] if "image" in p else next(given) for p in parts]
+
+
+def _text_only(message: dict) -> dict:
+    content = message.get("content")
+    if not isinstance(content, list):
+        return message
+    return {**message, "content": [p for p in content if not is_image_part(p)]}
+
+
+def encode_with_images(tokenizer, prompt, image_ids: list[list[int]]) -> list[int]:
+    """Prompt ids with each image's token run where the image appears, as Meta's
+    `ChatFormat._encode_content` lays out a message's content list: a text prompt becomes
+    BOS + images + text; in a dialog each `{"type": "image"}` part of a message is replaced by its
+    image's run, between the message's text parts (each text part encoded on its own)."""
+    if isinstance(prompt, str):
+        bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
+        return bos + [t for ids in image_ids for t in ids] + tokenizer.encode(prompt, bos=False)
+    chat = tokenizer.chat
+    if chat is None:
+        raise HerdError("this tokenizer has no chat format; pass a plain text prompt with the image")
+    messages = list(prompt)
+    from herd.tokenizer.chat import validate_messages
+
+    validate_messages([_text_only(m) if isinstance(m, dict) else m for m in messages])
+    for i, m in enumerate(messages):
+        if m.get("role") != "user" and prompt_images([m]):
+            raise HerdError(f"message {i} ({m.get('role')}): images go in user messages")
+    if len(prompt_images(messages)) != len(image_ids):
+        raise HerdError(f"the dialog has {len(prompt_images(messages))} image part(s) but {len(image_ids)} "
+                        "image(s) were processed")
+    if not hasattr(chat, "encode_message"):
+        return _template_with_images(chat, messages, image_ids, tokenizer)
+    text = [_text_only(m) for m in messages]
+    ids = chat.encode_dialog(text, add_generation_prompt=True)
+    pos = len(chat.encode_dialog([], add_generation_prompt=False))  # BOS, if the format writes one
+    inserts: list[int] = []  # where each image's run goes in `ids`, in order
+    for m, t in zip(messages, text, strict=True):
+        enc = chat.encode_message(t)
+        if ids[pos:pos + len(enc)] != enc:
+            raise HerdError("cannot place the images: the chat format encodes this dialog unlike its messages")
+        if isinstance(m.get("content"), list) and prompt_images([m]):
+            at = pos + len(chat.header(m["role"]))
+            for part in m["content"]:
+                if is_image_part(part):
+                    inserts.append(at)
+                else:
+                    at += len(tokenizer.encode(part if isinstance(part, str) else part["text"]))
+            if at != pos + len(enc) - 1:  # the text parts end right before the eot
+                raise HerdError("cannot place the images in this message's encoding")
+        pos += len(enc)
+    out, prev = [], 0
+    for at, run in zip(inserts, image_ids, strict=True):
+        out += ids[prev:at] + run
+        prev = at
+    return out + ids[prev:]
+
+
+def encode_with_image(tokenizer, prompt, image_ids: list[int]) -> list[int]:
+    """One image: first in the (last) user turn of a dialog, or after BOS of a text prompt."""
+    return encode_with_images(tokenizer, place_images(prompt, 1), [image_ids])
+
+
+def _template_with_images(chat, messages: list, image_ids: list[list[int]], tokenizer) -> list[int]:
+    """A checkpoint's own chat template (TemplateChatFormat encodes its rendering with special
+    tokens allowed): render each image part as an `<|image|>` marker in its message's text, and
+    put the images' token runs in the markers' places — what transformers' Llama4Processor does
+    with the `<|image|>` its Llama 4 template emits for `{"type": "image"}` content."""
+    marker = tokenizer.special_tokens.get("<|image|>")
+    if marker is None:
+        raise HerdError("an image prompt needs a Llama 4 tokenizer (no <|image|> token)")
+
+    def flat(m: dict, image_text: str) -> dict:
+        content = m.get("content")
+        if not isinstance(content, list):
+            return m
+        return {**m, "content": "".join(image_text if is_image_part(p) else p if isinstance(p, str) else p["text"]
+                                        for p in content)}
+
+    # Text that spells "<|image|>" would become a marker too (the template is encoded with special
+    # tokens allowed): refuse rather than misplace an image.
+    if marker in chat.encode_dialog([flat(m, "") for m in messages], add_generation_prompt=True):
+        raise HerdError("the prompt's text contains the <|image|> token; cannot place the images")
+    marked = chat.encode_dialog([flat(m, "<|image|>") for m in messages], add_generation_prompt=True)
+    at = [i for i, t in enumerate(marked) if t == marker]
+    if len(at) != len(image_ids):
+        raise HerdError("cannot place the images in this chat template's rendering")
+    out, prev = [], 0
+    for i, run in zip(at, image_ids, strict=True):
+        out += marked[prev:i] + run
+        prev = i + 1
+    return out + marked[prev:]
+
+
+@dataclass
+class ImagePrompt:
+    ids: list[int]
+    tiles: torch.Tensor  # every image's tiles (each: row-major tiles, then its thumbnail), in prompt order
+    grids: list[tuple[int, int]]
+
+
+def require_vision(model) -> VisionArgs:
     vision = getattr(model.args, "vision", None)
     if vision is None:
         raise HerdError("this model is text-only (no vision encoder in the checkpoint); --image needs a "
                         "multimodal Llama 4 checkpoint (Llama4ForConditionalGeneration)")
+    return vision
+
+
+def prepare_images_prompt(model, tokenizer, prompt, images=()) -> ImagePrompt:
+    """Prompt ids and tiles for `model`: `images` (paths or PIL images) placed as `place_images`
+    says, plus any images carried by the dialog's own image parts. A text-only model is an error,
+    as is a tokenizer without Llama 4's image tokens."""
+    vision = require_vision(model)
     if tokenizer is None:
         raise HerdError("this model was loaded without a tokenizer; an image prompt needs one")
-    img = load_image(image) if isinstance(image, (str, Path)) else image
-    processed = preprocess_image(img, vision)
     patch = tokenizer.special_tokens.get("<|patch|>")
     if patch is not None and patch != vision.image_token_id:
         raise HerdError(f"the tokenizer's <|patch|> is id {patch} but the model's image token is "
                         f"{vision.image_token_id}: tokenizer and checkpoint do not belong together")
-    ids = encode_with_image(tokenizer, prompt, image_token_ids(processed.grid, vision, tokenizer.special_tokens))
-    return ids, processed.tiles
+    images = list(images)
+    sources = image_sources(prompt, images)
+    prompt = place_images(prompt, len(images))
+    processed = [preprocess_image(load_image(s) if isinstance(s, (str, Path)) else as_rgb(s), vision)
+                 for s in sources]
+    if not processed:
+        raise HerdError("no image in the prompt")
+    ids = encode_with_images(tokenizer, prompt,
+                             [image_token_ids(p.grid, vision, tokenizer.special_tokens) for p in processed])
+    return ImagePrompt(ids, torch.cat([p.tiles for p in processed]), [p.grid for p in processed])
+
+
+def prepare_image_prompt(model, tokenizer, prompt, image) -> tuple[list[int], torch.Tensor]:
+    """(prompt ids, tiles) for one image (a path or PIL image) given beside the prompt."""
+    p = prepare_images_prompt(model, tokenizer, prompt, [image])
+    return p.ids, p.tiles
