@@ -181,6 +181,68 @@ def test_tiles_and_prompt_match_meta_reference(monkeypatch, tokenizer, path):
     assert (processed.tiles - ref_tiles).abs().max().item() <= 1e-6
 
 
+def _meta_chat_format(monkeypatch, vision):
+    chat_format, _ = _reference_with_pil_torchvision(monkeypatch)
+    from llama_models.llama4.args import Size
+    from llama_models.llama4.args import VisionArgs as MetaVisionArgs
+    from llama_models.llama4.tokenizer import Tokenizer
+
+    meta_vision = MetaVisionArgs(image_size=Size(height=vision.image_size, width=vision.image_size),
+                                 patch_size=Size(height=vision.patch_size, width=vision.patch_size),
+                                 dim=1408, n_layers=1, n_heads=16, mlp_ratio=4.0, output_dim=4096,
+                                 pixel_shuffle_ratio=vision.pixel_shuffle_ratio)
+    return chat_format.ChatFormat(Tokenizer.get_instance(), vision_args=meta_vision, max_num_chunks=vision.max_tiles)
+
+
+@pytest.mark.parametrize("layout", ["images_first", "interleaved"])
+def test_two_images_in_one_turn_match_meta_reference(monkeypatch, tokenizer, layout):
+    """Two real photos in one user turn: herd's ids and tiles equal llama-models'
+    `ChatFormat.encode_dialog_prompt`, which puts each image's run where it stands in the content."""
+    from llama_models.datatypes import RawMediaItem, RawMessage, RawTextItem
+
+    from herd.models.image_processing import prepare_images_prompt
+
+    vision = VisionArgs()
+    fmt = _meta_chat_format(monkeypatch, vision)
+    if layout == "images_first":
+        parts = [DOG, PASTA, "Which of these two would you rather eat?"]
+    else:
+        parts = ["First this one:", DOG, " then this one:", PASTA, " — what do they have in common?"]
+    ref = fmt.encode_dialog_prompt([
+        RawMessage(role="system", content="Answer briefly."),
+        RawMessage(role="user", content=[RawMediaItem(data=p.read_bytes()) if isinstance(p, Path) else
+                                         RawTextItem(text=p) for p in parts])])
+    dialog = [{"role": "system", "content": "Answer briefly."},
+              {"role": "user", "content": [{"type": "image", "image": p} if isinstance(p, Path) else
+                                           {"type": "text", "text": p} for p in parts]}]
+    model = types.SimpleNamespace(args=types.SimpleNamespace(vision=vision))
+    ours = prepare_images_prompt(model, tokenizer, dialog)
+    assert ours.ids == ref.tokens
+    assert len(ref.images) == 2 and ours.tiles.shape[0] == sum(t.shape[0] for t in ref.images)
+    assert (ours.tiles - torch.cat(ref.images)).abs().max().item() <= 1e-6
+    # The same images given beside a plain dialog go first in the turn, as in the first layout.
+    if layout == "images_first":
+        plain = [dialog[0], {"role": "user", "content": parts[2]}]
+        assert prepare_images_prompt(model, tokenizer, plain, [DOG, PASTA]).ids == ref.tokens
+        slots = [dialog[0], {"role": "user", "content": [{"type": "image"}, {"type": "image"},
+                                                          {"type": "text", "text": parts[2]}]}]
+        assert prepare_images_prompt(model, tokenizer, slots, [DOG, PASTA]).ids == ref.tokens
+
+
+def test_two_images_in_a_text_prompt_match_meta_reference(monkeypatch, tokenizer):
+    """A plain-text prompt: BOS, the images, the text — Meta's `encode_content([img, img, text])`."""
+    from llama_models.datatypes import RawMediaItem, RawTextItem
+
+    from herd.models.image_processing import prepare_images_prompt
+
+    vision = VisionArgs()
+    fmt = _meta_chat_format(monkeypatch, vision)
+    ref = fmt.encode_content([RawMediaItem(data=DOG.read_bytes()), RawMediaItem(data=PASTA.read_bytes()),
+                              RawTextItem(text="Two photos:")])
+    model = types.SimpleNamespace(args=types.SimpleNamespace(vision=vision))
+    assert prepare_images_prompt(model, tokenizer, "Two photos:", [DOG, PASTA]).ids == ref.tokens
+
+
 def test_prompt_expansion_matches_transformers_processor(tokenizer):
     from transformers.models.llama4.processing_llama4 import Llama4Processor
 
