@@ -3,11 +3,13 @@ trained on up to 16K H100s with [TP, CP, PP, DP] parallelism and FSDP for data p
 
 Everything here is applied from outside an unmodified model (DESIGN principle 2), in a fixed order:
 
-    tensor/sequence parallel (+ the expert-parallel hook for MoE) → activation checkpointing
+    expert parallel (Llama 4 MoE) / tensor+sequence parallel → activation checkpointing
     → per-block torch.compile (GPU) → FSDP2 (`fully_shard`, bf16 MixedPrecisionPolicy on GPU)
 
 over one `DeviceMesh` with dims [pp, dp_replicate, dp_shard, cp, tp] (outermost first: TP is the
-innermost dim so its heavy traffic stays inside a node, as in the paper's ordering). Pipeline
+innermost dim so its heavy traffic stays inside a node, as in the paper's ordering). Expert
+parallel (`parallel.ep`, herd/train/expert_parallel.py) splits dp_shard into dp_shard_mod_ep × ep
+and flattens the two back into dp_shard, so everything but the experts sees the same five dims. Pipeline
 parallel cuts the model into stages by layers (`torch.distributed.pipelining`, 1F1B, interleaved
 1F1B or GPipe); context parallel shards the sequence (PyTorch's `context_parallel`, GPU only).
 
@@ -34,7 +36,9 @@ from torch import nn
 
 from herd.errors import HerdError
 from herd.models.llama3 import DecoderOnly
+from herd.models.llama4 import moe_layers
 from herd.models.rope import rope_frequencies, rope_rotations
+from herd.train.expert_parallel import apply_expert_parallel, check_expert_parallel, shard_experts_fsdp
 from herd.train.objectives import IGNORE, NextTokenLM, document_mask, document_positions, lm_targets
 
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
@@ -55,6 +59,7 @@ class ParallelConfig:
     dp_shard: int = -1  # FSDP degree; -1 = whatever the other dims leave of the world size
     cp: int = 1  # context parallel (sequence sharding in attention; GPU only)
     tp: int = 1  # tensor parallel with sequence-parallel norms
+    ep: int = 1  # expert parallel for MoE layers: ranks borrowed from dp_shard (must divide it)
     pp_schedule: str = "1f1b"  # 1f1b | interleaved_1f1b | gpipe
     pp_microbatches: int = 0  # per data-parallel share of a micro-batch; 0 = one sequence each
     pp_stages_per_rank: int = 0  # 0 = 2 for interleaved_1f1b, else 1
@@ -77,9 +82,19 @@ class ParallelConfig:
             layout = "×".join(f"{k}={v}" for k, v in d.items() if v > 1) or "1"
             raise HerdError(f"parallel layout {layout} needs {math.prod(d.values())} processes, this run has "
                             f"{world_size} (launch with torchrun --nproc_per_node N)")
+        if d["dp_shard"] % self.ep:
+            raise HerdError(f"parallel.ep={self.ep} must divide parallel.dp_shard={d['dp_shard']}: expert "
+                            "parallel borrows its ranks from FSDP's data-parallel dim")
         return d
 
     def validate(self) -> None:
+        if self.ep < 1:
+            raise HerdError(f"parallel.ep={self.ep}: degrees are positive integers")
+        if self.ep > 1:
+            other = [f"{k}={getattr(self, k)}" for k in ("tp", "cp", "pp") if getattr(self, k) != 1]
+            if other:
+                raise HerdError(f"parallel.ep={self.ep} with parallel.{', '.join(other)} is not supported: expert "
+                                "parallel combines with FSDP/HSDP (dp_shard, dp_replicate) only")
         if self.pp_schedule not in PP_SCHEDULES:
             raise HerdError(f"parallel.pp_schedule {self.pp_schedule!r}: choose {', '.join(PP_SCHEDULES)}")
         if self.activation_checkpoint not in AC_MODES:
@@ -137,10 +152,19 @@ def _elastic_store():
     return dist.PrefixStore(f"herd/attempt_{restart}", store)
 
 
-def build_mesh(degrees: dict[str, int], device_type: str):
+def build_mesh(degrees: dict[str, int], device_type: str, ep: int = 1):
+    """The [pp, dp_replicate, dp_shard, cp, tp] mesh; with expert parallel (ep > 1) dp_shard is built
+    as dp_shard_mod_ep × ep and flattened back, so `mesh["dp_shard"]` is the same group of ranks
+    either way (herd/train/expert_parallel.py)."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    return init_device_mesh(device_type, tuple(degrees[k] for k in MESH_DIMS), mesh_dim_names=MESH_DIMS)
+    if ep == 1:
+        return init_device_mesh(device_type, tuple(degrees[k] for k in MESH_DIMS), mesh_dim_names=MESH_DIMS)
+    names = ("pp", "dp_replicate", "dp_shard_mod_ep", "ep", "cp", "tp")
+    sizes = {**degrees, "dp_shard_mod_ep": degrees["dp_shard"] // ep, "ep": ep}
+    mesh = init_device_mesh(device_type, tuple(sizes[k] for k in names), mesh_dim_names=names)
+    mesh["dp_shard_mod_ep", "ep"]._flatten("dp_shard")
+    return mesh
 
 
 # ---- tensor / sequence parallel -------------------------------------------------------------------
@@ -186,17 +210,6 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh, loss_parallel: bool) -> Non
             "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
             "feed_forward.w3": ColwiseParallel(),
         })
-
-
-def apply_expert_parallel(model: nn.Module, mesh) -> None:
-    """The expert-parallel hook: Llama 4's MoE layers (herd.models.llama4.MoE) would shard their
-    experts here, between TP and activation checkpointing. Not built yet, so a MoE model with any
-    model-parallel dim is refused rather than sharded wrongly."""
-    from herd.models.llama4 import MoE
-
-    if any(isinstance(m, MoE) for m in model.modules()):
-        raise HerdError("tensor/expert parallelism for Llama 4 MoE layers is not implemented yet; "
-                        "use data parallel (parallel.dp_shard) only")
 
 
 # ---- activation checkpointing and compile ---------------------------------------------------------
@@ -249,10 +262,12 @@ def apply_compile(model: nn.Module) -> None:
 
 
 # ---- FSDP2 ------------------------------------------------------------------------------------------
-def apply_fsdp(model: nn.Module, dp_mesh, *, mixed_precision: bool, pipelined: bool) -> None:
+def apply_fsdp(model: nn.Module, dp_mesh, *, mixed_precision: bool, pipelined: bool, expert_mesh=None) -> None:
     """fully_shard each block, the embeddings, the norm+output head together, then the root, so one
     block's parameters are all-gathered at a time. On GPU, parameters compute in bf16 while
-    gradients are reduced in fp32 (MixedPrecisionPolicy)."""
+    gradients are reduced in fp32 (MixedPrecisionPolicy). With expert parallel, `expert_mesh` (the
+    whole mesh) is where the experts get their own FSDP over dp_shard_mod_ep, wrapped first so the
+    blocks' FSDP leaves them out."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     kw: dict[str, Any] = {"mesh": dp_mesh}
@@ -264,6 +279,8 @@ def apply_fsdp(model: nn.Module, dp_mesh, *, mixed_precision: bool, pipelined: b
                                                cast_forward_inputs=False)
     # With pipelining each micro-batch would all-gather again: keep parameters gathered instead.
     reshard = not pipelined
+    if expert_mesh is not None:
+        shard_experts_fsdp(model, expert_mesh, kw, reshard, dp_mesh.size())
     if getattr(model, "tok_embeddings", None) is not None:
         fully_shard(model.tok_embeddings, reshard_after_forward=reshard, **kw)
     for block in model.layers.children():
@@ -392,12 +409,11 @@ class Parallel:
         self.d = cfg.degrees(self.world)
         self.distributed = self.world > 1
         self.rank = dist.get_rank() if self.distributed else 0
-        self.mesh = build_mesh(self.d, self.device.type) if self.distributed else None
+        self.mesh = build_mesh(self.d, self.device.type, cfg.ep) if self.distributed else None
         self.dp_size = self.d["dp_replicate"] * self.d["dp_shard"]  # ranks that read different rows
         self.grad_ranks = self.dp_size * self.d["cp"]  # ranks whose gradients FSDP averages
         if self.distributed:
-            c = self.mesh.get_coordinate()
-            coord = dict(zip(MESH_DIMS, c, strict=True))
+            coord = {k: self.mesh[k].get_local_rank() for k in MESH_DIMS}
             self.dp_rank = coord["dp_replicate"] * self.d["dp_shard"] + coord["dp_shard"]
             self.pp_rank = coord["pp"]
         else:
@@ -418,7 +434,8 @@ class Parallel:
         return self.distributed or self.cfg.activation_checkpoint != "none" or self.cfg.compile
 
     def describe(self) -> str:
-        return " × ".join(f"{k}={v}" for k, v in self.d.items() if v > 1) or "single process"
+        dims = [f"{k}={v}" for k, v in self.d.items() if v > 1] + ([f"ep={self.cfg.ep}"] if self.cfg.ep > 1 else [])
+        return " × ".join(dims) or "single process"
 
     # ---- building ----
     @contextlib.contextmanager
@@ -435,6 +452,10 @@ class Parallel:
         batch_sizes = [train.batch_size] + [e[1] for e in train.batch_schedule]
         seq_lens = [train.seq_len] + [e[2] for e in train.batch_schedule]
         tp, cp = self.d["tp"], self.d["cp"]
+        check_expert_parallel(self.cfg.ep, args)
+        if tp > 1 and getattr(args, "n_experts", 0):
+            raise HerdError(f"parallel.tp={tp}: tensor parallel for Llama 4 MoE models is not implemented; shard "
+                            "the experts with parallel.ep over the dp_shard ranks instead")
         if tp > 1:
             if args.n_heads % tp or args.kv_heads % tp:
                 raise HerdError(f"parallel.tp={tp} must divide n_heads ({args.n_heads}) and n_kv_heads "
@@ -670,17 +691,30 @@ class Parallel:
 
     def clip_grad_norm(self, params: Sequence[torch.Tensor], max_norm: float) -> torch.Tensor:
         """Global gradient norm over every shard (DTensor pieces across dp/tp, stages across pp), then
-        clip: what the single-process clip_grad_norm_ computes on the whole model."""
+        clip: what the single-process clip_grad_norm_ computes on the whole model. Expert-parallel
+        weights live on their own mesh: each mesh's norm is completed over it (every expert counted
+        once), and the squares add up."""
         from torch.distributed.tensor import DTensor
 
-        grads = [p.grad for p in params if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm(grads, 2.0)
-        if isinstance(norm, DTensor):
-            norm = norm.full_tensor()
+        by_mesh: dict[Any, list[torch.Tensor]] = {}
+        for p in params:
+            if p.grad is not None:
+                by_mesh.setdefault(p.grad.device_mesh if isinstance(p.grad, DTensor) else None, []).append(p)
+        norms = []
+        for group in by_mesh.values():
+            n = torch.nn.utils.get_total_norm([p.grad for p in group], 2.0)
+            norms.append(n.full_tensor() if isinstance(n, DTensor) else n)
+        if len(norms) == 1:
+            norm = norms[0]
+        elif norms:
+            norm = (sum(n.to(torch.float64) ** 2 for n in norms) ** 0.5).to(norms[0].dtype)
+        else:
+            norm = torch.zeros(())
         if self.pipelined:
             sq = norm.to(self.device, torch.float64) ** 2
             norm = (self._all_reduce(sq, ("pp",)) ** 0.5).to(norm.dtype)
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+        for group in by_mesh.values():  # one foreach per mesh: DTensor ops do not mix meshes
+            torch.nn.utils.clip_grads_with_norm_(group, max_norm, norm)
         return norm
 
     @torch.no_grad()
@@ -751,11 +785,13 @@ def parallelize(model: nn.Module, mesh, cfg: ParallelConfig, *, mixed_precision:
     """Apply TP/SP (+ the EP hook) → activation checkpointing → per-block compile → FSDP2 to `model`
     (a herd decoder or a pipeline stage of one) in place, from outside (DESIGN principle 2). `mesh`
     is the 5-D mesh of `build_mesh` (None in a single process: only AC and compile apply)."""
+    ep = 1
     if mesh is not None:
-        names = mesh.mesh_dim_names
-        size = {n: mesh[n].size() for n in names}
-        if size["tp"] > 1:
+        size = {n: mesh[n].size() for n in MESH_DIMS}
+        ep = mesh["ep"].size() if "ep" in mesh.mesh_dim_names else 1
+        if ep > 1 or (size["tp"] > 1 and moe_layers(model)):  # MoE under tp is refused there (not built)
             apply_expert_parallel(model, mesh)
+        if size["tp"] > 1:
             apply_tensor_parallel(model, mesh["tp"], cfg.loss_parallel)
     apply_activation_checkpointing(model, cfg.activation_checkpoint)
     if cfg.compile:
@@ -766,7 +802,8 @@ def parallelize(model: nn.Module, mesh, cfg: ParallelConfig, *, mixed_precision:
             dp_mesh = mesh["dp_replicate", "dp_shard_cp"] if size["dp_replicate"] > 1 else shard_mesh
         else:
             dp_mesh = mesh["dp_replicate", "dp_shard"] if size["dp_replicate"] > 1 else mesh["dp_shard"]
-        apply_fsdp(model, dp_mesh, mixed_precision=mixed_precision, pipelined=pipelined)
+        apply_fsdp(model, dp_mesh, mixed_precision=mixed_precision, pipelined=pipelined,
+                   expert_mesh=mesh if ep > 1 else None)
     return model
 
 
