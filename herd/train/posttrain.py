@@ -753,6 +753,10 @@ def finetune(stage: str, cfg, model_spec: str, data_path: str, *, val_path: str 
         for loader in (train, val) if val else (train,):
             objective.cache_reference(ref, loader, model.args.vocab_size)
         del ref
+    # The reward head and LoRA's A matrices are drawn from train.seed, not from whatever the global
+    # RNG holds after loading (another run earlier in the process, the reference pass): two runs of one
+    # config start from the same weights, and a resumed run matches the uninterrupted one bit for bit.
+    torch.manual_seed(t.seed)
     if stage == "reward":
         model = RewardModel(model)
     if lora.rank > 0:
