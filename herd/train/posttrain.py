@@ -475,16 +475,38 @@ class RewardRanking:
         return -F.logsigmoid(r[i] - r[j]).sum()
 
 
+NLL_NORMS = ("tokens", "response", "sum")
+
+
 @dataclass
 class DPO:
     """Direct preference optimization (§4.1.4): −log σ(β[(π_c − ref_c) − (π_r − ref_r)]) with β = 0.1,
-    plus `nll` × the chosen response's per-token NLL (coefficient 0.2; RPO, Pang et al. 2024), on
-    content tokens only. Reference log-probs are computed once (`cache_reference`) and looked up by
-    example index, so the reference model need not stay in memory."""
+    the log-probs summed over each response's content tokens (format tokens masked, §4.1.4), plus
+    `nll` × an NLL term on the chosen responses (coefficient 0.2). Reference log-probs are computed
+    once (`cache_reference`) and looked up by example index, so the reference model need not stay in
+    memory.
+
+    The NLL term is the one the paper cites, RPO (Pang et al. 2024, "Iterative Reasoning Preference
+    Optimization", eq. 1: the chosen sequence's NLL divided by its length), as TRL computes it for
+    `rpo_alpha` (DPOTrainer.concatenated_forward: `nll_loss = F.cross_entropy(chosen logits, chosen
+    labels)`, one mean over every chosen completion token of the batch, added to each pair's loss
+    before the mean over pairs). `nll_norm` picks the normalization:
+      "tokens"   (default) TRL's: mean NLL over all chosen tokens of the (micro-)batch;
+      "response" Pang et al.'s: each chosen response's NLL over its own length, mean over pairs
+                 (equal to "tokens" when the chosen responses are equally long);
+      "sum"      each chosen response's summed NLL (not per token): the scale of the log-ratio sums
+                 in the DPO term, so it is ~length × stronger than the per-token forms.
+    Either per-token form is a weak anchor next to β·Σ log-ratios: per token of a chosen response,
+    DPO pushes with β·σ(−βΔ) ≤ 0.05 (β = 0.1), the NLL with 0.2 / length."""
 
     beta: float = 0.1
     nll: float = 0.2
+    nll_norm: str = "tokens"
     reference: dict[int, tuple[float, float]] = field(default_factory=dict)  # example → (ref_c, ref_r)
+
+    def __post_init__(self):
+        if self.nll_norm not in NLL_NORMS:
+            raise HerdError(f"dpo.nll_norm must be one of {', '.join(NLL_NORMS)} (got {self.nll_norm!r})")
 
     def cache_reference(self, ref_model: nn.Module, loader: ExampleLoader, policy_vocab: int | None = None
                         ) -> None:
@@ -523,7 +545,8 @@ class DPO:
         return int(batch.seg_example.unique().numel())
 
     def terms(self, model: nn.Module, batch: RankedBatch) -> dict[str, torch.Tensor]:
-        """Per pair: policy and reference log-probs, the DPO loss and the NLL term."""
+        """Per pair: policy and reference log-probs, the DPO loss, and the chosen response's summed
+        NLL and content-token count (for the NLL term)."""
         lp, counts = response_logps(model, batch, with_nll=True)
         c, r, examples = self._chosen_rejected(batch)
         missing = [e for e in examples.tolist() if e not in self.reference]
@@ -532,13 +555,23 @@ class DPO:
         ref = torch.tensor([self.reference[e] for e in examples.tolist()], dtype=lp.dtype, device=lp.device)
         logits = (lp[c] - ref[:, 0]) - (lp[r] - ref[:, 1])
         dpo = -F.logsigmoid(self.beta * logits)
-        nll = -lp[c] / counts[c].clamp(min=1)
         return {"policy_chosen": lp[c], "policy_rejected": lp[r], "ref_chosen": ref[:, 0],
-                "ref_rejected": ref[:, 1], "dpo": dpo, "nll": nll}
+                "ref_rejected": ref[:, 1], "dpo": dpo, "nll_sum": -lp[c], "chosen_tokens": counts[c]}
+
+    def nll_per_pair(self, t: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The NLL term each pair carries (its mean over pairs is what is added to the mean DPO loss)."""
+        if self.nll_norm == "tokens":  # TRL: one mean over the batch's chosen tokens, for every pair
+            mean = t["nll_sum"].sum() / t["chosen_tokens"].sum().clamp(min=1)
+            return mean.expand_as(t["nll_sum"])
+        if self.nll_norm == "response":
+            return t["nll_sum"] / t["chosen_tokens"].clamp(min=1)
+        return t["nll_sum"]
 
     def loss_sum(self, model: nn.Module, batch: RankedBatch) -> torch.Tensor:
         t = self.terms(model, batch)
-        return (t["dpo"] + self.nll * t["nll"]).sum()
+        if self.nll == 0:
+            return t["dpo"].sum()
+        return (t["dpo"] + self.nll * self.nll_per_pair(t)).sum()
 
 
 # ---- the reward model ----------------------------------------------------------------------------
@@ -673,6 +706,7 @@ def export_model(model: nn.Module, tokenizer, out: str | os.PathLike) -> Path:
 class DPOConfig:
     beta: float = 0.1  # §4.1.4
     nll: float = 0.2  # weight of the chosen response's NLL term (§4.1.4); 0 = plain DPO
+    nll_norm: str = "tokens"  # how the NLL is normalized (see DPO): tokens (TRL), response (Pang et al.), sum
 
 
 def _split_extra(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -730,6 +764,7 @@ def finetune(stage: str, cfg, model_spec: str, data_path: str, *, val_path: str 
     # read the data first: a malformed line is reported before the (slow) model load
     read = load_chats if stage == "sft" else load_preferences
     train_rows, val_rows = read(data_path), (read(val_path) if val_path else None)
+    dpo_objective = DPO(**vars(dpo or DPOConfig())) if stage == "dpo" else None  # checks dpo.* before the load
     model, tok = load_trainable(model_spec, t.device)
     _fit_seq_len(cfg, model, log)
     kw = dict(batch_size=t.batch_size, seq_len=t.seq_len)
@@ -740,7 +775,7 @@ def finetune(stage: str, cfg, model_spec: str, data_path: str, *, val_path: str 
     else:
         train = ranked_loader(tok, train_rows, seed=t.seed, **kw)
         val = ranked_loader(tok, val_rows, shuffle=False, start=len(train_rows), **kw) if val_rows else None
-        objective = RewardRanking() if stage == "reward" else DPO(**vars(dpo or DPOConfig()))
+        objective = RewardRanking() if stage == "reward" else dpo_objective
     if stage == "dpo":
         # §4.1.4: the reference is the starting policy unless given; its log-probs are computed
         # once here and cached, so it is freed before training starts.

@@ -99,10 +99,11 @@ class FixedLogits(torch.nn.Module):
 
 
 def _toy_batch(V=11):
-    # Two examples; prompt 3 tokens; responses of 2-3 tokens; the last token of each response is a
-    # masked format token (content False).
+    # Two examples; prompts of 3 and 2 tokens; responses of 2-4 tokens; the last token of each
+    # response is a masked format token (content False). The chosen responses have 2 and 3 content
+    # tokens, so a mean over the batch's tokens and a mean of per-response means differ.
     exs = [EncodedRanked(0, [1, 2, 3], [[4, 5, 9], [6, 9]], [[True, True, False], [True, False]]),
-           EncodedRanked(1, [2, 3], [[7, 8, 9], [5, 6, 9]], [[True, True, False], [True, True, False]])]
+           EncodedRanked(1, [2, 3], [[7, 8, 5, 9], [5, 6, 9]], [[True, True, True, False], [True, True, False]])]
     return exs, collate_ranked(exs)
 
 
@@ -121,6 +122,20 @@ def _hand_logps(logits, ex, b):
     return out
 
 
+def _trl_rpo_nll(logits, exs):
+    """TRL DPOTrainer (rpo_alpha): `F.cross_entropy(chosen_logits.flatten(0, 1), chosen_labels.flatten(),
+    ignore_index=...)` over every chosen completion — one mean over all chosen tokens of the batch.
+    Built here as TRL lays it out: each example's prompt + chosen completion as its own sequence,
+    labels = the next token on completion content tokens, ignored elsewhere."""
+    rows, labels = [], []
+    for b, ex in enumerate(exs):
+        p, resp, content = len(ex.prompt), ex.responses[0], ex.content[0]
+        for j, (tok, c) in enumerate(zip(resp, content, strict=True)):
+            rows.append(logits[b, p - 1 if j == 0 else p + j - 1])  # the chosen response follows the prompt
+            labels.append(tok if c else -100)
+    return float(F.cross_entropy(torch.stack(rows), torch.tensor(labels), ignore_index=-100))
+
+
 def test_dpo_loss_equals_trl_sigmoid_plus_rpo_nll():
     torch.manual_seed(0)
     exs, batch = _toy_batch()
@@ -128,33 +143,44 @@ def test_dpo_loss_equals_trl_sigmoid_plus_rpo_nll():
     model = FixedLogits(logits.clone())
     hand = [_hand_logps(logits, ex, b) for b, ex in enumerate(exs)]
     ref = {0: (-3.0, -2.5), 1: (-4.0, -1.0)}
-    for beta, nll in ((0.1, 0.2), (0.5, 0.0)):
+    trl_nll = _trl_rpo_nll(logits, exs)
+    for beta, nll in ((0.1, 0.2), (0.5, 0.0), (0.1, 1.0)):
         obj = DPO(beta=beta, nll=nll, reference=dict(ref))
-        expected = 0.0
+        losses = []
         for e in (0, 1):
             pc, pr = hand[e]
-            # TRL DPOTrainer, loss_type="sigmoid": -logsigmoid(β·(chosen_logratios − rejected_logratios))
+            # TRL DPOTrainer, loss_type="sigmoid": -logsigmoid(β·(chosen_logratios − rejected_logratios));
+            # then `losses = losses + rpo_alpha * nll_loss` and `loss = losses.mean()`
             delta = (pc - ref[e][0]) - (pr - ref[e][1])
-            expected += float(-F.logsigmoid(torch.tensor(beta * delta)))
-            n_content = sum(exs[e].content[0])
-            expected += nll * (-pc / n_content)  # RPO: length-normalized NLL of the chosen response
-        assert float(obj.loss_sum(model, batch).detach()) == pytest.approx(expected, rel=1e-5)
+            losses.append(float(-F.logsigmoid(torch.tensor(beta * delta))) + nll * trl_nll)
+        trl_loss = sum(losses) / len(losses)
         assert obj.num_terms(batch) == 2
+        assert float(obj.loss_sum(model, batch).detach()) / obj.num_terms(batch) == pytest.approx(trl_loss, rel=1e-5)
 
 
-def test_dpo_nll_equals_trl_sft_loss_for_equal_lengths():
-    # TRL's "sft" loss term is −mean log p over all chosen completion tokens of the batch; with equal
-    # chosen lengths that is our mean of per-pair normalized NLLs.
+def test_dpo_nll_normalizations():
+    # "tokens" is TRL's batch token mean; "response" Pang et al.'s per-response mean (differs here:
+    # chosen lengths 2 and 3); "sum" the per-response sum. Worked from per-token log-probs by hand.
     torch.manual_seed(1)
     exs, batch = _toy_batch()
     logits = torch.randn(2, batch.inputs.shape[1], 11)
-    t = DPO(reference={0: (0.0, 0.0), 1: (0.0, 0.0)}).terms(FixedLogits(logits), batch)
-    tokens = []
+    per_tok = []
     for b, ex in enumerate(exs):
         lp = torch.log_softmax(logits[b], -1)
-        p = len(ex.prompt)
-        tokens += [float(lp[p - 1 if j == 0 else p + j - 1, ex.responses[0][j]]) for j in range(2)]
-    assert float(t["nll"].mean().detach()) == pytest.approx(-sum(tokens) / len(tokens), rel=1e-5)
+        p, resp = len(ex.prompt), ex.responses[0]
+        per_tok.append([-float(lp[p - 1 if j == 0 else p + j - 1, resp[j]])
+                        for j in range(len(resp)) if ex.content[0][j]])
+    assert [len(x) for x in per_tok] == [2, 3]
+    ref = {0: (0.0, 0.0), 1: (0.0, 0.0)}
+    want = {"tokens": [sum(map(sum, per_tok)) / 5] * 2, "response": [sum(x) / len(x) for x in per_tok],
+            "sum": [sum(x) for x in per_tok]}
+    assert want["tokens"][0] == pytest.approx(_trl_rpo_nll(logits, exs), rel=1e-6)
+    for norm, expected in want.items():
+        obj = DPO(nll_norm=norm, reference=dict(ref))
+        got = obj.nll_per_pair(obj.terms(FixedLogits(logits), batch)).detach().tolist()
+        assert got == pytest.approx(expected, rel=1e-5), norm
+    with pytest.raises(HerdError, match="dpo.nll_norm must be one of tokens, response, sum"):
+        DPO(nll_norm="mean")
 
 
 def test_reward_loss_equals_trl_pairwise_ranking_edited_chosen_rejected():
