@@ -252,6 +252,55 @@ def test_prompt_expansion_matches_transformers_processor(tokenizer):
         assert image_token_ids(grid, v, tokenizer.special_tokens) == tokenizer.encode(text, allow_special=True)
 
 
+def _synthetic(w: int, h: int, seed: int):
+    """Gradients plus noise: noise is where two bilinear implementations disagree most."""
+    from PIL import Image
+
+    y, x = np.mgrid[0:h, 0:w]
+    base = np.stack([x * 255 // max(w - 1, 1), y * 255 // max(h - 1, 1), (x + y) * 7 % 256], -1)
+    noise = np.random.default_rng(seed).integers(-40, 40, base.shape)
+    return Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8), "RGB")
+
+
+def test_preprocessing_matches_transformers_image_processor(tmp_path, tokenizer):
+    """herd's tiles, tile grid and expanded prompt against transformers' torchvision-based Llama 4
+    image processor and Llama4Processor (run where torchvision imports: the CUDA torch wheel's venv).
+
+    The grids and token ids must be equal. Pixels may differ by two things only: torchvision's
+    uint8 antialiased bilinear resize rounds a few pixels one level away from PIL's (herd follows
+    Meta's llama-models, which resizes the PIL image through PIL), and transformers rescales and
+    normalizes in bfloat16 (|error| < 2^-8) where Meta and herd use float32. Bound: 2/255 + 2^-8."""
+    pytest.importorskip("torchvision")
+    import transformers
+    from transformers import AutoTokenizer, Llama4Processor
+
+    from herd.models.image_processing import prepare_images_prompt
+
+    processor_cls = getattr(transformers, "Llama4ImageProcessor", None) or transformers.Llama4ImageProcessorFast
+    hf = processor_cls()
+    tokenizer.save(tmp_path / "tok")
+    processor = Llama4Processor(image_processor=hf, tokenizer=AutoTokenizer.from_pretrained(tmp_path / "tok"))
+    vision = VisionArgs()  # 336-pixel tiles, up to 16: transformers' defaults
+    model = types.SimpleNamespace(args=types.SimpleNamespace(vision=vision))
+    images = {"dog": load_image(DOG), "pasta": load_image(PASTA), "tall": _synthetic(200, 1500, 0),
+              "wide": _synthetic(1800, 150, 1), "tiny": _synthetic(20, 12, 2), "huge": _synthetic(4000, 3000, 3),
+              "odd": _synthetic(337, 673, 4)}
+    for name, img in images.items():
+        ref = hf(images=[img], return_tensors="pt")
+        ours = preprocess_image(img, vision)
+        assert ours.grid == tuple(ref["aspect_ratios"][0].tolist()), name
+        assert ours.tiles.shape == ref["pixel_values"].shape, name
+        diff = (ours.tiles - ref["pixel_values"].float()).abs()
+        assert diff.max().item() <= 2 / 255 + 2 ** -8 + 1e-6, (name, diff.max().item())
+        assert diff.mean().item() <= 2e-3, (name, diff.mean().item())  # most pixels: the bf16 rounding only
+        ids = processor(text="<|image|>What is this?", images=[img], return_tensors="pt")["input_ids"][0].tolist()
+        assert prepare_images_prompt(model, tokenizer, "What is this?", [img]).ids == ids, name
+    # two images in one prompt, each expanded where its <|image|> stands
+    two = processor(text="<|image|><|image|>Which one is food?", images=[images["dog"], images["pasta"]],
+                    return_tensors="pt")["input_ids"][0].tolist()
+    assert prepare_images_prompt(model, tokenizer, "Which one is food?", [DOG, PASTA]).ids == two
+
+
 # ---- checkpoints and errors ---------------------------------------------------------------------
 def test_hf_round_trip_with_vision(models, tmp_path, tokenizer):
     from transformers import Llama4ForConditionalGeneration
