@@ -18,6 +18,15 @@ separated by `<|tile_x_separator|>` and ended by `<|tile_y_separator|>`, then `<
 thumbnail's `<|patch|>`×n; `<|image_end|>`. n = patches per tile after pixel shuffle (144).
 The reference resizes through torchvision's PIL path (`Image.resize(..., BILINEAR)`), used here
 directly so that torchvision is not needed.
+
+Several images: each image's run stands where the image stands in its message's content (Meta's
+`_encode_content` walks the content list; text parts are encoded one by one), and the tiles of all
+images are concatenated in the same order, so the model fills the `<|patch|>` slots in turn.
+
+transformers' `Llama4ImageProcessor` (torchvision) gives the same canvases and token runs; its pixels
+differ by at most one uint8 level where torchvision's antialiased bilinear rounds unlike PIL, plus
+bfloat16 rounding (it normalizes in bf16) — herd follows Meta's float32 PIL path
+(tests/models/test_vision.py measures both).
 """
 
 from __future__ import annotations
