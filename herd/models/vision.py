@@ -230,9 +230,10 @@ class Llama4Multimodal(Transformer):
 
 
 class WithImages:
-    """A multimodal model bound to the images of one prompt, for the generation loop: the first
-    call (the prefill, which holds every `<|patch|>` token) merges the image features, later calls
-    (one new token each) are text only. Everything else is the model's."""
+    """A multimodal model bound to the images of a prompt (or of a batch of prompts: every row's
+    tiles, in row order), for the generation loop: the first call (the batched prefill, which holds
+    every `<|patch|>` token) merges the image features row by row, later calls (one new token each)
+    are text only. Everything else is the model's."""
 
     def __init__(self, model: Llama4Multimodal, images: torch.Tensor):
         self.model, self.images = model, images
