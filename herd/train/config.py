@@ -124,6 +124,12 @@ class TrainConfig:
     device: str = "cpu"
     dtype: str = "auto"  # "auto": bf16 autocast on GPU, fp32 on CPU; or "float32" / "bfloat16"
     threads: int = 0  # torch CPU threads; 0 = leave as is
+    # torch.compile the forward pass and the loss as one graph (one process; distributed runs compile
+    # per block with parallel.compile). Fuses the norms, SwiGLU, RoPE and the softmax of the loss
+    # around the matmuls; the first step pays the compilation (~30 s for the tiny model on 2 cores).
+    compile: bool = False
+    # CPU: keep freed memory for reuse instead of page-faulting it in again every step (herd/runtime.py)
+    retain_memory: bool = True
     # Start from these weights (a training checkpoint ckpt-N/ or any model checkpoint herd reads)
     # with a fresh optimizer and schedule: continued pre-training stages such as long-context
     # extension (§3.4.2) or annealing on a high-quality mix (§3.4.3). "" = fresh init_weights().

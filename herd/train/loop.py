@@ -28,6 +28,7 @@ from torch import nn
 
 from herd.data.shards import PackedLoader
 from herd.errors import HerdError
+from herd.runtime import retain_freed_memory
 from herd.models.llama3 import Transformer
 from herd.models.llama4 import Llama4Args, router_stats
 from herd.models.llama4 import Transformer as Llama4Transformer
@@ -35,7 +36,7 @@ from herd.train import checkpoint as ckpt
 from herd.train import dist_checkpoint
 from herd.train.config import OptimConfig, RunConfig
 from herd.train.metrics import MetricSinks
-from herd.train.objectives import NextTokenLM, Objective
+from herd.train.objectives import Compiled, NextTokenLM, Objective
 from herd.train.parallel import Parallel
 from herd.train.prepare import ensure_shards, tokenizer_files
 from herd.train.schedule import lr_at
@@ -185,6 +186,8 @@ class Trainer:
         self.run_dir = Path(t.out_dir)
         if t.threads:
             torch.set_num_threads(t.threads)
+        if t.retain_memory and torch.device(t.device).type == "cpu":
+            retain_freed_memory()
         # herd/train/parallel.py: joins the torchrun job when WORLD_SIZE > 1 and holds the layout.
         self.parallel = Parallel(cfg.parallel, t.device)
         self.device = self.parallel.device
@@ -223,6 +226,11 @@ class Trainer:
         else:
             self._build_model(cfg)
         self.model.train()
+        if t.compile:
+            if self.parallel.active:
+                raise HerdError("train.compile compiles one process's whole forward and loss; with "
+                                "parallelism or activation checkpointing use parallel.compile (per block)")
+            self.objective = Compiled(self.objective)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.step = 0
         self.tokens = 0

@@ -74,3 +74,25 @@ class NextTokenLM:
             logits = model(inputs)
         return F.cross_entropy(logits.flatten(0, 1).float(), lm_targets(batch).flatten(),
                                ignore_index=IGNORE, reduction="sum")
+
+
+class Compiled:
+    """An objective whose training loss (model forward + loss) runs as one torch.compile graph:
+    the elementwise work between the matmuls (RMSNorm, RoPE, SwiGLU, residuals, the loss's softmax)
+    fuses into a few kernels instead of a pass over memory each. Evaluation (no gradients) stays
+    eager: a second graph would cost another compilation for a few batches."""
+
+    def __init__(self, objective: Objective):
+        self.objective = objective
+        self._loss = torch.compile(objective.loss_sum)
+
+    def num_terms(self, batch: Any) -> int:
+        return self.objective.num_terms(batch)
+
+    def loss_sum(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            return self._loss(model, batch)
+        return self.objective.loss_sum(model, batch)
+
+    def __getattr__(self, name: str) -> Any:  # the wrapped objective's own fields and helpers
+        return getattr(self.objective, name)
