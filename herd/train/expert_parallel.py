@@ -134,10 +134,12 @@ def shard_experts_fsdp(model: nn.Module, mesh, kw: dict, reshard: bool, grad_ran
 
     dims = ("dp_replicate", "dp_shard_mod_ep") if mesh["dp_replicate"].size() > 1 else ("dp_shard_mod_ep",)
     emesh = mesh[dims]
+    sharded = mesh["dp_shard_mod_ep"].size() > 1  # FSDP reduce-scatters expert gradients over > 1 rank
     for m in expert_modules(model):
         fully_shard(m, reshard_after_forward=reshard, **{**kw, "mesh": emesh})
         m.set_gradient_divide_factor(float(grad_ranks))
-        if emesh.device_type == "cpu" and emesh.size() > 1 and hasattr(m, "set_force_sum_reduction_for_comms"):
-            # gloo has no PREMUL_SUM: sum, then divide. (Not on a 1-rank mesh: torch 2.13's
-            # single-rank path divides by the factor, and would then divide a second time.)
+        if sharded and emesh.device_type == "cpu" and hasattr(m, "set_force_sum_reduction_for_comms"):
+            # gloo has no PREMUL_SUM: sum, then divide. Only with a real reduce-scatter: torch
+            # 2.13's one-rank path already divides by the factor and would divide a second time
+            # (seen as a 4x smaller expert gradient under HSDP 2 x ep 2).
             m.set_force_sum_reduction_for_comms(True)

@@ -191,6 +191,25 @@ def test_checkpoint_resumes_with_the_same_losses(runs, resumed):
     assert _close(got[3]["val_loss"], ref[3]["val_loss"])
 
 
+# 4 processes: the experts' own FSDP really reduce-scatters (dp_shard=4 = 2 × ep 2), and HSDP
+# (dp_replicate=2 × dp_shard=2, ep=2) all-reduces them across replicas.
+LAYOUTS_4 = {"fsdp4_ep2": {"parallel.dp_shard": 4, "parallel.ep": 2},
+             "hsdp2x2_ep2": {"parallel.dp_replicate": 2, "parallel.dp_shard": 2, "parallel.ep": 2}}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(LAYOUTS_4))
+def test_four_process_layouts_match_one_process(runs, shards, tmp_path_factory, name):
+    run = tmp_path_factory.mktemp("ep4") / name
+    mp.spawn(_worker, args=(4, _free_port(), [("train", _overrides(shards, run, **LAYOUTS_4[name]), None)]),
+             nprocs=4, join=True)
+    ref, got = _rows(runs["single"]), _rows(run)
+    assert [r["step"] for r in got] == list(range(1, STEPS + 1))
+    for r, g in zip(ref, got, strict=True):
+        assert _close(g["loss"], r["loss"]), (name, r["step"], g["loss"], r["loss"])
+        assert _close(g["grad_norm"], r["grad_norm"]), (name, r["step"], g["grad_norm"], r["grad_norm"])
+
+
 def test_bad_expert_parallel_configs_are_one_line_errors(shards, tmp_path):
     from herd.models.args import get_preset
     from herd.models.llama4 import LLAMA4_PRESETS
