@@ -17,7 +17,7 @@ from herd.train.lora import LoRAConfig
 from herd.train.posttrain import DPOConfig, PostTrainer, finetune
 from tests.train.posttrain_fixtures import chat_rows, make_tiny_model, preference_rows, write_jsonl
 
-STEPS, K = 4, 2
+STEPS, K = 3, 2
 
 
 class Stopped(Exception):
@@ -53,7 +53,7 @@ def _cfg(out):
     return load_config(overrides=[f'train.out_dir="{out}"', f"train.steps={STEPS}", "train.batch_size=2",
                                   "train.seq_len=128", f"checkpoint.every={K}", "checkpoint.keep=0",
                                   "optim.lr=3e-3", "optim.weight_decay=0.0", "schedule.name=cosine",
-                                  "schedule.warmup_steps=2", "model.max_seq_len=256"])
+                                  "schedule.warmup_steps=1", "model.max_seq_len=256"])
 
 
 def _run(stage, tiny_dir, data, out, lora_rank, resume=False):
