@@ -28,9 +28,12 @@ original order; MoE.forward then adds them with the router weights as in one pro
 
 Gradients. The all-to-all's backward returns each row's gradient to the rank that owns the token,
 and brings every rank's tokens' contribution to the owner of each expert: a local expert's
-gradient already sums over the whole ep group. FSDP then sums it over dp_shard_mod_ep (and
-dp_replicate), and divides by the full data-parallel size (`set_gradient_divide_factor`), as it
-divides the non-expert gradients, so both equal the single-process gradient of the global batch.
+gradient already sums over the whole ep group of P ranks. Scaled by 1/P in backward, then averaged
+by FSDP over dp_shard_mod_ep (and dp_replicate), it is divided by every data-parallel rank, as the
+non-expert gradients are, so both equal the single-process gradient of the global batch. (FSDP's
+own `set_gradient_divide_factor` would say the same, but its one-rank path divided twice in torch
+2.13 with the sum-then-divide gloo needs, and that path differs between releases; FSDP's default
+average is what every other weight already relies on.)
 `clip_grad_norm` adds the squared norms of the expert DTensors (each expert counted once, on its
 own mesh) and of the other weights.
 """
@@ -96,13 +99,29 @@ class ExpertParallelExperts(nn.Module):
         expert_of_row = torch.arange(E_local, device=x.device).repeat(P).repeat_interleave(received.flatten())
         order = torch.argsort(expert_of_row, stable=True)
         local_counts = received.sum(0)
-        w1, w2, w3 = (w.to_local() if isinstance(w, DTensor) else w for w in (self.w1, self.w2, self.w3))
+        # The local weights' gradient sums the whole ep group's tokens; FSDP then averages it over
+        # the other grad_ranks / P data-parallel ranks only, so 1/P makes it an average over all.
+        w1, w2, w3 = (_ScaleGrad.apply(w.to_local() if isinstance(w, DTensor) else w, 1.0 / P)
+                      for w in (self.w1, self.w2, self.w3))
         h = rows[order]
         # Experts.forward on the local block: SwiGLU through grouped matmuls over each expert's rows.
         out = grouped_mm(F.silu(grouped_mm(h, w1, local_counts)) * grouped_mm(h, w3, local_counts), w2, local_counts)
         # 3. Back to arrival order, then to the ranks the rows came from.
         back = torch.empty_like(out).index_copy(0, order, out)
         return all_to_all_single_autograd(back, send_splits, recv_splits, group)
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; the gradient times `scale` in backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad * ctx.scale, None
 
 
 def apply_expert_parallel(model: nn.Module, mesh) -> None:
@@ -126,20 +145,13 @@ def expert_modules(model: nn.Module) -> list[ExpertParallelExperts]:
     return [m for m in model.modules() if isinstance(m, ExpertParallelExperts)]
 
 
-def shard_experts_fsdp(model: nn.Module, mesh, kw: dict, reshard: bool, grad_ranks: int) -> None:
+def shard_experts_fsdp(model: nn.Module, mesh, kw: dict, reshard: bool) -> None:
     """FSDP2 over the expert weights' own data-parallel dims (dp_shard_mod_ep, and dp_replicate
-    under HSDP), before the blocks are wrapped so the blocks' FSDP leaves them out. The gradients
-    are divided by all `grad_ranks` data-parallel ranks, not by this smaller mesh (module docstring)."""
+    under HSDP), before the blocks are wrapped so the blocks' FSDP leaves them out. FSDP's default
+    average over this smaller mesh, after the 1/P of the forward, divides the expert gradients by
+    all data-parallel ranks, as the other gradients are (module docstring)."""
     from torch.distributed.fsdp import fully_shard
 
     dims = ("dp_replicate", "dp_shard_mod_ep") if mesh["dp_replicate"].size() > 1 else ("dp_shard_mod_ep",)
-    emesh = mesh[dims]
-    sharded = mesh["dp_shard_mod_ep"].size() > 1  # FSDP reduce-scatters expert gradients over > 1 rank
     for m in expert_modules(model):
-        fully_shard(m, reshard_after_forward=reshard, **{**kw, "mesh": emesh})
-        m.set_gradient_divide_factor(float(grad_ranks))
-        if sharded and emesh.device_type == "cpu" and hasattr(m, "set_force_sum_reduction_for_comms"):
-            # gloo has no PREMUL_SUM: sum, then divide. Only with a real reduce-scatter: torch
-            # 2.13's one-rank path already divides by the factor and would divide a second time
-            # (seen as a 4x smaller expert gradient under HSDP 2 x ep 2).
-            m.set_force_sum_reduction_for_comms(True)
+        fully_shard(m, reshard_after_forward=reshard, **{**kw, "mesh": mesh[dims]})

@@ -280,7 +280,7 @@ def apply_fsdp(model: nn.Module, dp_mesh, *, mixed_precision: bool, pipelined: b
     # With pipelining each micro-batch would all-gather again: keep parameters gathered instead.
     reshard = not pipelined
     if expert_mesh is not None:
-        shard_experts_fsdp(model, expert_mesh, kw, reshard, dp_mesh.size())
+        shard_experts_fsdp(model, expert_mesh, kw, reshard)
     if getattr(model, "tok_embeddings", None) is not None:
         fully_shard(model.tok_embeddings, reshard_after_forward=reshard, **kw)
     for block in model.layers.children():
