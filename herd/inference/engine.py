@@ -132,9 +132,12 @@ class KVPool:
 class PagedBatch:
     """The `Cache` (herd/models/llama3.py) for one forward over R rows, each row one sequence
     computing `n_new` tokens from position `start`, left-padded to T. Also builds the forward's
-    inputs: tokens, positions and the attention mask over each row's gathered context."""
+    inputs: tokens, positions and the attention mask over each row's gathered context.
 
-    offset = 0  # positions are always given explicitly, so the model never reads this
+    Each row's context is gathered right-aligned into S = the longest context, like the left-padded
+    KVCache of herd/inference/generate.py: key index S - ctx + p holds position p and the queries
+    sit at indices offset .. offset + T with offset = S - T. Llama 4's chunked-attention mask
+    (llama4.Transformer._chunk_mask) reads that layout off `offset` and the positions."""
 
     def __init__(self, pool: KVPool, rows: Sequence[tuple[list[int], list[int], int]], device):
         """rows: (block table, the new tokens, start position of the first new token)."""
@@ -161,13 +164,16 @@ class PagedBatch:
         pos = torch.where(real, start[:, None] + t[None, :] - (T - n)[:, None], -1)
         self.positions = pos.clamp(min=0)
         self.write = torch.where(real, slots(self.positions), scratch).reshape(-1)  # (R·T,)
-        s = torch.arange(S, device=device).expand(R, S)
-        self.gather = torch.where(s < ctx[:, None], slots(s.clamp(max=width * bs - 1)), scratch).reshape(-1)
-        # A query sees its own row's keys up to its position; a padding query sees key 0 only (a
-        # query row with no visible key would give NaNs).
-        mask = (s[:, None, :] <= pos[:, :, None]) | (~real[:, :, None] & (s[:, None, :] == 0))
+        key_pos = torch.arange(S, device=device)[None, :] - (S - ctx)[:, None]  # (R, S): -k on k pads
+        self.gather = torch.where(key_pos >= 0, slots(key_pos.clamp(0, width * bs - 1)), scratch).reshape(-1)
+        # A query sees its own row's keys up to its position; a padding query sees the last key only
+        # (a query row with no visible key would give NaNs).
+        last = torch.arange(S, device=device) == S - 1
+        mask = ((key_pos[:, None, :] >= 0) & (key_pos[:, None, :] <= pos[:, :, None])) | (
+            ~real[:, :, None] & last[None, None, :])
         self.mask = mask[:, None]  # (R, 1, T, S)
         self.R, self.T, self.S = R, T, S
+        self.offset = S - T  # the queries' key index: each row's last query is its last key
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         R, K, T, d = k.shape

@@ -60,6 +60,24 @@ def test_continuous_batching_equals_one_at_a_time(model, config):
         assert engine.stats["preemptions"] > 0  # the small pool really forced recomputation
 
 
+def test_llama4_chunked_attention_equals_one_at_a_time():
+    """Llama 4's RoPE layers attend within chunks of 8 positions here: the paged batch must lay each
+    row's context out as the model's chunk mask reads it (prompts and decodes cross many chunks)."""
+    from herd.models.llama4 import LLAMA4_PRESETS
+    from herd.models.llama4 import Transformer as Llama4
+
+    torch.manual_seed(0)
+    model = Llama4(LLAMA4_PRESETS["llama4-debug"])
+    model.init_weights(std=0.5)
+    model.eval()
+    prompts = _prompts(model.args.vocab_size, (3, 40, 17, 1, 30), seed=2)
+    for config in (dict(), dict(num_blocks=20, max_batch=3, max_prefill_tokens=7, block_size=4)):
+        engine = Engine(model, **config)
+        got = [o[0].token_ids for o in engine.generate(prompts, max_tokens=12)]
+        assert got == _alone(model, prompts, 12)
+        _pool_is_full(engine)
+
+
 def test_requests_joining_mid_flight_equal_one_at_a_time(model):
     """Requests arrive while others decode: every step may mix prefill and decode."""
     prompts = _prompts(model.args.vocab_size, (5, 30, 12, 50, 2, 21), seed=3)
