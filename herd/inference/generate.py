@@ -46,7 +46,13 @@ _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def compiled(model):
     """The model under torch.compile, compiled once per model and reused by later calls. A model
     with pre-packed CPU linears is returned as is: those are already the fast path on CPU, and
-    inductor cannot fuse across them."""
+    inductor cannot fuse across them. A model bound to a prompt's images (vision.WithImages, a new
+    wrapper per request) is keyed by the model it wraps: the compiled decode steps are text only,
+    and a per-wrapper key would compile again for every image prompt."""
+    from herd.models.vision import WithImages
+
+    if isinstance(model, WithImages):
+        model = model.model
     if any(isinstance(m, PackedLinear) for m in model.modules()):
         warnings.warn("compile skipped: this model's linears are pre-packed for CPU inference", stacklevel=3)
         return model

@@ -102,3 +102,20 @@ def test_compiled_decoding_equals_eager():
     eager = generate_batch(model, prompts, max_new_tokens=12)
     compiled = generate_batch(model, prompts, max_new_tokens=12, compile=True)
     assert [c.ids for c in compiled] == [c.ids for c in eager]
+
+
+def test_compiled_is_keyed_on_the_model_under_an_image_binding(monkeypatch):
+    """Every image prompt wraps the model anew (vision.WithImages); the compiled decode step must
+    still be compiled once per model. torch.compile is replaced by a counter: no real compile."""
+    from herd.inference import generate as gen
+    from herd.models.llama4 import LLAMA4_PRESETS, VisionArgs
+    from herd.models.vision import Llama4Multimodal, WithImages
+
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: calls.append(m) or ("compiled", m))
+    vision = VisionArgs(image_size=28, patch_size=14, dim=16, n_layers=1, n_heads=2, output_dim=16, max_tiles=1)
+    model = Llama4Multimodal(LLAMA4_PRESETS["llama4-debug"].replace(vocab_size=64, dim=16, head_dim=4,
+                                                                    vision=vision))
+    first = gen.compiled(WithImages(model, torch.zeros(1, 3, 28, 28)))
+    second = gen.compiled(WithImages(model, torch.ones(1, 3, 28, 28)))
+    assert first is second and calls == [model]
