@@ -28,10 +28,10 @@ from torch import nn
 
 from herd.data.shards import PackedLoader
 from herd.errors import HerdError
-from herd.runtime import retain_freed_memory
 from herd.models.llama3 import Transformer
 from herd.models.llama4 import Llama4Args, router_stats
 from herd.models.llama4 import Transformer as Llama4Transformer
+from herd.runtime import retain_freed_memory
 from herd.train import checkpoint as ckpt
 from herd.train import dist_checkpoint
 from herd.train.config import OptimConfig, RunConfig

@@ -9,33 +9,19 @@ from pathlib import Path
 
 import llama_models
 import pytest
-import torch
 
 from herd.checkpoint import write_checkpoint
 from herd.cli import main
 from herd.models.image_processing import prepare_image_prompt
-from herd.models.llama4 import LLAMA4_PRESETS, Transformer, VisionArgs
-from herd.models.vision import Llama4Multimodal, WithImages
-from herd.tokenizer import load_tokenizer
+from herd.models.vision import WithImages
+from tests.models.multimodal import tiny_multimodal
 
 DOG = Path(llama_models.__file__).parent / "resources" / "dog.jpg"
 
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    tokenizer = load_tokenizer("llama4")
-    vision = VisionArgs(image_size=56, patch_size=14, dim=32, n_layers=1, n_heads=2, output_dim=32, max_tiles=4)
-    args = LLAMA4_PRESETS["llama4-debug"].replace(vocab_size=tokenizer.vocab_size, dim=32, head_dim=8,
-                                                  vision=vision)
-    torch.manual_seed(0)
-    model = Llama4Multimodal(args)
-    model.init_weights(std=0.2)
-    root = tmp_path_factory.mktemp("l4")
-    write_checkpoint(root / "mm", "hf", args, model.state_dict(), tokenizer=tokenizer)
-    text = Transformer(args.replace(vision=None))
-    text.init_weights()
-    write_checkpoint(root / "text", "meta", text.args, text.state_dict(), tokenizer=tokenizer)
-    return root, model.eval(), tokenizer
+    return tiny_multimodal(tmp_path_factory.mktemp("l4"), std=0.2)
 
 
 def one_line_error(code, err):

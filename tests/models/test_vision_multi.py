@@ -8,16 +8,14 @@ import io
 import sys
 
 import pytest
-import torch
 
 from herd.api import generate
-from herd.checkpoint import write_checkpoint
 from herd.cli import main
 from herd.errors import HerdError
 from herd.models.image_processing import prepare_images_prompt
-from herd.models.llama4 import LLAMA4_PRESETS, Transformer, VisionArgs
-from herd.models.vision import Llama4Multimodal
+from herd.models.llama4 import Transformer
 from herd.tokenizer import load_tokenizer
+from tests.models.multimodal import tiny_multimodal
 from tests.models.test_vision import DOG, PASTA
 
 
@@ -25,19 +23,7 @@ from tests.models.test_vision import DOG, PASTA
 def setup(tmp_path_factory):
     """A small random multimodal Llama 4 (real Llama 4 tokenizer, so real <|patch|> ids), in memory
     and written as an HF checkpoint, plus a text-only one."""
-    tokenizer = load_tokenizer("llama4")
-    vision = VisionArgs(image_size=56, patch_size=14, dim=32, n_layers=1, n_heads=2, output_dim=32, max_tiles=4)
-    args = LLAMA4_PRESETS["llama4-debug"].replace(vocab_size=tokenizer.vocab_size, dim=32, head_dim=8,
-                                                  vision=vision)
-    torch.manual_seed(0)
-    model = Llama4Multimodal(args)
-    model.init_weights(std=0.3)
-    root = tmp_path_factory.mktemp("mm")
-    write_checkpoint(root / "mm", "hf", args, model.state_dict(), tokenizer=tokenizer)
-    text = Transformer(args.replace(vision=None))
-    text.init_weights()
-    write_checkpoint(root / "text", "meta", text.args, text.state_dict(), tokenizer=tokenizer)
-    return root, model.eval(), tokenizer
+    return tiny_multimodal(tmp_path_factory.mktemp("mm"), std=0.3)
 
 
 def user(*parts):

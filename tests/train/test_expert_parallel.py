@@ -14,22 +14,17 @@ One group of 2 worker processes runs every job in turn; the references run in th
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
-from datetime import timedelta
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from herd.errors import HerdError
 from herd.train import dist_checkpoint
 from herd.train.config import load_config
 from herd.train.loop import Trainer, accumulate_gradients, pretrain
 
-from .conftest import debug_overrides
+from .conftest import debug_overrides, spawn_ranks
 
 STEPS = 4
 CLIP = 0.5  # below the debug model's early gradient norms (asserted): clipping really acts
@@ -82,41 +77,16 @@ def _gradients_job(out: str) -> None:
         torch.save({"loss": loss, "terms": terms, "grads": grads, "local": local, "norm": norm}, out)
 
 
-def _worker(rank: int, world: int, port: int, jobs: list) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=120))
-    torch.set_num_threads(1)
-    try:
-        for kind, arg, resume_from in jobs:
-            if kind == "gradients":
-                _gradients_job(arg)
-                continue
-            resume = resume_from is not None
-            if resume and rank == 0:
-                shutil.copytree(resume_from, load_config(overrides=arg).train.out_dir)
-            dist.barrier()
-            Trainer(load_config(overrides=arg), resume=resume, progress=False, log=lambda m: None).run()
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def runs(shards, tmp_path_factory):
     root = tmp_path_factory.mktemp("ep")
     out = {k: root / k for k in ("ep2", "ep2_save3", "ep2_resume", "single", "single_resume")}
     out["gradients"] = root / "gradients.pt"
-    jobs = [("gradients", str(out["gradients"]), None),
+    jobs = [(_gradients_job, str(out["gradients"]), None),
             ("train", _overrides(shards, out["ep2"], **EP2), None),
             ("train", _overrides(shards, out["ep2_save3"], **EP2, **{"train.steps": 3}), None),
             ("train", _overrides(shards, out["ep2_resume"], **EP2), str(out["ep2_save3"]))]
-    mp.spawn(_worker, args=(2, _free_port(), jobs), nprocs=2, join=True)
+    spawn_ranks(2, jobs)
     pretrain(load_config(overrides=_overrides(shards, out["single"])), progress=False, log=lambda m: None)
     # the ep=2 checkpoint of step 3 continued in one process
     shutil.copytree(out["ep2_save3"], out["single_resume"])
@@ -201,8 +171,7 @@ LAYOUTS_4 = {"fsdp4_ep2": {"parallel.dp_shard": 4, "parallel.ep": 2},
 @pytest.mark.parametrize("name", list(LAYOUTS_4))
 def test_four_process_layouts_match_one_process(runs, shards, tmp_path_factory, name):
     run = tmp_path_factory.mktemp("ep4") / name
-    mp.spawn(_worker, args=(4, _free_port(), [("train", _overrides(shards, run, **LAYOUTS_4[name]), None)]),
-             nprocs=4, join=True)
+    spawn_ranks(4, [("train", _overrides(shards, run, **LAYOUTS_4[name]), None)])
     ref, got = _rows(runs["single"]), _rows(run)
     assert [r["step"] for r in got] == list(range(1, STEPS + 1))
     for r, g in zip(ref, got, strict=True):

@@ -11,17 +11,12 @@ on a small CPU box); the reference runs in the test process itself.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
 import subprocess
 import sys
-from datetime import timedelta
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from herd.errors import HerdError
 from herd.train import dist_checkpoint
@@ -29,7 +24,7 @@ from herd.train.config import load_config
 from herd.train.loop import Trainer, pretrain
 from herd.train.parallel import ParallelConfig, apply_expert_parallel, split_layers
 
-from .conftest import debug_overrides
+from .conftest import debug_overrides, spawn_ranks
 
 STEPS = 4
 # A fixed decay horizon: the LR of a step must not depend on train.steps, so a run stopped after 3
@@ -67,33 +62,6 @@ def _cfg(shards, out, **extra):
     return load_config(overrides=debug_overrides(shards, out, **{**COMMON, **extra}))
 
 
-def _worker(rank: int, world: int, port: int, jobs: list[tuple[str, list[str], str | None]]) -> None:
-    """Runs the jobs in order; a job with `resume_from` first gets a copy of that run directory."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=120))
-    try:
-        for _, overrides, resume_from in jobs:
-            resume = resume_from is not None
-            if resume and rank == 0:
-                shutil.copytree(resume_from, load_config(overrides=overrides).train.out_dir)
-            dist.barrier()
-            trainer = Trainer(load_config(overrides=overrides), resume=resume, progress=False, log=lambda m: None)
-            trainer.run()
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _spawn(world: int, jobs) -> None:
-    mp.spawn(_worker, args=(world, _free_port(), jobs), nprocs=world, join=True)
-
-
 @pytest.fixture(scope="module")
 def runs(shards, tmp_path_factory):
     """Runs every layout (and the two reference runs) once; returns name → run directory."""
@@ -110,8 +78,8 @@ def runs(shards, tmp_path_factory):
     # resume the FSDP×4 checkpoint of step 3 under TP×FSDP (2×2) for step 4, after it is written
     jobs[4].append(("resume_tp2_fsdp2", debug_overrides(shards, root / "resume_tp2_fsdp2", **{
         **COMMON, "parallel.tp": 2, "parallel.dp_shard": 2}), str(out["fsdp4_save3"])))
-    _spawn(2, jobs[2])
-    _spawn(4, jobs[4])
+    spawn_ranks(2, jobs[2])
+    spawn_ranks(4, jobs[4])
     shutil.copytree(out["fsdp4_save3"], root / "resume_single")  # back to one process, below
     out["resume_tp2_fsdp2"] = root / "resume_tp2_fsdp2"
     out["single_save3"] = root / "single_save3"
