@@ -18,6 +18,13 @@ sharing (DESIGN principle 6: a serving engine separate from the model; SPEC §4/
   sequences, freeing their blocks at once. When the pool runs dry mid-decode the most recently
   admitted request is preempted (its blocks freed, its tokens recomputed later), so the engine
   queues rather than crashes. `cancel` frees a request's blocks immediately.
+- Images (Llama 4, herd/models/vision.py): a request may carry the tiles of its images. The vision
+  encoder runs once per request, the first time a prefill chunk holds one of its `<|patch|>`
+  tokens, and the features replace those tokens' embeddings (in order, as
+  `Llama4Multimodal.merge_images` does) before the decoder runs. Every `<|patch|>` has the same
+  id, so a block holding image tokens is named by its tokens *and* the digests of the images whose
+  features it holds: the same text with another image never finds this request's blocks, while the
+  same image again does (and skips the encoder when all its blocks are found).
 
 The model is used through its ordinary `forward(tokens, cache=, positions=, mask=, last_only=True)`:
 a step's rows are left-padded to one length, each row gets its own RoPE positions and a mask over
@@ -28,6 +35,8 @@ herd/models/llama3.py; R rows, N pool slots.
 
 from __future__ import annotations
 
+import bisect
+import hashlib
 import itertools
 import threading
 import time
@@ -257,6 +266,7 @@ class Request:
     forked: bool = False
     reserved: list[int] = field(default_factory=list)  # blocks set aside for the n-1 forks' copies
     arrival: float = field(default_factory=time.monotonic)
+    images: RequestImages | None = None
 
     @property
     def prompt_len(self) -> int:
@@ -267,7 +277,39 @@ class Request:
         return [s for s in self.seqs if not s.finished]
 
 
-def _block_hash(parent: int, tokens: Sequence[int]) -> int:
+class RequestImages:
+    """A request's images: their tiles until the encoder has run, then the features; where each
+    feature goes in the prompt; and a digest per image for the block hashes."""
+
+    def __init__(self, prompt: list[int], images: Sequence[torch.Tensor], image_token_id: int, per_tile: int):
+        self.tiles: torch.Tensor | None = torch.cat(list(images))
+        self.features: torch.Tensor | None = None  # (n_patch, D), once encoded
+        self.patch_pos = [p for p, t in enumerate(prompt) if t == image_token_id]  # feature k goes to patch_pos[k]
+        counts = [x.shape[0] * per_tile for x in images]
+        if len(self.patch_pos) != sum(counts):
+            raise HerdError(f"the prompt has {len(self.patch_pos)} <|patch|> tokens but the images give "
+                            f"{sum(counts)} features ({self.tiles.shape[0]} tiles × {per_tile})")
+        self.ends = list(itertools.accumulate(counts))  # image j's features end at ends[j]
+        # The tiles decide the features exactly (for one model), so they name the image.
+        self.digests = [hashlib.blake2b(x.detach().cpu().contiguous().numpy().tobytes(), digest_size=16).digest()
+                        for x in images]
+
+    def features_in(self, a: int, b: int) -> tuple[int, int]:
+        """[k0, k1): the features whose positions lie in prompt positions [a, b)."""
+        return bisect.bisect_left(self.patch_pos, a), bisect.bisect_left(self.patch_pos, b)
+
+    def digests_in(self, a: int, b: int) -> tuple[bytes, ...]:
+        """Digests of the images with a feature at a position in [a, b)."""
+        k0, k1 = self.features_in(a, b)
+        if k0 == k1:
+            return ()
+        first, last = bisect.bisect_right(self.ends, k0), bisect.bisect_right(self.ends, k1 - 1)
+        return tuple(self.digests[first:last + 1])
+
+
+def _block_hash(parent: int, tokens: Sequence[int], images: tuple[bytes, ...] = ()) -> int:
+    if images:  # the <|patch|> ids are the same for every image: its features differ
+        return hash((parent, tuple(tokens), images))
     return hash((parent, tuple(tokens)))
 
 
@@ -311,14 +353,17 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "prefix_hit_tokens": 0,
-                      "preemptions": 0}
+                      "preemptions": 0, "image_encodes": 0}
 
     # ---- public API ------------------------------------------------------------------------------
     def submit(self, prompt: Sequence[int], *, max_tokens: int, sampling: SamplingParams = SamplingParams(),
                n: int = 1, stop_strings: Sequence[str] = (), ignore_eos: bool = False,
-               listener: Callable[[Event], None] | None = None) -> int:
+               listener: Callable[[Event], None] | None = None, images: Sequence[torch.Tensor] = ()) -> int:
         """Queue a request; returns its id. `listener` is called (from the engine's thread) with an
-        Event for every step that produced something, and once per sample with its finish reason."""
+        Event for every step that produced something, and once per sample with its finish reason.
+        images: for a multimodal Llama 4, each image's preprocessed tiles (its row-major tiles, then
+        its thumbnail; herd/models/image_processing.py), in the order of their `<|patch|>` runs in
+        the prompt."""
         prompt = [int(t) for t in prompt]
         vocab, context = self.args.vocab_size, self.args.max_seq_len
         if not prompt:
@@ -335,6 +380,7 @@ class Engine:
             raise HerdError(f"n={n} exceeds the engine's batch of {self.max_batch} sequences")
         if stop_strings and self.tokenizer is None:
             raise HerdError("stop strings need a tokenizer")
+        request_images = self._request_images(prompt, images) if len(images) else None
         max_tokens = min(max_tokens, context - len(prompt))
         bs = self.block_size
         worst = -(-len(prompt) // bs) + n * (-(-max_tokens // bs) + 1)
@@ -346,7 +392,7 @@ class Engine:
                 raise EngineBusy(f"too many requests queued ({self.max_waiting}); retry later")
             req = Request(next(self._ids), prompt, sampling, max_tokens, n,
                           frozenset() if ignore_eos else self.stop_ids, tuple(s for s in stop_strings if s),
-                          listener, self.device)
+                          listener, self.device, images=request_images)
             req.seqs.append(self._new_sequence(req, 0, list(prompt)))
             if n > 1 and not self.prefix_sharing:  # n independent sequences, each computing the prompt
                 req.seqs += [self._new_sequence(req, i, list(prompt)) for i in range(1, n)]
@@ -355,6 +401,16 @@ class Engine:
             self._waiting.append(req)
             self._wake.notify()
         return req.id
+
+    def _request_images(self, prompt: list[int], images: Sequence[torch.Tensor]) -> RequestImages:
+        vision = getattr(self.args, "vision", None)
+        if vision is None or not hasattr(self.model, "image_features"):
+            raise HerdError("this model is text-only (no vision encoder): images need a multimodal Llama 4")
+        shape = (3, vision.image_size, vision.image_size)
+        for x in images:
+            if not isinstance(x, torch.Tensor) or x.ndim != 4 or tuple(x.shape[1:]) != shape or not len(x):
+                raise HerdError(f"each image must be its tiles, a tensor of shape (tiles, {', '.join(map(str, shape))})")
+        return RequestImages(prompt, images, vision.image_token_id, vision.tokens_per_tile)
 
     def cancel(self, request_id: int) -> None:
         """Stop a request now: its blocks go back to the pool before this returns."""
@@ -486,7 +542,9 @@ class Engine:
         while len(seq.hashes) < upto:
             i = len(seq.hashes)
             parent = seq.hashes[-1] if seq.hashes else 0
-            seq.hashes.append(_block_hash(parent, seq.tokens[i * bs:(i + 1) * bs]))
+            images = seq.request.images
+            digests = images.digests_in(i * bs, (i + 1) * bs) if images is not None else ()
+            seq.hashes.append(_block_hash(parent, seq.tokens[i * bs:(i + 1) * bs], digests))
 
     def _try_admit(self, req: Request) -> bool:
         seqs = req.live
@@ -559,13 +617,35 @@ class Engine:
     # ---- running a batch -----------------------------------------------------------------------
     def _batch(self, rows: list[tuple[_Sequence, int]]):
         spec = [(s.blocks, s.tokens[s.num_computed:s.num_computed + n], s.num_computed) for s, n in rows]
-        return rows, PagedBatch(self.kv, spec, self.device)
+        batch = PagedBatch(self.kv, spec, self.device)
+        # Rows whose new tokens include image slots: (row, request images, feature range, columns).
+        batch.image_rows = []
+        for i, (s, n) in enumerate(rows):
+            images = s.request.images
+            if images is None:
+                continue
+            a = s.num_computed
+            k0, k1 = images.features_in(a, a + n)
+            if k0 < k1:
+                cols = [batch.T - n + p - a for p in images.patch_pos[k0:k1]]
+                batch.image_rows.append((i, images, k0, k1, cols))
+        return rows, batch
 
     @torch.inference_mode()
     def _forward(self, batch: PagedBatch) -> torch.Tensor:
-        logits = self.model(batch.tokens, cache=batch, positions=batch.positions, mask=batch.mask,
-                            last_only=True)
-        return logits[:, -1]  # (R, V): each row ends at its last new token
+        if not batch.image_rows:
+            logits = self.model(batch.tokens, cache=batch, positions=batch.positions, mask=batch.mask,
+                                last_only=True)
+            return logits[:, -1]  # (R, V): each row ends at its last new token
+        h = self.model.tok_embeddings(batch.tokens)
+        for i, images, k0, k1, cols in batch.image_rows:
+            if images.features is None:  # once per request, at its first chunk with an image slot
+                images.features = self.model.image_features(images.tiles.to(self.device))
+                images.tiles = None
+                self.stats["image_encodes"] += 1
+            h[i, torch.tensor(cols, device=self.device)] = images.features[k0:k1].to(h.dtype)
+        logits = self.model.decode(h, cache=batch, positions=batch.positions, mask=batch.mask, last_only=True)
+        return logits[:, -1]
 
     def _after_forward(self, rows: list[tuple[_Sequence, int]], logits: torch.Tensor) -> None:
         bs = self.block_size
@@ -591,8 +671,8 @@ class Engine:
                 self._fork(req)
                 targets = req.seqs
             for child in targets:
-                token = greedy[i] if req.sampling.greedy else int(sample(logits[i:i + 1], req.sampling,
-                                                                              child.generator)[0])
+                plain = req.sampling.greedy and not req.sampling.suppress
+                token = greedy[i] if plain else int(sample(logits[i:i + 1], req.sampling, child.generator)[0])
                 self._append(child, token)
         for req in list(self._running):
             self._flush_events(req)

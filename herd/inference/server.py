@@ -14,18 +14,32 @@ vocabulary, prompts that do not fit the context, bodies over the size limit (413
 when set to anything but their neutral value rather than silently ignored. A client that goes away
 cancels its request, which frees its KV blocks at once. On shutdown uvicorn stops accepting, lets
 in-flight requests finish (up to `graceful_s` seconds), then the engine cancels whatever is left.
+
+Images (a multimodal Llama 4): chat messages may hold OpenAI's image parts
+`{"type": "image_url", "image_url": {"url": ...}}` in user turns, where the picture goes in the
+text. The URL is a `data:image/...;base64,...` URL, or — only when the server was started with
+`--allowed-local-media DIR` (vLLM's `--allowed-local-media-path`) — a `file://` path inside DIR.
+http(s) URLs are refused: the server does not download. The pictures are preprocessed and laid out
+in the prompt exactly as `herd.generate` does (herd/models/image_processing.py); the engine runs the
+vision encoder once per request and keeps prefix sharing exact across images (engine.py).
+Caps: images per request, decoded bytes and pixels per image (`Limits`).
 """
 
 # No `from __future__ import annotations`: FastAPI reads the handlers' annotations (Request) at
 # definition time, inside create_app, where fastapi is imported (lazily, so `herd --help` stays fast).
 import asyncio
+import base64
+import binascii
+import io
 import json
 import math
 import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
+from urllib.parse import unquote, urlparse
 
 from herd.errors import HerdError
 from herd.inference.engine import Engine, EngineBusy, Event
@@ -35,6 +49,7 @@ MAX_BODY_BYTES = 4 << 20
 MAX_STOP = 4  # OpenAI's and TGI's limit
 MAX_STOP_CHARS = 512
 MAX_PROMPTS = 32
+MAX_IMAGE_BODY_BYTES = 32 << 20  # the body limit for a multimodal model: base64 photos are large
 
 
 class RequestError(Exception):
@@ -47,7 +62,13 @@ class RequestError(Exception):
 @dataclass
 class Limits:
     max_n: int = 16
-    max_body_bytes: int = MAX_BODY_BYTES
+    max_body_bytes: int | None = None  # None: MAX_BODY_BYTES, or MAX_IMAGE_BODY_BYTES for a multimodal model
+    # Images (multimodal Llama 4 only). Meta's model card reports Llama 4 tested with up to 5 input
+    # images; more fit the context but are outside what was evaluated.
+    max_images: int = 5
+    max_image_bytes: int = 20 << 20  # an image file's own (decoded) size
+    max_image_pixels: int = 25_000_000  # width × height, checked before decoding the pixels
+    allowed_local_media: str | Path | None = None  # file:// images only from inside this directory
 
 
 # ---- validation ---------------------------------------------------------------------------------
@@ -205,6 +226,144 @@ def chat_prompt(body: dict, tokenizer) -> tuple[list[int], bool]:
     return ids, use_tools
 
 
+# ---- images -------------------------------------------------------------------------------------
+
+def _image_parts(messages) -> list[dict]:
+    """The image parts (OpenAI's image_url, or herd's own "image") of a dialog's messages, in order."""
+    from herd.tokenizer.chat import IMAGE_PART_TYPES
+
+    if not isinstance(messages, list):
+        return []
+    return [p for m in messages if isinstance(m, dict) and isinstance(m.get("content"), list)
+            for p in m["content"] if isinstance(p, dict) and p.get("type") in IMAGE_PART_TYPES]
+
+
+def _decode_image(raw: bytes, what: str, limits: Limits):
+    """Image file bytes → PIL RGB image; the pixel cap is checked on the header, before decoding."""
+    from PIL import Image, ImageFile, UnidentifiedImageError
+
+    from herd.models.image_processing import as_rgb
+
+    # As herd/models/image_processing.py load_image: a truncated file is an error, never half a picture.
+    lenient, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
+    try:
+        with Image.open(io.BytesIO(raw)) as img:
+            w, h = img.size
+            if w * h > limits.max_image_pixels:
+                raise RequestError(f"{what}: image of {w}×{h} pixels is over this server's limit of "
+                                   f"{limits.max_image_pixels} pixels", param="messages", code="image_too_large")
+            img.load()
+            return as_rgb(img)
+    except UnidentifiedImageError:
+        raise RequestError(f"{what}: not an image (PIL reads JPEG, PNG, GIF, BMP, WebP, ...)",
+                           param="messages") from None
+    except Image.DecompressionBombError as e:
+        raise RequestError(f"{what}: refusing to decode: {e}", param="messages", code="image_too_large") from None
+    except (OSError, ValueError, SyntaxError) as e:
+        raise RequestError(f"{what}: unreadable or truncated image ({e})", param="messages") from None
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = lenient
+
+
+def _too_large(what: str, size: int, limits: Limits) -> RequestError:
+    return RequestError(f"{what}: image of {size} bytes is over this server's limit of {limits.max_image_bytes} "
+                        "bytes", param="messages", code="image_too_large")
+
+
+def read_image_url(url: str, what: str, limits: Limits):
+    """An image_url's picture (PIL RGB): a base64 data URL, or a file:// path inside
+    `limits.allowed_local_media`. Anything else is a 400 naming the problem."""
+    if url[:5].lower() == "data:":
+        head, comma, data = url[5:].partition(",")
+        media, *params = head.split(";")
+        if not comma or not media.lower().startswith("image/"):
+            raise RequestError(f"{what}: a data URL must look like data:image/<type>;base64,<data>", param="messages")
+        if "base64" not in (x.strip().lower() for x in params):
+            raise RequestError(f"{what}: only base64 data URLs are supported (data:{media};base64,...)",
+                               param="messages")
+        data = "".join(data.split())  # base64 wrapped over lines is still base64
+        if len(data) // 4 * 3 > limits.max_image_bytes:
+            raise _too_large(what, len(data) // 4 * 3, limits)
+        try:
+            raw = base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError) as e:
+            raise RequestError(f"{what}: the data URL's base64 cannot be decoded ({e})", param="messages") from None
+        return _decode_image(raw, what, limits)
+    scheme = urlparse(url).scheme.lower()
+    if scheme in ("http", "https"):
+        raise RequestError(f"{what}: http(s) image URLs are not supported: this server does not download "
+                           "images; send the picture inline as a data:image/...;base64 URL", param="messages")
+    if scheme != "file":
+        raise RequestError(f"{what}: unsupported image URL {url[:40]!r}; use a data:image/...;base64 URL",
+                           param="messages")
+    if limits.allowed_local_media is None:
+        raise RequestError(f"{what}: file:// image URLs are refused: the server was not started with "
+                           "--allowed-local-media DIR", param="messages")
+    parsed = urlparse(url)
+    if parsed.netloc not in ("", "localhost"):
+        raise RequestError(f"{what}: a file:// URL must name a local path (file:///path), got host "
+                           f"{parsed.netloc!r}", param="messages")
+    given = unquote(parsed.path)
+    root = Path(limits.allowed_local_media).resolve()
+    path = Path(given).resolve()  # symlinks and ".." resolved: a link out of the directory is refused too
+    if not path.is_relative_to(root):
+        raise RequestError(f"{what}: {given} is outside the allowed local media directory", param="messages")
+    if not path.is_file():
+        raise RequestError(f"{what}: no such file {given}", param="messages")
+    size = path.stat().st_size
+    if size > limits.max_image_bytes:
+        raise _too_large(what, size, limits)
+    return _decode_image(path.read_bytes(), what, limits)
+
+
+def image_chat_prompt(body: dict, engine: Engine, limits: Limits):
+    """A chat request with image parts → (prompt ids, each image's tiles), laid out as
+    `herd.generate` lays out the same dialog. CPU work (decoding, resizing): run off the event loop."""
+    import torch
+
+    from herd.models.image_processing import prepare_images_prompt
+    from herd.tokenizer.chat import validate_messages
+
+    tokenizer = engine.tokenizer
+    if tokenizer is None or tokenizer.chat is None:
+        raise RequestError("this model has no chat format; use /v1/completions")
+    messages = body["messages"]
+    try:
+        validate_messages(messages, images=True)
+    except HerdError as e:
+        raise RequestError(str(e), param="messages") from None
+    if getattr(engine.args, "vision", None) is None or not hasattr(engine.model, "image_features"):
+        raise RequestError("this model is text-only (no vision encoder): image input needs a multimodal "
+                           "Llama 4 checkpoint", param="messages", code="images_not_supported")
+    parts = _image_parts(messages)
+    if len(parts) > limits.max_images:
+        raise RequestError(f"at most {limits.max_images} images per request, got {len(parts)}", param="messages")
+    if body.get("tools") and body.get("tool_choice") != "none":
+        raise RequestError("tools together with images are not supported", param="tools")
+    converted, k = [], 0
+    for m in messages:
+        content = m.get("content")
+        if not isinstance(content, list):
+            converted.append(m)
+            continue
+        new = []
+        for part in content:
+            if isinstance(part, dict) and part.get("type") == "image":  # herd's own part would read a server path
+                raise RequestError('send images as {"type": "image_url", "image_url": {"url": ...}}',
+                                   param="messages")
+            if isinstance(part, dict) and part.get("type") == "image_url":
+                k += 1
+                part = {"type": "image", "image": read_image_url(part["image_url"]["url"], f"image {k}", limits)}
+            new.append(part)
+        converted.append({**m, "content": new})
+    try:
+        p = prepare_images_prompt(engine.model, tokenizer, converted)
+    except HerdError as e:
+        raise RequestError(str(e), param="messages") from None
+    counts = [r * c + (r * c > 1) for r, c in p.grids]  # each image's tiles, then its thumbnail if tiled
+    return p.ids, list(torch.split(p.tiles, counts))
+
+
 # ---- the app ------------------------------------------------------------------------------------
 
 def _error(e: RequestError):
@@ -265,6 +424,13 @@ def create_app(engine: Engine, model_name: str, limits: Limits | None = None):
 
     limits = limits or Limits()
     tokenizer, args = engine.tokenizer, engine.args
+    if limits.max_body_bytes is None:
+        multimodal = getattr(args, "vision", None) is not None
+        limits = replace(limits, max_body_bytes=MAX_IMAGE_BODY_BYTES if multimodal else MAX_BODY_BYTES)
+    from herd.api import reserved_ids
+
+    # As herd.generate: never sample a tokenizer's reserved special tokens.
+    suppress = reserved_ids(tokenizer) if tokenizer is not None else ()
     created = int(time.time())
 
     @asynccontextmanager
@@ -321,12 +487,13 @@ def create_app(engine: Engine, model_name: str, limits: Limits | None = None):
                                code="context_length_exceeded")
         return p.max_tokens
 
-    def submit_all(prompts, p: Params, max_tokens: int, listener) -> list[int]:
+    def submit_all(prompts, p: Params, max_tokens: int, listener, images=()) -> list[int]:
         ids: list[int] = []
         try:
             for x in prompts:
                 ids.append(engine.submit(x, max_tokens=max_tokens, sampling=p.sampling, n=p.n,
-                                         stop_strings=p.stop, ignore_eos=p.ignore_eos, listener=listener))
+                                         stop_strings=p.stop, ignore_eos=p.ignore_eos, listener=listener,
+                                         images=images))
         except EngineBusy as e:
             for rid in ids:
                 engine.cancel(rid)
@@ -379,15 +546,21 @@ def create_app(engine: Engine, model_name: str, limits: Limits | None = None):
     async def run(request: Request, kind: str):
         body = await _read_json(request, limits)
         p = parse_params(body, kind, limits)
+        p.sampling = replace(p.sampling, suppress=suppress)
         check_model(body)
-        if kind == "chat":
+        images = []
+        if kind == "chat" and _image_parts(body.get("messages")):
+            prompt, images = await asyncio.get_running_loop().run_in_executor(
+                None, image_chat_prompt, body, engine, limits)
+            prompts, use_tools = [prompt], False
+        elif kind == "chat":
             prompt, use_tools = chat_prompt(body, tokenizer)
             prompts = [prompt]
         else:
             prompts, use_tools = completion_prompts(body, tokenizer, args.vocab_size), False
         max_tokens = budget(prompts, p)
         listener = _Listener(asyncio.get_running_loop())
-        ids = submit_all(prompts, p, max_tokens, listener)
+        ids = submit_all(prompts, p, max_tokens, listener, images)
         total = len(prompts) * p.n
         rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
         obj = "chat.completion" if kind == "chat" else "text_completion"
@@ -557,6 +730,11 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     p.add_argument("--served-model-name", default=None, help="the model id clients use (default: --model)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--allowed-local-media", metavar="DIR", default=None,
+                   help="let chat requests name images as file:// paths inside DIR (off by default: "
+                        "images come as data:image/...;base64 URLs)")
+    p.add_argument("--max-images", type=int, default=Limits.max_images,
+                   help=f"most images per request, multimodal Llama 4 only (default: {Limits.max_images})")
     p.set_defaults(func=cmd_serve)
 
 
@@ -575,12 +753,20 @@ def cmd_serve(a) -> None:
         import torch
 
         torch.set_num_threads(a.threads)
+    if a.max_images < 0:
+        raise HerdError(f"--max-images must be at least 0, got {a.max_images}")
+    media = None
+    if a.allowed_local_media is not None:
+        media = Path(a.allowed_local_media).expanduser()
+        if not media.is_dir():
+            raise HerdError(f"--allowed-local-media: {a.allowed_local_media} is not a directory")
     engine = build_engine(a.model, quantize=a.quantize, max_batch=a.max_batch, kv_cache_mb=a.kv_cache_mb,
                           prefix_sharing=not a.no_prefix_sharing, device=a.device)
     if engine.tokenizer is None:
         raise HerdError(f"{a.model}: no tokenizer found next to the checkpoint; serving text needs one")
     name = a.served_model_name or str(a.model)
-    app = create_app(engine, name)
+    app = create_app(engine, name, Limits(max_images=a.max_images, allowed_local_media=media))
     print(f"herd serve: {name} on http://{a.host}:{a.port}/v1 ({engine.blocks.num_blocks} KV blocks of "
-          f"{engine.block_size}, batch {engine.max_batch}{', ' + a.quantize if a.quantize else ''})", file=sys.stderr)
+          f"{engine.block_size}, batch {engine.max_batch}{', ' + a.quantize if a.quantize else ''}"
+          f"{', images' if getattr(engine.args, 'vision', None) is not None else ''})", file=sys.stderr)
     uvicorn.Server(uvicorn_config(app, a.host, a.port, log_level="info")).run()

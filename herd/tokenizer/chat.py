@@ -77,8 +77,25 @@ def _tool_call(call: Any, where: str) -> tuple[str, dict[str, Any]]:
     return fn["name"], args
 
 
-def validate_messages(messages: Any) -> list[Message]:
-    """Check a dialog's shape; every problem is a one-line `HerdError` naming the message."""
+IMAGE_PART_TYPES = ("image", "image_url")  # herd's {"type": "image", "image": ...}; OpenAI's image_url
+IMAGE_DETAILS = ("auto", "low", "high")  # OpenAI's image_url.detail: accepted, no effect on Llama 4's tiling
+
+
+def _image_part(part: dict, where: str) -> None:
+    if part["type"] == "image_url":
+        url = part.get("image_url")
+        if not isinstance(url, dict) or not isinstance(url.get("url"), str) or set(url) - {"url", "detail"}:
+            raise HerdError(f"{where}: an image_url part must be {{'type': 'image_url', 'image_url': "
+                            "{'url': 'data:image/...;base64,...'}}")
+        if url.get("detail", "auto") not in IMAGE_DETAILS:
+            raise HerdError(f"{where}: image_url.detail must be one of {', '.join(IMAGE_DETAILS)}")
+
+
+def validate_messages(messages: Any, *, images: bool = False) -> list[Message]:
+    """Check a dialog's shape; every problem is a one-line `HerdError` naming the message.
+    images: also accept image content parts (`{"type": "image", ...}` or OpenAI's
+    `{"type": "image_url", "image_url": {"url": ...}}`) in user messages; their data is the
+    caller's to read (herd/models/image_processing.py, herd/inference/server.py)."""
     if not isinstance(messages, (list, tuple)):
         raise HerdError(f"a dialog must be a list of messages, got {type(messages).__name__}")
     for i, m in enumerate(messages):
@@ -98,6 +115,16 @@ def validate_messages(messages: Any) -> list[Message]:
         if m.get("content") is None:
             if not calls:
                 raise HerdError(f"{where} ({role}): missing 'content'")
+        elif images and isinstance(m["content"], list):
+            text = []
+            for part in m["content"]:
+                if isinstance(part, dict) and part.get("type") in IMAGE_PART_TYPES:
+                    if role != "user":
+                        raise HerdError(f"{where} ({role}): images go in user messages")
+                    _image_part(part, where)
+                else:
+                    text.append(part)
+            _text_parts(text, where)
         else:
             _text_parts(m["content"], where)
         stop = m.get("stop_reason")

@@ -78,6 +78,18 @@ def test_llama4_chunked_attention_equals_one_at_a_time():
         _pool_is_full(engine)
 
 
+def test_greedy_suppressed_ids_as_one_at_a_time(model):
+    """Suppressed ids (a tokenizer's reserved tokens, as the server passes them) hold for greedy
+    requests too: the engine's batched argmax must not skip them."""
+    prompts = _prompts(model.args.vocab_size, (4, 9), seed=4)
+    plain = _alone(model, prompts, 6)
+    suppress = SamplingParams(suppress=tuple(sorted({t for ids in plain for t in ids[:3]})))
+    got = [o[0].token_ids for o in Engine(model).generate(prompts, max_tokens=6, sampling=suppress)]
+    want = [generate_batch(model, [p], max_new_tokens=6, sampling=suppress)[0].ids for p in prompts]
+    assert got == want and got != plain
+    assert not set(suppress.suppress) & {t for ids in got for t in ids}
+
+
 def test_requests_joining_mid_flight_equal_one_at_a_time(model):
     """Requests arrive while others decode: every step may mix prefill and decode."""
     prompts = _prompts(model.args.vocab_size, (5, 30, 12, 50, 2, 21), seed=3)
