@@ -180,6 +180,49 @@ def test_prefix_sharing_keeps_different_images_apart_and_shares_the_same_image(s
     assert encodes_a2 == 0  # all its image slots were in shared blocks: no encoder run
 
 
+def test_engine_preemption_and_chunks_with_images_equal_one_at_a_time(setup):
+    """A pool too small for three image requests at once: requests are preempted and recomputed
+    (their image features kept: one encoder run each), prompts prefilled 7 tokens at a time."""
+    from herd.inference.generate import generate_batch
+    from herd.models.vision import WithImages
+
+    _, model, tok, _, _, _ = setup
+    rows = []
+    for picture, text in ((GRADIENT, "What is it?"), (NOISE, "What is it?"), (SMALL, "Name the colours.")):
+        p = prepare_images_prompt(model, tok, [{"role": "user", "content": [{"type": "image", "image": picture},
+                                                                           text]}])
+        rows.append((p.ids, list(torch.split(p.tiles, [r * c + (r * c > 1) for r, c in p.grids]))))
+    engine = Engine(model, tok, num_blocks=20, block_size=4, max_batch=3, max_prefill_tokens=7)
+    got: dict[int, list[int]] = {}
+    ids = [engine.submit(p, max_tokens=12, ignore_eos=True, images=tiles,
+                         listener=lambda ev: got.setdefault(ev.request_id, []).extend(ev.token_ids))
+           for p, tiles in rows]
+    while engine.step():
+        pass
+    want = [generate_batch(WithImages(model, torch.cat(tiles)), [p], max_new_tokens=12)[0].ids for p, tiles in rows]
+    assert [got[i] for i in ids] == want
+    assert engine.stats["preemptions"] > 0 and engine.stats["image_encodes"] == 3
+    assert engine.blocks.num_free == engine.blocks.num_blocks
+
+
+def test_herd_serve_engine_on_a_written_multimodal_checkpoint(setup, tmp_path):
+    """build_engine (what `herd serve` runs) on an HF multimodal checkpoint: its own chat template
+    and packed linears; the answer is herd.generate's with the model and tokenizer it loaded."""
+    from starlette.testclient import TestClient
+
+    from herd.checkpoint import write_checkpoint
+    from herd.inference.server import build_engine
+
+    _, model, tok, _, _, _ = setup
+    write_checkpoint(tmp_path / "mm", "hf", model.args, model.state_dict(), tokenizer=tok)
+    engine = build_engine(str(tmp_path / "mm"), kv_cache_mb=8)
+    messages = [{"role": "user", "content": _parts(_image_url(_data_url(_png(SMALL))), "What is it?")}]
+    want = herd.generate(engine.model, engine.tokenizer, _as_herd(messages, [SMALL]), max_new_tokens=8)
+    with TestClient(create_app(engine, "mm")) as client:
+        r = client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 8, "temperature": 0})
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == want
+
+
 def _text_only_app(setup):
     _, model, tok, _, _, _ = setup
     torch.manual_seed(0)
