@@ -239,7 +239,7 @@ def _no_media_app(setup):
 def _bad_cases(media, outside):
     truncated = _png(SMALL)[:60]
     cases = [
-        ("text-only", None, [_image_url(_data_url(_png(SMALL)))], "text-only"),
+        ("text-only", "text-only", [_image_url(_data_url(_png(SMALL)))], "text-only"),
         ("bad base64", None, [_image_url("data:image/png;base64,iVBORw0K!!!not*base64")], "cannot be decoded"),
         ("not an image", None, [_image_url(_data_url(b"plain text, no picture here" * 3))], "not an image"),
         ("not image/*", None, [_image_url("data:text/plain;base64,aGVsbG8=")], "data:image/<type>;base64"),
@@ -269,7 +269,6 @@ def test_bad_images_get_one_clear_400(setup):
     # Apps that never reach their engine (every request is refused): no lifespan, no engine thread.
     others = {"text-only": TestClient(_text_only_app(setup)), "no-media": TestClient(_no_media_app(setup))}
     for name, app, messages, words in _bad_cases(media, outside):
-        app = app or ("text-only" if name == "text-only" else None)
         body = {"messages": messages, "max_tokens": 4}
         if app is None:
             r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60)
