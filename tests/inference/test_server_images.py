@@ -19,9 +19,7 @@ import herd
 from herd.inference.engine import Engine
 from herd.inference.server import Limits, ServerThread, create_app
 from herd.models.image_processing import prepare_images_prompt
-from herd.models.llama4 import LLAMA4_PRESETS, Transformer, VisionArgs
-from herd.models.vision import Llama4Multimodal
-from herd.tokenizer import load_tokenizer
+from tests.models.multimodal import tiny_multimodal
 
 LIMITS = dict(max_images=2, max_image_bytes=100_000, max_image_pixels=40_000)
 
@@ -55,17 +53,10 @@ SMALL = _picture("gradient", (50, 50), seed=2)  # one tile
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    """The small random multimodal Llama 4 of tests/models/test_vision_multi.py (real Llama 4
+    """The image tests' small random multimodal Llama 4 (tests/models/multimodal.py: real Llama 4
     tokenizer, so real <|patch|> ids), served with small blocks and prefill chunks so an image's
     <|patch|> run is spread over several blocks and prefill steps."""
-    tokenizer = load_tokenizer("llama4")
-    vision = VisionArgs(image_size=56, patch_size=14, dim=32, n_layers=1, n_heads=2, output_dim=32, max_tiles=4)
-    args = LLAMA4_PRESETS["llama4-debug"].replace(vocab_size=tokenizer.vocab_size, dim=32, head_dim=8,
-                                                  vision=vision)
-    torch.manual_seed(0)
-    model = Llama4Multimodal(args)
-    model.init_weights(std=0.3)
-    model.eval()
+    root, model, tokenizer = tiny_multimodal(tmp_path_factory.mktemp("ckpt"), std=0.3)
     media = tmp_path_factory.mktemp("media")
     (media / "gradient.png").write_bytes(_png(GRADIENT))
     outside = tmp_path_factory.mktemp("outside")
@@ -74,7 +65,7 @@ def setup(tmp_path_factory):
     engine = Engine(model, tokenizer, max_batch=8, num_blocks=256, block_size=4, max_prefill_tokens=16)
     app = create_app(engine, "mm", Limits(**LIMITS, allowed_local_media=media))
     with ServerThread(app) as server:
-        yield server, model, tokenizer, engine, media, outside
+        yield server, model, tokenizer, engine, media, outside, root
 
 
 def _parts(*items):
@@ -108,7 +99,7 @@ def _wait_idle(engine):
 
 
 def test_base64_images_equal_herd_generate(setup):
-    server, model, tok, engine, _, _ = setup
+    server, model, tok, engine, *_ = setup
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
     one = [{"role": "user", "content": _parts("Look at this:", _image_url(_data_url(_png(GRADIENT))),
                                               "what is it?")}]
@@ -136,7 +127,7 @@ def test_base64_images_equal_herd_generate(setup):
 
 
 def test_file_url_under_allowed_media_equals_the_data_url(setup):
-    server, model, tok, engine, media, _ = setup
+    server, model, tok, engine, media, *_ = setup
     question = "What is in the picture?"
     by_file = _chat(server, [{"role": "user", "content": _parts(_image_url((media / "gradient.png").as_uri()),
                                                                 question)}])
@@ -147,7 +138,7 @@ def test_file_url_under_allowed_media_equals_the_data_url(setup):
 
 
 def test_prefix_sharing_keeps_different_images_apart_and_shares_the_same_image(setup):
-    server, model, tok, engine, _, _ = setup
+    server, model, tok, engine, *_ = setup
     question = "Describe the colours in detail."
 
     def dialog(picture):
@@ -186,7 +177,7 @@ def test_engine_preemption_and_chunks_with_images_equal_one_at_a_time(setup):
     from herd.inference.generate import generate_batch
     from herd.models.vision import WithImages
 
-    _, model, tok, _, _, _ = setup
+    _, model, tok, *_ = setup
     rows = []
     for picture, text in ((GRADIENT, "What is it?"), (NOISE, "What is it?"), (SMALL, "Name the colours.")):
         p = prepare_images_prompt(model, tok, [{"role": "user", "content": [{"type": "image", "image": picture},
@@ -205,17 +196,14 @@ def test_engine_preemption_and_chunks_with_images_equal_one_at_a_time(setup):
     assert engine.blocks.num_free == engine.blocks.num_blocks
 
 
-def test_herd_serve_engine_on_a_written_multimodal_checkpoint(setup, tmp_path):
+def test_herd_serve_engine_on_a_written_multimodal_checkpoint(setup):
     """build_engine (what `herd serve` runs) on an HF multimodal checkpoint: its own chat template
     and packed linears; the answer is herd.generate's with the model and tokenizer it loaded."""
     from starlette.testclient import TestClient
 
-    from herd.checkpoint import write_checkpoint
     from herd.inference.server import build_engine
 
-    _, model, tok, _, _, _ = setup
-    write_checkpoint(tmp_path / "mm", "hf", model.args, model.state_dict(), tokenizer=tok)
-    engine = build_engine(str(tmp_path / "mm"), kv_cache_mb=8)
+    engine = build_engine(str(setup[-1] / "mm"), kv_cache_mb=8)
     messages = [{"role": "user", "content": _parts(_image_url(_data_url(_png(SMALL))), "What is it?")}]
     want = herd.generate(engine.model, engine.tokenizer, _as_herd(messages, [SMALL]), max_new_tokens=8)
     with TestClient(create_app(engine, "mm")) as client:
@@ -224,15 +212,12 @@ def test_herd_serve_engine_on_a_written_multimodal_checkpoint(setup, tmp_path):
 
 
 def _text_only_app(setup):
-    _, model, tok, _, _, _ = setup
-    torch.manual_seed(0)
-    text = Transformer(model.args.replace(vision=None))
-    text.init_weights()
-    return create_app(Engine(text.eval(), tok, num_blocks=32), "text")
+    text, tok = herd.load(setup[-1] / "text")
+    return create_app(Engine(text, tok, num_blocks=32), "text")
 
 
 def _no_media_app(setup):
-    _, model, tok, _, _, _ = setup
+    _, model, tok, *_ = setup
     return create_app(Engine(model, tok, num_blocks=32), "mm", Limits(**LIMITS))
 
 
@@ -265,7 +250,7 @@ def _bad_cases(media, outside):
 def test_bad_images_get_one_clear_400(setup):
     from starlette.testclient import TestClient
 
-    server, _, _, engine, media, outside = setup
+    server, _, _, engine, media, outside, _ = setup
     # Apps that never reach their engine (every request is refused): no lifespan, no engine thread.
     others = {"text-only": TestClient(_text_only_app(setup)), "no-media": TestClient(_no_media_app(setup))}
     for name, app, messages, words in _bad_cases(media, outside):
