@@ -9,8 +9,9 @@ capital letters only), splits them into training and held-out prompts, and runs:
   2. SFT on the rejection-sampled data                                      → held-out accuracy
   3. a reward model on the training pairs             → held-out pairwise accuracy; best-of-K by
      the reward model against a random sample (the mean verifier score of the K samples)
-  4. DPO from the SFT model (reference = the SFT model) with the NLL term and without
-     (--dpo.nll=0)               → held-out chosen-minus-rejected margin and chosen log-prob
+  4. DPO from the SFT model (reference = the SFT model) with the paper's β = 0.1 and NLL term 0.2,
+     the same run without it (--dpo.nll=0), and the config's [[dpo_extra]] variants of that run
+                                 → held-out chosen-minus-rejected margin and chosen log-prob
 and prints the table. Every stage is the library's (herd.train.posttrain, herd.train.rejection,
 herd.eval.tasks); each training stage is the one training loop with its objective.
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -139,6 +141,7 @@ def main(argv=None) -> None:
         for k, v in extra.items():
             sec, key = k.split(".")
             tables.setdefault(sec, {})[key] = v
+        shutil.rmtree(out / run, ignore_errors=True)  # a rerun of the demo starts its stages afresh
         return build_config(None, [], str(out / run), tables)
 
     train_items, held_items = make_tasks(d)
@@ -210,20 +213,26 @@ def main(argv=None) -> None:
     stamps["reward"] = time.time() - t0
     del rm
 
-    # 4. DPO from the SFT model, with and without the NLL term
+    # 4. DPO from the SFT model, with and without the NLL term: the paper's β and NLL coefficient
+    # (configs' [dpo.dpo]), the same run with --dpo.nll=0 (same data, order, steps, seed and LoRA
+    # init), then any [[dpo_extra]] variants (overrides of the same run, e.g. the NLL normalization).
     sft_loader_ref = DPO()
     sft_loader_ref.cache_reference(sft_model, held_loader)
     before = preference_stats(sft_model, held_loader, sft_loader_ref)
-    dpo_rows = {}
-    for nll in (cfg["dpo"]["dpo"]["nll"], 0.0):
-        run = f"dpo-nll{nll:g}"
-        dcfg, own = stage_config("dpo", run)
-        own["dpo"].nll = nll
+    variants = [("paper", {}), ("nll0", {"dpo.nll": 0.0})]
+    variants += [(x["name"], dict(x["set"])) for x in cfg.get("dpo_extra", [])]
+    dpo_rows = []
+    for name, overrides in variants:
+        dcfg, own = stage_config("dpo", f"dpo-{name}", **overrides)
         _, dpo_dir = finetune("dpo", dcfg, str(sft_dir), str(train_pairs), lora=own["lora"], dpo=own["dpo"],
                               log=log, progress=False)
         pol, _ = herd.load(dpo_dir)
-        dpo_rows[nll] = preference_stats(pol, held_loader, sft_loader_ref)
-        log(f"DPO nll={nll:g}: held-out {dpo_rows[nll]}")
+        st = preference_stats(pol, held_loader, sft_loader_ref)
+        o = own["dpo"]
+        label = f"DPO β={o.beta:g}, nll={o.nll:g}" + (f" ({o.nll_norm})" if o.nll else "")
+        label += "".join(f", {k.split('.')[-1]}={v}" for k, v in overrides.items() if not k.startswith("dpo."))
+        dpo_rows.append((label, st))
+        log(f"{label}: held-out {st}")
         del pol
     stamps["dpo"] = time.time() - t0
 
@@ -245,9 +254,9 @@ def main(argv=None) -> None:
         f"| SFT model (DPO reference) | chosen − rejected log-prob margin; chosen log-prob | "
         f"{before['margin']:.2f}; {before['chosen_logp']:.2f} |",
     ]
-    for nll, st in dpo_rows.items():
-        lines.append(f"| DPO β={cfg['dpo']['dpo']['beta']}, nll={nll:g} | chosen − rejected margin; chosen log-prob "
-                     f"(Δ vs reference); implicit-reward accuracy | {st['margin']:.2f}; {st['chosen_logp']:.2f} "
+    for label, st in dpo_rows:
+        lines.append(f"| {label} | chosen − rejected margin; chosen log-prob (Δ vs reference); implicit-reward "
+                     f"accuracy | {st['margin']:.2f}; {st['chosen_logp']:.2f} "
                      f"({st['chosen_logp'] - before['chosen_logp']:+.2f}); {st['reward_accuracy']:.3f} |")
     table = "\n".join(lines)
     print("\n" + table + "\n")
@@ -256,7 +265,7 @@ def main(argv=None) -> None:
     (out / "results.json").write_text(json.dumps({
         "base": base_eval.accuracy, "sft": sft_eval.accuracy, "reward_pairwise_accuracy": rm_acc,
         "best_of_k": bok, "random_sample": rnd, "dpo_reference": before,
-        "dpo": {str(k): v for k, v in dpo_rows.items()}, "seconds": time.time() - t0}, indent=1))
+        "dpo": dict(dpo_rows), "seconds": time.time() - t0}, indent=1))
 
 
 if __name__ == "__main__":
