@@ -231,6 +231,9 @@ class Trainer:
                 raise HerdError("train.compile compiles one process's whole forward and loss; with "
                                 "parallelism or activation checkpointing use parallel.compile (per block)")
             self.objective = Compiled(self.objective)
+            if isinstance(self.args, Llama4Args) and self.args.n_experts:
+                self.log("train.compile: the MoE layers split tokens by expert with data-dependent sizes, "
+                         "so the graph breaks there and each MoE layer compiles its own pieces")
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.step = 0
         self.tokens = 0
