@@ -7,49 +7,48 @@ herd's own `hf_config_from_args`) and identical weights (herd's `init_weights`, 
 One step, for each contender, is forward + loss + backward + global-norm clip + AdamW step:
 
   * herd: `herd.train.loop.train_step` with `NextTokenLM(document_masking=False)` on a
-    `PackedBatch` whose rows are one document each, i.e. plain causal attention. (herd's attention
-    still builds a boolean causal mask and hands it to SDPA; it never takes the `is_causal` path.)
-    `--doc-masking` times herd's default packed-document path too (positions and a (B, 1, T, T)
-    document mask built every step) as a third contender.
+    `PackedBatch` whose rows are one document each (plain causal attention), eager or with the loss
+    wrapped in `herd.train.objectives.Compiled` as `train.compile = true` runs it.
   * transformers: `model(input_ids, labels=..., shift_labels=targets).loss.backward()`, then
-    `clip_grad_norm_` and `optimizer.step()`, as a hand-written loop would.
+    `clip_grad_norm_` and `optimizer.step()`, as a hand-written loop would; eager, or the same loss
+    function under `torch.compile` (what a user who compiles their loop gets).
 
 Both optimizers come from herd's `build_optimizer` with the same `OptimConfig` (lr 3e-4, betas
-(0.9, 0.95), eps 1e-8, weight decay 0.1 on 2-D parameters only, clip 1.0), so the weight-decay
-handling is identical. The data are the same random tokens, B rows of T+1: inputs are the first T,
-targets the last T, so both losses average over exactly B·T next-token terms.
+(0.9, 0.95), eps 1e-8, weight decay 0.1 on 2-D parameters only, clip 1.0). The data are the same
+random tokens, B rows of T+1: inputs are the first T, targets the last T.
 
-Timing: one warm-up step each, then `--steps` rounds in which every contender runs one step in
-turn (so a slow spell of a shared machine hits all alike); tokens/s = B·T / median step time. The
-warm-up step is step 0: its losses (before any update, same weights, same data) are printed with
-their difference as a parity check.
+The memory allocator is a process-wide setting, so the bench runs itself twice, in two child
+processes: once with glibc's default (`system`: large blocks mmap'd and unmapped on every free)
+and once with `herd.runtime.retain_freed_memory()` (`retain`), which `herd pretrain` applies on CPU
+(`train.retain_memory`). In each child the contenders take turns, one step each per round, so a
+slow spell of the machine hits all alike; tokens/s = B·T / median step time. Each contender's
+first step (before any update, same weights, same data) is its warm-up (and compilation); its loss
+is printed as a parity check.
 
-    python bench/train_step.py [--preset tiny] [--batch 8] [--seq 256] [--steps 10] [--threads 2]
-                               [--doc-masking]
+The ratios printed: herd as `herd pretrain` runs it (retained memory; eager by default, compiled
+with `train.compile`) against transformers as a hand-written loop runs it (eager, default allocator)
+— the issue's target — and, so that nobody reads more into it than there is, each like against like.
+
+    python bench/train_step.py [--preset tiny] [--batch 8] [--seq 256] [--steps 8] [--threads 2]
+                               [--no-compile]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
+import sys
 
 import torch
 from timing import interleaved_medians
 
+ALLOCATORS = ("system", "retain")
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="tiny")
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--seq", type=int, default=256)
-    ap.add_argument("--steps", type=int, default=10, help="timed rounds (each contender one step per round)")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--doc-masking", action="store_true",
-                    help="also time herd's packed-document path (document mask + restarted positions)")
-    ap.add_argument("--seed", type=int, default=0)
-    a = ap.parse_args()
+
+def run_child(a) -> dict:
+    """Time every contender in this process (its allocator already set); returns name → (s/step, loss0)."""
     torch.set_num_threads(a.threads)
-
-    import transformers
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from herd.checkpoint.hf import hf_config_from_args, to_hf_state_dict
@@ -58,66 +57,119 @@ def main() -> None:
     from herd.models.llama3 import Transformer
     from herd.train.config import OptimConfig
     from herd.train.loop import build_optimizer, train_step
-    from herd.train.objectives import NextTokenLM
+    from herd.train.objectives import Compiled, NextTokenLM
 
     args = get_preset(a.preset)
     if a.seq > args.max_seq_len:
         args = args.replace(max_seq_len=a.seq)
     torch.manual_seed(a.seed)
-    model = Transformer(args)
-    model.init_weights()
-    ref = LlamaForCausalLM(LlamaConfig(**hf_config_from_args(args)))
-    missing, unexpected = ref.load_state_dict(to_hf_state_dict(model.state_dict(), args), strict=False)
-    assert not unexpected and all("lm_head" in k for k in missing), (missing, unexpected)
-    model.train()
-    ref.train()
-    models = {"herd": model, "transformers": ref}
-    if a.doc_masking:  # its own copy of the weights, so that each contender's updates stay its own
-        masked = Transformer(args)
-        masked.load_state_dict(model.state_dict())
-        models["herd+docmask"] = masked.train()
-
+    base = Transformer(args)
+    base.init_weights()
+    hf_sd = to_hf_state_dict(base.state_dict(), args)
     cfg = OptimConfig()
-    optimizers = {name: build_optimizer(m, cfg) for name, m in models.items()}
     tokens = torch.randint(0, args.vocab_size, (a.batch, a.seq + 1))
     batch = PackedBatch(tokens, torch.zeros_like(tokens))  # one document per row
     inputs, targets = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
-    objectives = {"herd": NextTokenLM(document_masking=False), "herd+docmask": NextTokenLM(document_masking=True)}
 
-    def herd_step(name):
-        return train_step(models[name], objectives[name], [batch], optimizers[name], cfg.grad_clip).loss
+    def herd_contender(compiled: bool):
+        model = Transformer(args)
+        model.load_state_dict(base.state_dict())
+        model.train()
+        opt = build_optimizer(model, cfg)
+        objective = NextTokenLM(document_masking=False)
+        if compiled:
+            objective = Compiled(objective)
+        return lambda: train_step(model, objective, [batch], opt, cfg.grad_clip).loss
 
-    def hf_step():
-        opt = optimizers["transformers"]
-        opt.zero_grad(set_to_none=True)
-        loss = ref(input_ids=inputs, labels=targets, shift_labels=targets).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(ref.parameters(), cfg.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return float(loss.detach())
+    def hf_loss(model, inputs, targets):
+        return model(input_ids=inputs, labels=targets, shift_labels=targets).loss
 
-    steps = {name: (lambda n=name: herd_step(n)) for name in models if name != "transformers"}
-    steps["transformers"] = hf_step
-    steps = {name: steps[name] for name in models}  # herd, transformers, [herd+docmask]
+    def hf_contender(compiled: bool):
+        ref = LlamaForCausalLM(LlamaConfig(**hf_config_from_args(args)))
+        missing, unexpected = ref.load_state_dict(hf_sd, strict=False)
+        assert not unexpected and all("lm_head" in k for k in missing), (missing, unexpected)
+        ref.train()
+        opt = build_optimizer(ref, cfg)
+        loss_fn = torch.compile(hf_loss) if compiled else hf_loss
 
-    loss0 = {name: fn() for name, fn in steps.items()}  # step 0 doubles as the warm-up
+        def step():
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(ref, inputs, targets)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(ref.parameters(), cfg.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return float(loss.detach())
+        return step
+
+    steps = {"herd eager": herd_contender(False), "transformers eager": hf_contender(False)}
+    if a.compile:
+        steps["herd compiled"] = herd_contender(True)
+        steps["transformers compiled"] = hf_contender(True)
+    loss0 = {name: fn() for name, fn in steps.items()}  # step 0: warm-up and compilation
     t = interleaved_medians(steps, a.steps)
-    ntok = a.batch * a.seq
+    return {name: (t[name], loss0[name]) for name in steps}
 
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=8, help="timed rounds (each contender one step per round)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-compile", dest="compile", action="store_false", help="eager contenders only")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--child", choices=ALLOCATORS, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+
+    if a.child:
+        if a.child == "retain":
+            from herd.runtime import retain_freed_memory
+            assert retain_freed_memory(), "glibc's mallopt is not available here"
+        print(json.dumps(run_child(a)))
+        return
+
+    import transformers
+
+    from herd.models.args import get_preset
+
+    results: dict[tuple[str, str], tuple[float, float]] = {}
+    for alloc in ALLOCATORS:
+        cmd = [sys.executable, __file__, "--child", alloc, *sys.argv[1:]]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode:
+            sys.exit(f"child ({alloc}) failed:\n{out.stderr[-3000:]}")
+        for name, (sec, loss0) in json.loads(out.stdout.strip().splitlines()[-1]).items():
+            results[(alloc, name)] = (sec, loss0)
+
+    args = get_preset(a.preset)
+    ntok = a.batch * a.seq
     print(f"train step (fwd + loss + bwd + clip + AdamW), preset {a.preset}: dim {args.dim}, "
           f"{args.n_layers} layers, {args.n_heads}/{args.kv_heads} heads, ffn {args.ffn_dim}, "
           f"vocab {args.vocab_size}, {args.num_params() / 1e6:.1f}M params")
-    print(f"  batch {a.batch} x seq {a.seq} = {ntok} tokens/step, fp32, {a.threads} threads, "
-          f"torch {torch.__version__}, transformers {transformers.__version__} "
-          f"(attn {ref.config._attn_implementation}); medians of {a.steps} interleaved rounds after 1 warm-up")
-    for name in steps:
-        print(f"  {name:<13} {t[name] * 1e3:8.1f} ms/step  {ntok / t[name]:9,.0f} tok/s   "
-              f"step-0 loss {loss0[name]:.6f}")
-    print(f"  ratio herd/transformers (tok/s)  {t['transformers'] / t['herd']:.2f}x")
-    if "herd+docmask" in t:
-        print(f"  ratio herd+docmask/transformers  {t['transformers'] / t['herd+docmask']:.2f}x")
-    print(f"  step-0 loss difference herd - transformers  {loss0['herd'] - loss0['transformers']:+.2e}")
+    print(f"  batch {a.batch} x seq {a.seq} = {ntok} tokens/step, fp32, {a.threads} threads, torch "
+          f"{torch.__version__}, transformers {transformers.__version__} (sdpa); medians of {a.steps} "
+          f"interleaved rounds after a warm-up step, one child process per allocator")
+    print(f"  {'allocator':<10}{'contender':<23}{'ms/step':>9}{'tok/s':>9}   step-0 loss")
+    for (alloc, name), (sec, loss0) in results.items():
+        print(f"  {alloc:<10}{name:<23}{sec * 1e3:9.1f}{ntok / sec:9,.0f}   {loss0:.6f}")
+
+    def ratio(herd: tuple[str, str], hf: tuple[str, str]) -> str:
+        return f"{results[hf][0] / results[herd][0]:.2f}x"
+
+    print("  ratios, herd / transformers tokens/s:")
+    as_run = f"{ratio(('retain', 'herd eager'), ('system', 'transformers eager'))}"
+    if a.compile:
+        as_run += f" (with train.compile {ratio(('retain', 'herd compiled'), ('system', 'transformers eager'))})"
+    print(f"    herd as `herd pretrain` runs it (retain) vs a hand-written transformers loop (eager, system): {as_run}")
+    for alloc in ALLOCATORS:
+        like = [f"eager {ratio((alloc, 'herd eager'), (alloc, 'transformers eager'))}"]
+        if a.compile:
+            like.append(f"compiled {ratio((alloc, 'herd compiled'), (alloc, 'transformers compiled'))}")
+        print(f"    like against like, {alloc} allocator: " + ", ".join(like))
+    loss0 = [v[1] for v in results.values()]
+    print(f"  step-0 losses spread (parity of all contenders): {max(loss0) - min(loss0):.2e}")
 
 
 if __name__ == "__main__":
