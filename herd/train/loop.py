@@ -29,7 +29,7 @@ from torch import nn
 from herd.data.shards import PackedLoader
 from herd.errors import HerdError
 from herd.models.llama3 import Transformer
-from herd.models.llama4 import Llama4Args, router_stats
+from herd.models.llama4 import Llama4Args, moe_layers, router_stats
 from herd.models.llama4 import Transformer as Llama4Transformer
 from herd.runtime import retain_freed_memory
 from herd.train import checkpoint as ckpt
@@ -125,6 +125,13 @@ def evaluate(model: nn.Module, objective: Objective, loader: PackedLoader, n_bat
         terms += objective.num_terms(b)
     model.train(was_training)
     return total / max(terms, 1)
+
+
+def _sum_over_ranks_router_counts(model: nn.Module) -> None:
+    """The whole job's tokens per expert: every rank routed its own share of the batch."""
+    for moe in moe_layers(model).values():
+        if moe.tokens_per_expert is not None:
+            torch.distributed.all_reduce(moe.tokens_per_expert)
 
 
 def peak_flops_for(device: torch.device) -> float:
@@ -377,6 +384,8 @@ class Trainer:
                 row: dict[str, Any] = {"step": self.step, "tokens": self.tokens, "loss": result.loss, "lr": lr,
                                        "tokens_per_s": tps, "grad_norm": result.grad_norm,
                                        "mfu": tps * flops_per_token / self.peak_flops}
+                if self.parallel.distributed and not self.parallel.pipelined:
+                    _sum_over_ranks_router_counts(self.model)  # each data-parallel rank routed its own rows
                 row.update(router_stats(self.model))  # Llama 4 MoE: tokens per expert this step
                 if result.skipped:
                     row["skipped"] = True

@@ -134,6 +134,9 @@ def test_training_steps_match_one_process(runs):
         assert _close(g["loss"], r["loss"]), (r["step"], g["loss"], r["loss"])
         assert _close(g["grad_norm"], r["grad_norm"]), (r["step"], g["grad_norm"], r["grad_norm"])
     assert got[-1]["loss"] < got[0]["loss"] - 0.05  # real updates
+    # the log's tokens per expert are the whole job's (both ranks' rows), as one process counts them
+    moe_keys = [k for k in ref[0] if k.endswith("tokens_per_expert")]
+    assert moe_keys and all(g[k] == r[k] for r, g in zip(ref, got, strict=True) for k in moe_keys)
     assert _close(got[-1]["val_loss"], ref[-1]["val_loss"])
 
 
