@@ -15,6 +15,7 @@ from herd.cli import main
 from herd.models.image_processing import prepare_image_prompt
 from herd.models.vision import WithImages
 from tests.models.multimodal import tiny_multimodal
+from tests.test_cli import one_line_error
 
 DOG = Path(llama_models.__file__).parent / "resources" / "dog.jpg"
 
@@ -22,11 +23,6 @@ DOG = Path(llama_models.__file__).parent / "resources" / "dog.jpg"
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     return tiny_multimodal(tmp_path_factory.mktemp("l4"), std=0.2)
-
-
-def one_line_error(code, err):
-    lines = err.strip().splitlines()
-    return code == 2 and len(lines) == 1 and lines[0].startswith("herd: error:")
 
 
 def test_generate_with_image_equals_the_model(checkpoints, capsys):

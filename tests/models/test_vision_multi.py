@@ -17,6 +17,7 @@ from herd.models.llama4 import Transformer
 from herd.tokenizer import load_tokenizer
 from tests.models.multimodal import tiny_multimodal
 from tests.models.test_vision import DOG, PASTA
+from tests.test_cli import one_line_error
 
 
 @pytest.fixture(scope="module")
@@ -77,11 +78,6 @@ def test_image_prompt_errors(setup):
 
 
 # ---- the CLI ------------------------------------------------------------------------------------
-def one_line_error(code, err):
-    lines = err.strip().splitlines()
-    return code == 2 and len(lines) == 1 and lines[0].startswith("herd: error:")
-
-
 def test_generate_with_two_images(setup, capsys):
     root, model, tokenizer = setup
     prompt = "Which picture has food in it?"
