@@ -13,6 +13,10 @@
   paper's "more than 6 times"; by default a line counts once per document, so a refrain repeated
   inside one work survives while boilerplate shared across documents goes; `per_document = false`
   counts every occurrence).
+
+Document and line de-dup both run within each language when the lang_id stage has labelled the
+documents (SPEC §3.1.1: "document-level and line-level de-duplication within data for each
+language"): one LSH index per language, and line hashes salted with the language.
 """
 
 from __future__ import annotations
@@ -92,20 +96,29 @@ def minhash_signature(text: str, n: int, num_perm: int, seed: int) -> np.ndarray
 
 
 def minhash_duplicates(ids: Sequence[str], signatures: np.ndarray, threshold: float, seed: int,
-                       skip: Iterable[str] = ()) -> dict[str, str]:
+                       skip: Iterable[str] = (), groups: Sequence[str] | None = None) -> dict[str, str]:
     """Near-duplicates among `ids` (corpus order) given their signatures (N, num_perm): returns
     {removed id: the kept id it duplicates}. A document joins the LSH index only when kept, so
-    each group keeps its first document. `skip`: ids already removed by earlier stages."""
+    each group keeps its first document. `skip`: ids already removed by earlier stages.
+    `groups`: one label per id (the language, SPEC §3.1.1 de-duplicates per language); documents
+    of different groups are never near-duplicates — each group has its own LSH index."""
     from datasketch import LeanMinHash, MinHashLSH
 
     skip = set(skip)
     num_perm = signatures.shape[1] if len(signatures) else 128
-    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+    if groups is None:
+        groups = [""] * len(ids)
+    elif len(groups) != len(ids):
+        raise ValueError(f"{len(groups)} groups for {len(ids)} ids")
+    indexes: dict[str, MinHashLSH] = {}
     kept: dict[str, tuple[int, LeanMinHash]] = {}  # id → (corpus position, signature)
     removed: dict[str, str] = {}
-    for pos, (doc_id, hv) in enumerate(zip(ids, signatures, strict=True)):
+    for pos, (doc_id, hv, group) in enumerate(zip(ids, signatures, groups, strict=True)):
         if doc_id in skip:
             continue
+        lsh = indexes.get(group)
+        if lsh is None:
+            lsh = indexes[group] = MinHashLSH(threshold=threshold, num_perm=num_perm)
         m = LeanMinHash(seed=seed, hashvalues=hv, scheme=SCHEME)
         # The LSH bands find candidates; the signature estimate confirms them (false positives of
         # the banding are dropped). The earliest confirmed candidate is the one kept.
@@ -136,13 +149,18 @@ def bucket_of(doc_id: str, n_buckets: int) -> int:
     return zlib.crc32(doc_id.encode()) % max(1, n_buckets)
 
 
-def line_hashes(text: str, bucket: int) -> tuple[list[str], np.ndarray]:
+def line_hashes(text: str, bucket: int, group: str = "") -> tuple[list[str], np.ndarray]:
     """The document's lines (with their newlines) and one uint64 hash per line, salted with the
-    bucket so that one counting pass over all buckets counts each bucket apart. Lines that
-    normalize to nothing (blank, pure punctuation) get hash 0 and are never removed."""
+    bucket so that one counting pass over all buckets counts each bucket apart — and with `group`
+    (the document's language: SPEC §3.1.1 de-duplicates lines within each language), so a line
+    counts only against documents of its own language. Lines that normalize to nothing (blank,
+    pure punctuation) get hash 0 and are never removed."""
     lines = text.splitlines(keepends=True)
     out = np.zeros(len(lines), dtype=np.uint64)
-    salt = bucket.to_bytes(4, "little")
+    g = group.encode()
+    if len(g) > 12:  # blake2b takes a 16-byte salt: 4 for the bucket, 12 for the group
+        g = hashlib.blake2b(g, digest_size=12).digest()
+    salt = bucket.to_bytes(4, "little") + g
     for i, line in enumerate(lines):
         norm = normalize_line(line)
         if norm:
