@@ -7,8 +7,9 @@ Stages, in the paper's order, each writing how many documents and tokens it remo
 
     read          text / JSONL / HTML (main-content extraction that keeps code)   readers.py
     url_dedup     one document per URL (the most recent by `date`)                  dedup.py
-    minhash       document near-duplicates: MinHash LSH (datasketch)                dedup.py
-    line_dedup    lines in more than N documents of a bucket (ccNet)                dedup.py
+    lang_id       fastText lid.176 language and score; other languages dropped      langid.py
+    minhash       document near-duplicates: MinHash LSH (datasketch), per language  dedup.py
+    line_dedup    lines in more than N documents of a bucket (ccNet), per language  dedup.py
     repetition    duplicated n-gram coverage: repetitive lines and documents        filters.py
     dirty_words   blocklisted-word counts                                           filters.py
     kl_divergence token-distribution KL against the domain's corpus                 filters.py
@@ -22,7 +23,7 @@ chain exactly: every stage's documents_out/tokens_out is the next stage's *_in, 
 stage's equals the shards' totals.
 
 How it runs (map-reduce, the shape datatrove's MinHash pipeline has too). The input is cut into
-units (readers.py). Five parallel phases run over the units — read (+ tokenize, signatures),
+units (readers.py). Five parallel phases run over the units — read (+ tokenize, language ID, signatures),
 line counts, filters (+ tokenize, unigram counts), KL/quality, shards — separated by four small
 global steps in the main process: URL + MinHash decisions, line-count merge, corpus unigram
 merge, mixing factors. Every unit result is written to `WORK/units/NNNNN/` atomically (temp file,
@@ -71,7 +72,7 @@ import numpy as np
 
 from herd.errors import HerdError
 
-STAGES = ("read", "url_dedup", "minhash", "line_dedup", "repetition", "dirty_words", "kl_divergence",
+STAGES = ("read", "url_dedup", "lang_id", "minhash", "line_dedup", "repetition", "dirty_words", "kl_divergence",
           "quality", "mix")
 PHASES = ("read", "lines", "filter", "score", "write")
 
@@ -110,6 +111,18 @@ class ReadConfig:
 @dataclass
 class UrlDedupConfig:
     enabled: bool = True
+
+
+@dataclass
+class LangIdConfig:
+    """SPEC §3.1.1: fastText language ID (lid.176, 176 languages) puts each document in a language;
+    MinHash and line de-dup then run within each language. Judged in the read phase."""
+
+    enabled: bool = False
+    keep: list[str] = field(default_factory=lambda: ["en"])  # lid.176 codes kept; [] = every language
+    # the top language's score below this → removed (datatrove's LanguageFilter, FineWeb: 0.65)
+    min_score: float = 0.65
+    domains: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -182,6 +195,7 @@ class PipelineConfig:
     run: RunSection = field(default_factory=RunSection)
     read: ReadConfig = field(default_factory=ReadConfig)
     url_dedup: UrlDedupConfig = field(default_factory=UrlDedupConfig)
+    lang_id: LangIdConfig = field(default_factory=LangIdConfig)
     minhash: MinHashConfig = field(default_factory=MinHashConfig)
     line_dedup: LineDedupConfig = field(default_factory=LineDedupConfig)
     repetition: RepetitionConfig = field(default_factory=RepetitionConfig)
@@ -255,6 +269,15 @@ def validate(cfg: PipelineConfig) -> None:
         raise HerdError(f"run.val_fraction must be in [0, 1) (got {cfg.run.val_fraction})")
     if cfg.run.shard_bytes < 1:
         raise HerdError("run.shard_bytes must be positive")
+    if not 0 <= cfg.lang_id.min_score <= 1:
+        raise HerdError(f"lang_id.min_score must be in [0, 1] (got {cfg.lang_id.min_score})")
+    if cfg.lang_id.enabled:
+        from herd.data.langid import languages
+
+        bad = [c for c in cfg.lang_id.keep if c not in languages()]
+        if bad:
+            raise HerdError(f"lang_id.keep: unknown language code(s) {', '.join(map(repr, bad))}; fastText lid.176 "
+                            f"knows {len(languages())}: {', '.join(sorted(languages()))}")
     if cfg.quality.enabled and not cfg.quality.model:
         raise HerdError("quality.enabled needs quality.model (train one with `herd data train-quality`)")
     if cfg.quality.enabled and not Path(cfg.quality.model).is_file():
@@ -373,6 +396,18 @@ def _is_val(doc_id: str, fraction: float, seed: int) -> bool:
     return fraction > 0 and zlib.crc32(f"val:{seed}:{doc_id}".encode()) / 2**32 < fraction
 
 
+def _lang_reason(cfg: PipelineConfig, row: dict) -> str:
+    """Why lang_id removes a read row ("" when it stays). Rows out of its scope have lang "";
+    the decision is made from what the read phase recorded, so every phase agrees on it."""
+    lang, score = row.get("lang", ""), row.get("lang_score", 0.0)
+    if not row.get("lang_judged"):
+        return ""
+    c = cfg.lang_id
+    why = ("not in lang_id.keep" if c.keep and lang not in c.keep
+           else f"below min_score {c.min_score:g}" if score < c.min_score else "")
+    return f"lang={lang or 'none'} score={score:.2f} ({why})" if why else ""
+
+
 # ---- phase 1: read, extract, tokenize, MinHash signatures ------------------------------------------
 def phase_read(ctx: Context, u: int) -> dict:
     from herd.data.dedup import minhash_signature
@@ -381,7 +416,7 @@ def phase_read(ctx: Context, u: int) -> dict:
     cfg = ctx.cfg
     tok = get_tokenizer(cfg.run.tokenizer)
     tally = Tally()
-    rows, sig_ids, sigs, urls, gone = [], [], [], [], []
+    rows, sig_ids, sig_langs, sigs, urls, gone = [], [], [], [], [], []
     for k, raw in enumerate(read_unit(ctx.units[u])):
         domain = raw.domain or "general"
         doc_id = _doc_id(u, k)
@@ -391,18 +426,26 @@ def phase_read(ctx: Context, u: int) -> dict:
             tally.add("read", domain, documents_removed=1, tokens_removed=n_tok)
             gone.append(_gone(doc_id, raw.name, domain, "read", f"{len(raw.text.strip())} characters"))
             continue
-        rows.append({"id": doc_id, "name": raw.name, "url": raw.url, "date": raw.date, "domain": domain,
-                     "tokens": n_tok, "text": raw.text})
+        row = {"id": doc_id, "name": raw.name, "url": raw.url, "date": raw.date, "domain": domain,
+               "tokens": n_tok, "text": raw.text, "lang": "", "lang_score": 0.0, "lang_judged": False}
+        if ctx.in_scope(cfg.lang_id, domain):
+            from herd.data.langid import identify
+
+            lang, score = identify(raw.text)
+            row |= {"lang": lang, "lang_score": round(score, 4), "lang_judged": True}
+        rows.append(row)
         urls.append([doc_id, raw.url, raw.date, raw.name])
-        if ctx.in_scope(cfg.minhash, domain):
+        # a document lang_id removes needs no signature; the rest are bucketed by language
+        if ctx.in_scope(cfg.minhash, domain) and not _lang_reason(cfg, row):
             sig_ids.append(doc_id)
+            sig_langs.append(row["lang"])
             sigs.append(minhash_signature(raw.text, cfg.minhash.ngram, cfg.minhash.num_perm, cfg.minhash.seed))
     d = ctx.unit_dir(u)
     d.mkdir(parents=True, exist_ok=True)
     _write_jsonl(d / "read.jsonl", rows)
     _write_json(d / "urls.json", urls)
     _write_jsonl(d / "read.removed.jsonl", gone)
-    _write_npz(d / "sig.npz", ids=np.array(sig_ids, dtype=str),
+    _write_npz(d / "sig.npz", ids=np.array(sig_ids, dtype=str), langs=np.array(sig_langs, dtype=str),
                sig=np.stack(sigs) if sigs else np.zeros((0, cfg.minhash.num_perm), np.uint64))
     return {"tally": tally.counts, "documents": len(rows)}
 
@@ -418,13 +461,17 @@ def global_dedup(ctx: Context) -> dict:
         url_removed = url_duplicates([tuple(r[:3]) for r in records])
     near: dict[str, str] = {}
     if cfg.minhash.enabled:
-        ids, sigs = [], []
+        ids, langs, sigs = [], [], []
         for u in range(len(ctx.units)):
             with np.load(ctx.unit_dir(u) / "sig.npz") as z:
                 ids.extend(z["ids"].tolist())
+                langs.extend(z["langs"].tolist())
                 sigs.append(z["sig"])
         sig = np.concatenate(sigs) if sigs else np.zeros((0, cfg.minhash.num_perm), np.uint64)
-        near = minhash_duplicates(ids, sig, cfg.minhash.threshold, cfg.minhash.seed, skip=url_removed)
+        # SPEC §3.1.1 de-duplicates within each language: documents of different languages are
+        # never near-duplicates (one LSH index per language; "" = not judged by lang_id)
+        near = minhash_duplicates(ids, sig, cfg.minhash.threshold, cfg.minhash.seed, skip=url_removed,
+                                  groups=langs)
     # removed id → "kept id (kept name)", for OUT/removed.jsonl
     names = {r[0]: r[3] for r in records}
     return {k: {rm: f"{kept} ({names[kept]})" for rm, kept in d.items()}
@@ -449,9 +496,10 @@ def phase_line_counts(ctx: Context, u: int) -> dict:
     nb = _n_buckets(ctx)
     hashes = []
     for row in _read_jsonl(ctx.unit_dir(u) / "read.jsonl"):
-        if row["id"] in url_rm or row["id"] in near_rm or not ctx.in_scope(ctx.cfg.line_dedup, row["domain"]):
+        if (row["id"] in url_rm or row["id"] in near_rm or _lang_reason(ctx.cfg, row)
+                or not ctx.in_scope(ctx.cfg.line_dedup, row["domain"])):
             continue
-        hashes.append(line_hashes(row["text"], bucket_of(row["id"], nb))[1])
+        hashes.append(line_hashes(row["text"], bucket_of(row["id"], nb), row.get("lang", ""))[1])
     h, c = count_lines(hashes, ctx.cfg.line_dedup.per_document)
     _write_npz(ctx.unit_dir(u) / "lines.npz", hashes=h, counts=c)
     return {}
@@ -519,11 +567,14 @@ def phase_filter(ctx: Context, u: int) -> dict:
         doc = _Doc(row, tally, tok, gone)
         if not doc.stage("url_dedup", row["id"] in url_rm, detail=f"duplicate of {url_rm.get(row['id'])}"):
             continue
+        lang_why = _lang_reason(cfg, row)
+        if not doc.stage("lang_id", bool(lang_why), detail=lang_why):
+            continue
         if not doc.stage("minhash", row["id"] in near_rm, detail=f"near-duplicate of {near_rm.get(row['id'])}"):
             continue
         new, dropped = None, 0
         if ctx.in_scope(cfg.line_dedup, dom) and len(bad):
-            lines, h = line_hashes(doc.text, bucket_of(row["id"], nb))
+            lines, h = line_hashes(doc.text, bucket_of(row["id"], nb), row.get("lang", ""))
             drop = np.isin(h, bad)
             dropped = int(drop.sum())
             new = "".join(line for line, x in zip(lines, drop, strict=True) if not x)
@@ -545,7 +596,8 @@ def phase_filter(ctx: Context, u: int) -> dict:
         arr = np.asarray(doc.token_ids(), dtype=np.uint32)
         ids_list.append(arr)
         unigrams.setdefault(dom, []).append(arr[1:-1])  # without BOS/EOS
-        rows.append({k: row[k] for k in ("id", "name", "url", "domain")} | {"tokens": doc.n, "text": doc.text})
+        rows.append({k: row[k] for k in ("id", "name", "url", "domain", "lang", "lang_score")}
+                    | {"tokens": doc.n, "text": doc.text})
     d = ctx.unit_dir(u)
     offsets = np.concatenate([[0], np.cumsum([len(a) for a in ids_list], dtype=np.int64)]).astype(np.int64)
     _write_npz(d / "filtered.npz", tokens=np.concatenate(ids_list) if ids_list else np.zeros(0, np.uint32),
@@ -970,7 +1022,8 @@ def add_run_parser(subparsers) -> argparse.ArgumentParser:
     from herd.train.cli import _PretrainParser
 
     p = subparsers.add_parser("run", help="run the data pipeline of a TOML config (resumes an unfinished run)",
-                              description="Run the SPEC §3.1 data pipeline: read → URL/MinHash/line de-dup → "
+                              description="Run the SPEC §3.1 data pipeline: read → URL de-dup → language ID → "
+                                          "MinHash/line de-dup (per language) → "
                                           "heuristic filters → quality → mix → token shards. Any config key "
                                           "can be overridden as --section.key=value.")
     p.__class__ = _PretrainParser  # collects --section.key=value into `overrides`
