@@ -9,8 +9,10 @@ capital letters only), splits them into training and held-out prompts, and runs:
   2. SFT on the rejection-sampled data                                      → held-out accuracy
   3. a reward model on the training pairs             → held-out pairwise accuracy; best-of-K by
      the reward model against a random sample (the mean verifier score of the K samples)
-  4. DPO from the SFT model (reference = the SFT model) with the paper's β = 0.1 and NLL term 0.2,
-     the same run without it (--dpo.nll=0), and the config's [[dpo_extra]] variants of that run
+  4. DPO from the SFT model (reference = the SFT model) on the SFT model's own samples, scored by
+     the verifier (§4.1: preference data from the latest model; demo.dpo_pairs = "base" reuses the
+     base model's pairs), with the paper's β = 0.1 and NLL term 0.2, the same run without it
+     (--dpo.nll=0), and the config's [[dpo_extra]] variants of that run
                                  → held-out chosen-minus-rejected margin and chosen log-prob
 and prints the table. Every stage is the library's (herd.train.posttrain, herd.train.rejection,
 herd.eval.tasks); each training stage is the one training loop with its objective.
@@ -108,6 +110,8 @@ def main(argv=None) -> None:
     a = ap.parse_args(argv)
     cfg = load_config(a.config, a.set)
     d = cfg["demo"]
+    if d.setdefault("dpo_pairs", "sft") not in ("sft", "base"):
+        raise SystemExit(f"demo.dpo_pairs must be \"sft\" or \"base\" (got {d['dpo_pairs']!r})")
     torch.set_num_threads(int(d["threads"]))
     torch.manual_seed(d["seed"])
 
@@ -216,18 +220,37 @@ def main(argv=None) -> None:
     # 4. DPO from the SFT model, with and without the NLL term: the paper's β and NLL coefficient
     # (configs' [dpo.dpo]), the same run with --dpo.nll=0 (same data, order, steps, seed and LoRA
     # init), then any [[dpo_extra]] variants (overrides of the same run, e.g. the NLL normalization).
+    # §4.1: each round's preference data is sampled from the latest model, so with dpo_pairs = "sft"
+    # the DPO pairs (training and held-out) are the SFT model's own samples, scored by the verifier;
+    # "base" reuses the base model's pairs the reward model was trained on.
+    if d["dpo_pairs"] == "sft":
+        dtrain = rejection_sample(sft_model, tok, load_prompts(train_path), d["k"], verifier,
+                                  **{**samp, "seed": d["seed"] + 2})
+        dheld = rejection_sample(sft_model, tok, load_prompts(held_path), d["k"], verifier,
+                                 **{**samp, "seed": d["seed"] + 3})
+        dpo_train_rows, dpo_held_rows = preference_pairs(dtrain, d["seed"], per), preference_pairs(dheld, d["seed"], per)
+        if not (dpo_train_rows and dpo_held_rows):
+            raise SystemExit("the SFT model's samples give no preference pairs: raise demo.k or the prompt counts")
+        dpo_train = write_jsonl(out / "pairs_dpo_train.jsonl", dpo_train_rows)
+        dpo_held = write_jsonl(out / "pairs_dpo_heldout.jsonl", dpo_held_rows)
+        log(f"DPO pairs sampled from the SFT model: {len(dpo_train_rows)} training, {len(dpo_held_rows)} held-out")
+        stamps["dpo sampling"] = time.time() - t0
+    else:
+        dpo_train, dpo_held = train_pairs, held_pairs
+    n_dpo_train, n_dpo_held = (len(p.read_text().splitlines()) for p in (dpo_train, dpo_held))
+    dpo_held_loader = ranked_loader(tok, load_preferences(dpo_held), batch_size=4, seq_len=512, shuffle=False)
     sft_loader_ref = DPO()
-    sft_loader_ref.cache_reference(sft_model, held_loader)
-    before = preference_stats(sft_model, held_loader, sft_loader_ref)
+    sft_loader_ref.cache_reference(sft_model, dpo_held_loader)
+    before = preference_stats(sft_model, dpo_held_loader, sft_loader_ref)
     variants = [("paper", {}), ("nll0", {"dpo.nll": 0.0})]
     variants += [(x["name"], dict(x["set"])) for x in cfg.get("dpo_extra", [])]
     dpo_rows = []
     for name, overrides in variants:
         dcfg, own = stage_config("dpo", f"dpo-{name}", **overrides)
-        _, dpo_dir = finetune("dpo", dcfg, str(sft_dir), str(train_pairs), lora=own["lora"], dpo=own["dpo"],
+        _, dpo_dir = finetune("dpo", dcfg, str(sft_dir), str(dpo_train), lora=own["lora"], dpo=own["dpo"],
                               log=log, progress=False)
         pol, _ = herd.load(dpo_dir)
-        st = preference_stats(pol, held_loader, sft_loader_ref)
+        st = preference_stats(pol, dpo_held_loader, sft_loader_ref)
         o = own["dpo"]
         label = f"DPO β={o.beta:g}, nll={o.nll:g}" + (f" ({o.nll_norm})" if o.nll else "")
         label += "".join(f", {k.split('.')[-1]}={v}" for k, v in overrides.items() if not k.startswith("dpo."))
@@ -251,7 +274,8 @@ def main(argv=None) -> None:
         f"| {rm_acc:.3f} |",
         f"| best-of-{d['k']} by reward model | verifier accuracy | {bok:.3f} |",
         f"| one random sample of the {d['k']} | verifier accuracy (expected) | {rnd:.3f} |",
-        f"| SFT model (DPO reference) | chosen − rejected log-prob margin; chosen log-prob | "
+        f"| SFT model (DPO reference; {n_dpo_train} training / {n_dpo_held} held-out pairs from "
+        f"{d['dpo_pairs']} samples) | chosen − rejected log-prob margin; chosen log-prob | "
         f"{before['margin']:.2f}; {before['chosen_logp']:.2f} |",
     ]
     for label, st in dpo_rows:
