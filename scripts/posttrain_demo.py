@@ -238,10 +238,14 @@ def main(argv=None) -> None:
     else:
         dpo_train, dpo_held = train_pairs, held_pairs
     n_dpo_train, n_dpo_held = (len(p.read_text().splitlines()) for p in (dpo_train, dpo_held))
-    dpo_held_loader = ranked_loader(tok, load_preferences(dpo_held), batch_size=4, seq_len=512, shuffle=False)
-    sft_loader_ref = DPO()
-    sft_loader_ref.cache_reference(sft_model, dpo_held_loader)
-    before = preference_stats(sft_model, dpo_held_loader, sft_loader_ref)
+    # Measured on the held-out pairs and on the training pairs: the chosen log-prob's fall that the
+    # NLL term is there to stop (Pang et al. 2024, Pal et al. 2024) is first a training-set effect.
+    loaders, refs, before = {}, {}, {}
+    for split, path in (("held-out", dpo_held), ("training", dpo_train)):
+        loaders[split] = ranked_loader(tok, load_preferences(path), batch_size=4, seq_len=512, shuffle=False)
+        refs[split] = DPO()
+        refs[split].cache_reference(sft_model, loaders[split])
+        before[split] = preference_stats(sft_model, loaders[split], refs[split])
     variants = [("paper", {}), ("nll0", {"dpo.nll": 0.0})]
     variants += [(x["name"], dict(x["set"])) for x in cfg.get("dpo_extra", [])]
     dpo_rows = []
@@ -250,12 +254,12 @@ def main(argv=None) -> None:
         _, dpo_dir = finetune("dpo", dcfg, str(sft_dir), str(dpo_train), lora=own["lora"], dpo=own["dpo"],
                               log=log, progress=False)
         pol, _ = herd.load(dpo_dir)
-        st = preference_stats(pol, dpo_held_loader, sft_loader_ref)
+        st = {split: preference_stats(pol, loaders[split], refs[split]) for split in loaders}
         o = own["dpo"]
         label = f"DPO β={o.beta:g}, nll={o.nll:g}" + (f" ({o.nll_norm})" if o.nll else "")
         label += "".join(f", {k.split('.')[-1]}={v}" for k, v in overrides.items() if not k.startswith("dpo."))
         dpo_rows.append((label, st))
-        log(f"{label}: held-out {st}")
+        log(f"{label}: held-out {st['held-out']}; training pairs {st['training']}")
         del pol
     stamps["dpo"] = time.time() - t0
 
@@ -274,14 +278,23 @@ def main(argv=None) -> None:
         f"| {rm_acc:.3f} |",
         f"| best-of-{d['k']} by reward model | verifier accuracy | {bok:.3f} |",
         f"| one random sample of the {d['k']} | verifier accuracy (expected) | {rnd:.3f} |",
-        f"| SFT model (DPO reference; {n_dpo_train} training / {n_dpo_held} held-out pairs from "
-        f"{d['dpo_pairs']} samples) | chosen − rejected log-prob margin; chosen log-prob | "
-        f"{before['margin']:.2f}; {before['chosen_logp']:.2f} |",
+    ]
+    n_steps = cfg.get("dpo", {}).get("train", {}).get("steps")
+    dpo_lines = [
+        f"| DPO ({n_steps} steps; reference = the SFT model; {n_dpo_train} training / {n_dpo_held} held-out pairs "
+        f"from {d['dpo_pairs']} samples) | held-out margin | held-out chosen log-prob (Δ) | implicit-reward "
+        "accuracy (held-out) | training margin | training chosen log-prob (Δ) |",
+        "|---|---|---|---|---|---|",
+        f"| SFT model (the reference) | {before['held-out']['margin']:.2f} | {before['held-out']['chosen_logp']:.2f} | "
+        f"– | {before['training']['margin']:.2f} | {before['training']['chosen_logp']:.2f} |",
     ]
     for label, st in dpo_rows:
-        lines.append(f"| {label} | chosen − rejected margin; chosen log-prob (Δ vs reference); implicit-reward "
-                     f"accuracy | {st['margin']:.2f}; {st['chosen_logp']:.2f} "
-                     f"({st['chosen_logp'] - before['chosen_logp']:+.2f}); {st['reward_accuracy']:.3f} |")
+        h, t = st["held-out"], st["training"]
+        dpo_lines.append(
+            f"| {label} | {h['margin']:.2f} | {h['chosen_logp']:.2f} ({h['chosen_logp'] - before['held-out']['chosen_logp']:+.2f}) "
+            f"| {h['reward_accuracy']:.3f} | {t['margin']:.2f} | {t['chosen_logp']:.2f} "
+            f"({t['chosen_logp'] - before['training']['chosen_logp']:+.2f}) |")
+    lines += [""] + dpo_lines
     table = "\n".join(lines)
     print("\n" + table + "\n")
     print(f"total {time.time() - t0:.0f} s; stages ended at " + ", ".join(f"{k} {v:.0f}s" for k, v in stamps.items()))
