@@ -13,7 +13,7 @@ capital letters only), splits them into training and held-out prompts, and runs:
      the verifier (§4.1: preference data from the latest model; demo.dpo_pairs = "base" reuses the
      base model's pairs), with the paper's β = 0.1 and NLL term 0.2, the same run without it
      (--dpo.nll=0), and the config's [[dpo_extra]] variants of that run
-                                 → held-out chosen-minus-rejected margin and chosen log-prob
+                 → chosen-minus-rejected margin and chosen log-prob, held-out and training pairs
 and prints the table. Every stage is the library's (herd.train.posttrain, herd.train.rejection,
 herd.eval.tasks); each training stage is the one training loop with its objective.
 
@@ -175,8 +175,12 @@ def main(argv=None) -> None:
     # 1. rejection sampling with the verifier
     verifier = verifier_scorer("answer")
     samp = dict(max_new_tokens=d["max_new_tokens"], temperature=d["temperature"], seed=d["seed"])
-    train_samples = rejection_sample(base, tok, load_prompts(train_path), d["k"], verifier, **samp)
-    held_samples = rejection_sample(base, tok, load_prompts(held_path), d["k"], verifier, **{**samp, "seed": d["seed"] + 1})
+    def sample_prompts(model, seed: int):
+        """K verifier-scored samples per training prompt and per held-out prompt (seeds seed, seed + 1)."""
+        return tuple(rejection_sample(model, tok, load_prompts(path), d["k"], verifier, **{**samp, "seed": seed + i})
+                     for i, path in enumerate((train_path, held_path)))
+
+    train_samples, held_samples = sample_prompts(base, d["seed"])
     n_sft = write_best(train_samples, out / "sft.jsonl", min_score=1.0, keep_all=False)
     per = d.get("pairs_per_prompt", 1)
     train_rows = preference_pairs(train_samples, d["seed"], per)
@@ -224,10 +228,7 @@ def main(argv=None) -> None:
     # the DPO pairs (training and held-out) are the SFT model's own samples, scored by the verifier;
     # "base" reuses the base model's pairs the reward model was trained on.
     if d["dpo_pairs"] == "sft":
-        dtrain = rejection_sample(sft_model, tok, load_prompts(train_path), d["k"], verifier,
-                                  **{**samp, "seed": d["seed"] + 2})
-        dheld = rejection_sample(sft_model, tok, load_prompts(held_path), d["k"], verifier,
-                                 **{**samp, "seed": d["seed"] + 3})
+        dtrain, dheld = sample_prompts(sft_model, d["seed"] + 2)
         dpo_train_rows, dpo_held_rows = preference_pairs(dtrain, d["seed"], per), preference_pairs(dheld, d["seed"], per)
         if not (dpo_train_rows and dpo_held_rows):
             raise SystemExit("the SFT model's samples give no preference pairs: raise demo.k or the prompt counts")
