@@ -14,7 +14,8 @@ One step, for each contender, is forward + loss + backward + global-norm clip + 
     function under `torch.compile` (what a user who compiles their loop gets).
 
 Both optimizers come from herd's `build_optimizer` with the same `OptimConfig` (lr 3e-4, betas
-(0.9, 0.95), eps 1e-8, weight decay 0.1 on 2-D parameters only, clip 1.0). The data are the same
+(0.9, 0.95), eps 1e-8, weight decay 0.1 on 2-D parameters only, clip 1.0; torch's fused AdamW kernel,
+herd's default and transformers' Trainer's, `adamw_torch_fused`, on torch ≥ 2.8). The data are the same
 random tokens, B rows of T+1: inputs are the first T, targets the last T.
 
 The memory allocator is a process-wide setting, so the bench runs itself twice, in two child

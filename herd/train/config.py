@@ -81,6 +81,9 @@ class DataConfig:
     val_batches: int = 4  # batches of the validation split per evaluation
 
 
+OPTIM_IMPLEMENTATIONS = ("fused", "foreach", "for-loop")
+
+
 @dataclass
 class OptimConfig:
     """AdamW (SPEC §3.4); weight decay only on matrices (2-D parameters)."""
@@ -90,6 +93,10 @@ class OptimConfig:
     eps: float = 1e-8
     weight_decay: float = 0.1
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    # torch's AdamW kernels (torchtitan's optimizer.implementation): "fused" updates every tensor in
+    # one kernel (CPU too: 3x faster than the default per-tensor loop on the tiny preset), "foreach"
+    # batches them, "for-loop" is torch's CPU default; all three compute the same update.
+    implementation: str = "fused"
 
 
 @dataclass
@@ -298,6 +305,8 @@ def validate(cfg: RunConfig) -> None:
         raise HerdError(f"data.val_split {cfg.data.val_split!r}: choose documents or tails")
     if not 0 <= cfg.data.val_fraction < 1:
         raise HerdError(f"data.val_fraction must be in [0, 1) (got {cfg.data.val_fraction})")
+    if cfg.optim.implementation not in OPTIM_IMPLEMENTATIONS:
+        raise HerdError(f"optim.implementation {cfg.optim.implementation!r}: choose {', '.join(OPTIM_IMPLEMENTATIONS)}")
     if cfg.schedule.name not in ("cosine", "linear", "constant"):
         raise HerdError(f"schedule.name {cfg.schedule.name!r}: choose cosine, linear or constant")
     args = cfg.model.args()  # raises on an unknown preset or invalid shape

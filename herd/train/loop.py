@@ -45,7 +45,7 @@ from herd.train.schedule import lr_at
 # ---- pieces usable on their own ------------------------------------------------------------------
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
     """AdamW with weight decay on 2-D parameters (matrices, embeddings) only; norms' gains are not
-    decayed."""
+    decayed. `cfg.implementation` picks torch's kernel (fused / foreach / for-loop)."""
     params = [p for p in model.parameters() if p.requires_grad]
     seen: set[int] = set()
     decay, no_decay = [], []
@@ -56,7 +56,10 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
         (decay if p.ndim >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    kernel = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for-loop": {"foreach": False}}
+    if cfg.implementation not in kernel:
+        raise HerdError(f"optim.implementation {cfg.implementation!r}: choose {', '.join(kernel)}")
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, **kernel[cfg.implementation])
 
 
 def accumulate_gradients(model: nn.Module, objective: Objective, micro_batches: Sequence[Any],

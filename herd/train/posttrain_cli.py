@@ -128,6 +128,9 @@ def add_posttrain_parsers(sub) -> None:
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--missing-eos-penalty", type=float, default=None,
+                   help="subtract this from the score of a sample cut off by --max-new-tokens before its "
+                        "end-of-turn (TRL's missing_eos_penalty; e.g. 1 with --verifier)")
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("eval", help="accuracy on local JSONL tasks with a 95%% confidence interval",
@@ -189,7 +192,8 @@ def cmd_sample(a) -> None:
     else:
         scorer = verifier_scorer(a.verifier)
     results = rejection_sample(model, tok, prompts, a.k, scorer, max_new_tokens=a.max_new_tokens,
-                               temperature=a.temperature, top_p=a.top_p, seed=a.seed, progress=True)
+                               temperature=a.temperature, top_p=a.top_p, seed=a.seed,
+                               missing_eos_penalty=a.missing_eos_penalty, progress=True)
     n = write_best(results, a.out, a.min_score, a.keep_all)
     if a.pairs:
         from herd.checkpoint.common import atomic_path

@@ -97,6 +97,7 @@ class Sampled:
     record: dict
     samples: list[str]
     scores: list[float]
+    finished: list[bool] | None = None  # per sample: ended with a stop token (not cut off by the length limit)
 
     @property
     def best(self) -> int:
@@ -105,8 +106,13 @@ class Sampled:
 
 def rejection_sample(model, tokenizer, prompts: Sequence[tuple[str, list[dict], dict]], k: int, scorer: Scorer, *,
                      max_new_tokens: int = 64, temperature: float = 0.8, top_p: float = 1.0, seed: int = 0,
-                     progress: bool = False) -> list[Sampled]:
-    """K samples per prompt (prompt lines from herd.train.posttrain.load_prompts), each scored."""
+                     missing_eos_penalty: float | None = None, progress: bool = False) -> list[Sampled]:
+    """K samples per prompt (prompt lines from herd.train.posttrain.load_prompts), each scored.
+
+    `missing_eos_penalty` is subtracted from the score of every sample the length limit cut off
+    before its end-of-turn token (TRL's `missing_eos_penalty`): a verifier only reads the answer, so
+    without it a correct answer followed by a sentence broken off mid-word wins, and SFT on it (or
+    DPO with it as the chosen reply) teaches replies that never end."""
     from tqdm import tqdm
 
     from herd.api import encode_prompt
@@ -122,7 +128,11 @@ def rejection_sample(model, tokenizer, prompts: Sequence[tuple[str, list[dict], 
         comps = sample_k(model, ids, k, max_new_tokens=max_new_tokens, sampling=params,
                          stop_ids=sorted(tokenizer.stop_ids), generator=gen)
         texts = [tokenizer.decode(c.ids) for c in comps]
-        out.append(Sampled(msgs, record, texts, [float(s) for s in scorer(msgs, record, texts)]))
+        finished = [c.finish_reason == "stop" for c in comps]
+        scores = [float(s) for s in scorer(msgs, record, texts)]
+        if missing_eos_penalty is not None:
+            scores = [s if f else s - missing_eos_penalty for s, f in zip(scores, finished, strict=True)]
+        out.append(Sampled(msgs, record, texts, scores, finished))
     return out
 
 
@@ -144,6 +154,8 @@ def write_best(results: Sequence[Sampled], out: str | os.PathLike, min_score: fl
                 row[key] = r.record[key]
         if keep_all:
             row["samples"], row["scores"] = r.samples, r.scores
+            if r.finished is not None:
+                row["finished"] = r.finished
         lines.append(json.dumps(row, ensure_ascii=False) + "\n")
     with atomic_path(Path(out)) as tmp:
         tmp.write_text("".join(lines), encoding="utf-8")

@@ -114,3 +114,30 @@ def test_help_of_every_post_training_verb(capsys):
             main(argv)
         assert e.value.code == 0
     assert "95% confidence interval" in capsys.readouterr().out
+
+
+def test_missing_eos_penalty_scores_cut_off_samples_lower(tmp_path, monkeypatch):
+    """A sample the length limit cut off loses `missing_eos_penalty` from its verifier score (TRL's
+    missing_eos_penalty), so a correct reply broken off mid-sentence neither becomes SFT data nor a
+    chosen reply; without the penalty it scores like a finished one."""
+    import herd
+    import herd.train.rejection as rej
+    from herd.inference.generate import Completion
+    from tests.train.posttrain_fixtures import make_tiny_model
+
+    model, tok = herd.load(make_tiny_model(tmp_path / "m", seed=1))
+    eot = sorted(tok.stop_ids)[0]
+    answers = {"4": tok.encode("4", bos=False, eos=False), "5": tok.encode("5", bos=False, eos=False)}
+    # four samples: correct+finished, correct+cut off, wrong+finished, wrong+cut off
+    comps = [Completion(answers["4"], eot, "stop"), Completion(answers["4"]), Completion(answers["5"], eot, "stop"),
+             Completion(answers["5"])]
+    monkeypatch.setattr(rej, "sample_k", lambda *a, **k: [Completion(list(c.ids), c.stop_token, c.finish_reason)
+                                                          for c in comps])
+    prompts = [("p:1", [{"role": "user", "content": "What is 2 + 2?"}], {"answer": 4})]
+    plain = rej.rejection_sample(model, tok, prompts, 4, rej.verifier_scorer("answer"))
+    assert plain[0].scores == [1.0, 1.0, 0.0, 0.0] and plain[0].finished == [True, False, True, False]
+    got = rej.rejection_sample(model, tok, prompts, 4, rej.verifier_scorer("answer"), missing_eos_penalty=1.0)
+    assert got[0].scores == [1.0, 0.0, 0.0, -1.0]
+    assert rej.write_best(got, tmp_path / "best.jsonl", min_score=1.0) == 1
+    pairs = rej.preference_pairs(got, per_prompt=10)
+    assert {p["chosen"][0]["content"] for p in pairs} == {"4"} and len(pairs) == 3
