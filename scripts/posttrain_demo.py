@@ -102,6 +102,20 @@ def load_config(path: str, sets: list[str]) -> dict:
     return cfg
 
 
+def stage_tables(cfg: dict, stage: str, overrides: dict | None = None) -> dict:
+    """The [train]/[optim]/[lora]/[dpo] tables of one stage's run: the config's `[stage.*]` sections,
+    the demo's seed and threads, then `overrides` ("section.key" → value, a [[dpo_extra]] `set`)."""
+    d = cfg["demo"]
+    tables = {k: dict(v) for k, v in cfg.get(stage, {}).items()}
+    tables.setdefault("train", {}).update({"seed": d["seed"], "threads": d["threads"]})
+    for k, v in (overrides or {}).items():
+        sec, _, key = k.partition(".")
+        if not key:
+            raise SystemExit(f"{stage} override {k!r}: write it as section.key, e.g. dpo.beta")
+        tables.setdefault(sec, {})[key] = v
+    return tables
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default=str(ROOT / "configs" / "posttrain-demo.toml"))
@@ -140,13 +154,8 @@ def main(argv=None) -> None:
         print(f"[{time.time() - t0:6.0f}s] {msg}", flush=True)
 
     def stage_config(stage: str, run: str, **extra):
-        tables = {k: dict(v) for k, v in cfg.get(stage, {}).items()}
-        tables.setdefault("train", {}).update({"seed": d["seed"], "threads": d["threads"]})
-        for k, v in extra.items():
-            sec, key = k.split(".")
-            tables.setdefault(sec, {})[key] = v
         shutil.rmtree(out / run, ignore_errors=True)  # a rerun of the demo starts its stages afresh
-        return build_config(None, [], str(out / run), tables)
+        return build_config(None, [], str(out / run), stage_tables(cfg, stage, extra))
 
     train_items, held_items = make_tasks(d)
     train_path = write_jsonl(out / "train_prompts.jsonl", train_items)
