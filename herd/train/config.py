@@ -81,7 +81,8 @@ class DataConfig:
     val_batches: int = 4  # batches of the validation split per evaluation
 
 
-OPTIM_IMPLEMENTATIONS = ("fused", "foreach", "for-loop")
+# optim.implementation → torch.optim.AdamW's kernel arguments
+OPTIM_KERNELS = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for-loop": {"foreach": False}}
 
 
 @dataclass
@@ -305,8 +306,8 @@ def validate(cfg: RunConfig) -> None:
         raise HerdError(f"data.val_split {cfg.data.val_split!r}: choose documents or tails")
     if not 0 <= cfg.data.val_fraction < 1:
         raise HerdError(f"data.val_fraction must be in [0, 1) (got {cfg.data.val_fraction})")
-    if cfg.optim.implementation not in OPTIM_IMPLEMENTATIONS:
-        raise HerdError(f"optim.implementation {cfg.optim.implementation!r}: choose {', '.join(OPTIM_IMPLEMENTATIONS)}")
+    if cfg.optim.implementation not in OPTIM_KERNELS:
+        raise HerdError(f"optim.implementation {cfg.optim.implementation!r}: choose {', '.join(OPTIM_KERNELS)}")
     if cfg.schedule.name not in ("cosine", "linear", "constant"):
         raise HerdError(f"schedule.name {cfg.schedule.name!r}: choose cosine, linear or constant")
     args = cfg.model.args()  # raises on an unknown preset or invalid shape

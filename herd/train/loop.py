@@ -34,7 +34,7 @@ from herd.models.llama4 import Transformer as Llama4Transformer
 from herd.runtime import retain_freed_memory
 from herd.train import checkpoint as ckpt
 from herd.train import dist_checkpoint
-from herd.train.config import OptimConfig, RunConfig
+from herd.train.config import OPTIM_KERNELS, OptimConfig, RunConfig
 from herd.train.metrics import MetricSinks
 from herd.train.objectives import Compiled, NextTokenLM, Objective
 from herd.train.parallel import Parallel
@@ -56,10 +56,10 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
         (decay if p.ndim >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    kernel = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for-loop": {"foreach": False}}
-    if cfg.implementation not in kernel:
-        raise HerdError(f"optim.implementation {cfg.implementation!r}: choose {', '.join(kernel)}")
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, **kernel[cfg.implementation])
+    if cfg.implementation not in OPTIM_KERNELS:
+        raise HerdError(f"optim.implementation {cfg.implementation!r}: choose {', '.join(OPTIM_KERNELS)}")
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+                             **OPTIM_KERNELS[cfg.implementation])
 
 
 def accumulate_gradients(model: nn.Module, objective: Objective, micro_batches: Sequence[Any],
