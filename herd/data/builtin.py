@@ -150,6 +150,8 @@ def prepare_builtin(out: str | os.PathLike, domains: tuple[str, ...] = DOMAINS,
     line — the JSONL input of the data pipeline and of `herd tokenizer train`) plus
     `out/manifest.json` with per-domain counts. Returns the JSONL path."""
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise HerdError(f"{out} is a file; give a directory for the corpus (documents.jsonl goes there)")
     out.mkdir(parents=True, exist_ok=True)
     counts: dict[str, dict[str, int]] = {}
     path = out / "documents.jsonl"

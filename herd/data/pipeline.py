@@ -278,10 +278,47 @@ def validate(cfg: PipelineConfig) -> None:
         if bad:
             raise HerdError(f"lang_id.keep: unknown language code(s) {', '.join(map(repr, bad))}; fastText lid.176 "
                             f"knows {len(languages())}: {', '.join(sorted(languages()))}")
+    _validate_ranges(cfg)
     if cfg.quality.enabled and not cfg.quality.model:
         raise HerdError("quality.enabled needs quality.model (train one with `herd data train-quality`)")
     if cfg.quality.enabled and not Path(cfg.quality.model).is_file():
         raise HerdError(f"quality.model {cfg.quality.model}: no such file (train one with `herd data train-quality`)")
+
+
+def _validate_ranges(cfg: PipelineConfig) -> None:
+    """Numbers outside their meaningful range fail here, in one line, rather than as a NumPy error
+    deep in a worker or, worse, as a filter that silently keeps or drops everything (a KL smoothing
+    outside [0, 1] makes every divergence NaN, and NaN > max_kl is false)."""
+    checks = [
+        ("run.workers", cfg.run.workers, cfg.run.workers >= 0, ">= 0 (0 = all cores)"),
+        ("read.min_chars", cfg.read.min_chars, cfg.read.min_chars >= 0, ">= 0"),
+        # datasketch keeps num_perm 64-bit hash values per document in memory
+        ("minhash.num_perm", cfg.minhash.num_perm, cfg.minhash.num_perm <= 4096, "in [2, 4096]"),
+        ("repetition.line_min_words", cfg.repetition.line_min_words, cfg.repetition.line_min_words >= 1, ">= 1"),
+        ("repetition.line_ngram", cfg.repetition.line_ngram, cfg.repetition.line_ngram >= 1, ">= 1"),
+        ("repetition.line_max_fraction", cfg.repetition.line_max_fraction,
+         0 <= cfg.repetition.line_max_fraction <= 1, "in [0, 1]"),
+        ("dirty_words.min_count", cfg.dirty_words.min_count, cfg.dirty_words.min_count >= 1, ">= 1"),
+        ("dirty_words.max_fraction", cfg.dirty_words.max_fraction, 0 <= cfg.dirty_words.max_fraction <= 1,
+         "in [0, 1]"),
+        ("kl_divergence.max_kl", cfg.kl_divergence.max_kl, cfg.kl_divergence.max_kl > 0, "> 0 (nats)"),
+        ("kl_divergence.smoothing", cfg.kl_divergence.smoothing, 0 < cfg.kl_divergence.smoothing <= 1,
+         "in (0, 1] (the uniform share mixed into the corpus distribution; 0 makes unseen tokens infinitely "
+         "surprising)"),
+        ("kl_divergence.min_tokens", cfg.kl_divergence.min_tokens, cfg.kl_divergence.min_tokens >= 1, ">= 1"),
+        ("quality.min_score", cfg.quality.min_score, 0 <= cfg.quality.min_score <= 1, "in [0, 1]"),
+    ]
+    for key, value, ok, want in checks:
+        if not ok:
+            raise HerdError(f"{key} must be {want} (got {value})")
+    for key, rules in (("repetition.top_ngrams", cfg.repetition.top_ngrams),
+                       ("repetition.dup_ngrams", cfg.repetition.dup_ngrams)):
+        bad = [list(r) for r in rules if r[0] < 1 or not 0 < r[1] <= 1]
+        if bad:
+            raise HerdError(f"{key}: each rule is [n >= 1, max fraction in (0, 1]]; got {bad[0]}")
+    bad = {d: w for d, w in cfg.mix.weights.items() if not w >= 0 or math.isinf(w)}
+    if bad:
+        raise HerdError(f"mix.weights must be finite and non-negative (got {bad})")
 
 
 def _output_config(cfg: PipelineConfig) -> dict:
@@ -378,6 +415,10 @@ class Context:
 
     def marker(self, u: int, phase: str) -> Path:
         return self.unit_dir(u) / f"{phase}.done"
+
+    def published(self) -> bool:
+        """Whether this run's output was already renamed into place (see step_publish)."""
+        return (self.work / "published.json").exists() and not (self.work / "out").exists()
 
     def in_scope(self, stage_cfg, domain: str) -> bool:
         return getattr(stage_cfg, "enabled", True) and (not stage_cfg.domains or domain in stage_cfg.domains)
@@ -856,6 +897,8 @@ def step_publish(ctx: Context, timing: dict | None = None) -> dict:
     from herd.data.shards import publish_dir, write_meta
 
     cfg, work, n = ctx.cfg, ctx.work, len(ctx.units)
+    if ctx.published():
+        return _already_published(ctx)
     written = _markers(ctx, "write")
     tally = Tally()
     for phase in ("read", "filter", "score"):
@@ -864,6 +907,10 @@ def step_publish(ctx: Context, timing: dict | None = None) -> dict:
     for r in written:
         tally.merge(r["tally"])
     shards = {s: [r["shards"][s] for r in written] for s in ("train", "val")}
+    if not any(e["tokens"] for e in shards["train"]):
+        if not cfg.run.keep_work:  # the same config ends here again; another needs a fresh run anyway
+            shutil.rmtree(work, ignore_errors=True)
+        raise HerdError(_why_empty(cfg, tally, sum(e["documents"] for e in shards["val"])))
     meta = write_meta(work / "out", get_tokenizer(cfg.run.tokenizer).vocab_size, shards,
                       max_token_id=max(r["max_token_id"] for r in written), tokenizer=cfg.run.tokenizer)
     if cfg.run.write_documents:
@@ -873,11 +920,42 @@ def step_publish(ctx: Context, timing: dict | None = None) -> dict:
     manifest = build_manifest(cfg, tally, meta, json.loads((work / "mix.json").read_text())["factors"])
     if timing:
         manifest["timing_s"] = timing
-    (work / "out" / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    text = json.dumps(manifest, indent=1) + "\n"
+    (work / "out" / "manifest.json").write_text(text)
+    # Once WORK/out is renamed away this copy says the run was published (a kill before the work
+    # directory is removed, or keep_work, leaves every step marked done and nothing to publish).
+    _atomic_write(work / "published.json", lambda f: f.write(text.encode()))
     publish_dir(work / "out", Path(cfg.run.out))
     if not cfg.run.keep_work:
         shutil.rmtree(work, ignore_errors=True)
     return manifest
+
+
+def _why_empty(cfg: PipelineConfig, tally: Tally, val_documents: int) -> str:
+    """Where the documents went when no training token is left: which stages removed them, or the
+    validation split took them all."""
+    read = sum(d.get("documents_in", 0) for d in tally.counts.get("read", {}).values())
+    removed = [(stage, n) for stage in STAGES
+               if (n := sum(d.get("documents_removed", 0) for d in tally.counts.get(stage, {}).values()))]
+    where = ", ".join(f"{stage} {n}" for stage, n in removed) or "none"
+    if val_documents:
+        return (f"empty corpus: all {val_documents} documents left after filtering went to the validation split "
+                f"(run.val_fraction = {cfg.run.val_fraction}); {read} read, removed by stage: {where}")
+    return f"empty corpus: the stages removed all {read} documents read (by stage: {where})"
+
+
+def _already_published(ctx: Context) -> dict:
+    out = Path(ctx.cfg.run.out)
+    try:
+        same = (out / "manifest.json").read_bytes() == (ctx.work / "published.json").read_bytes()
+    except OSError:
+        same = False
+    if not same:
+        raise HerdError(f"{ctx.work} holds a run already published to {out}, which has changed since; "
+                        "run with --restart to run it again")
+    if not ctx.cfg.run.keep_work:
+        shutil.rmtree(ctx.work, ignore_errors=True)
+    return json.loads((out / "manifest.json").read_text())
 
 
 # (kind, name, function, result file of a global step). A phase runs its function once per unit;
@@ -926,8 +1004,58 @@ def run_global(ctx: Context, name: str) -> None:
         fn(ctx)
 
 
+MANIFEST_FORMAT = "herd-data-manifest-v1"
+
+
+def is_pipeline_output(path: Path) -> bool:
+    """Whether `path` is a directory this pipeline wrote (its manifest.json says so)."""
+    try:
+        return json.loads((path / "manifest.json").read_text()).get("format") == MANIFEST_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _glob_root(path: str) -> Path:
+    """The directory part of an input path before any glob character."""
+    parts = Path(path).expanduser().parts
+    cut = next((i for i, part in enumerate(parts) if any(c in part for c in "*?[")), len(parts))
+    return Path(*parts[:cut]) if cut else Path(".")
+
+
+def check_output(cfg: PipelineConfig) -> None:
+    """Refuse an output that would destroy what the user made: publishing replaces `run.out` as a
+    whole, so it must be new, empty or an earlier output of this pipeline; and neither it nor the
+    work directory may overlap an input (the output would be read back as input, or the input
+    replaced by shards)."""
+    out = Path(cfg.run.out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise HerdError(f"run.out {out} is a file; give a directory (the shards and manifest go there)")
+    if out.is_dir() and any(out.iterdir()) and not is_pipeline_output(out):
+        raise HerdError(f"run.out {out} holds files that are not an output of `herd data run` (no manifest.json "
+                        "of this pipeline); it would be replaced as a whole: choose a new or empty directory")
+    for inp in cfg.input:
+        src = _glob_root(inp.path).resolve()
+        for kind, d in (("run.out", out.resolve()), ("the work directory", work_dir_for(cfg).resolve())):
+            if d == src or src in d.parents or d in src.parents:
+                raise HerdError(f"input {inp.path} and {kind} {d} overlap: the output would be read as input or "
+                                "replace it; keep them apart")
+
+
+def preflight(cfg: PipelineConfig) -> None:
+    """Everything that can be checked before any work, so that a mistake leaves no work directory
+    behind to trip the corrected command (an unknown tokenizer, a missing word list, a bad output)."""
+    from herd.data.filters import load_word_list
+
+    check_output(cfg)
+    if cfg.run.tokenizer != "bytes":
+        get_tokenizer(cfg.run.tokenizer)
+    if cfg.dirty_words.enabled:
+        load_word_list(cfg.dirty_words.words_file)
+
+
 def open_run(cfg: PipelineConfig, *, restart: bool = False, log=None) -> Context:
     """Prepare missing inputs and plan the units (or reload the plan of an unfinished run)."""
+    preflight(cfg)
     prepare_inputs(cfg, log or (lambda msg: None))
     work = work_dir_for(cfg)
     return Context(cfg, work, _plan(cfg, work, restart))
@@ -1002,7 +1130,9 @@ def cmd_run(a: argparse.Namespace) -> None:
 
     cfg = load_pipeline_config(a.config, a.overrides)
     work = work_dir_for(cfg)
-    if (work / "plan.json").exists() and not a.restart:
+    if (work / "published.json").exists() and not (work / "out").exists() and not a.restart:
+        say(f"{work} holds a finished run: checking that {cfg.run.out} is its output")
+    elif (work / "plan.json").exists() and not a.restart:
         say(f"resuming the unfinished run in {work}")
     m = run_pipeline(cfg, workers=a.workers, restart=a.restart, log=say)
     print(f"{'stage':<14}{'documents in':>13}{'removed':>9}{'added':>7}{'tokens in':>13}{'removed':>11}"

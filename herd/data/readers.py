@@ -23,6 +23,7 @@ that silently loses documents is worse than one that stops.
 
 from __future__ import annotations
 
+import functools
 import glob
 import gzip
 import json
@@ -79,7 +80,9 @@ def expand_input(path: str, fmt: str = "auto") -> list[str]:
     glob → sorted file paths."""
     p = Path(path).expanduser()
     if p.is_dir():
-        files = sorted(str(f) for f in p.rglob("*") if f.is_file() and not f.name.startswith(".")
+        # Hidden files and everything under hidden folders (a run's .NAME.work, .git) are not input.
+        files = sorted(str(f) for f in p.rglob("*") if f.is_file()
+                       and not any(part.startswith(".") for part in f.relative_to(p).parts)
                        and (fmt != "auto" or f.name.lower().endswith(KNOWN_SUFFIXES)))
     elif p.is_file():
         files = [str(p)]
@@ -134,7 +137,7 @@ def read_unit(unit: Unit) -> Iterator[RawDoc]:
             raise HerdError(f"{f}: not UTF-8 text (byte {e.start}); convert it or drop it from the inputs") from None
         name = Path(f).stem
         if unit.format == "html":
-            url = _canonical_url(text) or Path(f).resolve().as_uri()
+            url = _canonical_url(text) or Path(f).resolve().as_uri()  # the file: a relative canonical has no base
             yield RawDoc(extract_html(text), name=name, url=url, domain=unit.domain)
         else:
             yield RawDoc(text, name=name, domain=unit.domain)
@@ -185,8 +188,39 @@ def _read_jsonl(path: str, start: int, end: int, domain: str) -> Iterator[RawDoc
         if not isinstance(obj, dict) or not isinstance(obj.get("text", obj.get("html")), str):
             raise HerdError(f"{path}: {where} {pos}: not a JSON object with a \"text\" (or \"html\") string")
         text = obj["text"] if isinstance(obj.get("text"), str) else extract_html(obj["html"])
+        try:
+            date = normalize_date(obj.get("date"))
+        except ValueError as e:
+            raise HerdError(f"{path}: {where} {pos}: {e}") from None
         yield RawDoc(text=_valid_unicode(text), name=str(obj.get("id", obj.get("name", ""))), url=str(obj.get("url", "") or ""),
-                     domain=str(obj.get("domain", "") or domain), date=str(obj.get("date", "") or ""))
+                     domain=str(obj.get("domain", "") or domain), date=date)
+
+
+def normalize_date(value) -> str:
+    """A record's `date` → UTC ISO 8601 of fixed width ("2024-02-01T00:00:00.000000Z"), so that
+    URL de-dup can keep the most recent version by comparing strings; "" when absent. Accepts ISO
+    8601 dates and times (a time without a zone is taken as UTC) and Unix timestamps (seconds, as a
+    number or a string of digits). Anything else is refused: ordering "2024-2-01" or "01/02/2024"
+    as text would keep the wrong copy without a word."""
+    import datetime as dt
+
+    if value is None or value == "":
+        return ""
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise ValueError(f"date {value!r} is neither an ISO 8601 date nor a Unix timestamp")
+    try:
+        if isinstance(value, (int, float)) or re.fullmatch(r"\d{9,}(\.\d*)?", value.strip()):
+            when = dt.datetime.fromtimestamp(float(value), dt.timezone.utc)
+        elif re.fullmatch(r"\d{4}-\d{2}-\d{2}([T ].*)?", value.strip()):
+            when = dt.datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+        else:
+            raise ValueError
+    except (ValueError, OverflowError, OSError):
+        raise ValueError(f"date {value!r} is neither an ISO 8601 date (YYYY-MM-DD[THH:MM:SS[±HH:MM]]) "
+                         "nor a Unix timestamp") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.timezone.utc)
+    return when.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -205,13 +239,24 @@ def _valid_unicode(text: str) -> str:
 # ---- HTML main-content extraction ------------------------------------------------------------------
 _CANONICAL = re.compile(r"""<link[^>]+rel=["']?canonical["']?[^>]*>""", re.I)
 _HREF = re.compile(r"""href=["']([^"']+)["']""", re.I)
-_FENCE = re.compile(r"^```[^\n]*\n(.*?)\n?```$", re.S | re.M)
+# In trafilatura's markdown, left to right: a fenced block (``` or longer when the code holds ```),
+# an inline code span, or a backslash escape of ASCII punctuation (CommonMark's set; trafilatura
+# writes `a \< b`, `max\_new\_tokens`, `\[1\]`, a literal backslash before one as `\\`).
+_MARKDOWN = re.compile(r"(?P<fence>^(?P<ticks>`{3,})[^\n]*\n(?P<body>.*?)\n?(?P=ticks)$)"
+                       r"|(?P<code>(?P<run>`+)(?!`).+?(?<!`)(?P=run)(?!`))"
+                       r"|\\(?P<esc>[!-/:-@\[-`{-~])", re.S | re.M)
 
 
 def _canonical_url(html: str) -> str:
+    """The page's absolute canonical URL, or "": a relative one ("/") names no page without the
+    page's own URL, and would make every page of a site one URL for de-dup."""
+    from urllib.parse import urlsplit
+
     m = _CANONICAL.search(html)
     h = _HREF.search(m.group(0)) if m else None
-    return h.group(1) if h else ""
+    url = h.group(1).strip() if h else ""
+    parts = urlsplit(url)
+    return url if parts.scheme and parts.netloc else ""
 
 
 def _squash(s: str) -> str:
@@ -235,17 +280,50 @@ def extract_html(html: str) -> str:
         return ""
     _math_to_text(tree)
     pres = [p.text_content().strip("\n") for p in tree.iter("pre")]
+    for pre in tree.iter("pre"):
+        _wrap_in_code(pre)
     text = trafilatura.extract(tree, output_format="markdown", include_formatting=True, include_comments=False,
-                               include_tables=True, favor_recall=True, deduplicate=False) or ""
-    if not pres:
-        return text.strip()
+                               include_tables=True, favor_recall=True, deduplicate=False,
+                               config=_trafilatura_config()) or ""
     by_key = {_squash(p): p for p in pres}
 
-    def restore(m: re.Match) -> str:
-        original = by_key.get(_squash(m.group(1)))
-        return f"```\n{original}\n```" if original is not None else m.group(0)
+    def plain(m: re.Match) -> str:
+        if m.group("esc") is not None:  # markdown's escape, not the page's text
+            return m.group("esc")
+        if m.group("fence") is not None:
+            original = by_key.get(_squash(m.group("body")))
+            if original is not None:
+                ticks = "`" * max(3, 1 + max((len(r) for r in re.findall("`+", original)), default=0))
+                return f"{ticks}\n{original}\n{ticks}"
+        return m.group(0)
 
-    return _FENCE.sub(restore, text).strip()
+    return _MARKDOWN.sub(plain, text).strip()
+
+
+@functools.cache
+def _trafilatura_config():
+    """trafilatura's settings, but its main extractor's result is kept however short: below
+    MIN_EXTRACTED_SIZE (250 characters) it falls back to a baseline that flattens the page into
+    lines, menus and <noscript> text included and code blocks joined into one line."""
+    from trafilatura.settings import use_config
+
+    config = use_config()
+    config.set("DEFAULT", "MIN_EXTRACTED_SIZE", "1")
+    return config
+
+
+def _wrap_in_code(pre) -> None:
+    """`<pre>` without a `<code>` child → `<pre><code>`: trafilatura fences (and so keeps) only
+    the latter; a bare `<pre>` came out as prose, blank lines lost and `<` escaped."""
+    import lxml.html
+
+    if any(child.tag == "code" for child in pre):
+        return
+    code = lxml.html.Element("code")
+    code.text, pre.text = pre.text, None
+    for child in list(pre):
+        code.append(child)  # moves it, tail included
+    pre.append(code)
 
 
 def _math_to_text(tree) -> None:

@@ -100,3 +100,11 @@ def test_bad_jsonl_is_an_error(tmp_path):
     p.write_text('{"text": "ok"}\n[1, 2]\n')
     with pytest.raises(HerdError, match=r"x.jsonl:2"):
         list(builtin.read_documents_jsonl(p))
+
+
+def test_prepare_into_a_file_is_an_error(tmp_path):
+    f = tmp_path / "taken"
+    f.write_text("mine")
+    with pytest.raises(HerdError, match="is a file"):
+        builtin.prepare_builtin(f)
+    assert f.read_text() == "mine"
