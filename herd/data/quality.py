@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 from collections.abc import Sequence
@@ -86,6 +87,13 @@ def train_quality(texts: Sequence[str], labels: Sequence[int], *, n_features: in
     """Logistic regression on hashed n-gram features (labels: 1 = keep, 0 = drop)."""
     from sklearn.linear_model import LogisticRegression
 
+    if not (math.isfinite(c) and c > 0):  # sklearn's own check is a traceback
+        raise HerdError(f"c (inverse regularization strength) must be a positive number, got {c}")
+    # Anything else would be truncated (0.9 → 0) or make a multi-class model whose first row is not
+    # "keep". (read_labels is stricter about JSON types; here True or 1.0 is still unambiguous.)
+    bad = [x for x in labels if x not in (0, 1)]
+    if bad:
+        raise HerdError(f"quality labels must be 0 or 1, got {bad[0]!r}")
     y = np.asarray(labels, dtype=np.int64)
     if len(texts) != len(y) or len(y) == 0:
         raise HerdError("quality training needs as many labels as texts, and at least one")
@@ -156,10 +164,19 @@ def read_labels(path: str | os.PathLike) -> tuple[list[str], list[int]]:
             continue
         try:
             obj = json.loads(line)
-            texts.append(str(obj["text"]))
-            labels.append(int(obj["label"]))
-        except (ValueError, KeyError, TypeError):
-            raise HerdError(f"{path}:{i}: expected {{\"text\": ..., \"label\": 0 or 1}}") from None
+        except ValueError:
+            raise HerdError(f"{path}:{i}: not valid JSON; expected {{\"text\": ..., \"label\": 0 or 1}}") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+            raise HerdError(f"{path}:{i}: expected {{\"text\": ..., \"label\": 0 or 1}} with a string text")
+        if "label" not in obj:
+            raise HerdError(f"{path}:{i}: no \"label\" (0 or 1)")
+        label = obj["label"]
+        # Exactly the JSON integers 0 and 1: true, "1", 0.9 or 2 mean the file is not what we think
+        # it is, and int() would quietly make them labels.
+        if type(label) is not int or label not in (0, 1):
+            raise HerdError(f"{path}:{i}: label must be the integer 0 or 1, got {json.dumps(label)}")
+        texts.append(obj["text"])
+        labels.append(label)
     return texts, labels
 
 

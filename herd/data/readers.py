@@ -192,7 +192,7 @@ def _read_jsonl(path: str, start: int, end: int, domain: str) -> Iterator[RawDoc
             date = normalize_date(obj.get("date"))
         except ValueError as e:
             raise HerdError(f"{path}: {where} {pos}: {e}") from None
-        yield RawDoc(text=_valid_unicode(text), name=str(obj.get("id", obj.get("name", ""))), url=str(obj.get("url", "") or ""),
+        yield RawDoc(text=valid_unicode(text), name=str(obj.get("id", obj.get("name", ""))), url=str(obj.get("url", "") or ""),
                      domain=str(obj.get("domain", "") or domain), date=date)
 
 
@@ -226,7 +226,7 @@ def normalize_date(value) -> str:
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-def _valid_unicode(text: str) -> str:
+def valid_unicode(text: str) -> str:
     """JSON may escape lone UTF-16 surrogates ("\\ud800"), which no UTF-8 writer or tokenizer
     takes; they become U+FFFD, as an undecodable byte would."""
     try:

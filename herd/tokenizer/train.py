@@ -36,6 +36,11 @@ from herd.tokenizer.tiktoken_bpe import FLAVORS
 
 NUM_SPECIAL = FLAVORS["llama3"]["num_special"]  # 256, Llama 3's layout
 MIN_VOCAB = 256 + NUM_SPECIAL + 1  # the byte alphabet, the specials, and at least one merge
+# A generous cap, far above any real vocabulary (Llama 3: 128,256; Llama 4 and Gemma: ~200K-262K) and
+# well inside the uint32 token shards: without it a typo such as 1000000000 makes the Rust trainer
+# try to allocate for a billion tokens and abort the process, and anything past 64 bits overflows.
+MAX_VOCAB = 1 << 20
+MAX_MIN_FREQUENCY = (1 << 64) - 1  # the trainer counts pairs in 64 bits; a larger value cannot convert
 
 
 def _say(msg: str) -> None:
@@ -85,12 +90,36 @@ def ranks_from_hf(tok: Any) -> dict[bytes, int]:
 
 def write_tiktoken_model(ranks: dict[bytes, int], path: str | os.PathLike) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     lines = [f"{base64.b64encode(tok).decode('ascii')} {rank}\n" for tok, rank in sorted(ranks.items(), key=lambda kv: kv[1])]
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(lines), encoding="ascii")
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text("".join(lines), encoding="ascii")
+        os.replace(tmp, path)
+    except OSError as e:
+        raise HerdError(f"{path}: cannot write ({e.strerror or e})") from None
     return path
+
+
+def check_train_options(vocab_size: int, out_dir: str | os.PathLike, min_frequency: int = 2) -> None:
+    """The settings `train_bpe` takes, checked before any input is read or any training is done."""
+    if not isinstance(vocab_size, int) or vocab_size < MIN_VOCAB:
+        raise HerdError(f"vocab size {vocab_size} is too small: it must be at least {MIN_VOCAB} "
+                        f"(256 byte tokens + {NUM_SPECIAL} Llama 3 special tokens + 1 merge)")
+    if vocab_size > MAX_VOCAB:
+        raise HerdError(f"vocab size {vocab_size} is too large: at most {MAX_VOCAB:,} "
+                        f"(Llama 3 has 128,256; no real vocabulary comes near)")
+    if vocab_size - NUM_SPECIAL == 200_000:  # a 200,000-rank file is read as Llama 4's layout (TiktokenTokenizer)
+        raise HerdError("vocab size 200256 is ambiguous with Llama 4's layout; choose another size")
+    # HF's BpeTrainer merges a pair only if it occurs at least min_frequency times, so 0 and 1 both
+    # mean "any pair that occurs"; it takes the value as an unsigned 64-bit integer.
+    if not isinstance(min_frequency, int) or not 0 <= min_frequency <= MAX_MIN_FREQUENCY:
+        raise HerdError(f"min frequency {min_frequency} is out of range: it must be a whole number from 0 "
+                        f"to 2**64-1 (0 and 1 both let any pair that occurs be merged)")
+    out_dir = Path(out_dir)
+    for p in (out_dir, *out_dir.parents):
+        if p.exists() and not p.is_dir():
+            raise HerdError(f"output directory {out_dir}: {'it' if p == out_dir else p} exists and is not a directory")
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int, out_dir: str | os.PathLike, *,
@@ -99,13 +128,12 @@ def train_bpe(texts: Iterable[str], vocab_size: int, out_dir: str | os.PathLike,
 
     `vocab_size` is the total, as in Llama 3's 128,256: BPE tokens (256 bytes + merges) plus the 256
     special tokens. A small corpus can run out of pairs before reaching it; the file then holds fewer
-    tokens (said on stderr). Returns `out_dir/tokenizer.model`."""
-    if not isinstance(vocab_size, int) or vocab_size < MIN_VOCAB:
-        raise HerdError(f"vocab size {vocab_size} is too small: it must be at least {MIN_VOCAB} "
-                        f"(256 byte tokens + {NUM_SPECIAL} Llama 3 special tokens + 1 merge)")
+    tokens (said on stderr). Lone UTF-16 surrogates in a text become U+FFFD, as the data pipeline's
+    readers do. Returns `out_dir/tokenizer.model`."""
+    from herd.data.readers import valid_unicode
+
+    check_train_options(vocab_size, out_dir, min_frequency)
     n_bpe = vocab_size - NUM_SPECIAL
-    if n_bpe == 200_000:  # a 200,000-rank file is read as Llama 4's layout (tiktoken_bpe.TiktokenTokenizer)
-        raise HerdError("vocab size 200256 is ambiguous with Llama 4's layout; choose another size")
     stats = {"documents": 0, "characters": 0}
 
     def counted() -> Iterator[str]:
@@ -115,7 +143,9 @@ def train_bpe(texts: Iterable[str], vocab_size: int, out_dir: str | os.PathLike,
             if t:
                 stats["documents"] += 1
                 stats["characters"] += len(t)
-                yield t
+                # the trainer takes only valid Unicode: a lone surrogate (JSON "\ud800") would be
+                # a UnicodeEncodeError deep inside it
+                yield valid_unicode(t)
 
     _say(f"training a byte-level BPE (Llama 3 split regex) to {vocab_size:,} tokens "
          f"({n_bpe:,} BPE + {NUM_SPECIAL} special)")
@@ -132,7 +162,10 @@ def train_bpe(texts: Iterable[str], vocab_size: int, out_dir: str | os.PathLike,
             "vocab_size": len(ranks) + NUM_SPECIAL, "min_frequency": min_frequency,
             "train_documents": stats["documents"], "train_characters": stats["characters"],
             "train_seconds": round(seconds, 2)}
-    (out_dir / "train_info.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    try:
+        (out_dir / "train_info.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    except OSError as e:
+        raise HerdError(f"{out_dir / 'train_info.json'}: cannot write ({e.strerror or e})") from None
     short = f" (the corpus ran out of pairs before {n_bpe:,})" if len(ranks) < n_bpe else ""
     _say(f"trained on {stats['documents']:,} documents / {stats['characters']:,} characters in {seconds:.1f} s: "
          f"{len(ranks):,} BPE tokens{short} + {NUM_SPECIAL} special; wrote {path}")
@@ -171,28 +204,66 @@ def format_report(report: dict) -> str:
 
 # ---- CLI (wired into herd/cli.py as `herd tokenizer train`) -----------------------------------------
 
-def _read_inputs(paths: Sequence[str]) -> list[str]:
-    """Texts from files or directories: *.jsonl (one {"text": ...} per line, e.g. what `herd data
-    prepare builtin` writes), anything else as one plain-text document per file."""
-    from herd.data.builtin import read_documents_jsonl
+INPUT_SUFFIXES = (".jsonl", ".txt", ".py", ".md")  # what a directory contributes
 
+
+def _pipeline_documents(d: Path) -> Path | None:
+    """`d/documents.jsonl` when `d` is a `herd data run` output directory, else None.
+
+    Such a directory also holds removed.jsonl (what the filters dropped) and token shards; a
+    tokenizer trained on it should see only the kept documents, each once (a row's `copies` is the
+    mix's upsampling, not more text)."""
+    from herd.data.pipeline import is_pipeline_output
+
+    if not is_pipeline_output(d):  # no manifest.json, or someone else's: an ordinary directory
+        return None
+    docs = d / "documents.jsonl"
+    if not docs.is_file():
+        raise HerdError(f"{d}: a `herd data run` output without documents.jsonl (run.write_documents = false); "
+                        f"rerun the pipeline with write_documents = true, or train on the pipeline's inputs")
+    _say(f"{d}: a `herd data run` output; training on its kept documents ({docs}) only")
+    return docs
+
+
+def _input_files(paths: Sequence[str]) -> list[Path]:
     files: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            files.extend(sorted(q for q in p.rglob("*") if q.is_file() and q.suffix in (".jsonl", ".txt", ".py", ".md")))
+            found: list[Path] = []
+            for root, dirs, names in os.walk(p):
+                docs = _pipeline_documents(Path(root))
+                if docs is not None:
+                    found.append(docs)
+                    dirs.clear()  # nothing else under a pipeline output is training text
+                    continue
+                # Hidden files and folders are skipped, as the pipeline's readers skip them: a
+                # pipeline's work folder (.NAME.work) holds per-unit copies of kept and removed documents.
+                dirs[:] = [n for n in dirs if not n.startswith(".")]
+                found.extend(Path(root, n) for n in names if not n.startswith(".")
+                             and Path(n).suffix in INPUT_SUFFIXES and Path(root, n).is_file())
+            files.extend(sorted(found, key=str))
         elif p.is_file():
             files.append(p)
         else:
             raise HerdError(f"{p}: no such file or directory")
+    return files
+
+
+def _read_inputs(paths: Sequence[str]) -> list[str]:
+    """Texts from files or directories: *.jsonl (one {"text": ...} per line, e.g. what `herd data
+    prepare builtin` writes), anything else as one plain-text document per file. A `herd data run`
+    output directory contributes only its documents.jsonl.
+
+    Files go through the data pipeline's readers, so training sees text exactly as the pipeline
+    does: a non-UTF-8 file or a malformed JSONL line is an error naming it, lone surrogates in JSON
+    become U+FFFD."""
+    from herd.data.readers import detect_format, plan_units, read_unit
+
     texts: list[str] = []
-    for f in files:
-        if f.suffix == ".jsonl":
-            texts.extend(d.text for d in read_documents_jsonl(f))
-        else:
-            try:
-                texts.append(f.read_text(encoding="utf-8", errors="replace"))
-            except OSError as e:
-                raise HerdError(f"{f}: cannot read ({e.strerror})") from None
+    for f in _input_files(paths):
+        fmt = "jsonl" if detect_format(str(f)) == "jsonl" else "text"
+        for unit in plan_units(str(f), fmt):
+            texts.extend(d.text for d in read_unit(unit))
     return texts
 
 
@@ -207,6 +278,7 @@ def split_held_out(texts: Sequence[str], fraction: float) -> tuple[list[str], li
 
 
 def cmd_tokenizer_train(a: argparse.Namespace) -> None:
+    check_train_options(a.vocab_size, a.out, a.min_frequency)  # before reading a large corpus
     texts = _read_inputs(a.inputs)
     train, held = split_held_out(texts, a.held_out)
     path = train_bpe(train, a.vocab_size, a.out, min_frequency=a.min_frequency)
@@ -220,9 +292,10 @@ def add_tokenizer_parser(subparsers) -> argparse.ArgumentParser:
     """Add `train` to a `herd tokenizer` subparsers object."""
     p = subparsers.add_parser("train", help="train a Llama 3 style BPE and write a tiktoken tokenizer.model")
     p.add_argument("inputs", nargs="+", help="files or directories (*.jsonl with a text field, *.txt, *.py, *.md)")
-    p.add_argument("--vocab-size", type=int, required=True, help=f"total incl. {NUM_SPECIAL} special tokens")
+    p.add_argument("--vocab-size", type=int, required=True,
+                   help=f"total incl. {NUM_SPECIAL} special tokens ({MIN_VOCAB}..{MAX_VOCAB})")
     p.add_argument("--out", required=True, help="directory for tokenizer.model")
-    p.add_argument("--min-frequency", type=int, default=2)
+    p.add_argument("--min-frequency", type=int, default=2, help="fewest occurrences of a pair to merge (default: 2)")
     p.add_argument("--held-out", type=float, default=0.05, help="fraction of documents kept out to report compression")
     p.add_argument("--no-reference", action="store_true", help="skip the real Llama 3 tokenizer's figure")
     p.set_defaults(func=cmd_tokenizer_train)
