@@ -18,23 +18,89 @@ from safetensors.torch import load_file, save_file
 from herd.errors import HerdError
 from herd.models.args import ModelArgs
 
+# What herd's directory outputs (model checkpoints in every layout, with their tokenizer and notes;
+# LoRA adapters) consist of. Replacing a directory that holds only such files loses nothing the
+# output does not bring back (re-running `herd convert X out/` into its own earlier output); any
+# other file in it is something the user made, and replacing the directory would delete it.
+_OUTPUT_NAMES = frozenset({
+    "config.json", "generation_config.json", "params.json", "model.safetensors.index.json",
+    "tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "herd_model.json", "adapter.json", "adapter_config.json"})
+_OUTPUT_PATTERNS = ("*.safetensors", "consolidated.*.pth")
+
+
+def _foreign_entry(directory: Path) -> Path | None:
+    """The first entry of `directory` that is not part of a model output (a subdirectory always is
+    foreign: no directory output has one), or None."""
+    for entry in sorted(directory.iterdir()):
+        if entry.is_dir() and not entry.is_symlink():
+            return entry
+        if entry.name not in _OUTPUT_NAMES and not any(entry.match(p) for p in _OUTPUT_PATTERNS):
+            return entry
+    return None
+
+
+def check_output_path(dest: str | os.PathLike, *, directory: bool | None = None) -> None:
+    """Refuse (HerdError, one line) to write an output at `dest` when that would destroy something:
+    an existing directory holding files that are not a model output's, the `model/` of a training
+    checkpoint, a file where a directory goes or a directory where a file goes. `directory`: whether
+    the output is a directory (None: not known yet; only what is wrong either way is refused).
+    An existing file where a file output goes is fine: it is replaced, as asked."""
+    dest = Path(dest)
+    parent = next((d for d in dest.parents if d.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise HerdError(f"{parent} is a file, not a folder; {dest} cannot be written inside it")
+    if dest.is_symlink():
+        if directory:  # a directory cannot be renamed onto a link; writing through it would replace its target
+            raise HerdError(f"{dest} is a symbolic link; give the output a new path (or the link's target)")
+        return
+    if dest.is_dir():
+        if directory is False:
+            raise HerdError(f"{dest} is a directory; this output is a file: give a file path")
+        if (dest.parent / "complete.json").exists():
+            raise HerdError(f"{dest} is part of the training checkpoint {dest.parent}; replacing it would "
+                            "change the checkpoint: write the output to a new directory")
+        foreign = _foreign_entry(dest)
+        if foreign is not None:
+            raise HerdError(f"{dest} holds {foreign.name!r}, which is not part of a model output and would be "
+                            "lost when the directory is replaced: choose a new or empty directory")
+    elif dest.exists() and directory:
+        raise HerdError(f"{dest} is a file; this output is a directory: give a directory path")
+
 
 @contextmanager
-def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(dest: str | os.PathLike, *, directory: bool | None = None) -> Iterator[Path]:
     """Yield a temporary path beside `dest`; rename it onto `dest` only if the block succeeds, so a
-    crash never leaves a half-written file (or directory) under the final name."""
+    crash never leaves a half-written file (or directory) under the final name.
+
+    An existing `dest` is replaced only where check_output_path allows it, checked before the block
+    (so a refused output costs no work) and again once the block has shown whether it wrote a file
+    or a directory. `directory`: whether the block writes a directory, when the caller knows."""
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent)) / dest.name
+    check_output_path(dest, directory=directory)
+    # Renames work on the absolute, normalized path: "out/.." or "." has no usable name of its own.
+    full = Path(os.path.abspath(dest))
+    try:
+        full.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{full.name}.", dir=full.parent)) / full.name
+    except OSError as e:  # no permission, a read-only disk, ...
+        raise HerdError(f"{dest}: cannot create the output's folder ({e.strerror or e})") from None
     try:
         yield tmp
-        if dest.is_dir() and not dest.is_symlink():
-            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-            dest.rename(old)
-            tmp.rename(dest)
-            shutil.rmtree(old)
+        is_dir = tmp.is_dir()
+        check_output_path(dest, directory=is_dir)
+        if is_dir and full.is_dir():
+            # Moved aside into the fresh temporary folder (no leftover of an earlier run can hold
+            # the name), which the cleanup below removes with it; a failed rename puts it back.
+            old = tmp.parent / ".old"
+            full.rename(old)
+            try:
+                tmp.rename(full)
+            except OSError:
+                old.rename(full)
+                raise
         else:
-            os.replace(tmp, dest)
+            os.replace(tmp, full)
     finally:
         shutil.rmtree(tmp.parent, ignore_errors=True)
 
