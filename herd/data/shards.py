@@ -107,6 +107,21 @@ class _SplitWriter:
         self._buf, self._buf_tokens = [], 0
 
 
+def remove_orphaned_temps(out: Path) -> None:
+    """Delete `.OUT.tmp-PID` directories left by a killed writer (PID no longer running): a SIGKILL
+    during a first run's shard preparation otherwise leaves one behind for good."""
+    for tmp in out.parent.glob(f".{out.name}.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(tmp, ignore_errors=True)
+        except PermissionError:  # alive, someone else's
+            pass
+
+
 def write_shards(documents: Iterable[Sequence[int]], out: str | os.PathLike, vocab_size: int, *,
                  val_fraction: float = 0.05, shard_tokens: int = 1 << 24, seed: int = 0,
                  tokenizer: str | None = None, val_split: str = "documents") -> Path:
@@ -118,6 +133,7 @@ def write_shards(documents: Iterable[Sequence[int]], out: str | os.PathLike, voc
         raise HerdError(f"val_split {val_split!r}: choose documents or tails")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_orphaned_temps(out)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -344,8 +360,15 @@ class PackedLoader:
     def _batch_at(self, epoch: int, offset: int) -> PackedBatch:
         order, ends = self._epoch(epoch)
         rows = [self._window(order, ends, offset + r * self.window) for r in range(self.batch_size)]
-        return PackedBatch(torch.from_numpy(np.stack([t for t, _ in rows])),
-                           torch.from_numpy(np.stack([d for _, d in rows])))
+        tokens = np.stack([t for t, _ in rows])
+        # Sizes are checked when the shards open; the ids only here, as they are read (one pass over
+        # a batch is nothing next to a step): a shard overwritten in place otherwise fails as an
+        # index error inside the embedding, or trains on nonsense ids within the vocabulary.
+        largest = self.meta.get("max_token_id", self.meta["vocab_size"] - 1)
+        if tokens.size and int(tokens.max()) > largest:
+            raise HerdError(f"{self.path}: token id {int(tokens.max())} in the {self.split!r} split is beyond "
+                            f"the shards' largest id ({largest}): a corrupt shard; rebuild it")
+        return PackedBatch(torch.from_numpy(tokens), torch.from_numpy(np.stack([d for _, d in rows])))
 
     def batch(self, index: int) -> PackedBatch:
         """Batch `index` of a run at the current shape from the start (validation uses a fixed set)."""

@@ -123,7 +123,12 @@ def load_train_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any
         raise HerdError(f"{path}: incomplete checkpoint (no complete.json); refusing to load it")
     try:
         _, sd, _ = read_meta(path / "model")
-        state = torch.load(path / "train_state.pt", map_location="cpu", weights_only=False)
     except (OSError, RuntimeError, EOFError) as e:
         raise HerdError(f"{path}: corrupt checkpoint ({e})") from None
+    try:
+        state = torch.load(path / "train_state.pt", map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - unpickling garbage raises almost any type
+        raise HerdError(f"{path / 'train_state.pt'}: corrupt ({type(e).__name__}: {str(e)[:120]})") from None
+    if not isinstance(state, dict) or "step" not in state:
+        raise HerdError(f"{path / 'train_state.pt'}: not a herd training state (no step)")
     return sd, state

@@ -105,11 +105,18 @@ def cmd_pretrain(a) -> None:
         _run_recipe(a, config, overrides)
         return
     if a.resume:
+        if a.out and Path(a.out).resolve() != Path(a.resume).resolve():
+            raise HerdError(f"--resume {a.resume} continues in that directory; drop --out {a.out} (or copy the "
+                            "run there first)")
         saved = Path(a.resume) / "config.json"
         if config is None:
             if not saved.exists():
                 raise HerdError(f"{a.resume}: no saved config.json; give --config")
-            cfg = load_config(data=json.loads(saved.read_text()), overrides=overrides)
+            try:
+                data = json.loads(saved.read_text())
+            except (OSError, ValueError) as e:
+                raise HerdError(f"{saved}: cannot read the run's config ({e}); give --config") from None
+            cfg = load_config(data=data, overrides=overrides)
         else:
             cfg = load_config(config, overrides)
         cfg.train.out_dir = a.resume

@@ -319,3 +319,72 @@ def validate(cfg: RunConfig) -> None:
     for seq_len in [t.seq_len] + [e[2] for e in t.batch_schedule]:
         if seq_len > args.max_seq_len:
             raise HerdError(f"train.seq_len={seq_len} exceeds the model's max_seq_len={args.max_seq_len}")
+    _validate_ranges(cfg)
+
+
+def _validate_ranges(cfg: RunConfig) -> None:
+    """Numbers outside their meaning fail here in one line, not as a torch/NumPy traceback later or,
+    worse, as a run that trains on quietly (a negative norm_eps gives NaN from the first step; a
+    negative warm-up bends the schedule; val_batches = 0 logged a validation loss of 0)."""
+    import math
+
+    t, o, s, m = cfg.train, cfg.optim, cfg.schedule, cfg.model
+
+    def finite(x: float) -> bool:
+        return isinstance(x, (int, float)) and math.isfinite(x)
+
+    checks = [
+        ("data.val_batches", cfg.data.val_batches, cfg.data.val_batches >= 1, ">= 1"),
+        ("data.tokenizer_vocab_size", cfg.data.tokenizer_vocab_size, cfg.data.tokenizer_vocab_size >= 0, ">= 0"),
+        ("optim.lr", o.lr, finite(o.lr) and o.lr >= 0, "a finite number >= 0"),
+        ("optim.eps", o.eps, finite(o.eps) and o.eps > 0, "> 0"),
+        ("optim.betas", list(o.betas), all(finite(b) and 0 <= b < 1 for b in o.betas), "two numbers in [0, 1)"),
+        ("optim.weight_decay", o.weight_decay, finite(o.weight_decay) and o.weight_decay >= 0, ">= 0"),
+        ("optim.grad_clip", o.grad_clip, finite(o.grad_clip) and o.grad_clip >= 0, ">= 0 (0 = no clipping)"),
+        ("schedule.warmup_steps", s.warmup_steps, s.warmup_steps >= 0, ">= 0"),
+        ("schedule.decay_steps", s.decay_steps, s.decay_steps >= 0, ">= 0 (0 = train.steps)"),
+        ("schedule.min_lr", s.min_lr, finite(s.min_lr) and 0 <= s.min_lr <= max(o.lr, 0), "in [0, optim.lr]"),
+        ("train.eval_every", t.eval_every, t.eval_every >= 0, ">= 0 (0 = only at the end)"),
+        ("train.threads", t.threads, t.threads >= 0, ">= 0 (0 = torch's default)"),
+        # NumPy's legacy seeding, which the data order uses, takes 32 bits
+        ("train.seed", t.seed, 0 <= t.seed < 2**32, "in [0, 2**32)"),
+        ("train.peak_flops", t.peak_flops, finite(t.peak_flops) and t.peak_flops >= 0, ">= 0 (0 = detect)"),
+        ("checkpoint.every", cfg.checkpoint.every, cfg.checkpoint.every >= 0, ">= 0 (0 = only at the end)"),
+        ("checkpoint.keep", cfg.checkpoint.keep, cfg.checkpoint.keep >= 0, ">= 0 (0 = keep all)"),
+    ]
+    for name in ("norm_eps", "rope_theta", "ffn_dim_multiplier"):
+        value = getattr(m, name)
+        if value is not None:
+            checks.append((f"model.{name}", value, finite(value) and value > 0, "> 0"))
+    for name in ("ffn_hidden_dim", "head_dim", "multiple_of", "max_seq_len"):
+        value = getattr(m, name)
+        if value is not None:
+            checks.append((f"model.{name}", value, value > 0, "> 0"))
+    for key, value, ok, want in checks:
+        if not ok:
+            raise HerdError(f"{key} must be {want} (got {value})")
+    device_kind(t.device)
+
+
+def device_kind(device: str) -> str:
+    """"cpu", "cuda" or "mps" for a valid device string (whether this machine has it is checked
+    when training starts: a GPU run's config is also read on a CPU machine, by `herd plan` or export)."""
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, ValueError):
+        kind = ""
+    if kind not in ("cpu", "cuda", "mps"):
+        raise HerdError(f"train.device {device!r}: choose cpu, cuda, cuda:N or mps")
+    return kind
+
+
+def check_device_present(device: str) -> None:
+    import torch
+
+    kind = device_kind(device)
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise HerdError(f"train.device {device!r}: this torch ({torch.__version__}) sees no CUDA GPU")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise HerdError(f"train.device {device!r}: MPS is not available here")

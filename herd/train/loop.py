@@ -12,6 +12,7 @@ a bitwise-exact resume.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -34,8 +35,8 @@ from herd.models.llama4 import Transformer as Llama4Transformer
 from herd.runtime import retain_freed_memory
 from herd.train import checkpoint as ckpt
 from herd.train import dist_checkpoint
-from herd.train.config import OPTIM_KERNELS, OptimConfig, RunConfig
-from herd.train.metrics import MetricSinks
+from herd.train.config import OPTIM_KERNELS, OptimConfig, RunConfig, check_device_present
+from herd.train.metrics import MetricSinks, metrics_line, read_metrics
 from herd.train.objectives import Compiled, NextTokenLM, Objective
 from herd.train.parallel import Parallel
 from herd.train.prepare import ensure_shards, tokenizer_files
@@ -153,19 +154,6 @@ def peak_flops_for(device: torch.device) -> float:
 
 
 # ---- the run ------------------------------------------------------------------------------------
-def _read_metrics(path: Path, upto_step: int) -> list[dict]:
-    rows = []
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:  # a line cut short by a kill
-                continue
-            if row.get("step", 0) <= upto_step:
-                rows.append(row)
-    return rows
-
-
 def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "w") as f:
@@ -194,6 +182,9 @@ class Trainer:
         self.progress = progress
         t = cfg.train
         self.run_dir = Path(t.out_dir)
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise HerdError(f"run directory {self.run_dir} is a file; give a directory (--out)")
+        check_device_present(t.device)
         if t.threads:
             torch.set_num_threads(t.threads)
         if t.retain_memory and torch.device(t.device).type == "cpu":
@@ -212,6 +203,7 @@ class Trainer:
         if self.mixed_precision:
             self.autocast = contextlib.nullcontext
         self.args = cfg.model.args() if model is None else model.args
+        self._model_from_config = model is None  # else cfg.model does not describe the model
 
         existing = ckpt.latest_checkpoint(self.run_dir)
         if existing is not None and not resume:
@@ -254,6 +246,8 @@ class Trainer:
         if resume and existing is not None:
             self._restore(existing)
         elif self.parallel.is_main:
+            if resume:  # start-or-continue (a requeued job's first start); a typo'd name should show here
+                self.log(f"no checkpoint in {self.run_dir}: starting a fresh run there")
             _atomic_write_text(self.metrics_path, "")
         if self.parallel.is_main:
             _atomic_write_text(self.run_dir / "config.json", json.dumps(cfg.to_dict(), indent=1))
@@ -305,8 +299,11 @@ class Trainer:
 
     def _init_from(self, path: Path) -> None:
         from herd.checkpoint import read_checkpoint
+        from herd.checkpoint.common import model_dir_of
 
-        src = path / "model" if ckpt.is_complete(path) else path
+        if not path.exists():
+            raise HerdError(f"train.init_from {path}: no such checkpoint or run directory")
+        src = model_dir_of(path)  # a run directory → its newest checkpoint, ckpt-N/ → its model/
         loaded = read_checkpoint(src)
         if loaded.args != self.args:
             diff = [f for f in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "ffn_dim", "hd")
@@ -327,6 +324,10 @@ class Trainer:
         if dist_checkpoint.is_distributed_checkpoint(path) or self.parallel.distributed:
             return dist_checkpoint.restore(self, path)  # any layout, including back to one process
         sd, state = ckpt.load_train_state(path)
+        if int(state["step"]) > self.cfg.train.steps:
+            raise HerdError(f"{path} is at step {state['step']}, past train.steps = {self.cfg.train.steps}; "
+                            f"give --train.steps of at least {state['step']} to continue it")
+        self._check_shape(path, state)
         sd = self._checkpoint_weights(sd, state)
         try:
             self.model.load_state_dict({k: v.to(self.device) for k, v in sd.items()}, strict=True)
@@ -336,6 +337,26 @@ class Trainer:
                             f"({str(e).splitlines()[0]})") from None
         self._resume_position(state)
         self.log(f"resumed from {path} at step {self.step}")
+
+    def _check_shape(self, path: Path, state: dict[str, Any]) -> None:
+        """Name the model fields that differ from the checkpoint's run (load_state_dict's own message
+        lists tensors, not the setting to fix)."""
+        saved = state.get("config", {}).get("model")
+        if not isinstance(saved, dict) or not self._model_from_config:  # a model passed in (post-training)
+            return
+        try:
+            from herd.train.config import ModelConfig
+
+            theirs = ModelConfig(**saved).args()
+        except (TypeError, HerdError):
+            return
+        diff = [f"{f.name} {getattr(theirs, f.name)} → {getattr(self.args, f.name)}"
+                for f in dataclasses.fields(theirs) if hasattr(self.args, f.name)
+                and getattr(theirs, f.name) != getattr(self.args, f.name)
+                and f.name not in ("max_seq_len", "rope_scaling")]  # those change no tensor
+        if diff:
+            raise HerdError(f"{path}: the checkpoint's model differs from this run's ({'; '.join(diff)}); "
+                            "resume with the run's own model settings")
 
     def _checkpoint_weights(self, sd: dict[str, torch.Tensor], state: dict[str, Any]) -> dict[str, torch.Tensor]:
         """A checkpoint's `model/` weights → this run's model's state dict (subclasses add what
@@ -351,8 +372,8 @@ class Trainer:
         ckpt.set_rng_state(state["rng"])
         self.step, self.tokens = int(state["step"]), int(state["tokens"])
         if self.parallel.is_main:
-            rows = _read_metrics(self.metrics_path, self.step)
-            _atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
+            rows = read_metrics(self.metrics_path, self.step)
+            _atomic_write_text(self.metrics_path, "".join(metrics_line(r) for r in rows))
 
     # ---- the loop ----
     def run(self) -> list[dict]:
@@ -398,7 +419,7 @@ class Trainer:
                 if self.val_data is not None and ((t.eval_every and self.step % t.eval_every == 0) or last):
                     row["val_loss"] = (self.parallel.evaluate if self.parallel.distributed else evaluate)(
                         self.model, self.objective, self.val_data, cfg.data.val_batches, self.autocast, self.device)
-                metrics.write(json.dumps(row) + "\n")
+                metrics.write(metrics_line(row))
                 metrics.flush()
                 sinks.add(row)
                 rows.append(row)
@@ -408,7 +429,7 @@ class Trainer:
                 every = cfg.checkpoint.every
                 if (every and self.step % every == 0) or last:
                     self.save()
-                    sinks.plot(_read_metrics(self.metrics_path, self.step))
+                    sinks.plot(read_metrics(self.metrics_path, self.step))
         bar.close()
         return rows
 

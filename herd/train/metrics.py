@@ -1,5 +1,6 @@
-"""Where a run's per-step metrics go besides `metrics.jsonl` (the record the loop writes itself):
-TensorBoard event files under `<run>/tensorboard/` and a loss-curve PNG `<run>/loss.png`.
+"""A run's per-step metrics: how a row is written to and read back from `metrics.jsonl` (the
+record the loop keeps; `metrics_line`, `read_metrics`), and where else they go: TensorBoard event
+files under `<run>/tensorboard/` and a loss-curve PNG `<run>/loss.png`.
 
 Both are views that can be rebuilt from `metrics.jsonl`, so neither may stop a run: a missing
 library is said once on the log and skipped. On resume the TensorBoard writer purges events logged
@@ -9,6 +10,7 @@ show one clean history. The PNG is written to a temporary name and renamed.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -18,6 +20,44 @@ from typing import Any
 # scalars worth a TensorBoard curve, under these tags
 _SCALARS = {"loss": "loss/train", "val_loss": "loss/val", "lr": "optim/lr", "grad_norm": "optim/grad_norm",
             "tokens_per_s": "speed/tokens_per_s", "mfu": "speed/mfu"}
+
+
+def _finite_or_none(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(v) for v in value]
+    return value
+
+
+def metrics_line(row: dict) -> str:
+    """One `metrics.jsonl` line for `row`. A NaN or infinite loss or grad norm (a diverged or
+    skipped step) is written as null: Python's bare `NaN`/`Infinity` is not JSON, and jq, JavaScript
+    and most other readers reject the whole file over it. The row's `skipped` says why."""
+    return json.dumps(_finite_or_none(row), allow_nan=False) + "\n"
+
+
+def read_metrics(path: str | os.PathLike, upto_step: int | None = None) -> list[dict]:
+    """The rows of a `metrics.jsonl` (up to `upto_step`), skipping a line cut short by a kill.
+    Values may be null where the step's number was not finite (see metrics_line)."""
+    path = Path(path)
+    rows = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict) and (upto_step is None or (row.get("step") or 0) <= upto_step):
+                rows.append(row)
+    return rows
+
+
+def _number(value: Any) -> bool:
+    """A finite number to plot (null from metrics.jsonl, NaN from the loop's own rows: not)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 class MetricSinks:
@@ -43,7 +83,7 @@ class MetricSinks:
         step = int(row["step"])
         for key, tag in _SCALARS.items():
             value = row.get(key)
-            if isinstance(value, (int, float)) and math.isfinite(value):
+            if _number(value):
                 self.writer.add_scalar(tag, value, step)
         self.writer.add_scalar("tokens", row.get("tokens", 0), step)
 
@@ -60,8 +100,8 @@ class MetricSinks:
             self.log("matplotlib is not installed: no loss.png (pip install matplotlib)")
             self.png = False
             return None
-        train = [(r["step"], r["loss"]) for r in rows if math.isfinite(r.get("loss", math.nan))]
-        val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+        train = [(r["step"], r["loss"]) for r in rows if _number(r.get("loss"))]
+        val = [(r["step"], r["val_loss"]) for r in rows if _number(r.get("val_loss"))]
         fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
         if train:
             ax.plot(*zip(*train, strict=True), lw=0.8, label="train loss")

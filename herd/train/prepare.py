@@ -75,6 +75,27 @@ def tokenizer_files(spec: str) -> list[Path]:
     return []
 
 
+def same_tokenizer(a: str, b: str) -> bool | None:
+    """Whether tokenizer specs `a` and `b` are the same vocabulary (by the bytes of their model
+    file: "llama3" and the path of its tokenizer.model are one tokenizer); None when one of them
+    cannot be found to compare."""
+    import hashlib
+
+    if a == b:
+        return True
+    if "bytes" in (a, b):
+        return False
+    fa, fb = tokenizer_files(a), tokenizer_files(b)
+    if not fa or not fb:
+        return None
+
+    def digest(files: list[Path]) -> str:  # the vocabulary file; configs beside it may differ harmlessly
+        main = next((f for f in files if f.name in ("tokenizer.model", "tokenizer.json")), files[0])
+        return hashlib.sha256(main.read_bytes()).hexdigest()
+
+    return digest(fa) == digest(fb)
+
+
 def ensure_tokenizer(data: DataConfig, log: Callable[[str], None], texts: list[str] | None = None):
     """The tokenizer `data.tokenizer` names, trained first when it is a missing directory and
     `data.tokenizer_vocab_size` is set. Returns (tokenizer or None for bytes, vocab size)."""
@@ -104,8 +125,19 @@ def ensure_shards(data: DataConfig, seed: int, log: Callable[[str], None]) -> Pa
     path = Path(data.path)
     if (path / "meta.json").exists():
         meta = read_meta(path)
-        if meta.get("tokenizer") not in (None, data.tokenizer):
-            log(f"note: {path} was tokenized with {meta.get('tokenizer')!r}, the config names {data.tokenizer!r}")
+        made_with = meta.get("tokenizer")
+        if made_with is not None and made_with != data.tokenizer:
+            same = same_tokenizer(made_with, data.tokenizer)
+            if same is False or not (data.tokenizer == "bytes" or tokenizer_files(data.tokenizer)):
+                # Training would go on, but every checkpoint would carry the config's tokenizer, and
+                # `herd generate` would decode the model's ids with it: fluent-looking garbage.
+                raise HerdError(f"data.path {path} was tokenized with {made_with!r}, but data.tokenizer names "
+                                f"{data.tokenizer!r}" + (", a different tokenizer" if same is False else
+                                                         ", which does not exist")
+                                + f"; set data.tokenizer = {made_with!r} (or rebuild the shards)")
+            if same is None:
+                log(f"note: {path} was tokenized with {made_with!r}, which is not found here to compare with "
+                    f"data.tokenizer {data.tokenizer!r}")
         return path
     if not data.source:
         raise HerdError(f"data.path {path} has no shards (meta.json) and data.source is not set")

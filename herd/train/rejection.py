@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from herd.errors import HerdError
-from herd.inference.generate import Completion, _check_prompts
+from herd.inference.generate import Completion, _check_prompts, check_max_new_tokens
 from herd.inference.kv_cache import KVCache
 from herd.inference.sampling import SamplingParams, sample
 
@@ -34,7 +34,7 @@ def sample_k(model, prompt: Sequence[int], k: int, *, max_new_tokens: int, sampl
     _check_prompts([prompt], args.vocab_size, args.max_seq_len)
     device, dtype = model.tok_embeddings.weight.device, model.tok_embeddings.weight.dtype
     L = len(prompt)
-    max_new_tokens = min(max_new_tokens, args.max_seq_len - L)
+    max_new_tokens = min(check_max_new_tokens(max_new_tokens), args.max_seq_len - L)
     out = [Completion() for _ in range(k)]
     if max_new_tokens <= 0:
         return out

@@ -1,0 +1,124 @@
+"""`herd pretrain` on mistakes a user makes: a value out of its range, a wrong tokenizer for the
+shards, a corrupt shard or training state, a resume that cannot mean what it says — each is one
+line and exit status 2, before anything is trained or overwritten."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from herd.train import checkpoint as ckpt
+from herd.train.cli import main
+
+from .conftest import debug_overrides
+
+
+def _run(capsys, *args) -> tuple[int, list[str]]:
+    code = main(["pretrain", "--no-progress", *args])
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+def _args(shards, run, **extra) -> list[str]:
+    return [f"--{o}" for o in debug_overrides(shards, run, **{"train.steps": 4, "checkpoint.every": 2, **extra})]
+
+
+@pytest.mark.parametrize("override, key", [
+    ("optim.lr=-1", "optim.lr"), ("optim.eps=-1", "optim.eps"), ("optim.betas=[0.9, 1.5]", "optim.betas"),
+    ("optim.weight_decay=-1", "optim.weight_decay"), ("train.threads=-1", "train.threads"),
+    ("train.seed=-1", "train.seed"), ("train.device=\"gpu\"", "train.device"),
+    ("checkpoint.every=-3", "checkpoint.every"), ("checkpoint.keep=-1", "checkpoint.keep"),
+    ("train.eval_every=-1", "train.eval_every"), ("schedule.warmup_steps=-5", "schedule.warmup_steps"),
+    ("schedule.decay_steps=-5", "schedule.decay_steps"), ("schedule.min_lr=-1", "schedule.min_lr"),
+    ("model.norm_eps=-1", "model.norm_eps"), ("model.ffn_hidden_dim=0", "model.ffn_hidden_dim"),
+    ("data.val_batches=0", "data.val_batches"),
+])
+def test_values_out_of_range_are_one_line(shards, tmp_path, capsys, override, key):
+    code, err = _run(capsys, *_args(shards, tmp_path / "r"), f"--{override}")
+    assert code == 2 and len(err) == 1 and key in err[0], err
+    assert not (tmp_path / "r").exists()
+
+
+def test_an_unavailable_device_and_a_file_as_run_directory(shards, tmp_path, capsys):
+    import torch
+
+    if not torch.cuda.is_available():
+        code, err = _run(capsys, *_args(shards, tmp_path / "r"), "--train.device=cuda")
+        assert code == 2 and "sees no CUDA GPU" in err[-1], err
+    (tmp_path / "afile").write_text("mine")
+    code, err = _run(capsys, *_args(shards, tmp_path / "afile"))
+    assert code == 2 and "is a file" in err[-1] and (tmp_path / "afile").read_text() == "mine"
+
+
+def test_a_tokenizer_other_than_the_shards_is_refused(tmp_path, capsys):
+    from herd.data.shards import write_shards
+    from herd.tokenizer.train import train_bpe
+
+    texts = [f"line {i} of some text about the sea and the sky and the land" for i in range(300)]
+    tok_a = train_bpe(texts, 600, tmp_path / "tok_a").parent
+    tok_b = train_bpe(texts[:150] + ["other words entirely, quite unlike"] * 50, 600, tmp_path / "tok_b").parent
+    from herd.tokenizer import load_tokenizer
+
+    ids = [load_tokenizer(str(tok_a)).encode(t, bos=True, eos=True) for t in texts]
+    shards = write_shards(ids, tmp_path / "shards", 600, tokenizer=str(tok_a), val_fraction=0.1)
+    base = _args(shards, tmp_path / "r", **{"model.vocab_size": 600, "train.steps": 1})
+    code, err = _run(capsys, *base, f"--data.tokenizer={json.dumps(str(tok_b))}")
+    assert code == 2 and "a different tokenizer" in err[-1] and "tok_a" in err[-1], err
+    code, err = _run(capsys, *base, f"--data.tokenizer={json.dumps(str(tmp_path / 'nowhere'))}")
+    assert code == 2 and "does not exist" in err[-1], err
+    # the same tokenizer under another name (a copy of its directory) is the same tokenizer
+    shutil.copytree(tok_a, tmp_path / "tok_a_copy")
+    code, err = _run(capsys, *base, f"--data.tokenizer={json.dumps(str(tmp_path / 'tok_a_copy'))}")
+    assert code == 0, err
+
+
+def test_a_corrupt_shard_is_named_not_an_index_error(shards, tmp_path, capsys):
+    bad = tmp_path / "shards"
+    shutil.copytree(shards, bad)
+    meta = json.loads((bad / "meta.json").read_text())
+    first = bad / f"{meta['splits']['train']['shards'][0]['name']}.bin"
+    data = np.fromfile(first, dtype=np.uint32)
+    np.random.default_rng(0).integers(0, 2**31, size=data.size, dtype=np.uint32).tofile(first)  # same size
+    code, err = _run(capsys, *_args(bad, tmp_path / "r"))
+    assert code == 2 and "corrupt shard" in err[-1], err
+
+
+def test_resume_mistakes(shards, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert _run(capsys, *_args(shards, run))[0] == 0
+    # fewer steps than the checkpoint has: refused, and the run's config is left as it was
+    before = (run / "config.json").read_text()
+    code, err = _run(capsys, "--resume", str(run), "--train.steps=2")
+    assert code == 2 and "past train.steps" in err[-1] and (run / "config.json").read_text() == before, err
+    # --out elsewhere would be ignored: refused
+    code, err = _run(capsys, "--resume", str(run), "--out", str(tmp_path / "elsewhere"), "--train.steps=6")
+    assert code == 2 and "drop --out" in err[-1], err
+    # a model setting changed: the field is named
+    code, err = _run(capsys, "--resume", str(run), "--train.steps=6", "--model.dim=96")
+    assert code == 2 and "dim 64 → 96" in err[-1], err
+    # a corrupt saved config or training state: one line
+    latest = ckpt.latest_checkpoint(run)
+    (latest / "train_state.pt").write_bytes(np.random.default_rng(0).bytes(5000))
+    code, err = _run(capsys, "--resume", str(run), "--train.steps=6")
+    assert code == 2 and "train_state.pt: corrupt" in err[-1], err
+    (run / "config.json").write_text("{")
+    code, err = _run(capsys, "--resume", str(run), "--train.steps=6")
+    assert code == 2 and "cannot read the run's config" in err[-1], err
+
+
+def test_resume_of_a_new_directory_says_it_starts_fresh(shards, tmp_path, capsys):
+    from pathlib import Path
+
+    config = Path(__file__).resolve().parents[2] / "configs" / "debug.toml"
+    code, err = _run(capsys, "--config", str(config), *_args(shards, tmp_path / "typo"), "--resume",
+                     str(tmp_path / "typo"))
+    assert code == 0 and any("starting a fresh run" in line for line in err), err
+
+
+def test_init_from_a_run_directory_takes_its_newest_checkpoint(shards, tmp_path, capsys):
+    src = tmp_path / "src"
+    assert _run(capsys, *_args(shards, src))[0] == 0
+    code, err = _run(capsys, *_args(shards, tmp_path / "next", **{"train.init_from": f'"{src}"', "train.steps": 1}))
+    assert code == 0 and any(f"initialized weights from {src}/ckpt-00000004/model" in line for line in err), err
