@@ -58,6 +58,13 @@ def _add_sampling(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
 
 
 def _sampling_kwargs(a) -> dict:
+    """The sampling options as herd.api's keywords, checked here so a bad value is the one error
+    line before the model loads (herd.api checks them the same way for library callers)."""
+    from herd.inference.generate import check_max_new_tokens
+    from herd.inference.sampling import SamplingParams
+
+    check_max_new_tokens(a.max_new_tokens)
+    SamplingParams(temperature=a.temperature, top_p=a.top_p, top_k=a.top_k)
     return dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
                 seed=a.seed, compile=a.compile)
 
@@ -80,6 +87,7 @@ def _load(a):
 def cmd_generate(a) -> None:
     from herd.api import stream
 
+    sampling = _sampling_kwargs(a)
     images = _read_images(a.image)  # a bad file fails before the model loads
     model, tokenizer = _load(a)
     prompt = sys.stdin.read() if a.prompt == "-" else a.prompt
@@ -88,7 +96,7 @@ def cmd_generate(a) -> None:
     else:
         request = ([{"role": "system", "content": a.system}] if a.system else []) + [
             {"role": "user", "content": prompt}]
-    for piece in stream(model, tokenizer, request, images=images or None, **_sampling_kwargs(a)):
+    for piece in stream(model, tokenizer, request, images=images or None, **sampling):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -106,6 +114,7 @@ def cmd_chat(a) -> None:
     from herd.inference.generate import Completion
     from herd.models.image_processing import load_image, require_vision
 
+    sampling = _sampling_kwargs(a)
     pending = _read_images(a.image)  # for the next user message (the first, from --image)
     model, tokenizer = _load(a)
     if tokenizer.chat is None:
@@ -155,7 +164,7 @@ def cmd_chat(a) -> None:
         dialog = ([{"role": "system", "content": system}] if system else []) + history
         done = Completion()
         try:
-            for piece in stream(model, tokenizer, dialog, completion=done, **_sampling_kwargs(a)):
+            for piece in stream(model, tokenizer, dialog, completion=done, **sampling):
                 sys.stdout.write(piece)
                 sys.stdout.flush()
         except KeyboardInterrupt:

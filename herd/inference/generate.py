@@ -8,6 +8,7 @@ same as if it ran alone.
 
 from __future__ import annotations
 
+import numbers
 import warnings
 import weakref
 from collections.abc import Iterator, Sequence
@@ -38,6 +39,15 @@ def _check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int, max_seq_le
         bad = [t for t in p if not 0 <= t < vocab_size]
         if bad:
             raise HerdError(f"token id {bad[0]} is outside the model's vocabulary of {vocab_size}")
+
+
+def check_max_new_tokens(n) -> int:
+    """At least one new token: a prompt always leaves room for one (_check_prompts), so asking for
+    none (or fewer) would only produce an empty answer that looks like a silent failure. The
+    OpenAI-style server holds `max_tokens` to the same floor."""
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+        raise HerdError(f"max_new_tokens must be a whole number >= 1, got {n!r}")
+    return int(n)
 
 
 _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -73,9 +83,8 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int
     compiled graph serves every step (prefill stays eager: its length varies).
     """
     args = model.args
+    max_new_tokens = check_max_new_tokens(max_new_tokens)
     _check_prompts(prompts, args.vocab_size, args.max_seq_len)
-    if max_new_tokens <= 0:
-        return
     device = model.tok_embeddings.weight.device
     B, L = len(prompts), max(len(p) for p in prompts)
     max_new_tokens = min(max_new_tokens, args.max_seq_len - L)

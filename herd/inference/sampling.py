@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -20,8 +21,8 @@ class SamplingParams:
     suppress: tuple[int, ...] = ()
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise HerdError(f"temperature must be >= 0, got {self.temperature}")
+        if not (self.temperature >= 0 and math.isfinite(self.temperature)):  # NaN fails both
+            raise HerdError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise HerdError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
