@@ -142,7 +142,7 @@ def write_checkpoint(path: str | Path, fmt: str, args: ModelArgs, state_dict: di
                    source_metadata=gguf_meta)
         return path
     torch_dtype = _torch_dtype(dtype, fmt)
-    with atomic_path(path) as tmp:
+    with atomic_path(path, directory=True) as tmp:  # refused before the work when it cannot be written
         if fmt == "hf":
             sd = state_dict if torch_dtype is None else {k: v.to(torch_dtype) for k, v in state_dict.items()}
             stored = torch_dtype or next((v.dtype for v in state_dict.values()), torch.float32)
