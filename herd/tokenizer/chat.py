@@ -580,7 +580,46 @@ class TemplateChatFormat(ChatFormat):
     def encode_dialog(self, messages: Sequence[Message], *, add_generation_prompt: bool = True,
                       tools: Sequence[Any] | None = None) -> list[int]:
         text = self.render(messages, add_generation_prompt=add_generation_prompt, tools=tools)
-        return self.tokenizer.encode(text, allow_special=True)
+        names = [n for n in self.tokenizer.special_tokens if n]
+        if not any(n in c for m in messages for c in _content_texts(m) for n in names):
+            return self.tokenizer.encode(text, allow_special=True)  # as transformers encodes it
+        # A message spells a control token ("<|im_end|>" in a reply): encoding the rendered text
+        # with specials allowed would end the turn there (DESIGN principle 5: user text never
+        # forges a control token, as in Llama3ChatFormat). The template's own text keeps its
+        # control tokens; each message's content is encoded as plain text.
+        return self._encode_content_as_text(messages, text, add_generation_prompt, tools)
+
+    def _encode_content_as_text(self, messages: Sequence[Message], text: str, add_generation_prompt: bool,
+                                tools: Sequence[Any] | None) -> list[int]:
+        if any(not isinstance(m.get("content"), (str, type(None))) for m in messages):
+            raise HerdError("a message with content parts spells a control token of this chat format; "
+                            "send it as plain string content")
+        marked = [dict(m, content=f"\ue000{i}\ue001") if isinstance(m.get("content"), str) else m
+                  for i, m in enumerate(messages)]
+        pieces = re.split("\ue000(\\d+)\ue001", self.render(marked, add_generation_prompt=add_generation_prompt,
+                                                             tools=tools))
+        # pieces = [template, i, template, j, template, ...]: find each message's content in the real
+        # rendering between the template pieces around it (as given, or trimmed by the template).
+        ids, pos = [], 0
+        for k in range(0, len(pieces), 2):
+            lead = pieces[k]
+            if not text.startswith(lead, pos):
+                raise HerdError("this chat template changes message text in a way herd cannot follow, and a "
+                                "message spells one of its control tokens")
+            ids += self.tokenizer.encode(lead, allow_special=True)
+            pos += len(lead)
+            if k + 1 == len(pieces):
+                break
+            content, follow = messages[int(pieces[k + 1])]["content"], pieces[k + 2]
+            for c in (content, content.strip(), content.lstrip(), content.rstrip()):
+                if text.startswith(c + follow, pos):
+                    break
+            else:
+                raise HerdError("this chat template changes message text in a way herd cannot follow, and a "
+                                "message spells one of its control tokens")
+            ids += self.tokenizer.encode(c, allow_special=False)
+            pos += len(c)
+        return ids
 
     def decode_assistant(self, ids: Sequence[int]) -> Message:
         ids = list(ids)
@@ -597,6 +636,16 @@ class TemplateChatFormat(ChatFormat):
             message["tool_calls"] = [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
                                       "function": {"name": n, "arguments": a}} for n, a in calls]
         return message
+
+
+def _content_texts(message: Message) -> list[str]:
+    """The text a message carries: its string content, or the text of its content parts."""
+    content = message.get("content")
+    if isinstance(content, str):
+        return [content]
+    if isinstance(content, list):
+        return [p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)]
+    return []
 
 
 @cache
