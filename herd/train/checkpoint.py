@@ -110,6 +110,38 @@ def remove_partial(run_dir: str | os.PathLike) -> list[Path]:
     return stale
 
 
+# What a herd run directory holds besides its checkpoints (ckpt-N/) and hidden temporaries: the run's
+# config and metrics (herd/train/loop.py, metrics.py), a staged run's recipe, post-training exports
+# (model/, lora/) and an annealing stage's Polyak average (averaged/, herd/train/recipe.py).
+RUN_DIR_ENTRIES = frozenset({"config.json", "metrics.jsonl", "loss.png", "tensorboard", "recipe.toml", "model",
+                             "lora", "averaged"})
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """Refuse (one line) a run directory holding what a run did not write: a run writes config.json,
+    metrics.jsonl, loss.png and exports over their namesakes, so `--out` pointed at a model checkpoint
+    or a folder of the user's would lose them. Checked before any training."""
+    from herd.checkpoint.common import check_output_path
+
+    if not run_dir.is_dir():
+        return
+    for entry in sorted(run_dir.iterdir()):
+        if not (entry.name.startswith(".") or _NAME.match(entry.name) or entry.name in RUN_DIR_ENTRIES):
+            raise HerdError(f"{run_dir} holds {entry.name!r}, which a herd run does not write; it would be mixed "
+                            "with (or lost to) this run's files: choose a new or empty run directory (--out)")
+    config = run_dir / "config.json"
+    if config.exists():
+        try:
+            ours = {"model", "train"} <= set(json.loads(config.read_text()))
+        except (OSError, ValueError, TypeError):
+            ours = False
+        if not ours:
+            raise HerdError(f"{config} is not a herd run's config (a model checkpoint's?); it would be "
+                            "overwritten: choose a new or empty run directory (--out)")
+    for export in ("model", "lora", "averaged"):
+        check_output_path(run_dir / export, directory=True)
+
+
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     found = list_checkpoints(run_dir)
     return found[-1] if found else None

@@ -184,6 +184,7 @@ class Trainer:
         self.run_dir = Path(t.out_dir)
         if self.run_dir.exists() and not self.run_dir.is_dir():
             raise HerdError(f"run directory {self.run_dir} is a file; give a directory (--out)")
+        ckpt.check_run_dir(self.run_dir)
         check_device_present(t.device)
         if t.threads:
             torch.set_num_threads(t.threads)

@@ -122,3 +122,25 @@ def test_init_from_a_run_directory_takes_its_newest_checkpoint(shards, tmp_path,
     assert _run(capsys, *_args(shards, src))[0] == 0
     code, err = _run(capsys, *_args(shards, tmp_path / "next", **{"train.init_from": f'"{src}"', "train.steps": 1}))
     assert code == 0 and any(f"initialized weights from {src}/ckpt-00000004/model" in line for line in err), err
+
+
+def test_a_run_directory_holding_other_files_is_refused_before_training(shards, tmp_path, capsys):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    code, err = _run(capsys, *_args(shards, mine))
+    assert code == 2 and "'notes.txt', which a herd run does not write" in err[-1], err
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+    # a model checkpoint's config.json would be overwritten by the run's
+    model = tmp_path / "model_dir"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    code, err = _run(capsys, *_args(shards, model))
+    assert code == 2 and "not a herd run's config" in err[-1], err
+    assert json.loads((model / "config.json").read_text()) == {"architectures": ["LlamaForCausalLM"]}
+    # an export folder holding a user's file
+    run = tmp_path / "run"
+    (run / "model").mkdir(parents=True)
+    (run / "model" / "x.txt").write_text("x")
+    code, err = _run(capsys, *_args(shards, run))
+    assert code == 2 and "x.txt" in err[-1] and not (run / "metrics.jsonl").exists(), err
