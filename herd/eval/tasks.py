@@ -13,9 +13,11 @@ Two kinds of item, told apart per line:
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +25,7 @@ from typing import Any
 import torch
 
 from herd.errors import HerdError
+from herd.inference.generate import check_max_new_tokens
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 _GSM8K = re.compile(r"####\s*(-?[\d,]*\.?\d+)")
@@ -83,6 +86,53 @@ def is_correct(reply: str, answer: Any, match: str = "auto") -> bool:
     return got is not None and got == str(answer).strip()
 
 
+def check_generation_answer(answer: Any, where: str) -> None:
+    """A generated reply is compared with the answer's text or number: null was compared with the
+    text "None", true with "True", and an empty answer matched every empty (or, with "contains",
+    every) reply — refuse those, naming the line."""
+    if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
+        raise HerdError(f"{where}: 'answer' must be a string or a number, got {json.dumps(answer)}")
+    if isinstance(answer, float) and not math.isfinite(answer):
+        raise HerdError(f"{where}: 'answer' must be a finite number, got {answer}")
+    if isinstance(answer, str) and not answer.strip():
+        raise HerdError(f"{where}: 'answer' is empty")
+
+
+def _choice_answer(answer: Any, choices: list[str], where: str) -> int:
+    """The index of the right choice: an index, a letter (A = 0) or the choice's text."""
+    if isinstance(answer, str):
+        if answer in choices:
+            return choices.index(answer)
+        if len(answer) == 1 and answer.isalpha():
+            index = ord(answer.upper()) - ord("A")
+            if not 0 <= index < len(choices):
+                raise HerdError(f"{where}: answer {answer!r} is past the last of the {len(choices)} choices "
+                                f"({chr(ord('A') + len(choices) - 1)})")
+            return index
+        raise HerdError(f"{where}: answer {answer!r} is not one of the choices")
+    # bool is an int in Python: `true` used to be taken as index 1.
+    if isinstance(answer, bool) or not isinstance(answer, int):
+        raise HerdError(f"{where}: answer must be a choice index, letter or text, got {json.dumps(answer)}")
+    if not 0 <= answer < len(choices):
+        raise HerdError(f"{where}: answer index {answer} is out of range for {len(choices)} choices "
+                        f"(0 to {len(choices) - 1})")
+    return answer
+
+
+def _check_choices(choices: Any, where: str) -> list[str]:
+    if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
+        raise HerdError(f"{where}: 'choices' must be a list of at least two strings")
+    for j, c in enumerate(choices):
+        if not c.strip():  # an empty reply has log-prob 0 (no tokens), so it would always win
+            raise HerdError(f"{where}: choice {j} is empty")
+    seen: dict[str, int] = {}
+    for j, c in enumerate(choices):
+        if c in seen:  # equal choices tie and the first wins: the other could never be picked
+            raise HerdError(f"{where}: choices {seen[c]} and {j} are the same ({c!r})")
+        seen[c] = j
+    return choices
+
+
 @dataclass
 class TaskItem:
     where: str
@@ -97,6 +147,7 @@ class TaskItem:
 
 
 def load_task(path: str | os.PathLike) -> list[TaskItem]:
+    from herd.tokenizer.chat import validate_messages
     from herd.train.posttrain import as_messages, read_jsonl
 
     items = []
@@ -110,20 +161,19 @@ def load_task(path: str | os.PathLike) -> list[TaskItem]:
         choices = obj.get("choices")
         answer = obj["answer"]
         if choices is not None:
-            if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
-                raise HerdError(f"{where}: 'choices' must be a list of at least two strings")
-            if isinstance(answer, str) and len(answer) == 1 and answer.isalpha() and answer not in choices:
-                answer = ord(answer.upper()) - ord("A")
-            elif isinstance(answer, str):
-                if answer not in choices:
-                    raise HerdError(f"{where}: answer {answer!r} is not one of the choices")
-                answer = choices.index(answer)
-            if not isinstance(answer, int) or not 0 <= answer < len(choices):
-                raise HerdError(f"{where}: answer must index one of the {len(choices)} choices")
+            choices = _check_choices(choices, where)
+            answer = _choice_answer(answer, choices, where)
+        else:
+            check_generation_answer(answer, where)
         match = obj.get("match", "auto")
         if match not in MATCHES:
             raise HerdError(f"{where}: unknown 'match' {match!r}; choose {', '.join(MATCHES)}")
-        items.append(TaskItem(where, as_messages(prompt, where), answer, choices, match))
+        messages = as_messages(prompt, where)
+        try:  # the chat format's own check names only "message i"; the line is what the user can find
+            validate_messages(messages)
+        except HerdError as e:
+            raise HerdError(f"{where}: {e}") from None
+        items.append(TaskItem(where, messages, answer, choices, match))
     return items
 
 
@@ -143,24 +193,35 @@ class EvalResult:
 
 
 @torch.no_grad()
-def choice_logps(model, tokenizer, prompt: list[dict], choices: Sequence[str]) -> list[float]:
+def choice_logps(model, tokenizer, prompt: list[dict], choices: Sequence[str], where: str = "item"
+                 ) -> list[float]:
     """Summed log-prob of each choice as the assistant's reply (content tokens)."""
     from herd.train.posttrain import Preference, collate_ranked, encode_preferences, response_logps
 
-    enc = encode_preferences(tokenizer, [Preference("choice", prompt, list(choices))], model.args.max_seq_len)[0]
+    # No limit in the encoder: its message speaks of train.seq_len, which eval has none of.
+    enc = encode_preferences(tokenizer, [Preference(where, prompt, list(choices))], sys.maxsize)[0]
+    if len(enc) > model.args.max_seq_len:
+        raise HerdError(f"{where}: the prompt and its choices take {len(enc)} tokens, more than the model's "
+                        f"context of {model.args.max_seq_len}; shorten the item")
     batch = collate_ranked([enc]).to(model.tok_embeddings.weight.device)
     return response_logps(model, batch).tolist()
 
 
 def evaluate_items(model, tokenizer, items: Sequence[TaskItem], *, max_new_tokens: int = 64,
                    batch_size: int = 8) -> EvalResult:
-    from herd.api import generate
+    from herd.api import encode_prompt, generate
 
+    check_eval_args(max_new_tokens=max_new_tokens, batch_size=batch_size)
+    gen = [i for i, it in enumerate(items) if it.kind == "generate"]
+    for i in gen:  # named by file:line before any generation (the generator's message names no line)
+        n = len(encode_prompt(tokenizer, items[i].prompt))
+        if n >= model.args.max_seq_len:
+            raise HerdError(f"{items[i].where}: prompt of {n} tokens does not fit the model's context of "
+                            f"{model.args.max_seq_len} (at least one position is needed to generate)")
     was = model.training
     model.eval()
     replies: list[str] = [""] * len(items)
     ok: list[bool] = [False] * len(items)
-    gen = [i for i, it in enumerate(items) if it.kind == "generate"]
     for start in range(0, len(gen), batch_size):
         idx = gen[start:start + batch_size]
         outs = generate(model, tokenizer, [items[i].prompt for i in idx], max_new_tokens=max_new_tokens)
@@ -168,13 +229,21 @@ def evaluate_items(model, tokenizer, items: Sequence[TaskItem], *, max_new_token
             replies[i], ok[i] = o, is_correct(o, items[i].answer, items[i].match)
     for i, it in enumerate(items):
         if it.kind == "choice":
-            lps = choice_logps(model, tokenizer, it.prompt, it.choices)
+            lps = choice_logps(model, tokenizer, it.prompt, it.choices, it.where)
             pick = max(range(len(lps)), key=lambda j: lps[j])
             replies[i], ok[i] = it.choices[pick], pick == it.answer
     model.train(was)
     correct = sum(ok)
     lo, hi = wilson_interval(correct, len(items))
     return EvalResult(len(items), correct, correct / max(len(items), 1), lo, hi, replies, ok)
+
+
+def check_eval_args(*, max_new_tokens: Any = 1, batch_size: Any = 1) -> None:
+    """`herd eval` checks these before loading the model: batch size -1 made range() empty, so no
+    generation ran and every generation item counted wrong; 0 was a range() traceback."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise HerdError(f"batch size must be a whole number >= 1, got {batch_size!r}")
+    check_max_new_tokens(max_new_tokens)
 
 
 def evaluate_task(model, tokenizer, path: str | os.PathLike, **kw) -> EvalResult:

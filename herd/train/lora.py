@@ -37,6 +37,31 @@ class LoRAConfig:
     targets: tuple[str, ...] = DEFAULT_TARGETS  # names of the nn.Linear modules to adapt
     dropout: float = 0.0
 
+    def validate(self, known_targets: Sequence[str] | None = DEFAULT_TARGETS) -> LoRAConfig:
+        """Refuse (HerdError, one line) values that would otherwise train something other than asked:
+        a negative rank used to fall through `rank > 0` into full fine-tuning, and a misspelt target
+        silently left its layers unadapted. `known_targets`: the names a target may take (None: any;
+        apply_lora then checks them against the model itself). Returns self."""
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 0:
+            raise HerdError(f"lora.rank must be a whole number >= 0 (0 = no LoRA), got {self.rank!r}")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) \
+                or not (math.isfinite(self.alpha) and self.alpha > 0):  # NaN fails both
+            raise HerdError(f"lora.alpha must be a finite number > 0, got {self.alpha!r}")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) \
+                or not 0 <= self.dropout < 1:  # NaN fails the comparison
+            raise HerdError(f"lora.dropout must be in [0, 1), got {self.dropout!r}")
+        targets = self.targets
+        if isinstance(targets, str) or not all(isinstance(t, str) for t in targets):
+            raise HerdError(f"lora.targets must be a list of layer names, got {targets!r}")
+        if not targets or any(not t for t in targets):
+            raise HerdError(f"lora.targets needs at least one layer name and no empty ones, got {list(targets)}; "
+                            f"valid: {', '.join(known_targets or DEFAULT_TARGETS)}")
+        if known_targets is not None:
+            unknown = [t for t in targets if t not in known_targets]
+            if unknown:
+                raise HerdError(f"lora.targets: unknown layer {unknown[0]!r}; valid: {', '.join(known_targets)}")
+        return self
+
 
 class LoRAAdapter(nn.Module):
     def __init__(self, in_features: int, out_features: int, rank: int, alpha: float, dropout: float = 0.0):
@@ -65,20 +90,37 @@ def lora_modules(model: nn.Module) -> dict[str, nn.Linear]:
 
 
 def apply_lora(model: nn.Module, cfg: LoRAConfig) -> list[str]:
-    """Freeze `model` and add adapters to the linears named in cfg.targets; returns their names."""
-    if cfg.rank <= 0:
-        raise HerdError(f"lora.rank must be positive (got {cfg.rank})")
+    """Freeze `model` and add adapters to the linears named in cfg.targets; returns their names.
+
+    Everything is checked before the model changes: every target must name a linear layer of this
+    model, and the rank must not exceed the smaller side of any adapted matrix (a larger rank adds
+    parameters without adding capacity: B A can never exceed that rank)."""
+    # Any name here: the model decides which exist (a vision tower's linears are not the defaults).
+    cfg.validate(known_targets=None)
+    if cfg.rank == 0:
+        raise HerdError("lora.rank must be positive to add adapters (0 means no LoRA)")
+    linears = {name: m for name, m in model.named_modules() if type(m) is nn.Linear}
+    leaf_names = sorted({name.rsplit(".", 1)[-1] for name in linears})
+    missing = [t for t in cfg.targets if t not in leaf_names]
+    if missing:
+        raise HerdError(f"lora.targets: this model has no linear layer named {missing[0]!r}; "
+                        f"valid: {', '.join(leaf_names)}")
+    chosen = {name: m for name, m in linears.items()
+              if name.rsplit(".", 1)[-1] in cfg.targets and not hasattr(m, "lora")}
+    if chosen:
+        name, m = min(chosen.items(), key=lambda kv: min(kv[1].in_features, kv[1].out_features))
+        limit = min(m.in_features, m.out_features)
+        if cfg.rank > limit:
+            raise HerdError(f"lora.rank {cfg.rank} exceeds the smallest adapted matrix ({name}: "
+                            f"{m.out_features} x {m.in_features}); use lora.rank <= {limit}")
     for p in model.parameters():
         p.requires_grad_(False)
-    names = []
-    for name, m in model.named_modules():
-        if type(m) is nn.Linear and name.rsplit(".", 1)[-1] in cfg.targets and not hasattr(m, "lora"):
-            m.lora = LoRAAdapter(m.in_features, m.out_features, cfg.rank, cfg.alpha, cfg.dropout).to(m.weight.device)
-            m._lora_handle = m.register_forward_hook(_hook)
-            names.append(name)
-    if not names:
-        raise HerdError(f"lora.targets {list(cfg.targets)} match no linear layer of this model")
-    return names
+    for m in chosen.values():
+        m.lora = LoRAAdapter(m.in_features, m.out_features, cfg.rank, cfg.alpha, cfg.dropout).to(m.weight.device)
+        m._lora_handle = m.register_forward_hook(_hook)
+    if not chosen:
+        raise HerdError(f"lora.targets {list(cfg.targets)} match no linear layer of this model without an adapter")
+    return list(chosen)
 
 
 @torch.no_grad()
@@ -164,4 +206,9 @@ def config_dict(cfg: LoRAConfig) -> dict:
 
 
 def targets_from(value: str | Sequence[str]) -> tuple[str, ...]:
-    return tuple(v.strip() for v in value.split(",")) if isinstance(value, str) else tuple(value)
+    """`wq,wv` (CLI) or a list (TOML) → a tuple; LoRAConfig.validate judges the names."""
+    if isinstance(value, str):
+        return tuple(v.strip() for v in value.split(","))
+    if not isinstance(value, (list, tuple)):  # tuple(5) would be a TypeError traceback
+        raise HerdError(f"lora.targets must be a list of layer names or 'wq,wv', got {value!r}")
+    return tuple(value)

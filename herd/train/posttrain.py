@@ -25,6 +25,7 @@ them (§4.1.2: "several responses of one prompt packed in one row").
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 from collections.abc import Callable, Sequence
@@ -478,6 +479,21 @@ class RewardRanking:
 NLL_NORMS = ("tokens", "response", "sum")
 
 
+def check_dpo_values(beta: Any, nll: Any, nll_norm: Any) -> None:
+    """Refuse (HerdError, one line) DPO settings that train something other than DPO: β <= 0 flips or
+    zeroes the preference term (and β = NaN made every step's loss NaN, so each was skipped and the
+    untrained model exported); a negative NLL weight pushes the chosen replies down."""
+    def number(x) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+    if not (number(beta) and beta > 0):
+        raise HerdError(f"dpo.beta must be a finite number > 0, got {beta!r}")
+    if not (number(nll) and nll >= 0):
+        raise HerdError(f"dpo.nll must be a finite number >= 0 (0 = plain DPO), got {nll!r}")
+    if nll_norm not in NLL_NORMS:
+        raise HerdError(f"dpo.nll_norm must be one of {', '.join(NLL_NORMS)} (got {nll_norm!r})")
+
+
 @dataclass
 class DPO:
     """Direct preference optimization (§4.1.4): −log σ(β[(π_c − ref_c) − (π_r − ref_r)]) with β = 0.1,
@@ -505,8 +521,7 @@ class DPO:
     reference: dict[int, tuple[float, float]] = field(default_factory=dict)  # example → (ref_c, ref_r)
 
     def __post_init__(self):
-        if self.nll_norm not in NLL_NORMS:
-            raise HerdError(f"dpo.nll_norm must be one of {', '.join(NLL_NORMS)} (got {self.nll_norm!r})")
+        check_dpo_values(self.beta, self.nll, self.nll_norm)
 
     def cache_reference(self, ref_model: nn.Module, loader: ExampleLoader, policy_vocab: int | None = None
                         ) -> None:
@@ -707,6 +722,11 @@ class DPOConfig:
     beta: float = 0.1  # §4.1.4
     nll: float = 0.2  # weight of the chosen response's NLL term (§4.1.4); 0 = plain DPO
     nll_norm: str = "tokens"  # how the NLL is normalized (see DPO): tokens (TRL), response (Pang et al.), sum
+
+    def validate(self) -> DPOConfig:
+        """Checked when the config is built (herd/train/posttrain_cli.py), before any model loads."""
+        check_dpo_values(self.beta, self.nll, self.nll_norm)
+        return self
 
 
 def _split_extra(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:

@@ -77,6 +77,10 @@ def build_config(config: str | None, overrides: list[str], out: str | None, tabl
             _apply_own(own, section, key, value)
         else:
             rest.append(item)
+    # Checked here, before any model loads or data is read: a bad value fails in a second, not
+    # after minutes of loading (and a negative rank no longer falls through to full fine-tuning).
+    own["lora"].validate()
+    own["dpo"].validate()
     cfg = load_config(data=table, overrides=rest)
     if out:
         cfg.train.out_dir = out
@@ -169,9 +173,41 @@ def _inference_model(spec: str):
     return model, tok
 
 
+def _same_file(a: str, b: str) -> bool:
+    """Whether two paths name one file (through links, `./`, `..`), existing or not."""
+    pa, pb = Path(a), Path(b)
+    try:
+        if pa.exists() and pb.exists():
+            return pa.samefile(pb)
+    except OSError:
+        pass
+    return pa.resolve() == pb.resolve()
+
+
+def check_outputs(outputs: dict[str, str | None], inputs: dict[str, str]) -> None:
+    """Refuse (one line) outputs that would destroy something — an input (writing the results over
+    the prompts or task file the user made), another output of the same run, or what
+    check_output_path refuses (a directory, a checkpoint's model/) — before any slow work: these
+    used to fail (or clobber) only after all the sampling."""
+    from herd.checkpoint.common import check_output_path
+
+    given = [(flag, path) for flag, path in outputs.items() if path]
+    for i, (flag, path) in enumerate(given):
+        for in_flag, in_path in inputs.items():
+            if _same_file(path, in_path):
+                raise HerdError(f"{flag} {path} is the {in_flag} input file; writing it would replace that "
+                                "input: give a new output path")
+        for other_flag, other in given[:i]:
+            if _same_file(path, other):
+                raise HerdError(f"{flag} and {other_flag} are the same file ({path}); give each its own path")
+        check_output_path(path, directory=False)
+
+
 def cmd_sample(a) -> None:
     from herd.train.posttrain import load_prompts, load_reward_model
     from herd.train.rejection import (
+        check_sample_args,
+        check_verifier_records,
         preference_pairs,
         rejection_sample,
         reward_scorer,
@@ -181,7 +217,15 @@ def cmd_sample(a) -> None:
 
     if (a.reward is None) == (a.verifier is None):
         raise HerdError("give exactly one of --reward MODEL or --verifier answer to score the samples")
+    # Everything the user typed is checked before the model loads and the sampling starts.
+    check_sample_args(k=a.k, max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
+                      missing_eos_penalty=a.missing_eos_penalty, min_score=a.min_score,
+                      pairs_per_prompt=a.pairs_per_prompt)
+    check_outputs({"--out": a.out, "--pairs": a.pairs}, {"--prompts": a.prompts})
     prompts = load_prompts(a.prompts)
+    if a.verifier:
+        scorer = verifier_scorer(a.verifier)
+        check_verifier_records(a.verifier, prompts)
     model, tok = _inference_model(a.model)
     if a.reward:
         rm, rm_tok = load_reward_model(a.reward)
@@ -189,8 +233,6 @@ def cmd_sample(a) -> None:
             raise HerdError(f"reward model vocabulary ({rm.args.vocab_size}) differs from the policy's "
                             f"({model.args.vocab_size})")
         scorer = reward_scorer(rm, rm_tok)
-    else:
-        scorer = verifier_scorer(a.verifier)
     results = rejection_sample(model, tok, prompts, a.k, scorer, max_new_tokens=a.max_new_tokens,
                                temperature=a.temperature, top_p=a.top_p, seed=a.seed,
                                missing_eos_penalty=a.missing_eos_penalty, progress=True)
@@ -206,12 +248,16 @@ def cmd_sample(a) -> None:
 
 
 def cmd_eval(a) -> None:
-    from herd.eval.tasks import evaluate_task
+    from herd.eval.tasks import check_eval_args, evaluate_items, load_task
 
+    check_eval_args(max_new_tokens=a.max_new_tokens, batch_size=a.batch_size)
+    check_outputs({"--out": a.out}, {f"--task {t}": t for t in a.task})
+    # Every task file is read and checked before the model loads: a bad line fails in a second.
+    tasks = [(task, load_task(task)) for task in a.task]
     model, tok = _inference_model(a.model)
     report = {}
-    for task in a.task:
-        r = evaluate_task(model, tok, task, max_new_tokens=a.max_new_tokens, batch_size=a.batch_size)
+    for task, items in tasks:
+        r = evaluate_items(model, tok, items, max_new_tokens=a.max_new_tokens, batch_size=a.batch_size)
         print(r.line(task))
         report[task] = {"n": r.n, "correct": r.correct, "accuracy": r.accuracy, "ci95": [r.ci_low, r.ci_high],
                         "replies": r.replies, "correct_items": r.correct_items}

@@ -9,6 +9,7 @@ K rows of the decode cache, then K rows decode together.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 from collections.abc import Callable, Sequence
@@ -68,6 +69,50 @@ def sample_k(model, prompt: Sequence[int], k: int, *, max_new_tokens: int, sampl
 Scorer = Callable[[list[dict], dict, list[str]], list[float]]  # (prompt, record, samples) → scores
 
 
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _whole(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def check_sample_args(*, k: Any = 1, max_new_tokens: Any = 1, temperature: Any = 0.8, top_p: Any = 1.0,
+                      missing_eos_penalty: Any = None, min_score: Any = None, pairs_per_prompt: Any = 1) -> None:
+    """Refuse (HerdError, one line) settings of `herd sample` that would waste the sampling or give a
+    silently wrong file; `herd sample` calls it before loading the model. A negative
+    pairs_per_prompt was a list slice (all pairs but the last), 0 wrote nothing; a NaN penalty
+    wrote `"score": NaN` (not JSON) and a negative one rewarded cut-off replies; a NaN min_score
+    kept every prompt (no comparison with NaN is true)."""
+    if not _whole(k) or k < 1:
+        raise HerdError(f"k (samples per prompt) must be a whole number >= 1, got {k!r}")
+    check_max_new_tokens(max_new_tokens)
+    SamplingParams(temperature=temperature, top_p=top_p)  # its own checks: finite temperature >= 0, top_p in (0, 1]
+    if not _whole(pairs_per_prompt) or pairs_per_prompt < 1:
+        raise HerdError(f"pairs per prompt must be a whole number >= 1, got {pairs_per_prompt!r}")
+    if missing_eos_penalty is not None and not (_is_number(missing_eos_penalty) and math.isfinite(missing_eos_penalty)
+                                                and missing_eos_penalty >= 0):
+        raise HerdError(f"the missing-EOS penalty must be a finite number >= 0 (it is subtracted from the score "
+                        f"of a cut-off sample), got {missing_eos_penalty!r}")
+    if min_score is not None and not (_is_number(min_score) and math.isfinite(min_score)):
+        raise HerdError(f"the minimum score must be a finite number, got {min_score!r}")
+
+
+def check_verifier_records(name: str, prompts: Sequence[tuple[str, list[dict], dict]]) -> None:
+    """Check every prompt line has what verifier `name` reads (`answer`, a valid `match`), naming the
+    line, before any sampling (this used to fail at the first such line, after the model load)."""
+    from herd.eval.tasks import MATCHES, check_generation_answer
+
+    verifier_scorer(name)  # an unknown name fails here
+    for where, _msgs, record in prompts:
+        if "answer" not in record:
+            raise HerdError(f"{where}: the '{name}' verifier needs an 'answer' field in every prompt line")
+        check_generation_answer(record["answer"], where)
+        match = record.get("match", "auto")
+        if match not in MATCHES:
+            raise HerdError(f"{where}: unknown 'match' {match!r}; choose {', '.join(MATCHES)}")
+
+
 def verifier_scorer(name: str) -> Scorer:
     """A programmatic verifier over records with an `answer` and optional `match` (herd/eval/tasks.py's
     answer matching): 1.0 for a correct sample, 0.0 otherwise."""
@@ -117,6 +162,8 @@ def rejection_sample(model, tokenizer, prompts: Sequence[tuple[str, list[dict], 
 
     from herd.api import encode_prompt
 
+    check_sample_args(k=k, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                      missing_eos_penalty=missing_eos_penalty)
     params = SamplingParams(temperature=temperature, top_p=top_p)
     gen = torch.Generator(device=model.tok_embeddings.weight.device).manual_seed(seed)
     out = []
@@ -130,6 +177,9 @@ def rejection_sample(model, tokenizer, prompts: Sequence[tuple[str, list[dict], 
         texts = [tokenizer.decode(c.ids) for c in comps]
         finished = [c.finish_reason == "stop" for c in comps]
         scores = [float(s) for s in scorer(msgs, record, texts)]
+        if not all(math.isfinite(x) for x in scores):
+            # The best of scores holding NaN is arbitrary, and NaN is not JSON: refuse, not guess.
+            raise HerdError(f"{where}: the scorer gave a non-finite score ({scores}); is the reward model broken?")
         if missing_eos_penalty is not None:
             scores = [s if f else s - missing_eos_penalty for s, f in zip(scores, finished, strict=True)]
         out.append(Sampled(msgs, record, texts, scores, finished))
@@ -142,8 +192,12 @@ def write_best(results: Sequence[Sampled], out: str | os.PathLike, min_score: fl
     reply: chat JSONL for `herd sft`), `score`, and with keep_all every sample and score. Atomic."""
     from herd.checkpoint.common import atomic_path
 
+    if min_score is not None and not (_is_number(min_score) and math.isfinite(min_score)):
+        raise HerdError(f"the minimum score must be a finite number, got {min_score!r}")
     lines = []
     for r in results:
+        if not all(math.isfinite(x) for x in r.scores):
+            raise HerdError(f"non-finite score in {r.scores}: the output would not be JSON")
         b = r.best
         if min_score is not None and r.scores[b] < min_score:
             continue
@@ -156,7 +210,8 @@ def write_best(results: Sequence[Sampled], out: str | os.PathLike, min_score: fl
             row["samples"], row["scores"] = r.samples, r.scores
             if r.finished is not None:
                 row["finished"] = r.finished
-        lines.append(json.dumps(row, ensure_ascii=False) + "\n")
+        # allow_nan=False: the file must stay strict JSON (a NaN score once wrote a bare `NaN`).
+        lines.append(json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n")
     with atomic_path(Path(out)) as tmp:
         tmp.write_text("".join(lines), encoding="utf-8")
     return len(lines)
@@ -166,6 +221,8 @@ def preference_pairs(results: Sequence[Sampled], seed: int = 0, per_prompt: int 
     """Preference lines from scored samples: up to `per_prompt` distinct (chosen, rejected) pairs
     per prompt, the chosen among the best-scored samples and the rejected strictly lower-scored,
     drawn at random; prompts whose samples all tie give none."""
+    if not _whole(per_prompt) or per_prompt < 1:  # it slices a list: -1 meant "all but the last"
+        raise HerdError(f"pairs per prompt must be a whole number >= 1, got {per_prompt!r}")
     rng = random.Random(seed)
     rows = []
     for r in results:

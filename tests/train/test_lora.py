@@ -99,7 +99,7 @@ def test_only_adapters_train():
 def test_lora_bad_input(tmp_path):
     with pytest.raises(HerdError, match="lora.rank must be positive"):
         apply_lora(_model(), LoRAConfig(rank=0))
-    with pytest.raises(HerdError, match="match no linear layer"):
+    with pytest.raises(HerdError, match="no linear layer named .nope.; valid: .*wq"):
         apply_lora(_model(), LoRAConfig(rank=2, targets=("nope",)))
     with pytest.raises(HerdError, match="not a LoRA adapter directory"):
         load_lora(_model(), tmp_path)
