@@ -81,8 +81,19 @@ def as_messages(prompt: Any, where: str) -> Messages:
     if isinstance(prompt, str):
         return [{"role": "user", "content": prompt}]
     if isinstance(prompt, list) and all(isinstance(m, dict) and "role" in m for m in prompt) and prompt:
-        return [dict(m) for m in prompt]
+        return _valid_dialog([dict(m) for m in prompt], where)
     raise HerdError(f"{where}: prompt must be a string or a non-empty list of messages with a 'role'")
+
+
+def _valid_dialog(messages: Messages, where: str) -> Messages:
+    """The chat format's own checks (roles, content), here with the file and line they came from
+    rather than at encoding time as "message 0: ..."."""
+    from herd.tokenizer.chat import validate_messages
+
+    try:
+        return validate_messages(messages)
+    except HerdError as e:
+        raise HerdError(f"{where}: {e}") from None
 
 
 def as_response(resp: Any, where: str, key: str) -> str:
@@ -106,7 +117,7 @@ def load_chats(path) -> list[tuple[str, Messages]]:
             raise HerdError(f"{_where(path, n)}: expected {{\"messages\": [...]}} with a non-empty list")
         if not any(isinstance(m, dict) and m.get("role") == "assistant" for m in msgs):
             raise HerdError(f"{_where(path, n)}: the chat has no assistant turn (nothing to train on)")
-        out.append((_where(path, n), msgs))
+        out.append((_where(path, n), _valid_dialog(msgs, _where(path, n))))
     return out
 
 
@@ -746,13 +757,23 @@ class PostTrainer(Trainer):
     """Trainer (herd/train/loop.py) on a loaded model, whose checkpoints keep the canonical weights
     in `model/` and the adapters / reward head beside the optimizer state, for an exact resume."""
 
+    def __init__(self, *args, stage: str = "", **kwargs):
+        self.stage = stage  # "sft", "reward" or "dpo"; kept in every checkpoint, checked on resume
+        super().__init__(*args, **kwargs)
+
     def save(self) -> Path:
         base, extra = _split_extra(self.model)
         state = self._train_state()
         state["extra_weights"] = {k: v.detach().cpu() for k, v in extra.items()}
+        state["stage"] = self.stage
         return ckpt.save_checkpoint(self.run_dir, self.step, self.args, base, state, keep=self.cfg.checkpoint.keep)
 
     def _checkpoint_weights(self, sd: dict[str, torch.Tensor], state: dict) -> dict[str, torch.Tensor]:
+        # A DPO run resumed by `herd sft` would train on under another objective and export a mix.
+        saved = state.get("stage")
+        if saved and self.stage and saved != self.stage:
+            raise HerdError(f"{self.run_dir} is a `herd {saved}` run; resume it with `herd {saved}`, or give "
+                            f"`herd {self.stage}` a new --out")
         if isinstance(self.model, RewardModel):
             sd = {f"backbone.{k}": v for k, v in sd.items() if not k.startswith("output.")}
         elif self.args.tie_embeddings:
@@ -819,7 +840,7 @@ def finetune(stage: str, cfg, model_spec: str, data_path: str, *, val_path: str 
         n, total = trainable_parameters(model)
         log(f"LoRA rank {lora.rank}: training {n:,} of {total:,} parameters")
     trainer = PostTrainer(cfg, objective=objective, resume=resume, log=log, progress=progress,
-                          model=model, data=(train, val))
+                          model=model, data=(train, val), stage=stage)
     trainer.run()
     out = export_model(trainer.model, tok, trainer.run_dir / "model")
     if lora.rank > 0:

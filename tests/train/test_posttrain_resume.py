@@ -110,3 +110,29 @@ def test_stop_after_checkpoint_then_resume_is_bitwise_identical(stage, lora_rank
     # and the checkpoints' canonical weights
     ea, eb = (ckpt.load_train_state(ckpt.latest_checkpoint(r))[0] for r in (full, stopped))
     assert all(torch.equal(ea[k], eb[k]) for k in ea)
+
+
+def test_a_run_resumed_by_another_stage_is_refused(tiny_dir, tmp_path):
+    """A DPO run continued by `herd sft --resume` would train on under the other objective and export
+    a mix of both; the stage is kept in every checkpoint and checked."""
+    from herd.errors import HerdError
+
+    prefs = write_jsonl(tmp_path / "prefs.jsonl", preference_rows(5))
+    chats = write_jsonl(tmp_path / "chats.jsonl", chat_rows(5))
+    _run("dpo", tiny_dir, prefs, tmp_path / "run", 4)
+    with pytest.raises(HerdError, match=r"is a `herd dpo` run; resume it with `herd dpo`"):
+        finetune("sft", _cfg(tmp_path / "run"), str(tiny_dir), str(chats),
+                 lora=LoRAConfig(rank=4, alpha=8.0), resume=True, progress=False, log=lambda m: None)
+
+
+def test_a_bad_message_is_named_by_file_and_line(tmp_path):
+    from herd.errors import HerdError
+    from herd.train.posttrain import load_chats, load_prompts
+
+    rows = chat_rows(2) + [{"messages": [{"role": "wizard", "content": "hi"}, {"role": "assistant", "content": "x"}]}]
+    path = write_jsonl(tmp_path / "sft.jsonl", rows)
+    with pytest.raises(HerdError, match=r"sft.jsonl:3: message 0: unknown role 'wizard'"):
+        load_chats(path)
+    path = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": [{"role": "user"}]}])
+    with pytest.raises(HerdError, match=r"prompts.jsonl:1: message 0 \(user\): missing 'content'"):
+        load_prompts(path)
