@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import torch
 
-from herd.checkpoint.common import atomic_path, check_state_dict
+from herd.checkpoint.common import atomic_path, check_output_path, check_state_dict
 from herd.checkpoint.gguf import read_gguf, read_gguf_args, write_gguf
 from herd.checkpoint.hf import args_from_hf_config, read_hf, write_hf
 from herd.checkpoint.meta import read_meta, read_meta_args, write_meta
@@ -118,6 +118,30 @@ def _torch_dtype(dtype: str | torch.dtype | None, fmt: str) -> torch.dtype | Non
                         "(float32, float16 or bfloat16; quantized types are GGUF-only)") from None
 
 
+# The files of the other directory layout: replacing a directory that holds them with an `fmt`
+# checkpoint deletes a checkpoint (`herd convert model/ model/ --to meta` would delete its input).
+_OTHER_LAYOUT = {"hf": ("params.json", "consolidated.*.pth"), "meta": ("config.json", "*.safetensors")}
+
+
+def check_replaceable(path: Path, fmt: str) -> None:
+    """Refuse an output that would replace a checkpoint of another format or a file that is not a
+    GGUF: atomic_path replaces model-output files, and these are model outputs too, just not ones
+    this write brings back."""
+    if fmt == "gguf":
+        if path.is_file():
+            with open(path, "rb") as f:
+                if f.read(4) != b"GGUF":
+                    raise HerdError(f"{path} exists and is not a GGUF file; writing the model there would replace "
+                                    "it: give a new file name")
+        return
+    if path.is_dir():
+        for pattern in _OTHER_LAYOUT[fmt]:
+            found = sorted(path.glob(pattern))
+            if found:
+                raise HerdError(f"{path} holds a checkpoint in another layout ({found[0].name}); writing a {fmt} "
+                                "checkpoint there would delete it: choose a new or empty directory")
+
+
 def write_checkpoint(path: str | Path, fmt: str, args: ModelArgs, state_dict: dict[str, torch.Tensor], *,
                      dtype: str | torch.dtype | None = None, tokenizer: Any = None,
                      source_metadata: dict | None = None, model_parallel: int = 1) -> Path:
@@ -131,6 +155,8 @@ def write_checkpoint(path: str | Path, fmt: str, args: ModelArgs, state_dict: di
     path = Path(path)
     if fmt not in FORMATS:
         raise HerdError(f"unknown checkpoint format {fmt!r} (choose {', '.join(FORMATS)})")
+    check_output_path(path, directory=fmt != "gguf")  # a user's files, a training checkpoint's model/
+    check_replaceable(path, fmt)
     if fmt == "gguf":
         if isinstance(args, Llama4Args):
             raise HerdError("GGUF output is not supported for Llama 4 (mixture-of-experts) models; use hf or meta")

@@ -165,9 +165,12 @@ def check_shapes(sd: dict[str, torch.Tensor], want: dict[str, tuple[int, ...]], 
 # ---- HF-style directories: config.json + safetensors (sharded with an index) ---------------------
 def read_json_config(path: Path, name: str = "config.json") -> dict:
     try:
-        return json.loads((path / name).read_text())
+        cfg = json.loads((path / name).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise HerdError(f"{path / name}: cannot read ({e})") from None
+    if not isinstance(cfg, dict):
+        raise HerdError(f"{path / name}: expected a JSON object, got {type(cfg).__name__}")
+    return cfg
 
 
 def read_safetensors_dir(path: Path) -> dict[str, torch.Tensor]:

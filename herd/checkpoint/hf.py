@@ -89,6 +89,8 @@ def args_from_hf_config(cfg: dict, source: str = "config.json") -> ModelArgs:
         return llama4_args_from_hf_config(cfg, source)
     if cfg.get("model_type", "llama") != "llama" and "LlamaForCausalLM" not in (cfg.get("architectures") or []):
         raise HerdError(f"{source}: model_type {cfg.get('model_type')!r} is not a Llama-architecture model")
+    if cfg.get("hidden_act", "silu") != "silu":  # the model computes SwiGLU with SiLU and nothing else
+        raise HerdError(f"{source}: hidden_act {cfg.get('hidden_act')!r} is not supported (Llama uses silu)")
     try:
         theta, scaling = rope_from_hf_config(cfg, source, default_theta=10000.0)
         n_heads = int(cfg["num_attention_heads"])
@@ -104,6 +106,8 @@ def args_from_hf_config(cfg: dict, source: str = "config.json") -> ModelArgs:
         )
     except KeyError as e:
         raise HerdError(f"{source}: missing key {e.args[0]!r}") from None
+    except (TypeError, ValueError, AttributeError, ZeroDivisionError) as e:  # "576", "x", null, 0 heads
+        raise HerdError(f"{source}: malformed value ({type(e).__name__}: {e})") from None
 
 
 def hf_config_from_args(args: ModelArgs, extra: dict | None = None) -> dict:

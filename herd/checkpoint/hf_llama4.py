@@ -101,6 +101,8 @@ def vision_args_from_hf_config(cfg: dict, source: str = "config.json") -> Vision
                           max_tiles=int(v.get("max_patches", 16)))
     except KeyError as e:
         raise HerdError(f"{source}: vision_config is missing key {e.args[0]!r}") from None
+    except (TypeError, ValueError, AttributeError, ZeroDivisionError) as e:
+        raise HerdError(f"{source}: vision_config has a malformed value ({type(e).__name__}: {e})") from None
 
 
 def hf_vision_config(v: VisionArgs) -> dict:
@@ -157,6 +159,8 @@ def llama4_args_from_hf_config(cfg: dict, source: str = "config.json") -> Llama4
         )
     except KeyError as e:
         raise HerdError(f"{source}: missing key {e.args[0]!r}") from None
+    except (TypeError, ValueError, AttributeError, ZeroDivisionError) as e:
+        raise HerdError(f"{source}: malformed value ({type(e).__name__}: {e})") from None
 
 
 def hf_config_from_llama4_args(args: Llama4Args, extra: dict | None = None) -> dict:

@@ -96,6 +96,12 @@ class ModelArgs(HeadShapes):
 
     def __post_init__(self) -> None:
         problems = self.shape_problems()
+        # a negative rope_theta or norm_eps computes without an error and answers nothing sensible
+        for name in ("norm_eps", "rope_theta", "max_seq_len", "multiple_of"):
+            if not getattr(self, name) > 0:
+                problems.append(f"{name} must be positive (got {getattr(self, name)})")
+        if self.ffn_hidden_dim is not None and self.ffn_hidden_dim <= 0:
+            problems.append(f"ffn_hidden_dim must be positive (got {self.ffn_hidden_dim})")
         if problems:
             raise HerdError("invalid model config: " + "; ".join(problems))
 

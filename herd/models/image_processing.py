@@ -293,11 +293,16 @@ def _template_with_images(chat, messages: list, image_ids: list[list[int]], toke
         return {**m, "content": "".join(image_text if is_image_part(p) else p if isinstance(p, str) else p["text"]
                                         for p in content)}
 
-    # Text that spells "<|image|>" would become a marker too (the template is encoded with special
-    # tokens allowed): refuse rather than misplace an image.
-    if marker in chat.encode_dialog([flat(m, "") for m in messages], add_generation_prompt=True):
-        raise HerdError("the prompt's text contains the <|image|> token; cannot place the images")
-    marked = chat.encode_dialog([flat(m, "<|image|>") for m in messages], add_generation_prompt=True)
+    # The markers are found by encoding the rendering with special tokens allowed, so text that spells
+    # any control token ("<|image|>" would become a marker) is refused rather than encoded as one.
+    from herd.tokenizer.chat import _content_texts
+
+    names = [n for n in tokenizer.special_tokens if n]
+    if any(n in text for m in messages for text in _content_texts(flat(m, "")) for n in names):
+        raise HerdError("the prompt's text spells a control token of this chat format (such as <|image|>); "
+                        "cannot place the images")
+    rendered = chat.render([flat(m, "<|image|>") for m in messages], add_generation_prompt=True)
+    marked = tokenizer.encode(rendered, allow_special=True)
     at = [i for i, t in enumerate(marked) if t == marker]
     if len(at) != len(image_ids):
         raise HerdError("cannot place the images in this chat template's rendering")

@@ -98,6 +98,7 @@ def restore(trainer, path: Path) -> None:
     (resharded onto this run's layout, or gathered into one process), or a single-process one
     loaded into a distributed run."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
     if not ckpt.is_complete(path):
@@ -114,8 +115,11 @@ def restore(trainer, path: Path) -> None:
             sd, state = ckpt.load_train_state(path)
             _load_single_process(trainer, sd, state["optimizer"])
     except (RuntimeError, ValueError, KeyError) as e:
-        raise HerdError(f"{path}: checkpoint does not fit this run's model/optimizer "
-                        f"({str(e).strip().splitlines()[0]})") from None
+        raise HerdError(f"{path}: checkpoint does not fit this run's model/optimizer, or is damaged "
+                        f"({(str(e).strip().splitlines() or [''])[0]})") from None
+    except (OSError, AssertionError, EOFError, CheckpointException) as e:  # a missing shard, garbage .metadata
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        raise HerdError(f"{path}: corrupt or incomplete checkpoint ({type(e).__name__}: {first})") from None
     trainer._resume_position(state)
     was = state.get("layout")
     where = " × ".join(f"{k}={v}" for k, v in was.items() if v > 1) if was else "single process"
@@ -162,16 +166,22 @@ def consolidate(path: str | Path) -> tuple[Any, dict[str, torch.Tensor]]:
     if not is_distributed_checkpoint(path):
         hint = f"; it holds a model: herd convert {path / 'model'} OUT --to hf" if (path / "model").is_dir() else ""
         raise HerdError(f"{path}: not a distributed (DCP) training checkpoint (no {DCP_DIR}/.metadata){hint}")
-    if not ckpt.is_complete(path):
+    if not (path / "complete.json").exists():
         raise HerdError(f"{path}: incomplete checkpoint (no complete.json)")
-    state = torch.load(path / "train_state.pt", map_location="cpu", weights_only=False)
-    args = load_config(data=state["config"]).model.args()
+    try:
+        state = torch.load(path / "train_state.pt", map_location="cpu", weights_only=False)
+        args = load_config(data=state["config"]).model.args()
+    except HerdError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a damaged pickle raises almost any type
+        raise HerdError(f"{path / 'train_state.pt'}: corrupt ({type(e).__name__}: {str(e)[:120]})") from None
     return args, _load_full(path / DCP_DIR, args)
 
 
 def _load_full(dcp_dir: Path, args) -> dict[str, torch.Tensor]:
     """The whole model's weights from DCP shards, in this process (canonical names)."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 
     with torch.device("meta"):
         model = model_class(args)(args)
@@ -179,7 +189,12 @@ def _load_full(dcp_dir: Path, args) -> dict[str, torch.Tensor]:
     sd = model.state_dict()
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
         warnings.simplefilter("ignore", UserWarning)
-        dcp.load({"model": sd}, checkpoint_id=dcp_dir, no_dist=True)
+        try:
+            dcp.load({"model": sd}, checkpoint_id=dcp_dir, no_dist=True)
+        except (Exception, CheckpointException) as e:  # noqa: BLE001 - truncated shards, a missing file, garbage .metadata
+            first = (str(e).strip().splitlines() or [""])[0][:160]
+            raise HerdError(f"{dcp_dir}: corrupt or incomplete distributed checkpoint ({type(e).__name__}: "
+                            f"{first})") from None
     if args.tie_embeddings:
         sd.pop("output.weight", None)
     return {k: v.detach() for k, v in sd.items()}

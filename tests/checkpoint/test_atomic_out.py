@@ -33,11 +33,12 @@ def _write_dir(dest, files):
 def test_writing_again_into_an_earlier_output_replaces_it_whole(fmt, tmp_path):
     out = tmp_path / "out"
     write_checkpoint(out, fmt, TINY, random_state_dict(TINY, seed=0))
-    (out / "model-00002-of-00002.safetensors").write_bytes(b"stale shard of an earlier, larger output")
+    stale = "model-00002-of-00002.safetensors" if fmt == "hf" else "consolidated.01.pth"
+    (out / stale).write_bytes(b"stale shard of an earlier, larger output")
     (out / "tokenizer.json").write_text("{}")  # an earlier output's tokenizer
     new = random_state_dict(TINY, seed=1)
     write_checkpoint(out, fmt, TINY, new)
-    assert not (out / "model-00002-of-00002.safetensors").exists() and not (out / "tokenizer.json").exists()
+    assert not (out / stale).exists() and not (out / "tokenizer.json").exists()
     got = read_checkpoint(out).state_dict
     assert all(torch.equal(got[k], v) for k, v in new.items() if k in got)
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary folder left behind
@@ -148,3 +149,26 @@ def test_convert_cli_refuses_a_run_directory_in_one_line(tmp_path, capsys):
     assert main(["convert", str(src), str(tmp_path / "hf"), "--to", "hf"]) == 0
     got, want = read_checkpoint(tmp_path / "hf").state_dict, read_checkpoint(src).state_dict
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+@pytest.mark.parametrize("fmt, other", [("hf", "meta"), ("meta", "hf")])
+def test_a_checkpoint_of_the_other_layout_is_not_replaced(fmt, other, tmp_path):
+    """`herd convert x x --to meta` on an HF directory would delete its own input."""
+    out = tmp_path / "ckpt"
+    write_checkpoint(out, other, TINY, random_state_dict(TINY, seed=0))
+    before = sorted(p.name for p in out.iterdir())
+    with pytest.raises(HerdError, match="holds a checkpoint in another layout"):
+        write_checkpoint(out, fmt, TINY, random_state_dict(TINY, seed=1))
+    assert sorted(p.name for p in out.iterdir()) == before
+
+
+def test_a_gguf_output_replaces_only_a_gguf(tmp_path):
+    notes = tmp_path / "notes.gguf"
+    notes.write_text("my notes")
+    with pytest.raises(HerdError, match="not a GGUF file"):
+        write_checkpoint(notes, "gguf", TINY, random_state_dict(TINY, seed=0))
+    assert notes.read_text() == "my notes"
+    out = tmp_path / "m.gguf"
+    write_checkpoint(out, "gguf", TINY, random_state_dict(TINY, seed=0))
+    write_checkpoint(out, "gguf", TINY, random_state_dict(TINY, seed=1))  # an earlier GGUF: replaced
+    assert torch.equal(read_checkpoint(out).state_dict["norm.weight"], random_state_dict(TINY, seed=1)["norm.weight"])

@@ -226,3 +226,26 @@ def test_compiled_checkpointed_blocks_match_eager_and_really_compile():
     assert losses[1] == pytest.approx(losses[0], rel=1e-6)
     for (name, p), q in zip(ref.named_parameters(), model.parameters(), strict=True):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_a_damaged_dcp_checkpoint_is_one_line_on_export(runs, tmp_path):
+    import shutil
+
+    from herd.train.dist_checkpoint import export
+
+    src = runs["resume_tp2_fsdp2"] / "ckpt-00000004"
+    damage = {
+        "truncated_shard": lambda d: (lambda f: f.write_bytes(f.read_bytes()[:100]))(sorted((d / "dcp").glob("*.distcp"))[0]),
+        "missing_shard": lambda d: sorted((d / "dcp").glob("*.distcp"))[0].unlink(),
+        "garbage_metadata": lambda d: (d / "dcp" / ".metadata").write_bytes(b"\x00garbage" * 10),
+        "garbage_train_state": lambda d: (d / "train_state.pt").write_bytes(b"not a pickle" * 10),
+    }
+    for name, fn in damage.items():
+        d = tmp_path / name / "ckpt-00000004"
+        shutil.copytree(src, d)
+        fn(d)
+        with pytest.raises(HerdError, match="corrupt"):
+            export(d, tmp_path / name / "out")
+    # a good checkpoint under another directory name is read (complete.json is what makes it whole)
+    shutil.copytree(src, tmp_path / "renamed")
+    assert export(tmp_path / "renamed", tmp_path / "renamed_out").exists()
