@@ -566,7 +566,7 @@ class TemplateChatFormat(ChatFormat):
 
     def render(self, messages: Sequence[Message], *, add_generation_prompt: bool = True,
                tools: Sequence[Any] | None = None) -> str:
-        messages = validate_messages(messages)
+        messages = [self._for_template(m, i) for i, m in enumerate(validate_messages(messages))]
         from jinja2.exceptions import TemplateError
 
         try:
@@ -576,6 +576,21 @@ class TemplateChatFormat(ChatFormat):
             # A template that cannot handle this dialog (its raise_exception, or e.g. list content
             # where it concatenates strings) is a problem with the input, not a herd bug.
             raise HerdError(f"chat template cannot render this dialog: {type(e).__name__}: {e}") from None
+
+    def _for_template(self, m: Message, i: int) -> Message:
+        """What OpenAI clients send, in the shape most templates render: a list of text parts as
+        one string (joined as Llama3ChatFormat encodes them, piece after piece); an assistant turn
+        of tool calls alone with "" for its null content. A template that knows nothing of tool
+        calls would drop them without a word: refused."""
+        content = m.get("content")
+        if isinstance(content, list) and all(isinstance(p, str) or p.get("type") == "text" for p in content):
+            m = {**m, "content": "".join(_text_parts(content, f"message {i}"))}
+        if m.get("tool_calls"):
+            if "tool_calls" not in self.template_source:
+                raise HerdError(f"message {i}: this model's chat template has no tool calls")
+            if m.get("content") is None:
+                m = {**m, "content": ""}
+        return m
 
     def encode_dialog(self, messages: Sequence[Message], *, add_generation_prompt: bool = True,
                       tools: Sequence[Any] | None = None) -> list[int]:

@@ -131,3 +131,13 @@ def test_bad_gguf_tokenizers(smollm2_meta):
         HFTokenizer.from_gguf_metadata({**smollm2_meta, "tokenizer.ggml.model": "llama"})
     with pytest.raises(HerdError, match="token types"):
         HFTokenizer.from_gguf_metadata({**smollm2_meta, "tokenizer.ggml.token_type": [1, 3]})
+
+
+def test_text_parts_render_as_their_text_and_tool_calls_need_a_template_for_them(smollm2):
+    """OpenAI clients send content as a list of text parts; SmolLM2's template concatenates strings."""
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Hi"}, " there"]}]
+    assert smollm2.chat.encode_dialog(parts) == smollm2.chat.encode_dialog([{"role": "user", "content": "Hi there"}])
+    call = {"role": "assistant", "content": None,
+            "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": "{}"}}]}
+    with pytest.raises(HerdError, match="chat template has no tool calls"):
+        smollm2.chat.encode_dialog([{"role": "user", "content": "x"}, call])

@@ -62,8 +62,9 @@ def test_bad_encode_decode_input(llama3, smollm2):
 
 
 def test_template_errors_are_herd_errors(smollm2):
+    adding = TemplateChatFormat(smollm2, "{{ messages[0].content + 1 }}")  # str + int: a TypeError inside
     with pytest.raises(HerdError, match="cannot render"):
-        smollm2.chat.encode_dialog([{"role": "user", "content": [{"type": "text", "text": "x"}]}])
+        adding.encode_dialog([{"role": "user", "content": "x"}])
     with pytest.raises(HerdError, match="does not compile"):
         TemplateChatFormat(smollm2, "{% for %}")
     raising = TemplateChatFormat(smollm2, "{{ raise_exception('no system role allowed') }}")
