@@ -60,13 +60,59 @@ def _add_sampling(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
 def _sampling_kwargs(a) -> dict:
     """The sampling options as herd.api's keywords, checked here so a bad value is the one error
     line before the model loads (herd.api checks them the same way for library callers)."""
-    from herd.inference.generate import check_max_new_tokens
+    from herd.inference.generate import check_max_new_tokens, check_seed
     from herd.inference.sampling import SamplingParams
 
     check_max_new_tokens(a.max_new_tokens)
+    check_seed(a.seed)
     SamplingParams(temperature=a.temperature, top_p=a.top_p, top_k=a.top_k)
     return dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
                 seed=a.seed, compile=a.compile)
+
+
+def check_device(device: str, option: str = "--device") -> None:
+    """A device torch knows and this machine has, checked before a model loads: otherwise torch
+    fails deep inside loading with a RuntimeError or AssertionError traceback. The rules are
+    training's (herd/train/config.py), reworded for the command-line option."""
+    import torch
+
+    from herd.train.config import check_device_present
+
+    try:
+        check_device_present(device)
+    except HerdError as e:
+        raise HerdError(str(e).replace("train.device", option, 1)) from None
+    index = torch.device(device).index
+    if torch.device(device).type == "cuda" and index is not None and index >= torch.cuda.device_count():
+        raise HerdError(f"{option} {device!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s) "
+                        f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+
+
+def read_stdin() -> str:
+    """All of stdin as UTF-8 text. Read as bytes and decoded strictly: Python's own stdin decoding
+    passes undecodable bytes through as lone surrogates (surrogateescape), which then fail deep in
+    the tokenizer with a TypeError."""
+    buffer = getattr(sys.stdin, "buffer", None)
+    if buffer is None:  # already text (a StringIO in tests, an embedding application's stream)
+        return sys.stdin.read()
+    raw = buffer.read()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise HerdError(f"stdin: not valid UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start}: {e.reason})") \
+            from None
+
+
+def _utf8_line(line: str, where: str) -> str:
+    """A line from input(): undecodable bytes arrive as lone surrogates (surrogateescape)."""
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise HerdError(f"{where}: not valid UTF-8 (undecodable byte at character {e.start})") from None
+    return line
+
+
+CHAT_COMMANDS = "/reset, /system TEXT, /image PATH, /exit"
 
 
 def _load(a):
@@ -88,9 +134,14 @@ def cmd_generate(a) -> None:
     from herd.api import stream
 
     sampling = _sampling_kwargs(a)
+    if a.raw and a.system is not None:  # --raw sends the text as is: the system prompt would be dropped
+        raise HerdError("--system needs the chat format; it cannot be combined with --raw")
+    check_device(a.device)
     images = _read_images(a.image)  # a bad file fails before the model loads
+    prompt = read_stdin() if a.prompt == "-" else a.prompt  # bad bytes, too
     model, tokenizer = _load(a)
-    prompt = sys.stdin.read() if a.prompt == "-" else a.prompt
+    if a.system is not None and tokenizer.chat is None:
+        raise HerdError(f"--system needs a chat format, and {a.model}'s tokenizer has none")
     if a.raw or tokenizer.chat is None:
         request = prompt
     else:
@@ -115,6 +166,7 @@ def cmd_chat(a) -> None:
     from herd.models.image_processing import load_image, require_vision
 
     sampling = _sampling_kwargs(a)
+    check_device(a.device)
     pending = _read_images(a.image)  # for the next user message (the first, from --image)
     model, tokenizer = _load(a)
     if tokenizer.chat is None:
@@ -127,22 +179,33 @@ def cmd_chat(a) -> None:
     if interactive:
         print(f"herd chat · {a.model} · /reset clears the dialog, /system TEXT sets the system prompt, "
               "/image PATH attaches a picture to your next message, /exit quits", file=sys.stderr)
+    number = 0
     while True:
         try:
             line = input("> " if interactive else "")
         except EOFError:
             break
-        text = line.strip()
+        number += 1
+        try:
+            text = _utf8_line(line, f"stdin line {number}").strip()
+        except HerdError as e:
+            if not interactive:  # a piped script with bad bytes: stop, as any other bad input
+                raise
+            print(f"herd: {e}", file=sys.stderr)
+            continue
         if not text:
             continue
-        if text in ("/exit", "/quit"):
+        command = text.split(maxsplit=1)[0]
+        if text.startswith("//"):  # the escape for a message that itself begins with "/"
+            text, command = text[1:], ""
+        if command in ("/exit", "/quit"):
             break
-        if text == "/reset":
+        if command == "/reset":
             history.clear()
             pending.clear()
             print("(dialog cleared)", file=sys.stderr)
             continue
-        if text == "/image" or text.startswith("/image "):
+        if command == "/image":
             try:
                 require_vision(model)
                 pending.append(load_image(text[len("/image"):].strip() or "(no path given)"))
@@ -151,10 +214,14 @@ def cmd_chat(a) -> None:
                 continue
             print(f"(image {len(pending)} attached to your next message)", file=sys.stderr)
             continue
-        if text.startswith("/system"):
+        if command == "/system":
             system = text[len("/system"):].strip() or None
             history.clear()
             print(f"(system prompt {'set' if system else 'cleared'}; dialog cleared)", file=sys.stderr)
+            continue
+        if command.startswith("/"):  # a typo'd command would otherwise go to the model as a message
+            print(f"herd: unknown command {command}; commands: {CHAT_COMMANDS} (start a message with // "
+                  "to send one beginning with /)", file=sys.stderr)
             continue
         # Images go before the text of their turn, in order (Meta's layout for a picture that
         # precedes the question); they stay in the history, so later turns still see them.
@@ -193,6 +260,9 @@ def cmd_convert(a) -> None:
 def cmd_info(a) -> None:
     from herd.models.args import PRESETS
     from herd.models.llama4 import LLAMA4_PRESETS
+
+    if a.seq_len is not None and a.seq_len <= 0:
+        raise HerdError(f"--seq-len must be a positive number of tokens (got {a.seq_len})")
 
     if a.name in PRESETS:
         args, label = PRESETS[a.name], a.name
@@ -280,7 +350,7 @@ def cmd_tokenize(a) -> None:
             raise HerdError("give either TEXT or --chat FILE, not both")
         if tokenizer.chat is None:
             raise HerdError(f"tokenizer {a.tokenizer!r} has no chat format")
-        raw = sys.stdin.read() if a.chat == "-" else _read_text(a.chat)
+        raw = read_stdin() if a.chat == "-" else _read_text(a.chat)
         try:
             dialog = json.loads(raw)
         except json.JSONDecodeError as e:
@@ -289,7 +359,7 @@ def cmd_tokenize(a) -> None:
     else:
         if a.text is None:
             raise HerdError("nothing to tokenize: give TEXT, '-' for stdin, or --chat FILE")
-        text = sys.stdin.read() if a.text == "-" else a.text
+        text = read_stdin() if a.text == "-" else a.text
         ids = tokenizer.encode(text, bos=a.bos, eos=a.eos, allow_special=a.allow_special)
     print(json.dumps(ids))
 

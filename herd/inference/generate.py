@@ -50,6 +50,21 @@ def check_max_new_tokens(n) -> int:
     return int(n)
 
 
+# A seed is a signed 64-bit integer, as OpenAI's `seed` and the server (herd/inference/server.py)
+# take it: torch.Generator.manual_seed overflows past 2**64 with a bare ValueError, and the same
+# bound everywhere means a seed that works on the command line also works over HTTP.
+SEED_MIN, SEED_MAX = -(1 << 63), (1 << 63) - 1
+
+
+def check_seed(seed) -> int | None:
+    """None (unseeded) or an integer within [SEED_MIN, SEED_MAX]; anything else is a HerdError."""
+    if seed is None:
+        return None
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not SEED_MIN <= seed <= SEED_MAX:
+        raise HerdError(f"seed must be a whole number from {SEED_MIN} to {SEED_MAX}, got {seed!r}")
+    return int(seed)
+
+
 _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -84,6 +99,7 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int
     """
     args = model.args
     max_new_tokens = check_max_new_tokens(max_new_tokens)
+    check_seed(sampling.seed)
     _check_prompts(prompts, args.vocab_size, args.max_seq_len)
     device = model.tok_embeddings.weight.device
     B, L = len(prompts), max(len(p) for p in prompts)

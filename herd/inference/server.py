@@ -43,6 +43,7 @@ from urllib.parse import unquote, urlparse
 
 from herd.errors import HerdError
 from herd.inference.engine import Engine, EngineBusy, Event
+from herd.inference.generate import SEED_MAX, SEED_MIN
 from herd.inference.sampling import SamplingParams
 
 MAX_BODY_BYTES = 4 << 20
@@ -50,6 +51,7 @@ MAX_STOP = 4  # OpenAI's and TGI's limit
 MAX_STOP_CHARS = 512
 MAX_PROMPTS = 32
 MAX_IMAGE_BODY_BYTES = 32 << 20  # the body limit for a multimodal model: base64 photos are large
+DISCONNECT_CHECK_S = 0.25  # how often a running request looks whether its client is still there
 
 
 class RequestError(Exception):
@@ -133,7 +135,7 @@ def parse_params(body: dict, kind: str, limits: Limits) -> Params:
     temperature = _float(body, "temperature", 1.0, lambda x: 0 <= x <= 2, "between 0 and 2")
     top_p = _float(body, "top_p", 1.0, lambda x: 0 < x <= 1, "in (0, 1]")
     top_k = _int(body, "top_k", 0, 1 << 31, 0)
-    seed = _int(body, "seed", -(1 << 63), (1 << 63) - 1)
+    seed = _int(body, "seed", SEED_MIN, SEED_MAX)
     n = _int(body, "n", 1, limits.max_n, 1)
     name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = _int(body, name, 1, 1 << 31, 16 if kind == "completions" else None)
@@ -510,13 +512,22 @@ def create_app(engine: Engine, model_name: str, limits: Limits | None = None):
         index = {rid: k for k, rid in enumerate(ids)}
         n = total // len(ids)
         left = total
+        checked = time.monotonic()
         try:
             while left:
                 try:
-                    ev = await asyncio.wait_for(listener.queue.get(), timeout=1.0)
+                    ev = await asyncio.wait_for(listener.queue.get(), timeout=DISCONNECT_CHECK_S)
                 except asyncio.TimeoutError:
+                    ev = None
+                # Checked while tokens flow too, not only when they stall: a non-streaming response
+                # sends nothing until the end, so no failed write would tell us the client left,
+                # and its request would decode to max_tokens holding its KV blocks. At most every
+                # DISCONNECT_CHECK_S: the check is a (cancelled) ASGI receive, cheap but not free.
+                if ev is None or time.monotonic() - checked >= DISCONNECT_CHECK_S:
+                    checked = time.monotonic()
                     if await request.is_disconnected():
                         return
+                if ev is None:
                     continue
                 if ev.finish_reason is not None:
                     left -= 1
@@ -688,17 +699,55 @@ class ServerThread:
         self.thread.join(timeout=60)
 
 
-def build_engine(model: str, *, quantize: str | None = None, max_batch: int = 32, kv_cache_mb: int | None = None,
-                 prefix_sharing: bool = True, device: str = "cpu") -> Engine:
-    """Load a model (built-in name or path), quantize it if asked, and wrap it in an Engine."""
-    import warnings
+KV_BLOCK_SIZE = 16  # positions per KV block (the engine's default)
 
+
+def _kv_dtype(device: str):
     import torch
+
+    return torch.float32 if device == "cpu" else torch.bfloat16  # the weights' dtype, and so the cache's
+
+
+def kv_cache_blocks(args, kv_cache_bytes: int, max_batch: int, element_size: int, *, given: bool = True) -> int:
+    """The KV blocks `herd serve` gives the engine. A cache the user sized (`given`) must hold one
+    request using the whole context: Engine.submit reserves ceil(prompt / block) +
+    ceil(max_tokens / block) + 1 blocks, at most context / block + 2, and refuses a request that
+    needs more — a chat request without max_tokens asks for the rest of the context — so a server
+    started with less would answer 400 to ordinary requests. Refused here, naming the minimum.
+    The default size is not refused (a 128k-context model would need many GB for it, and short
+    requests still work): it gets a note on stderr instead."""
+    import sys
+
+    bs = KV_BLOCK_SIZE
+    per_block = args.kv_cache_bytes_per_token(element_size) * bs
+    full = -(-args.max_seq_len // bs)
+    need = full + 2
+    if kv_cache_bytes < need * per_block:
+        need_mb = -(-need * per_block // (1 << 20))
+        have = f"{kv_cache_bytes // per_block * bs} positions"
+        if given:
+            raise HerdError(f"--kv-cache-mb {kv_cache_bytes >> 20} is too small: it holds {have}, and one "
+                            f"request over this model's {args.max_seq_len}-token context needs {need * bs} "
+                            f"(--kv-cache-mb {need_mb} at least)")
+        print(f"herd serve: note: the default {kv_cache_bytes >> 20} MB KV cache holds {have}, less than one "
+              f"request over the model's {args.max_seq_len}-token context; longer requests get a 400 "
+              f"(--kv-cache-mb {need_mb} would hold one)", file=sys.stderr)
+    # As the engine's own default: no more than the whole batch at full context could use — but
+    # never below one full-context request (the engine's cap alone is 2 blocks short at --max-batch 1).
+    return max(1, min(kv_cache_bytes // per_block, max(max_batch * full, need)))
+
+
+def build_engine(model: str, *, quantize: str | None = None, max_batch: int = 32, kv_cache_mb: int | None = None,
+                 prefix_sharing: bool = True, device: str = "cpu", min_kv_cache: bool = False) -> Engine:
+    """Load a model (built-in name or path), quantize it if asked, and wrap it in an Engine.
+    min_kv_cache: size the cache with `kv_cache_blocks` (refusing one too small for a full-context
+    request), as `herd serve` does; otherwise the engine sizes it from the bytes alone."""
+    import warnings
 
     from herd.api import load
     from herd.inference.engine import DEFAULT_KV_CACHE_BYTES
 
-    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    dtype = _kv_dtype(device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         net, tokenizer = load(model, device=device, dtype=dtype, for_inference=quantize is None)
@@ -707,7 +756,12 @@ def build_engine(model: str, *, quantize: str | None = None, max_batch: int = 32
 
         apply(net, quantize)
     kv_bytes = DEFAULT_KV_CACHE_BYTES if kv_cache_mb is None else kv_cache_mb << 20
-    return Engine(net, tokenizer, max_batch=max_batch, kv_cache_bytes=kv_bytes, prefix_sharing=prefix_sharing)
+    num_blocks = None
+    if min_kv_cache:
+        num_blocks = kv_cache_blocks(net.args, kv_bytes, max_batch, net.tok_embeddings.weight.element_size(),
+                                     given=kv_cache_mb is not None)
+    return Engine(net, tokenizer, max_batch=max_batch, kv_cache_bytes=kv_bytes, prefix_sharing=prefix_sharing,
+                  num_blocks=num_blocks, block_size=KV_BLOCK_SIZE)
 
 
 def add_serve_parser(sub) -> None:
@@ -738,10 +792,35 @@ def add_serve_parser(sub) -> None:
     p.set_defaults(func=cmd_serve)
 
 
-def cmd_serve(a) -> None:
-    import sys
+def _listen(host: str, port: int):
+    """Bind the server's socket now, before the model loads, and hand it to uvicorn: a port in use
+    is one line at once (not uvicorn's log lines and exit 3 after the load), and nothing can take
+    the port while the model loads. Set up as uvicorn binds its own (Config.bind_socket)."""
+    import errno
+    import socket
 
-    import uvicorn
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise HerdError(f"--port {port}: the port is already in use on {host} (choose another with --port, "
+                            "or 0 for any free port)") from None
+        if e.errno == errno.EACCES:
+            raise HerdError(f"--port {port}: permission denied (ports below 1024 need privileges)") from None
+        reason = e.strerror or str(e)
+        raise HerdError(f"--host {host}: cannot listen there ({reason})") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def cmd_serve(a) -> None:
+    from herd.api import resolve_model_path
+    from herd.checkpoint import read_args
+    from herd.cli import check_device
 
     if not 0 <= a.port <= 65535:
         raise HerdError(f"--port must be in 0..65535, got {a.port}")
@@ -755,18 +834,42 @@ def cmd_serve(a) -> None:
         torch.set_num_threads(a.threads)
     if a.max_images < 0:
         raise HerdError(f"--max-images must be at least 0, got {a.max_images}")
+    if a.kv_cache_mb is not None and a.kv_cache_mb < 1:
+        raise HerdError(f"--kv-cache-mb must be at least 1, got {a.kv_cache_mb}")
     media = None
     if a.allowed_local_media is not None:
         media = Path(a.allowed_local_media).expanduser()
         if not media.is_dir():
             raise HerdError(f"--allowed-local-media: {a.allowed_local_media} is not a directory")
-    engine = build_engine(a.model, quantize=a.quantize, max_batch=a.max_batch, kv_cache_mb=a.kv_cache_mb,
-                          prefix_sharing=not a.no_prefix_sharing, device=a.device)
+    check_device(a.device)
+    # The cache size against the model's shape, read from the checkpoint's header before the
+    # weights load (the load itself checks it again on the loaded model).
+    from herd.inference.engine import DEFAULT_KV_CACHE_BYTES
+
+    kv_bytes = DEFAULT_KV_CACHE_BYTES if a.kv_cache_mb is None else a.kv_cache_mb << 20
+    path = resolve_model_path(a.model)
+    if a.kv_cache_mb is not None:  # the default's note comes once, from build_engine
+        kv_cache_blocks(read_args(path), kv_bytes, a.max_batch, _kv_dtype(a.device).itemsize)
+    sock = _listen(a.host, a.port)
+    try:
+        _serve(a, path, sock, media)
+    finally:
+        sock.close()
+
+
+def _serve(a, path: Path, sock, media) -> None:
+    import sys
+
+    import uvicorn
+
+    engine = build_engine(str(path), quantize=a.quantize, max_batch=a.max_batch, kv_cache_mb=a.kv_cache_mb,
+                          prefix_sharing=not a.no_prefix_sharing, device=a.device, min_kv_cache=True)
     if engine.tokenizer is None:
         raise HerdError(f"{a.model}: no tokenizer found next to the checkpoint; serving text needs one")
     name = a.served_model_name or str(a.model)
     app = create_app(engine, name, Limits(max_images=a.max_images, allowed_local_media=media))
-    print(f"herd serve: {name} on http://{a.host}:{a.port}/v1 ({engine.blocks.num_blocks} KV blocks of "
+    port = sock.getsockname()[1]  # the one chosen, for --port 0
+    print(f"herd serve: {name} on http://{a.host}:{port}/v1 ({engine.blocks.num_blocks} KV blocks of "
           f"{engine.block_size}, batch {engine.max_batch}{', ' + a.quantize if a.quantize else ''}"
           f"{', images' if getattr(engine.args, 'vision', None) is not None else ''})", file=sys.stderr)
-    uvicorn.Server(uvicorn_config(app, a.host, a.port, log_level="info")).run()
+    uvicorn.Server(uvicorn_config(app, a.host, port, log_level="info")).run(sockets=[sock])

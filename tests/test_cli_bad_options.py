@@ -1,0 +1,183 @@
+"""Bad command-line input is one line and exit status 2, before the model loads where it can be:
+seeds out of range, unknown or absent devices, non-UTF-8 stdin, --system with --raw, `herd serve`'s
+KV cache, port and media directory, and `herd chat`'s unknown commands."""
+
+from __future__ import annotations
+
+import io
+import socket
+import sys
+
+import pytest
+import torch
+
+from herd.cli import main
+from herd.errors import HerdError
+
+NO_MODEL = "/no/such/model.gguf"  # an error naming anything else proves the check ran before the load
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_line_error(code, out, err):
+    assert code == 2, (out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("herd: error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+def bytes_stdin(monkeypatch, data: bytes):
+    # What a real process gets: a text stream over bytes, undecodable ones passed through as
+    # surrogates (Python's default for stdin under a C/POSIX locale).
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data), encoding="utf-8",
+                                                       errors="surrogateescape"))
+
+
+# ---- seeds -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("verb", ["generate", "chat"])
+@pytest.mark.parametrize("seed", [str(1 << 63), str(-(1 << 63) - 1), "99999999999999999999999"])
+def test_seed_outside_64_bits_is_refused_before_the_load(capsys, verb, seed):
+    extra = ["--prompt", "hi"] if verb == "generate" else []
+    line = one_line_error(*run(capsys, verb, "--model", NO_MODEL, *extra, "--seed", seed, "--temperature", "1"))
+    assert "seed must be a whole number from -9223372036854775808 to 9223372036854775807" in line and seed in line
+
+
+def test_library_takes_the_server_s_seed_range():
+    from herd.inference.generate import SEED_MAX, SEED_MIN, generate_batch
+    from herd.inference.sampling import SamplingParams
+    from herd.inference.server import Limits, RequestError, parse_params
+    from herd.models.args import PRESETS
+    from herd.models.llama3 import Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(PRESETS["debug"]).eval()
+    for seed in (SEED_MIN, -1, SEED_MAX):  # the ends are usable, and reproducible
+        a = generate_batch(model, [[1, 2, 3]], max_new_tokens=4, sampling=SamplingParams(temperature=1.0, seed=seed))
+        b = generate_batch(model, [[1, 2, 3]], max_new_tokens=4, sampling=SamplingParams(temperature=1.0, seed=seed))
+        assert a[0].ids == b[0].ids and len(a[0].ids) == 4
+        assert parse_params({"seed": seed}, "completions", Limits()).sampling.seed == seed
+    for seed in (SEED_MAX + 1, SEED_MIN - 1, 10 ** 23):
+        with pytest.raises(HerdError, match="seed must be"):  # was: ValueError from torch
+            generate_batch(model, [[1, 2, 3]], max_new_tokens=2, sampling=SamplingParams(temperature=1.0, seed=seed))
+        with pytest.raises(RequestError, match="seed must be between"):
+            parse_params({"seed": seed}, "completions", Limits())
+
+
+# ---- devices -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv", [["generate", "--prompt", "hi"], ["chat"], ["serve", "--port", "0"]])
+def test_unknown_device_is_one_line_before_the_load(capsys, argv):
+    line = one_line_error(*run(capsys, *argv, "--model", NO_MODEL, "--device", "foo"))
+    assert line == "herd: error: --device 'foo': choose cpu, cuda, cuda:N or mps"
+
+
+def test_absent_gpu_is_one_line_before_the_load(capsys):
+    device = "cuda" if not torch.cuda.is_available() else f"cuda:{torch.cuda.device_count()}"
+    for argv in (["generate", "--prompt", "hi"], ["serve", "--port", "0"]):
+        line = one_line_error(*run(capsys, *argv, "--model", NO_MODEL, "--device", device))
+        assert line.startswith(f"herd: error: --device {device!r}: ") and ("no CUDA GPU" in line or "has" in line)
+
+
+# ---- stdin ---------------------------------------------------------------------------------------------
+
+def test_non_utf8_stdin_is_one_line_naming_the_offset(capsys, monkeypatch):
+    bytes_stdin(monkeypatch, b"ok \xff\xfe hi")
+    line = one_line_error(*run(capsys, "generate", "--model", NO_MODEL, "--prompt", "-"))
+    assert line == "herd: error: stdin: not valid UTF-8 (byte 0xff at offset 3: invalid start byte)"
+    for argv in (["tokenize", "--tokenizer", "llama3", "-"], ["tokenize", "--tokenizer", "llama3", "--chat", "-"]):
+        bytes_stdin(monkeypatch, b"\xff\xfe hi")
+        line = one_line_error(*run(capsys, *argv))
+        assert "stdin: not valid UTF-8" in line and "offset 0" in line
+
+
+def test_utf8_stdin_is_read_as_bytes_and_decoded(capsys, monkeypatch):
+    text = "héllo → wörld"
+    code, want, _ = run(capsys, "tokenize", "--tokenizer", "llama3", text)
+    assert code == 0
+    bytes_stdin(monkeypatch, text.encode())
+    code, out, _ = run(capsys, "tokenize", "--tokenizer", "llama3", "-")
+    assert code == 0 and out == want
+
+
+# ---- generate --system --raw -----------------------------------------------------------------------------
+
+def test_system_with_raw_is_refused(capsys):
+    line = one_line_error(*run(capsys, "generate", "--model", NO_MODEL, "--prompt", "hi", "--system", "X", "--raw"))
+    assert "--system" in line and "--raw" in line
+
+
+# ---- serve -------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mb", ["0", "-5"])
+def test_serve_refuses_an_empty_kv_cache(capsys, mb):
+    line = one_line_error(*run(capsys, "serve", "--model", NO_MODEL, "--kv-cache-mb", mb))
+    assert line == f"herd: error: --kv-cache-mb must be at least 1, got {mb}"
+
+
+def test_serve_refuses_a_kv_cache_below_one_full_context_request(capsys, smollm2_gguf):
+    from herd.checkpoint import read_args
+    from herd.inference.server import KV_BLOCK_SIZE, kv_cache_blocks
+
+    args = read_args(smollm2_gguf)
+    need = args.max_seq_len // KV_BLOCK_SIZE + 2  # Engine.submit's reservation at worst
+    per_block = args.kv_cache_bytes_per_token(4) * KV_BLOCK_SIZE
+    least = -(-need * per_block // (1 << 20))
+    line = one_line_error(*run(capsys, "serve", "--model", str(smollm2_gguf), "--port", "0",
+                               "--kv-cache-mb", str(least - 1)))
+    assert line.endswith(f"(--kv-cache-mb {least} at least)") and f"{args.max_seq_len}-token context" in line
+    # The minimum is enough: a full-context request fits, even at --max-batch 1 (where the engine's
+    # own cap, max_batch × context, is 2 blocks short of it).
+    assert kv_cache_blocks(args, least << 20, 1, 4) >= need
+    assert kv_cache_blocks(args, 1 << 40, 1, 4) == need
+    assert kv_cache_blocks(args, 1 << 40, 4, 4) == 4 * (need - 2)
+
+
+def test_serve_refuses_a_port_in_use_in_one_line(capsys, smollm2_gguf):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        line = one_line_error(*run(capsys, "serve", "--model", str(smollm2_gguf), "--port", str(port)))
+    assert line.startswith(f"herd: error: --port {port}: the port is already in use on 127.0.0.1")
+
+
+def test_serve_refuses_a_media_path_that_is_not_a_directory(capsys, tmp_path):
+    line = one_line_error(*run(capsys, "serve", "--model", NO_MODEL, "--allowed-local-media", str(tmp_path / "x")))
+    assert line.endswith("is not a directory")
+    (tmp_path / "f").write_text("")
+    line = one_line_error(*run(capsys, "serve", "--model", NO_MODEL, "--allowed-local-media", str(tmp_path / "f")))
+    assert line.endswith("is not a directory")
+
+
+# ---- chat ----------------------------------------------------------------------------------------------------
+
+def test_chat_unknown_command_is_not_sent_and_double_slash_is(capsys, monkeypatch, smollm2_gguf):
+    import herd
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("/bogus\n/systemic thing\n//hi\n/exit\nnever sent\n"))
+    code, out, err = run(capsys, "chat", "--max-new-tokens", "6")
+    assert code == 0
+    assert "unknown command /bogus; commands: /reset, /system TEXT, /image PATH, /exit" in err
+    assert "unknown command /systemic;" in err and "system prompt" not in err
+    model, tok = herd.load(smollm2_gguf)
+    want = herd.generate(model, tok, [{"role": "user", "content": "/hi"}], max_new_tokens=6)
+    assert out == want + "\n"  # one reply, to "/hi"; nothing after /exit
+
+
+def test_chat_non_utf8_piped_line_is_one_line_error(capsys, monkeypatch, smollm2_gguf):
+    bytes_stdin(monkeypatch, b"\xff hi\n")
+    line = one_line_error(*run(capsys, "chat", "--max-new-tokens", "2"))
+    assert line == "herd: error: stdin line 1: not valid UTF-8 (undecodable byte at character 0)"
+
+
+@pytest.mark.parametrize("seq_len", ["0", "-5"])
+def test_info_seq_len_must_be_positive(seq_len, capsys):
+    from herd.cli import main
+
+    assert main(["info", "llama3-8b", "--seq-len", seq_len]) == 2
+    assert "--seq-len must be a positive number" in capsys.readouterr().err
