@@ -482,7 +482,17 @@ def create_app(engine: Engine, model_name: str, limits: Limits | None = None):
                                f"{longest}", param="messages" if p.max_tokens is None else "prompt",
                                code="context_length_exceeded")
         if p.max_tokens is None:
-            return context - longest
+            # The rest of the context, as OpenAI does — but no more than the KV cache can hold for
+            # this request (Engine.submit reserves ceil(prompt/bs) + n·(ceil(max_tokens/bs) + 1)
+            # blocks): with the default cache, a 128K-context model would otherwise answer every
+            # chat request without max_tokens with a 400.
+            bs, blocks = engine.block_size, engine.blocks.num_blocks
+            fits = bs * ((blocks - -(-longest // bs)) // p.n - 1)
+            if fits < 1:
+                raise RequestError(f"the prompt of {longest} tokens leaves no room in the server's KV cache "
+                                   f"({blocks * bs} positions) for {p.n} completion(s)", param="messages",
+                                   code="context_length_exceeded")
+            return min(context - longest, fits)
         if longest + p.max_tokens > context:
             raise RequestError(f"this model's maximum context length is {context} tokens, but {longest} prompt "
                                f"tokens + max_tokens {p.max_tokens} exceed it", param="max_tokens",

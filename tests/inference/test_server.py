@@ -326,3 +326,16 @@ def test_herd_serve_refuses_bad_options_in_one_line(capsys):
     assert main(["serve", "--max-batch", "0"]) == 2
     assert main(["serve", "--model", "/no/such/model.gguf", "--port", "0"]) == 2
     assert "no model" in capsys.readouterr().err
+
+
+def test_chat_without_max_tokens_fits_the_kv_cache(smol):
+    """OpenAI clients often send no max_tokens: the default is the rest of the context, capped at
+    what this server's KV cache (64 MiB: ~1,400 positions of SmolLM2's 8,192) holds for the request,
+    rather than a 400 for every such request."""
+    server, model, tok, engine = smol
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    assert engine.blocks.num_blocks * engine.block_size < model.args.max_seq_len
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    reply = client.chat.completions.create(model="smollm2", messages=messages, temperature=0)
+    assert reply.choices[0].message.content == herd.generate(model, tok, messages, max_new_tokens=64)
+    _pool_is_full(engine)
