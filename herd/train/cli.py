@@ -132,19 +132,35 @@ def cmd_pretrain(a) -> None:
 
 
 RECIPE_COPY = "recipe.toml"  # a staged run keeps its recipe, so `--resume DIR` needs nothing else
+RECIPE_OVERRIDES = "recipe.overrides.json"  # ... and the command line's overrides of it
 
 
 def _run_recipe(a, config: str, overrides: list[str]) -> None:
+    import json
     import shutil
     from pathlib import Path
 
     from herd.train.recipe import load_recipe, run_recipe
 
+    if a.resume:
+        if a.out and Path(a.out).resolve() != Path(a.resume).resolve():
+            raise HerdError(f"--resume {a.resume} continues in that directory; drop --out {a.out}")
+        saved = Path(a.resume) / RECIPE_OVERRIDES
+        if saved.exists():  # the first run's --section.key=value options; the ones given now win
+            overrides = json.loads(saved.read_text()) + overrides
     stages = load_recipe(config, overrides, out_dir=a.resume or a.out)
     root = Path(stages[0].cfg.train.out_dir).parent
+    copy, saved = root / RECIPE_COPY, root / RECIPE_OVERRIDES
+    if not a.resume and copy.exists():
+        before = json.loads(saved.read_text()) if saved.exists() else []
+        if copy.read_bytes() != Path(config).read_bytes() or before != overrides:
+            # its stages would count as "finished earlier" and the record of what made them be replaced
+            raise HerdError(f"{root} holds a run of another recipe or other options; pass --resume {root} to "
+                            "continue it, or choose another --out")
     root.mkdir(parents=True, exist_ok=True)
-    if Path(config).resolve() != (root / RECIPE_COPY).resolve():
-        shutil.copyfile(config, root / RECIPE_COPY)
+    if Path(config).resolve() != copy.resolve():
+        shutil.copyfile(config, copy)
+    saved.write_text(json.dumps(overrides) + "\n")
     final = run_recipe(stages, log=lambda m: print(m, file=sys.stderr, flush=True), progress=not a.no_progress)
     print(f"done: {len(stages)} stages, final model {final}")
 

@@ -100,6 +100,10 @@ def plan(args: ModelArgs, cfg: ParallelConfig, world: int | None, seq_len: int, 
          mfu: float = 0.40, name: str = "model") -> Plan:
     """The per-GPU arithmetic for `args` under `cfg` (world = product of the degrees when None)."""
     cfg.validate()
+    if world is not None and world <= 0:
+        raise HerdError(f"--world must be a positive number of GPUs (got {world})")
+    if seq_len > args.max_seq_len:  # as `herd pretrain` refuses train.seq_len past it
+        raise HerdError(f"--seq {seq_len:,} exceeds the model's max_seq_len of {args.max_seq_len:,}")
     if world is None:
         if cfg.dp_shard == -1:
             raise HerdError("give --parallel.dp_shard (or --world) so the number of GPUs is known")
@@ -181,7 +185,8 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=PLAN_EXAMPLES)
     p.__class__ = _PretrainParser  # collects the dotted --parallel.* overrides
     p.add_argument("--model", required=True, help="a dense preset (llama3-8b, llama3-70b, llama3-405b, ...)")
-    p.add_argument("--seq", type=int, default=8192, help="sequence length (default: 8192)")
+    p.add_argument("--seq", type=int, default=None,
+                   help="sequence length (default: 8192, or the model's max_seq_len when shorter)")
     p.add_argument("--batch", type=int, default=1,
                    help="sequences per data-parallel rank per optimizer step (default: 1; the paper's 405B "
                         "run: 32 at seq 8192)")
@@ -215,5 +220,6 @@ def cmd_plan(a) -> None:
         raise HerdError(f"{a.model}: herd plan covers the dense presets")
     if not 0 < a.mfu <= 1:
         raise HerdError(f"--mfu {a.mfu}: a fraction in (0, 1]")
-    result = plan(args, cfg, a.world, a.seq, a.batch, a.mfu, name=a.model)
+    seq = a.seq if a.seq is not None else min(8192, args.max_seq_len)
+    result = plan(args, cfg, a.world, seq, a.batch, a.mfu, name=a.model)
     print(json.dumps(asdict(result), indent=1) if a.json else result.format())

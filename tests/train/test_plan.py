@@ -94,3 +94,15 @@ def test_cluster_configs_follow_the_paper_schedule_and_fit_an_h100(name, world):
         assert b % dp == 0
         p = plan(get_preset(name), cfg.parallel, world, s, rows_per_dp=b // dp)
         assert p.total_bytes <= H100_MEMORY, (name, s, b, p.total_bytes / GiB)
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--model", "llama3-8b", "--world", "0"], "--world must be a positive number"),
+    (["--model", "llama3-8b", "--world", "-8"], "--world must be a positive number"),
+    (["--model", "llama3-8b", "--seq", "100000000000"], "exceeds the model's max_seq_len"),
+])
+def test_plan_refuses_impossible_sizes(argv, match, capsys):
+    from herd.cli import main
+
+    assert main(["plan", *argv]) == 2
+    assert match in capsys.readouterr().err

@@ -113,3 +113,21 @@ def test_bad_recipes_are_one_line(tmp_path, shards, stage, match):
     base = RECIPE.split("[[stages]]")[0]
     with pytest.raises(HerdError, match=match):
         load_recipe(_write(tmp_path, shards, base + stage))
+
+
+def test_resume_keeps_the_first_runs_options_and_another_recipe_is_refused(tmp_path, shards, capsys):
+    path = _write(tmp_path, shards)
+    root = tmp_path / "run"
+    assert herd_main(["pretrain", "--config", str(path), "--no-progress", "--optim.lr=0.01"]) == 0
+    # as if killed in stage 3: --resume alone must continue with lr 0.01, not the TOML's 3e-3
+    shutil.rmtree(root / "3-anneal")
+    assert herd_main(["pretrain", "--resume", str(root), "--no-progress"]) == 0
+    assert json.loads((root / "3-anneal" / "config.json").read_text())["optim"]["lr"] == 0.01
+    assert _rows(root / "3-anneal")[0]["lr"] == pytest.approx(0.01)
+    # the same directory with other options (or another recipe) and no --resume: refused, record kept
+    capsys.readouterr()
+    assert herd_main(["pretrain", "--config", str(path), "--no-progress", "--optim.lr=0.02"]) == 2
+    assert "holds a run of another recipe or other options" in capsys.readouterr().err
+    assert json.loads((root / "recipe.overrides.json").read_text()) == ["optim.lr=0.01"]
+    # the same recipe and options again: its finished stages are skipped
+    assert herd_main(["pretrain", "--config", str(path), "--no-progress", "--optim.lr=0.01"]) == 0
