@@ -147,7 +147,6 @@ class TaskItem:
 
 
 def load_task(path: str | os.PathLike) -> list[TaskItem]:
-    from herd.tokenizer.chat import validate_messages
     from herd.train.posttrain import as_messages, read_jsonl
 
     items = []
@@ -168,11 +167,7 @@ def load_task(path: str | os.PathLike) -> list[TaskItem]:
         match = obj.get("match", "auto")
         if match not in MATCHES:
             raise HerdError(f"{where}: unknown 'match' {match!r}; choose {', '.join(MATCHES)}")
-        messages = as_messages(prompt, where)
-        try:  # the chat format's own check names only "message i"; the line is what the user can find
-            validate_messages(messages)
-        except HerdError as e:
-            raise HerdError(f"{where}: {e}") from None
+        messages = as_messages(prompt, where)  # checks the messages, naming the line
         items.append(TaskItem(where, messages, answer, choices, match))
     return items
 

@@ -157,10 +157,16 @@ def load_train_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any
         _, sd, _ = read_meta(path / "model")
     except (OSError, RuntimeError, EOFError) as e:
         raise HerdError(f"{path}: corrupt checkpoint ({e})") from None
+    return sd, read_train_state(path)
+
+
+def read_train_state(path: Path) -> dict[str, Any]:
+    """`path/train_state.pt` (any checkpoint layout), or one line saying it is damaged."""
+    f = path / "train_state.pt"
     try:
-        state = torch.load(path / "train_state.pt", map_location="cpu", weights_only=False)
+        state = torch.load(f, map_location="cpu", weights_only=False)
     except Exception as e:  # noqa: BLE001 - unpickling garbage raises almost any type
-        raise HerdError(f"{path / 'train_state.pt'}: corrupt ({type(e).__name__}: {str(e)[:120]})") from None
+        raise HerdError(f"{f}: corrupt ({type(e).__name__}: {str(e)[:120]})") from None
     if not isinstance(state, dict) or "step" not in state:
-        raise HerdError(f"{path / 'train_state.pt'}: not a herd training state (no step)")
-    return sd, state
+        raise HerdError(f"{f}: not a herd training state (no step)")
+    return state

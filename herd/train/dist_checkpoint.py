@@ -110,7 +110,7 @@ def restore(trainer, path: Path) -> None:
             dcp.load(states, checkpoint_id=path / DCP_DIR, no_dist=not par.distributed)
             set_state_dict(trainer.model, trainer.optimizer, model_state_dict=states["model"],
                            optim_state_dict=states["optimizer"])
-            state = torch.load(path / "train_state.pt", map_location="cpu", weights_only=False)
+            state = ckpt.read_train_state(path)
         else:
             sd, state = ckpt.load_train_state(path)
             _load_single_process(trainer, sd, state["optimizer"])
@@ -168,13 +168,10 @@ def consolidate(path: str | Path) -> tuple[Any, dict[str, torch.Tensor]]:
         raise HerdError(f"{path}: not a distributed (DCP) training checkpoint (no {DCP_DIR}/.metadata){hint}")
     if not (path / "complete.json").exists():
         raise HerdError(f"{path}: incomplete checkpoint (no complete.json)")
-    try:
-        state = torch.load(path / "train_state.pt", map_location="cpu", weights_only=False)
-        args = load_config(data=state["config"]).model.args()
-    except HerdError:
-        raise
-    except Exception as e:  # noqa: BLE001 - a damaged pickle raises almost any type
-        raise HerdError(f"{path / 'train_state.pt'}: corrupt ({type(e).__name__}: {str(e)[:120]})") from None
+    state = ckpt.read_train_state(path)
+    if not isinstance(state.get("config"), dict):
+        raise HerdError(f"{path / 'train_state.pt'}: holds no run config")
+    args = load_config(data=state["config"]).model.args()
     return args, _load_full(path / DCP_DIR, args)
 
 

@@ -192,8 +192,7 @@ def write_best(results: Sequence[Sampled], out: str | os.PathLike, min_score: fl
     reply: chat JSONL for `herd sft`), `score`, and with keep_all every sample and score. Atomic."""
     from herd.checkpoint.common import atomic_path
 
-    if min_score is not None and not (_is_number(min_score) and math.isfinite(min_score)):
-        raise HerdError(f"the minimum score must be a finite number, got {min_score!r}")
+    check_sample_args(min_score=min_score)
     lines = []
     for r in results:
         if not all(math.isfinite(x) for x in r.scores):
