@@ -54,10 +54,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def save_checkpoint(run_dir: str | os.PathLike, step: int, args: ModelArgs,
                     model_state: dict[str, torch.Tensor], train_state: dict[str, Any], keep: int = 0,
-                    model_files: Sequence[Path] = ()) -> Path:
+                    model_files: Sequence[Path] = (), tokenizer: Any = None) -> Path:
     """Write checkpoint `ckpt-<step>` atomically. `model_files` (the run's tokenizer files) are copied
     into `model/` so the checkpoint is a complete model directory for `herd generate`, marked as a
-    base model (no chat format: pre-training does not teach one)."""
+    base model (no chat format: pre-training does not teach one). `tokenizer` (post-training: a loaded
+    herd tokenizer, chat format included) is written there instead, as `herd sft/dpo/reward` export it,
+    so `herd eval` or `herd generate --model run/ckpt-N/model` works on any checkpoint."""
     run_dir = Path(run_dir)
     dest = run_dir / checkpoint_name(step)
     tmp = run_dir / f".{dest.name}.tmp-{os.getpid()}"
@@ -70,6 +72,8 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, args: ModelArgs,
         write_meta(tmp / "model", args, sd)
         for f in model_files:
             shutil.copyfile(f, tmp / "model" / Path(f).name)
+        if tokenizer is not None:
+            tokenizer.save(tmp / "model", "meta")
         if model_files:
             (tmp / "model" / MODEL_INFO).write_text(json.dumps({"chat_format": False}) + "\n")
         torch.save(train_state, tmp / "train_state.pt")

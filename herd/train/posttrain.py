@@ -683,20 +683,25 @@ def load_trainable(spec: str | os.PathLike, device: str = "cpu"):
 
 
 def load_reward_model(spec: str | os.PathLike, device: str = "cpu") -> tuple[RewardModel, Any]:
-    from safetensors.torch import load_file
-
     path = Path(resolve_model_spec(spec))
     head = path / REWARD_HEAD
     if not head.exists():
         raise HerdError(f"{spec}: not a reward model (no {REWARD_HEAD}; train one with `herd reward`)")
     model, tok = load_trainable(path, device)
     rm = RewardModel(model)
-    sd = load_file(str(head))
-    try:
-        rm.score.load_state_dict({k.removeprefix("score."): v for k, v in sd.items()})
-    except RuntimeError as e:
-        raise HerdError(f"{head}: does not fit the model ({str(e).splitlines()[0]})") from None
+    load_reward_head(rm, head)
     return rm.eval(), tok
+
+
+def load_reward_head(rm: RewardModel, head: Path) -> None:
+    """The trained score head of `herd reward` (reward_head.safetensors) into `rm`, or one line."""
+    from safetensors.torch import load_file
+
+    try:
+        sd = load_file(str(head))
+        rm.score.load_state_dict({k.removeprefix("score."): v.to(rm.score.weight.device) for k, v in sd.items()})
+    except (RuntimeError, OSError) as e:
+        raise HerdError(f"{head}: does not fit the model ({str(e).splitlines()[0]})") from None
 
 
 def export_model(model: nn.Module, tokenizer, out: str | os.PathLike) -> Path:
@@ -757,8 +762,9 @@ class PostTrainer(Trainer):
     """Trainer (herd/train/loop.py) on a loaded model, whose checkpoints keep the canonical weights
     in `model/` and the adapters / reward head beside the optimizer state, for an exact resume."""
 
-    def __init__(self, *args, stage: str = "", **kwargs):
+    def __init__(self, *args, stage: str = "", tokenizer: Any = None, **kwargs):
         self.stage = stage  # "sft", "reward" or "dpo"; kept in every checkpoint, checked on resume
+        self.checkpoint_tokenizer = tokenizer  # written into every checkpoint's model/, as into the final export
         super().__init__(*args, **kwargs)
 
     def save(self) -> Path:
@@ -766,7 +772,8 @@ class PostTrainer(Trainer):
         state = self._train_state()
         state["extra_weights"] = {k: v.detach().cpu() for k, v in extra.items()}
         state["stage"] = self.stage
-        return ckpt.save_checkpoint(self.run_dir, self.step, self.args, base, state, keep=self.cfg.checkpoint.keep)
+        return ckpt.save_checkpoint(self.run_dir, self.step, self.args, base, state, keep=self.cfg.checkpoint.keep,
+                                    tokenizer=self.checkpoint_tokenizer)
 
     def _checkpoint_weights(self, sd: dict[str, torch.Tensor], state: dict) -> dict[str, torch.Tensor]:
         # A DPO run resumed by `herd sft` would train on under another objective and export a mix.
@@ -835,12 +842,16 @@ def finetune(stage: str, cfg, model_spec: str, data_path: str, *, val_path: str 
     torch.manual_seed(t.seed)
     if stage == "reward":
         model = RewardModel(model)
+        head = Path(resolve_model_spec(model_spec)) / REWARD_HEAD
+        if head.exists():  # `herd reward --model <a reward run>` continues its trained head, not a fresh one
+            load_reward_head(model, head)
+            log(f"continuing the reward head of {model_spec}")
     if lora.rank > 0:
         apply_lora(model.backbone if isinstance(model, RewardModel) else model, lora)
         n, total = trainable_parameters(model)
         log(f"LoRA rank {lora.rank}: training {n:,} of {total:,} parameters")
     trainer = PostTrainer(cfg, objective=objective, resume=resume, log=log, progress=progress,
-                          model=model, data=(train, val), stage=stage)
+                          model=model, data=(train, val), stage=stage, tokenizer=tok)
     trainer.run()
     out = export_model(trainer.model, tok, trainer.run_dir / "model")
     if lora.rank > 0:

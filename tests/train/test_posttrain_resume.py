@@ -136,3 +136,36 @@ def test_a_bad_message_is_named_by_file_and_line(tmp_path):
     path = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": [{"role": "user"}]}])
     with pytest.raises(HerdError, match=r"prompts.jsonl:1: message 0 \(user\): missing 'content'"):
         load_prompts(path)
+
+
+def test_every_checkpoint_is_a_model_with_its_chat_tokenizer(tiny_dir, tmp_path):
+    """`herd eval --model run/ckpt-N` (or generate) needs the tokenizer and its chat format in each
+    checkpoint's model/, as in the final export; before, only the final model/ had them."""
+    from herd.api import load
+    from herd.tokenizer import load_tokenizer
+
+    data = write_jsonl(tmp_path / "data.jsonl", chat_rows(5))
+    _run("sft", tiny_dir, data, tmp_path / "run", 4)
+    first = ckpt.list_checkpoints(tmp_path / "run")[0]
+    model, tok = load(first / "model")
+    assert tok is not None and tok.chat is not None
+    dialog = [{"role": "user", "content": "What is 2 + 3?"}]
+    ref = load_tokenizer("llama3")
+    assert tok.chat.encode_dialog(dialog, add_generation_prompt=True) == \
+        ref.chat.encode_dialog(dialog, add_generation_prompt=True)
+
+
+def test_reward_on_a_reward_model_continues_its_trained_head(tiny_dir, tmp_path):
+    """`herd reward --model <reward run>` trains the existing head on, as SFT/DPO continue their
+    weights; it used to draw a fresh random head and throw the trained one away."""
+    from safetensors.torch import load_file
+
+    from herd.train.posttrain import REWARD_HEAD
+
+    data = write_jsonl(tmp_path / "prefs.jsonl", preference_rows(5))
+    _, first = _run("reward", tiny_dir, data, tmp_path / "rm1", 0)
+    cfg = _cfg(tmp_path / "rm2")
+    cfg.optim.lr = 0.0  # no update: the continued run must export exactly the head it started from
+    _, second = finetune("reward", cfg, str(first), str(data), progress=False, log=lambda m: None)
+    a, b = load_file(str(first / REWARD_HEAD)), load_file(str(second / REWARD_HEAD))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
