@@ -423,7 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(--chat FILE: a JSON list of {role, content, tool_calls?} messages).")
     p.add_argument("text", nargs="?", default=None, help="text to encode; '-' reads stdin")
     p.add_argument("--tokenizer", default="llama3",
-                   help="llama3, llama4, a built-in model name, a tokenizer file/directory or a .gguf")
+                   help="llama3, llama4, bytes, a built-in model name, a tokenizer file/directory or a .gguf")
     p.add_argument("--bos", action="store_true", help="prepend the begin-of-text token")
     p.add_argument("--eos", action="store_true", help="append the end-of-text token")
     p.add_argument("--allow-special", action="store_true", help="encode special-token text as special tokens")

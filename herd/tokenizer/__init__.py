@@ -23,7 +23,7 @@ from herd.tokenizer.tiktoken_bpe import TiktokenTokenizer
 __all__ = ["ChatFormat", "HFTokenizer", "IncrementalDecoder", "Llama3ChatFormat", "Llama4ChatFormat",
            "TemplateChatFormat", "TiktokenTokenizer", "Tokenizer", "load_tokenizer", "tokenizer_from_gguf_metadata"]
 
-ACCEPTED = ('"llama3", "llama4", a tiktoken tokenizer.model file, a directory holding tokenizer.model, '
+ACCEPTED = ('"llama3", "llama4", "bytes" (byte-level ids, herd/tokenizer/byte_ids.py), a tiktoken tokenizer.model file, a directory holding tokenizer.model, '
             "tokenizer.json or original/tokenizer.model, or a .gguf file")
 
 
@@ -51,6 +51,10 @@ def load_tokenizer(spec: str | Path) -> Tokenizer:
     `TemplateChatFormat`."""
     if str(spec) in ("llama3", "llama4"):
         return _with_tiktoken_chat(TiktokenTokenizer.builtin(str(spec)))  # type: ignore[arg-type]
+    if str(spec) == "bytes":
+        from herd.tokenizer.byte_ids import byte_tokenizer
+
+        return byte_tokenizer()
     path = Path(spec).expanduser()
     if path.is_dir():
         # Meta's tiktoken file first (its chat format is the tested reference), also where an HF

@@ -258,8 +258,13 @@ class Trainer:
     def _shard_data(self, cfg: RunConfig) -> None:
         t = cfg.train
         shards = ensure_shards(cfg.data, t.seed, self.log)
-        # copied into every checkpoint, so `herd generate --model <checkpoint>` has its tokenizer
+        # copied into every checkpoint, so `herd generate --model <checkpoint>` has its tokenizer;
+        # byte-level ids have no files, their tokenizer is written instead
         self.tokenizer_files = tokenizer_files(cfg.data.tokenizer)
+        if cfg.data.tokenizer == "bytes":
+            from herd.tokenizer.byte_ids import byte_tokenizer
+
+            self.checkpoint_tokenizer = byte_tokenizer()
         self.train_data = PackedLoader(shards, batch_size=t.batch_size, seq_len=t.seq_len, split="train",
                                        seed=t.seed, vocab_size=self.args.vocab_size)
         try:
@@ -295,7 +300,7 @@ class Trainer:
             return dist_checkpoint.save(self)
         path = ckpt.save_checkpoint(self.run_dir, self.step, self.args, self.model.state_dict(),
                                     self._train_state(), keep=self.cfg.checkpoint.keep,
-                                    model_files=self.tokenizer_files)
+                                    model_files=self.tokenizer_files, tokenizer=self.checkpoint_tokenizer)
         return path
 
     def _init_from(self, path: Path) -> None:

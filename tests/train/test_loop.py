@@ -196,3 +196,28 @@ def test_adamw_implementations_give_the_same_update():
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     with pytest.raises(HerdError, match="optim.implementation 'adam8bit': choose fused, foreach, for-loop"):
         build_optimizer(base, OptimConfig(implementation="adam8bit"))
+
+
+def test_a_byte_level_run_is_a_model_with_its_tokenizer(shards, tmp_path):
+    """A run on byte-level ids (`data.tokenizer = "bytes"`, configs/debug.toml) writes its tokenizer
+    into each checkpoint, so `herd generate` / `herd average` / `herd convert` work on it; the files
+    are an HF tokenizer that transformers reads with the very ids the shards hold."""
+    from transformers import AutoTokenizer
+
+    from herd.api import generate, load
+    from herd.data.shards import byte_tokenize
+
+    cfg = load_config(overrides=debug_overrides(shards, tmp_path / "run", **{"train.steps": 2,
+                                                                             "checkpoint.every": 2}))
+    pretrain(cfg, progress=False, log=lambda m: None)
+    model_dir = ckpt.latest_checkpoint(tmp_path / "run") / "model"
+    model, tok = load(model_dir)
+    ref = AutoTokenizer.from_pretrained(model_dir)
+    for text in ["def f(x):\n    return x  # héllo 世界 🙂", "  \t\n\n<|end_of_text|>", "ÿ\x00\x7f"]:
+        ids = byte_tokenize(text)
+        assert tok.encode(text, bos=True, eos=True) == ids
+        # transformers adds BOS as the shards do; split_special_tokens: special-token text stays bytes
+        assert ref(text, split_special_tokens=True)["input_ids"] + [ids[-1]] == ids
+        assert tok.decode(ids[1:-1]) == text == ref.decode(ids[1:-1])
+    out = generate(model, tok, "import ", max_new_tokens=4, temperature=0)
+    assert isinstance(out, str) and len(out.encode()) <= 4 * 4
