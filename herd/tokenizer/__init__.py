@@ -23,7 +23,8 @@ from herd.tokenizer.tiktoken_bpe import TiktokenTokenizer
 __all__ = ["ChatFormat", "HFTokenizer", "IncrementalDecoder", "Llama3ChatFormat", "Llama4ChatFormat",
            "TemplateChatFormat", "TiktokenTokenizer", "Tokenizer", "load_tokenizer", "tokenizer_from_gguf_metadata"]
 
-ACCEPTED = ('"llama3", "llama4", "bytes" (byte-level ids, herd/tokenizer/byte_ids.py), a tiktoken tokenizer.model file, a directory holding tokenizer.model, '
+ACCEPTED = ('"llama3", "llama4", "bytes" (byte-level ids, herd/tokenizer/byte_ids.py), a tiktoken '
+            "tokenizer.model file, a directory holding tokenizer.model, "
             "tokenizer.json or original/tokenizer.model, or a .gguf file")
 
 
