@@ -48,9 +48,12 @@ class Stage:
     def run_dir(self) -> Path:
         return Path(self.cfg.train.out_dir)
 
-    def finished(self) -> bool:
+    def steps_done(self) -> int:
         last = ckpt.latest_checkpoint(self.run_dir)
-        return last is not None and int(json.loads((last / "complete.json").read_text())["step"]) >= self.cfg.train.steps
+        return 0 if last is None else int(json.loads((last / "complete.json").read_text())["step"])
+
+    def finished(self) -> bool:
+        return self.steps_done() >= self.cfg.train.steps
 
     @property
     def averaged_dir(self) -> Path:
@@ -105,7 +108,19 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), o
             cfg.train.init_from = str(prev.averaged_dir if prev.average else
                                       Path(prev.cfg.train.out_dir) / ckpt.checkpoint_name(prev.cfg.train.steps))
         out.append(Stage(name, cfg, average))
+    check_steps(out)
     return out
+
+
+def check_steps(stages: list[Stage]) -> None:
+    """The next stage starts from this one's checkpoint at train.steps; a stage that already ran past
+    it (the recipe resumed with fewer steps) has no such checkpoint, and its later stages were built
+    on the longer run: refused in one line, before anything is written."""
+    for k, stage in enumerate(stages, 1):
+        if stage.steps_done() > stage.cfg.train.steps:
+            raise HerdError(f"stage {k} {stage.name} already ran {stage.steps_done()} steps, more than its "
+                            f"train.steps = {stage.cfg.train.steps} now; resume with the steps it was run "
+                            "with, or give the recipe a new --out")
 
 
 def run_recipe(stages: list[Stage], *, log: Callable[[str], None], progress: bool = True,
@@ -115,6 +130,7 @@ def run_recipe(stages: list[Stage], *, log: Callable[[str], None], progress: boo
     from herd.train.loop import pretrain as _pretrain
 
     pretrain = pretrain or _pretrain
+    check_steps(stages)
     for k, stage in enumerate(stages, 1):
         if stage.finished():
             log(f"stage {k}/{len(stages)} {stage.name}: finished earlier ({stage.run_dir})")

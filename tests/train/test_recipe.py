@@ -131,3 +131,8 @@ def test_resume_keeps_the_first_runs_options_and_another_recipe_is_refused(tmp_p
     assert json.loads((root / "recipe.overrides.json").read_text()) == ["optim.lr=0.01"]
     # the same recipe and options again: its finished stages are skipped
     assert herd_main(["pretrain", "--config", str(path), "--no-progress", "--optim.lr=0.01"]) == 0
+    # resumed with fewer steps than a stage already ran: named, and the record of the options kept
+    capsys.readouterr()
+    assert herd_main(["pretrain", "--resume", str(root), "--no-progress", "--train.steps=2"]) == 2
+    assert "stage 1 pretrain already ran 4 steps, more than its train.steps = 2" in capsys.readouterr().err
+    assert json.loads((root / "recipe.overrides.json").read_text()) == ["optim.lr=0.01"]
