@@ -170,6 +170,8 @@ class Trainer:
     fresh when there is none); without it, a run directory that already holds checkpoints is refused.
     """
 
+    checkpoint_tokenizer: Any = None  # a tokenizer object written into each checkpoint's model/, if any
+
     def __init__(self, cfg: RunConfig, *, objective: Objective | None = None, resume: bool = False,
                  log: Callable[[str], None] | None = None, progress: bool = True,
                  model: nn.Module | None = None, data: tuple[Any, Any] | None = None):
