@@ -174,17 +174,16 @@ def read_json_config(path: Path, name: str = "config.json") -> dict:
 
 
 def read_safetensors_dir(path: Path) -> dict[str, torch.Tensor]:
-    """All tensors of `path`'s safetensors files (the index's shards when there is one)."""
+    """All tensors of `path`'s safetensors files (the index's shards when there is one); without
+    any, of its PyTorch `pytorch_model*.bin` files (older transformers exports), read with
+    `weights_only=True` so a pickle cannot run code."""
     index = path / "model.safetensors.index.json"
     if index.exists():
-        try:
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError) as e:
-            raise HerdError(f"{index}: malformed index ({e})") from None
+        files = _index_files(index)
     else:
         files = sorted(p.name for p in path.glob("*.safetensors"))
     if not files:
-        raise HerdError(f"{path}: no *.safetensors weights next to config.json")
+        return _read_torch_bin_dir(path)
     tensors: dict[str, torch.Tensor] = {}
     for f in files:
         try:
@@ -193,6 +192,35 @@ def read_safetensors_dir(path: Path) -> dict[str, torch.Tensor]:
             raise HerdError(f"{path / f}: shard listed in the index is missing") from None
         except (SafetensorError, OSError) as e:
             raise HerdError(f"{path / f}: unreadable or truncated safetensors file ({e})") from None
+    return tensors
+
+
+def _index_files(index: Path) -> list[str]:
+    try:
+        return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise HerdError(f"{index}: malformed index ({type(e).__name__}: {e})") from None
+
+
+def _read_torch_bin_dir(path: Path) -> dict[str, torch.Tensor]:
+    index = path / "pytorch_model.bin.index.json"
+    files = _index_files(index) if index.exists() else sorted(p.name for p in path.glob("pytorch_model*.bin"))
+    if not files:
+        raise HerdError(f"{path}: no *.safetensors (or pytorch_model*.bin) weights next to config.json")
+    tensors: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            try:  # memory-mapped: a large shard is not read into memory twice
+                loaded = torch.load(path / f, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:  # mmap needs the zip format; files from torch < 1.6 are not
+                loaded = torch.load(path / f, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise HerdError(f"{path / f}: shard listed in the index is missing") from None
+        except Exception as e:  # truncated zip, a pickle of something other than tensors, ...
+            raise HerdError(f"{path / f}: unreadable PyTorch weights file ({type(e).__name__}: {e})") from None
+        if not isinstance(loaded, dict) or not all(isinstance(t, torch.Tensor) for t in loaded.values()):
+            raise HerdError(f"{path / f}: expected a dict of tensors (a state dict), got {type(loaded).__name__}")
+        tensors.update(loaded)
     return tensors
 
 

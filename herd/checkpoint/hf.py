@@ -69,17 +69,39 @@ def permute_from_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 def rope_from_hf_config(cfg: dict, source: str, default_theta: float) -> tuple[float, RopeScaling | None]:
     """(rope_theta, llama3 scaling or None) from a HF config: transformers 5 nests both under
     `rope_parameters`, older configs have `rope_theta` and `rope_scaling` (with `type` or
-    `rope_type`). Shared by the dense and the Llama 4 mappings. Raises KeyError on a missing field."""
+    `rope_type`). Shared by the dense and the Llama 4 mappings. Raises KeyError on a missing field.
+
+    Read as transformers 5 reads it (`standardize_rope_params`): a `rope_theta` inside
+    `rope_parameters` wins over a top-level one, and a llama3 scaling without
+    `original_max_position_embeddings` takes `max_position_embeddings`. Every other scaling type
+    (linear, dynamic, yarn, longrope, ...) and partial rotary embeddings are refused: the model
+    would compute, silently wrong, with plain RoPE."""
     rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-    theta = float(cfg.get("rope_theta", rope.get("rope_theta", default_theta)))
+    if not isinstance(rope, dict):  # the callers report it as a malformed value
+        raise TypeError(f"rope_parameters must be a JSON object, got {rope!r}")
+    theta = float(rope["rope_theta"] if "rope_theta" in rope else cfg.get("rope_theta", default_theta))
+    partial = rope.get("partial_rotary_factor", cfg.get("partial_rotary_factor"))
+    if partial is not None and float(partial) != 1.0:
+        raise HerdError(f"{source}: partial_rotary_factor {partial} is not supported (RoPE on the whole head only)")
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type in ("default", None):
         return theta, None
     if rope_type != "llama3":
         raise HerdError(f"{source}: RoPE scaling type {rope_type!r} is not supported (llama3 or none)")
+    original = rope.get("original_max_position_embeddings", cfg.get("max_position_embeddings"))
+    if original is None:
+        raise KeyError("original_max_position_embeddings")
     return theta, RopeScaling(factor=float(rope["factor"]), low_freq_factor=float(rope["low_freq_factor"]),
                               high_freq_factor=float(rope["high_freq_factor"]),
-                              original_max_position_embeddings=int(rope["original_max_position_embeddings"]))
+                              original_max_position_embeddings=int(original))
+
+
+def refuse_biases(cfg: dict, source: str) -> None:
+    """Llama configs may ask for biases on the attention or MLP projections; herd's model has none,
+    and dropping the checkpoint's bias tensors would compute a different function."""
+    for key in ("attention_bias", "mlp_bias"):
+        if cfg.get(key):
+            raise HerdError(f"{source}: {key}=true is not supported (herd's Llama projections have no biases)")
 
 
 def args_from_hf_config(cfg: dict, source: str = "config.json") -> ModelArgs:
@@ -91,6 +113,7 @@ def args_from_hf_config(cfg: dict, source: str = "config.json") -> ModelArgs:
         raise HerdError(f"{source}: model_type {cfg.get('model_type')!r} is not a Llama-architecture model")
     if cfg.get("hidden_act", "silu") != "silu":  # the model computes SwiGLU with SiLU and nothing else
         raise HerdError(f"{source}: hidden_act {cfg.get('hidden_act')!r} is not supported (Llama uses silu)")
+    refuse_biases(cfg, source)
     try:
         theta, scaling = rope_from_hf_config(cfg, source, default_theta=10000.0)
         n_heads = int(cfg["num_attention_heads"])

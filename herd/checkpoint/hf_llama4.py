@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from herd.checkpoint.common import check_shapes, read_json_config, read_safetensors_dir, write_safetensors_dir
-from herd.checkpoint.hf import rope_from_hf_config
+from herd.checkpoint.hf import refuse_biases, rope_from_hf_config
 from herd.errors import HerdError
 from herd.models.llama4 import Llama4Args, VisionArgs
 
@@ -128,19 +128,43 @@ def llama4_args_from_hf_config(cfg: dict, source: str = "config.json") -> Llama4
         if cfg.get("vision_config"):
             vision = vision_args_from_hf_config(cfg, source)
         cfg = cfg.get("text_config") or {}
+    refuse_biases(cfg, source)
+    if cfg.get("hidden_act", "silu") != "silu":  # the experts and dense layers compute SwiGLU with SiLU
+        raise HerdError(f"{source}: hidden_act {cfg.get('hidden_act')!r} is not supported (Llama 4 uses silu)")
     try:
         n_layers = int(cfg["num_hidden_layers"])
         step = int(cfg.get("interleave_moe_layer_step") or 1)
         moe_layers = cfg.get("moe_layers")
-        if moe_layers is not None and list(moe_layers) != list(range(step - 1, n_layers, step)):
-            raise HerdError(f"{source}: moe_layers {moe_layers} is not every {step}th layer (unsupported)")
-        interval = int(cfg.get("no_rope_layer_interval") or 4)
-        no_rope = cfg.get("no_rope_layers")
-        if no_rope and [int(x) for x in no_rope[:n_layers]] != [int((i + 1) % interval != 0) for i in range(n_layers)]:
-            raise HerdError(f"{source}: no_rope_layers is not every {interval}th layer (unsupported)")
+        if moe_layers:
+            # transformers takes an explicit list over the step; herd's model knows only "every
+            # step-th layer", which a regular list (e.g. [1, 3] of 4 layers: step 2) still is.
+            step = int(moe_layers[0]) + 1
+        if moe_layers is not None and [int(i) for i in moe_layers] != list(range(step - 1, n_layers, step)):
+            raise HerdError(f"{source}: moe_layers {moe_layers} is not every n-th layer (layers n-1, 2n-1, ...); "
+                            "unsupported")
+        interval: int | None = int(cfg.get("no_rope_layer_interval") or 4)
+        # no_rope_layers[i] is 1 where layer i *uses* RoPE (transformers' naming). An explicit list
+        # wins over the interval in transformers; herd's model knows only "every n-th layer is
+        # NoPE", so the list's period is read off it (all ones: no NoPE layer) and checked.
+        no_rope = [int(x) for x in cfg.get("no_rope_layers") or []][:n_layers]
+        if no_rope:
+            interval = no_rope.index(0) + 1 if 0 in no_rope else None
+        uses_rope = [not interval or int((i + 1) % interval != 0) for i in range(n_layers)]
+        if no_rope and no_rope != [int(u) for u in uses_rope]:
+            raise HerdError(f"{source}: no_rope_layers {no_rope} is not every n-th layer NoPE (unsupported)")
         theta, scaling = rope_from_hf_config(cfg, source, default_theta=500000.0)
         n_heads = int(cfg["num_attention_heads"])
         chunk = cfg.get("attention_chunk_size", 8192)
+        # transformers attends by `layer_types`, which it derives as chunked on the RoPE layers when
+        # there is a chunk size; a saved list that says otherwise would be computed differently.
+        layer_types = cfg.get("layer_types")
+        if layer_types is not None:
+            if all(t == "full_attention" for t in layer_types):
+                chunk = None
+            elif list(layer_types) != ["chunked_attention" if u and chunk is not None else "full_attention"
+                                       for u in uses_rope]:
+                raise HerdError(f"{source}: layer_types {layer_types} is not chunked attention on exactly the "
+                                "RoPE layers (unsupported)")
         return Llama4Args(
             dim=int(cfg["hidden_size"]), n_layers=n_layers, n_heads=n_heads,
             n_kv_heads=int(cfg.get("num_key_value_heads") or n_heads),
