@@ -359,7 +359,9 @@ def cmd_tokenize(a) -> None:
     else:
         if a.text is None:
             raise HerdError("nothing to tokenize: give TEXT, '-' for stdin, or --chat FILE")
-        text = read_stdin() if a.text == "-" else a.text
+        # argv's undecodable bytes arrive as lone surrogates, which the tokenizer would quietly turn
+        # into U+FFFD: refused like non-UTF-8 stdin.
+        text = read_stdin() if a.text == "-" else _utf8_line(a.text, "TEXT")
         ids = tokenizer.encode(text, bos=a.bos, eos=a.eos, allow_special=a.allow_special)
     print(json.dumps(ids))
 

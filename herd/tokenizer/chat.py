@@ -13,7 +13,8 @@ tokens (`<|header_start|>`, `<|eot|>`, `<|eom|>`).
   Meta's prompt templates build (Llama 3.1: "Environment: ipython", "Tools: ...", knowledge/today
   dates, custom tools as a JSON-function user message; Llama 4: the zero-shot python-list prompt).
 - `TemplateChatFormat` renders a checkpoint's own jinja chat template the way transformers'
-  `apply_chat_template` does, then encodes it with special tokens allowed.
+  `apply_chat_template` does, then encodes it with special tokens allowed; control tokens that
+  message text spells stay text, as with `apply_chat_template(..., sanitize_control_tokens=True)`.
 
 Messages: {"role": "system"|"user"|"assistant"|"tool"|"ipython", "content": str or a list of
 {"type": "text", "text": ...} parts, "tool_calls": [{"type": "function", "function": {"name",
@@ -547,7 +548,13 @@ class Llama4ChatFormat(_MetaChatFormat):
 class TemplateChatFormat(ChatFormat):
     """A checkpoint's jinja chat template (GGUF `tokenizer.chat_template`, HF `chat_template`),
     rendered as transformers' `apply_chat_template` renders it and encoded with special tokens
-    allowed and no BOS added (the template writes its own)."""
+    allowed and no BOS added (the template writes its own).
+
+    Text in the dialog never forges a control token (DESIGN principle 5, as in Llama3ChatFormat):
+    where a message (or a tool definition) spells one ("<|im_end|>" in a reply), the ids are those of
+    transformers' `apply_chat_template(..., sanitize_control_tokens=True)` — the spelled token is
+    encoded as plain text and only the template's own control tokens are tokens. Otherwise they are
+    exactly `apply_chat_template(...)`'s."""
 
     def __init__(self, tokenizer: Tokenizer, template: str):
         self.tokenizer = tokenizer
@@ -563,6 +570,15 @@ class TemplateChatFormat(ChatFormat):
                     name = tokenizer.id_to_name(i)
                 if name is not None:
                     self._token_vars[var] = name
+        # transformers' `_get_control_tokens`: every special token, and the other added tokens the
+        # template itself writes (in its text or string literals), whitespace tokens excepted.
+        added = _added_token_names(tokenizer)
+        literal = _template_literal_text(template)
+        control = {n for n in tokenizer.special_tokens if n}
+        control |= {n for n in added if n in literal and not n.isspace()}
+        self._control_re = _alternation(control)
+        self._markers_re = re.compile(f"{_MARK_START}({_alternation(control | added).pattern}){_MARK_END}"
+                                      f"|[{_MARK_START}{_MARK_END}]")
 
     def render(self, messages: Sequence[Message], *, add_generation_prompt: bool = True,
                tools: Sequence[Any] | None = None) -> str:
@@ -570,8 +586,10 @@ class TemplateChatFormat(ChatFormat):
         from jinja2.exceptions import TemplateError
 
         try:
-            return self.template.render(messages=messages, tools=tools or None, documents=None,
-                                        add_generation_prompt=add_generation_prompt, **self._token_vars)
+            # tools as given: transformers passes an empty list on, and `tools is not none` tells.
+            return self.template.render(messages=messages, tools=None if tools is None else list(tools),
+                                        documents=None, add_generation_prompt=add_generation_prompt,
+                                        **self._token_vars)
         except (TemplateError, TypeError, ValueError, KeyError, IndexError, AttributeError) as e:
             # A template that cannot handle this dialog (its raise_exception, or e.g. list content
             # where it concatenates strings) is a problem with the input, not a herd bug.
@@ -579,62 +597,56 @@ class TemplateChatFormat(ChatFormat):
 
     def _for_template(self, m: Message, i: int) -> Message:
         """What OpenAI clients send, in the shape most templates render: a list of text parts as
-        one string (joined as Llama3ChatFormat encodes them, piece after piece); an assistant turn
-        of tool calls alone with "" for its null content. A template that knows nothing of tool
-        calls would drop them without a word: refused."""
+        one string (joined as Llama3ChatFormat encodes them, piece after piece); keys whose value is
+        None dropped, as transformers drops them (an assistant turn of tool calls alone has no
+        content). A template that knows nothing of tool calls would drop them without a word:
+        refused."""
         content = m.get("content")
         if isinstance(content, list) and all(isinstance(p, str) or p.get("type") == "text" for p in content):
             m = {**m, "content": "".join(_text_parts(content, f"message {i}"))}
-        if m.get("tool_calls"):
-            if "tool_calls" not in self.template_source:
-                raise HerdError(f"message {i}: this model's chat template has no tool calls")
-            if m.get("content") is None:
-                m = {**m, "content": ""}
-        return m
+        if m.get("tool_calls") and "tool_calls" not in self.template_source:
+            raise HerdError(f"message {i}: this model's chat template has no tool calls")
+        return {k: v for k, v in m.items() if v is not None}
 
     def encode_dialog(self, messages: Sequence[Message], *, add_generation_prompt: bool = True,
                       tools: Sequence[Any] | None = None) -> list[int]:
-        text = self.render(messages, add_generation_prompt=add_generation_prompt, tools=tools)
-        names = [n for n in self.tokenizer.special_tokens if n]
-        if not any(n in c for m in messages for c in _content_texts(m) for n in names):
+        validate_messages(messages)
+        if not self._spells_control_token([messages, tools]):
+            text = self.render(messages, add_generation_prompt=add_generation_prompt, tools=tools)
             return self.tokenizer.encode(text, allow_special=True)  # as transformers encodes it
-        # A message spells a control token ("<|im_end|>" in a reply): encoding the rendered text
-        # with specials allowed would end the turn there (DESIGN principle 5: user text never
-        # forges a control token, as in Llama3ChatFormat). The template's own text keeps its
-        # control tokens; each message's content is encoded as plain text.
-        return self._encode_content_as_text(messages, text, add_generation_prompt, tools)
-
-    def _encode_content_as_text(self, messages: Sequence[Message], text: str, add_generation_prompt: bool,
-                                tools: Sequence[Any] | None) -> list[int]:
-        if any(not isinstance(m.get("content"), (str, type(None))) for m in messages):
-            raise HerdError("a message with content parts spells a control token of this chat format; "
-                            "send it as plain string content")
-        marked = [dict(m, content=f"\ue000{i}\ue001") if isinstance(m.get("content"), str) else m
-                  for i, m in enumerate(messages)]
-        pieces = re.split("\ue000(\\d+)\ue001", self.render(marked, add_generation_prompt=add_generation_prompt,
-                                                             tools=tools))
-        # pieces = [template, i, template, j, template, ...]: find each message's content in the real
-        # rendering between the template pieces around it (as given, or trimmed by the template).
-        ids, pos = [], 0
-        for k in range(0, len(pieces), 2):
-            lead = pieces[k]
-            if not text.startswith(lead, pos):
-                raise HerdError("this chat template changes message text in a way herd cannot follow, and a "
-                                "message spells one of its control tokens")
-            ids += self.tokenizer.encode(lead, allow_special=True)
-            pos += len(lead)
-            if k + 1 == len(pieces):
-                break
-            content, follow = messages[int(pieces[k + 1])]["content"], pieces[k + 2]
-            for c in (content, content.strip(), content.lstrip(), content.rstrip()):
-                if text.startswith(c + follow, pos):
-                    break
+        # transformers' `mark_control_tokens` + `encode_marked_chat`: wrap each spelled control token
+        # in private-use markers, render, then encode the marked tokens as plain text and the text
+        # between them (the template's own control tokens included) as usual.
+        marked = _mark_control_tokens(list(messages), self._control_re)
+        marked_tools = _mark_control_tokens(tools, self._control_re)
+        text = self.render(marked, add_generation_prompt=add_generation_prompt, tools=marked_tools)
+        pieces = self._markers_re.split(text)  # [text, token or None, text, token or None, ..., text]
+        newline = self.tokenizer.encode("\n", allow_special=True)
+        ids = self.tokenizer.encode(pieces[0], allow_special=True)
+        for i, piece in enumerate(pieces[1:], start=1):
+            if not piece:  # an empty text, or a lone marker (the template split a marked token)
+                continue
+            as_text = i % 2 == 1
+            # Encoded after a newline and the newline's ids taken off again, as transformers'
+            # `_encode_chat_piece` does (a trick for SentencePiece; byte-level BPE can differ by it).
+            piece_ids = self.tokenizer.encode("\n" + piece, allow_special=not as_text)
+            if piece_ids[:len(newline)] == newline:
+                piece_ids = piece_ids[len(newline):]
             else:
-                raise HerdError("this chat template changes message text in a way herd cannot follow, and a "
-                                "message spells one of its control tokens")
-            ids += self.tokenizer.encode(c, allow_special=False)
-            pos += len(c)
+                piece_ids = self.tokenizer.encode(piece, allow_special=not as_text)
+            if as_text and self.tokenizer.token_to_id(piece) in piece_ids:
+                raise HerdError(f"cannot keep {piece!r} in a message as text: this tokenizer makes it from plain text")
+            ids += piece_ids
         return ids
+
+    def _spells_control_token(self, obj: Any) -> bool:
+        if isinstance(obj, str):
+            return self._control_re.search(obj) is not None
+        if isinstance(obj, dict):
+            return any(self._spells_control_token(v) for v in obj.values())
+        if isinstance(obj, (list, tuple)):
+            return any(self._spells_control_token(v) for v in obj)
+        return False
 
     def decode_assistant(self, ids: Sequence[int]) -> Message:
         ids = list(ids)
@@ -651,6 +663,48 @@ class TemplateChatFormat(ChatFormat):
             message["tool_calls"] = [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
                                       "function": {"name": n, "arguments": a}} for n, a in calls]
         return message
+
+
+# transformers' private-use markers around control tokens spelled by the user
+# (transformers.utils.chat_template_utils._CONTROL_TOKEN_START / _END).
+_MARK_START, _MARK_END = "\U000f0000", "\U000f0001"
+
+
+def _alternation(tokens: set[str]) -> re.Pattern:
+    # Longest first, so a token wins over the tokens it contains; "(?!)" never matches.
+    return re.compile("|".join(map(re.escape, sorted(tokens, key=len, reverse=True))) or "(?!)")
+
+
+def _mark_control_tokens(obj: Any, control_re: re.Pattern) -> Any:
+    """transformers' `mark_control_tokens`: every string value (not dict keys) with markers it already
+    held removed and each control token wrapped in markers."""
+    if isinstance(obj, str):
+        obj = obj.replace(_MARK_START, "").replace(_MARK_END, "")
+        return control_re.sub(f"{_MARK_START}\\g<0>{_MARK_END}", obj)
+    if isinstance(obj, dict):
+        return {k: _mark_control_tokens(v, control_re) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_mark_control_tokens(v, control_re) for v in obj]
+    return obj
+
+
+def _added_token_names(tokenizer: Tokenizer) -> set[str]:
+    backend = getattr(tokenizer, "backend", None)
+    if backend is None:
+        return set(tokenizer.special_tokens)
+    return {t.content for t in backend.get_added_tokens_decoder().values()}
+
+
+@cache
+def _template_literal_text(source: str) -> str:
+    """transformers' `_get_template_literal_text`: the template's text and string constants, joined
+    with NULs so no token is found across two of them."""
+    from jinja2 import nodes
+
+    ast = _compile_template(source).environment.parse(source)
+    literals = {n.data for n in ast.find_all(nodes.TemplateData)}
+    literals |= {n.value for n in ast.find_all(nodes.Const) if isinstance(n.value, str)}
+    return "\0".join(literals)
 
 
 def _content_texts(message: Message) -> list[str]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from functools import cached_property
+from numbers import Integral
 from pathlib import Path
 from typing import Any
 
@@ -163,7 +164,14 @@ class HFTokenizer(Tokenizer):
         if not isinstance(text, str):
             raise HerdError(f"encode() takes a str, got {type(text).__name__}")
         backend = self.backend if allow_special else self._plain
-        ids = backend.encode(text, add_special_tokens=False).ids
+        try:
+            ids = backend.encode(text, add_special_tokens=False).ids
+        except TypeError:
+            # tokenizers rejects a str holding lone surrogates ("\ud800", as JSON escapes can carry)
+            # with a TypeError. Replace them with U+FFFD exactly as tiktoken does (and so Meta's
+            # Llama tokenizers and our TiktokenTokenizer), keeping valid surrogate pairs as one char.
+            text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+            ids = backend.encode(text, add_special_tokens=False).ids
         if bos:
             if self.bos_id is None:
                 raise HerdError("this tokenizer has no BOS token")
@@ -186,10 +194,15 @@ class HFTokenizer(Tokenizer):
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
         table = self._id_to_bytes
+        ids = list(ids)
         try:
+            # A negative id would index from the end of the table: a silent wrong answer, not an error.
+            if ids and min(ids) < 0:
+                raise IndexError
             return b"".join([table[i] for i in ids])
         except (IndexError, TypeError):
-            raise HerdError(f"token ids must be ints in 0..{self.vocab_size - 1}") from None
+            bad = [i for i in ids if not isinstance(i, Integral) or not 0 <= i < self.vocab_size]
+            raise HerdError(f"token ids must be ints in 0..{self.vocab_size - 1}, got {bad[:5]}") from None
 
     def token_to_id(self, token: str) -> int | None:
         if token in self.special_tokens:
