@@ -344,6 +344,13 @@ def _tokenizer_for(spec: str):
 
 
 def cmd_tokenize(a) -> None:
+    # options of the other mode would be ignored without a word: the chat format places BOS and the
+    # special tokens itself, and plain text has no generation prompt
+    if a.chat and (a.bos or a.eos or a.allow_special):
+        raise HerdError("--bos, --eos and --allow-special are for TEXT; a --chat dialog's special tokens "
+                        "come from its chat format")
+    if not a.chat and a.add_generation_prompt:
+        raise HerdError("--add-generation-prompt is for --chat FILE, not TEXT")
     tokenizer = _tokenizer_for(a.tokenizer)
     if a.chat:
         if a.text is not None:

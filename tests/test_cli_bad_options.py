@@ -104,6 +104,14 @@ def test_utf8_stdin_is_read_as_bytes_and_decoded(capsys, monkeypatch):
     assert code == 0 and out == want
 
 
+def test_tokenize_options_of_the_other_mode_are_refused(capsys):
+    """--bos/--eos/--allow-special with --chat and --add-generation-prompt with TEXT were ignored."""
+    for argv, word in ((["--chat", "/no/dialog.json", "--bos"], "--bos"), (["--chat", "-", "--allow-special"], "--bos"),
+                       (["hi", "--add-generation-prompt"], "--add-generation-prompt")):
+        line = one_line_error(*run(capsys, "tokenize", "--tokenizer", "/no/tokenizer", *argv))
+        assert word in line and "/no/" not in line  # checked before the tokenizer or the file is read
+
+
 # ---- generate --system --raw -----------------------------------------------------------------------------
 
 def test_system_with_raw_is_refused(capsys):
