@@ -81,7 +81,7 @@ def load_tokenizer(spec: str | Path) -> Tokenizer:
             if tok is None:
                 raise HerdError(f"{path}: this GGUF file has no tokenizer")
             return tok
-        if path.name == "tokenizer.json":
+        if path.name in ("tokenizer.json", "tokenizer_config.json"):  # an HF pair: read the directory
             return _with_template_chat(HFTokenizer.from_directory(path.parent))
         return _with_tiktoken_chat(TiktokenTokenizer(path))
     raise HerdError(f"unknown tokenizer {str(spec)!r}: not a file or directory; a tokenizer is {ACCEPTED}")

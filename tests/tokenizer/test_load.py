@@ -77,3 +77,12 @@ def test_sentencepiece_model_gives_way_to_tokenizer_json(tmp_path, smollm2):
     (tmp_path / "tokenizer.model").write_bytes(b"\x0a\x0b\x80\xff sentencepiece protobuf")
     tok = load_tokenizer(tmp_path)
     assert isinstance(tok, HFTokenizer) and tok.encode("hello 12") == smollm2.encode("hello 12")
+
+
+def test_either_file_of_an_hf_pair_names_its_directory(tmp_path, smollm2):
+    """`--tokenizer dir/tokenizer_config.json` was read as a tiktoken file ("not a tiktoken line")."""
+    smollm2.save(tmp_path, "hf")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        tok = load_tokenizer(tmp_path / name)
+        assert tok.encode("hello 12 <|im_end|>") == smollm2.encode("hello 12 <|im_end|>")
+        assert tok.chat is not None
