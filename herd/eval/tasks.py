@@ -42,16 +42,28 @@ def wilson_interval(correct: int, n: int, z: float = 1.959963984540054) -> tuple
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+# What counts as a number in an answer's text: what _NUMBER finds in a reply (a sign, digits with
+# thousands commas, a decimal part). float() alone also took "inf", "NaN", "Infinity" and "1_000",
+# so a task whose answer is the word "infinity" compared it as a number and no reply could match.
+_NUMERIC_TEXT = re.compile(r"\s*[-+]?(?:\d[\d,]*(?:\.\d+)?|\.\d+)\s*")
+
+
 def _as_number(text: str) -> float | None:
-    try:
-        return float(text.replace(",", ""))
-    except ValueError:
+    if not _NUMERIC_TEXT.fullmatch(text):
         return None
+    return float(text.replace(",", ""))
+
+
+def _answer_number(answer: Any) -> float | None:
+    """A JSON number as is (1e21 too); a string only when it reads as a number (_NUMERIC_TEXT)."""
+    if isinstance(answer, (int, float)) and not isinstance(answer, bool):
+        return float(answer)
+    return _as_number(str(answer))
 
 
 def extract_answer(reply: str, answer: Any) -> str | float | None:
     """The part of `reply` to compare with `answer`: a number for numeric answers, else the text."""
-    if isinstance(answer, (int, float)) and not isinstance(answer, bool) or _as_number(str(answer)) is not None:
+    if _answer_number(answer) is not None:
         m = _GSM8K.search(reply)
         if m:
             return _as_number(m.group(1))
@@ -82,7 +94,7 @@ def is_correct(reply: str, answer: Any, match: str = "auto") -> bool:
         raise HerdError(f"unknown answer match {match!r}; choose {', '.join(MATCHES)}")
     got = extract_answer(reply, answer)
     if isinstance(got, float):
-        return math.isclose(got, float(_as_number(str(answer))), rel_tol=0, abs_tol=1e-9)
+        return math.isclose(got, _answer_number(answer), rel_tol=0, abs_tol=1e-9)
     return got is not None and got == str(answer).strip()
 
 

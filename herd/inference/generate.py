@@ -93,7 +93,7 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int
     """Yield, per decoding step, the new token of every row (None once a row has stopped).
 
     A row stops at any id in `stop_ids` (that token is yielded, then None) or after
-    `max_new_tokens`; generation is clamped so no row runs past the model's context.
+    `max_new_tokens`; each row is clamped so it never runs past the model's context.
     compile: run the decode steps through torch.compile, with a fixed-shape cache and masks so one
     compiled graph serves every step (prefill stays eager: its length varies).
     """
@@ -103,13 +103,21 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int
     _check_prompts(prompts, args.vocab_size, args.max_seq_len)
     device = model.tok_embeddings.weight.device
     B, L = len(prompts), max(len(p) for p in prompts)
-    max_new_tokens = min(max_new_tokens, args.max_seq_len - L)
+    # Each row may run to the end of the context counted from its own first token, as it would
+    # alone: clamping every row to the longest prompt's room cut a short prompt batched with a
+    # long one. The cache then holds up to L - min(len) slots of left padding beyond the context.
+    row_limit = [min(max_new_tokens, args.max_seq_len - len(p)) for p in prompts]
+    max_new_tokens = max(row_limit)
     total = L + max_new_tokens
     cache = (StaticKVCache if compile else new_cache)(args, B, total, dtype=model.tok_embeddings.weight.dtype,
-                                                    device=device)
-    generator = None
+                                                    device=device, padding=L - min(len(p) for p in prompts))
+    # One generator per row, each seeded with the seed: a row's draws depend only on its own
+    # logits, so a seeded prompt samples the same text alone or in a batch of any size (as the
+    # serving engine's per-sequence generators and vLLM's per-request seeds do).
+    generators = None
     if sampling.seed is not None:
-        generator = torch.Generator(device=device).manual_seed(sampling.seed)
+        generators = [torch.Generator(device=device).manual_seed(sampling.seed) for _ in prompts]
+    row_done = torch.tensor(row_limit, device=device)  # steps after which a row is out of context
 
     pad = torch.tensor([L - len(p) for p in prompts], device=device)
     tokens = torch.zeros(B, L, dtype=torch.long, device=device)
@@ -136,9 +144,12 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int
     stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     for step in range(max_new_tokens):
-        nxt = sample(logits, sampling, generator)
+        if generators is None or sampling.greedy:
+            nxt = sample(logits, sampling)
+        else:
+            nxt = torch.cat([sample(logits[i:i + 1], sampling, g) for i, g in enumerate(generators)])
         yield [None if f else int(t) for t, f in zip(nxt.tolist(), finished.tolist(), strict=True)]
-        finished |= torch.isin(nxt, stop)
+        finished |= torch.isin(nxt, stop) | (row_done <= step + 1)
         if step + 1 == max_new_tokens or bool(finished.all()):
             return
         offset = L + step  # where the token just sampled goes

@@ -25,11 +25,18 @@ class _Positions:
         self.offset = 0
 
 
+def _check_len(args, max_len: int, padding: int) -> None:
+    """`padding`: how many of the slots hold a row's left padding, not positions. A left-padded
+    batch (herd/inference/generate.py) lets each row run to the end of the context, so its cache
+    has up to that many slots more than the context has positions."""
+    if max_len - padding > args.max_seq_len:
+        raise HerdError(f"cache of {max_len - padding} positions exceeds the model's context of {args.max_seq_len}")
+
+
 class KVCache(_Positions):
     def __init__(self, args: ModelArgs, batch_size: int, max_len: int, *,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
-        if max_len > args.max_seq_len:
-            raise HerdError(f"cache of {max_len} positions exceeds the model's context of {args.max_seq_len}")
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", padding: int = 0):
+        _check_len(args, max_len, padding)
         shape = (args.n_layers, batch_size, args.kv_heads, max_len, args.hd)  # (L, B, K, S_max, d)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
@@ -80,9 +87,8 @@ class ChunkedKVCache(_Positions):
     """
 
     def __init__(self, args, batch_size: int, max_len: int, *, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu"):
-        if max_len > args.max_seq_len:
-            raise HerdError(f"cache of {max_len} positions exceeds the model's context of {args.max_seq_len}")
+                 device: torch.device | str = "cpu", padding: int = 0):
+        _check_len(args, max_len, padding)
         if not args.attention_chunk_size:
             raise HerdError("ChunkedKVCache needs a model with chunked attention (attention_chunk_size)")
         self.chunk = args.attention_chunk_size

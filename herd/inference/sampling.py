@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
 
 from herd.errors import HerdError
+
+
+def _is_real(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
 @dataclass(frozen=True)
@@ -21,12 +26,14 @@ class SamplingParams:
     suppress: tuple[int, ...] = ()
 
     def __post_init__(self):
-        if not (self.temperature >= 0 and math.isfinite(self.temperature)):  # NaN fails both
-            raise HerdError(f"temperature must be a finite number >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise HerdError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise HerdError(f"top_k must be >= 0, got {self.top_k}")
+        # Types first: a string or None from a config or a JSON body otherwise failed deep inside
+        # a comparison or torch.topk with a bare TypeError; a float top_k (2.5) has no meaning.
+        if not _is_real(self.temperature) or not (self.temperature >= 0 and math.isfinite(self.temperature)):
+            raise HerdError(f"temperature must be a finite number >= 0, got {self.temperature!r}")  # NaN fails both
+        if not _is_real(self.top_p) or not 0 < self.top_p <= 1:
+            raise HerdError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, numbers.Integral) or self.top_k < 0:
+            raise HerdError(f"top_k must be a whole number >= 0, got {self.top_k!r}")
 
     @property
     def greedy(self) -> bool:

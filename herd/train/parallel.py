@@ -384,6 +384,45 @@ class _LocalLoss:
 
 
 # ---- the run's layout --------------------------------------------------------------------------------
+def check_layout(cfg: ParallelConfig, d: dict[str, int], args, batch_sizes: Sequence[int],
+                 seq_lens: Sequence[int]) -> None:
+    """Refuse layouts (degrees `d`) the model or the global batch sizes and sequence lengths cannot
+    be split into. Shared by training (Parallel.check) and `herd plan`, so a plan never prices a
+    layout that training would refuse."""
+    tp, cp, pp = d["tp"], d["cp"], d["pp"]
+    dp_size = d["dp_replicate"] * d["dp_shard"]
+    check_expert_parallel(cfg.ep, args)
+    if tp > 1 and getattr(args, "n_experts", 0):
+        raise HerdError(f"parallel.tp={tp}: tensor parallel for Llama 4 MoE models is not implemented; shard "
+                        "the experts with parallel.ep over the dp_shard ranks instead")
+    if tp > 1:
+        if args.n_heads % tp or args.kv_heads % tp:
+            raise HerdError(f"parallel.tp={tp} must divide n_heads ({args.n_heads}) and n_kv_heads "
+                            f"({args.kv_heads}): each rank owns whole heads")
+        if args.ffn_dim % tp or args.vocab_size % tp and cfg.loss_parallel:
+            raise HerdError(f"parallel.tp={tp} must divide the FFN width ({args.ffn_dim}) and, with loss "
+                            f"parallel, the vocabulary ({args.vocab_size})")
+        if args.tie_embeddings:
+            raise HerdError("tensor parallel with tied embeddings is not supported (set parallel.tp=1)")
+    if pp > 1 and args.tie_embeddings:
+        raise HerdError("pipeline parallel with tied embeddings is not supported (the embedding and the "
+                        "output head live on different stages)")
+    for b in batch_sizes:
+        if b % dp_size:
+            raise HerdError(f"train.batch_size={b} must be divisible by the data-parallel degree "
+                            f"dp_replicate×dp_shard={dp_size}")
+        if pp > 1:
+            rows = b // dp_size
+            n_mb = cfg.pp_microbatches or rows  # as Parallel.microbatches
+            if rows % n_mb or n_mb < pp:
+                raise HerdError(f"pipeline parallel: each data-parallel share ({rows} rows) must split into "
+                                f"parallel.pp_microbatches={n_mb} micro-batches, at least pp={pp}")
+    for t in seq_lens:
+        if t % (tp * 2 * cp if cp > 1 else tp):
+            raise HerdError(f"train.seq_len={t} must be divisible by tp{'×2×cp' if cp > 1 else ''} "
+                            f"(= {tp * 2 * cp if cp > 1 else tp}) for sequence/context parallel")
+
+
 class Parallel:
     """This process's place in the layout and the functions the training loop calls through it.
 
@@ -451,37 +490,7 @@ class Parallel:
         """Refuse layouts the model or the batches (a TrainConfig's sizes) cannot be split into."""
         batch_sizes = [train.batch_size] + [e[1] for e in train.batch_schedule]
         seq_lens = [train.seq_len] + [e[2] for e in train.batch_schedule]
-        tp, cp = self.d["tp"], self.d["cp"]
-        check_expert_parallel(self.cfg.ep, args)
-        if tp > 1 and getattr(args, "n_experts", 0):
-            raise HerdError(f"parallel.tp={tp}: tensor parallel for Llama 4 MoE models is not implemented; shard "
-                            "the experts with parallel.ep over the dp_shard ranks instead")
-        if tp > 1:
-            if args.n_heads % tp or args.kv_heads % tp:
-                raise HerdError(f"parallel.tp={tp} must divide n_heads ({args.n_heads}) and n_kv_heads "
-                                f"({args.kv_heads}): each rank owns whole heads")
-            if args.ffn_dim % tp or args.vocab_size % tp and self.cfg.loss_parallel:
-                raise HerdError(f"parallel.tp={tp} must divide the FFN width ({args.ffn_dim}) and, with loss "
-                                f"parallel, the vocabulary ({args.vocab_size})")
-            if args.tie_embeddings:
-                raise HerdError("tensor parallel with tied embeddings is not supported (set parallel.tp=1)")
-        if self.pipelined and args.tie_embeddings:
-            raise HerdError("pipeline parallel with tied embeddings is not supported (the embedding and the "
-                            "output head live on different stages)")
-        for b in batch_sizes:
-            if b % self.dp_size:
-                raise HerdError(f"train.batch_size={b} must be divisible by the data-parallel degree "
-                                f"dp_replicate×dp_shard={self.dp_size}")
-            if self.pipelined:
-                rows = b // self.dp_size
-                n_mb = self.microbatches(rows)
-                if rows % n_mb or n_mb < self.d["pp"]:
-                    raise HerdError(f"pipeline parallel: each data-parallel share ({rows} rows) must split into "
-                                    f"parallel.pp_microbatches={n_mb} micro-batches, at least pp={self.d['pp']}")
-        for t in seq_lens:
-            if t % (tp * 2 * cp if cp > 1 else tp):
-                raise HerdError(f"train.seq_len={t} must be divisible by tp{'×2×cp' if cp > 1 else ''} "
-                                f"(= {tp * 2 * cp if cp > 1 else tp}) for sequence/context parallel")
+        check_layout(self.cfg, self.d, args, batch_sizes, seq_lens)
 
     def microbatches(self, rows: int) -> int:
         """Micro-batches per pipeline step for a share of `rows` sequences: one sequence each unless

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 
 from herd.errors import HerdError
 from herd.models.args import ModelArgs, get_preset
-from herd.train.parallel import AC_MODES, ParallelConfig, split_layers
+from herd.train.parallel import AC_MODES, ParallelConfig, check_layout, split_layers
 
 GiB = 1024**3
 H100_BF16_PEAK = 989e12  # dense BF16 FLOP/s of an H100 SXM
@@ -120,6 +120,13 @@ def plan(args: ModelArgs, cfg: ParallelConfig, world: int | None, seq_len: int, 
     n_mb = (cfg.pp_microbatches or rows_per_dp) if pp > 1 else 1  # as Parallel.microbatches
     if rows_per_dp % n_mb:
         raise HerdError(f"--batch {rows_per_dp} sequences per data-parallel rank do not split into {n_mb} micro-batches")
+    if pp > 1 and n_mb < pp:  # said in plan's own terms before check_layout says it in training's
+        raise HerdError(f"--batch {rows_per_dp} makes {n_mb} micro-batch(es) per data-parallel rank; pipeline "
+                        f"parallel needs at least pp={pp} (give --batch {pp} or more)")
+    # Everything else training itself refuses (parallel.Parallel.check): an FFN or vocabulary tp does
+    # not divide, tied embeddings under tp/pp, ep on a dense model, fewer micro-batches than stages.
+    # The plan priced such layouts as if they could run.
+    check_layout(cfg, d, args, [rows_per_dp * d["dp_replicate"] * d["dp_shard"]], [seq_len])
     stages = split_layers(args.n_layers, pp * cfg.stages_per_rank)
     emb = args.vocab_size * args.dim
     block = _block_params(args)
@@ -187,9 +194,9 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="a dense preset (llama3-8b, llama3-70b, llama3-405b, ...)")
     p.add_argument("--seq", type=int, default=None,
                    help="sequence length (default: 8192, or the model's max_seq_len when shorter)")
-    p.add_argument("--batch", type=int, default=1,
-                   help="sequences per data-parallel rank per optimizer step (default: 1; the paper's 405B "
-                        "run: 32 at seq 8192)")
+    p.add_argument("--batch", type=int, default=None,
+                   help="sequences per data-parallel rank per optimizer step (default: 1, or the fewest a "
+                        "pipeline runs: pp, or parallel.pp_microbatches; the paper's 405B run: 32 at seq 8192)")
     p.add_argument("--world", type=int, default=None, help="number of GPUs (default: the product of the degrees)")
     p.add_argument("--mfu", type=float, default=0.40, help="model FLOPs utilization for the step time (default: 0.40)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -221,5 +228,8 @@ def cmd_plan(a) -> None:
     if not 0 < a.mfu <= 1:
         raise HerdError(f"--mfu {a.mfu}: a fraction in (0, 1]")
     seq = a.seq if a.seq is not None else min(8192, args.max_seq_len)
-    result = plan(args, cfg, a.world, seq, a.batch, a.mfu, name=a.model)
+    batch = a.batch
+    if batch is None:  # a pipeline needs a micro-batch per stage (at least)
+        batch = max(cfg.pp_microbatches, cfg.pp) if cfg.pp > 1 else 1
+    result = plan(args, cfg, a.world, seq, batch, a.mfu, name=a.model)
     print(json.dumps(asdict(result), indent=1) if a.json else result.format())

@@ -39,6 +39,15 @@ def test_answer_extraction():
     assert is_correct("12.", "12", "exact") and not is_correct("it is 12", "12", "exact")
 
 
+
+def test_words_float_reads_as_numbers_are_text_answers():
+    # float() takes "inf", "NaN", "Infinity": such an answer was compared as a number, so no reply
+    # (not even the word itself) could ever be scored correct.
+    for word in ("Infinity", "infinity", "NaN", "inf"):
+        assert is_correct(f" {word}.", word) and not is_correct("42", word)
+    assert is_correct("it is 1,000,000,000,000,000,000,000", 1e21)  # a JSON number stays numeric
+    assert is_correct("half: 0.5", ".5") and is_correct("x = +3", "3")
+
 def test_multiple_choice_by_loglikelihood(tmp_path):
     import herd
 

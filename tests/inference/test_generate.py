@@ -119,3 +119,45 @@ def test_compiled_is_keyed_on_the_model_under_an_image_binding(monkeypatch):
     first = gen.compiled(WithImages(model, torch.zeros(1, 3, 28, 28)))
     second = gen.compiled(WithImages(model, torch.ones(1, 3, 28, 28)))
     assert first is second and calls == [model]
+
+
+def test_seeded_sampling_of_a_row_is_the_same_alone_and_in_any_batch(pair):
+    # One generator per row: a seeded prompt samples the same text whatever else shares its batch
+    # (before, one generator served the whole batch, so a row's draws depended on its neighbours).
+    model, _ = pair
+    torch.manual_seed(4)
+    prompts = [torch.randint(0, model.args.vocab_size, (n,)).tolist() for n in (5, 13, 2)]
+    sp = SamplingParams(temperature=1.3, top_p=0.95, seed=11)
+    together = generate_batch(model, prompts, max_new_tokens=12, sampling=sp)
+    alone = [generate_batch(model, [p], max_new_tokens=12, sampling=sp)[0] for p in prompts]
+    pairs = generate_batch(model, prompts[1:], max_new_tokens=12, sampling=sp)
+    assert [c.ids for c in together] == [c.ids for c in alone]
+    assert [c.ids for c in pairs] == [c.ids for c in alone[1:]]
+
+
+def test_a_short_prompt_batched_with_a_long_one_still_runs_to_the_end_of_the_context(pair):
+    # Each row's room is the context minus its own length, not the longest prompt's: a 2-token
+    # prompt beside one near the end of the context used to be cut to the long one's 2 tokens.
+    model, _ = pair
+    n = model.args.max_seq_len
+    torch.manual_seed(5)
+    long, short = torch.randint(0, model.args.vocab_size, (n - 2,)).tolist(), [3, 4]
+    together = generate_batch(model, [long, short], max_new_tokens=10)
+    alone = [generate_batch(model, [p], max_new_tokens=10)[0] for p in (long, short)]
+    assert [len(c.ids) for c in alone] == [2, 10]
+    assert [c.ids for c in together] == [c.ids for c in alone]
+    assert [c.finish_reason for c in together] == ["length", "length"]
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"temperature": "1"}, "temperature must be a finite number >= 0, got '1'"),
+    ({"temperature": None}, "temperature must be"),
+    ({"top_p": "0.9"}, "top_p must be in"),
+    ({"top_k": 2.5}, "top_k must be a whole number >= 0, got 2.5"),
+    ({"top_k": True}, "top_k must be a whole number"),
+    ({"top_k": None}, "top_k must be a whole number"),
+])
+def test_sampling_params_of_the_wrong_type_are_one_herd_error(kwargs, match):
+    # These reached a comparison or torch.topk and failed there with a bare TypeError.
+    with pytest.raises(HerdError, match=match.replace("(", r"\(")):
+        SamplingParams(**kwargs)

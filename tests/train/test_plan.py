@@ -62,7 +62,7 @@ def test_activation_checkpointing_and_tp_shrink_activations():
 
 def test_plan_cli_prints_memory_and_refuses_bad_layouts():
     cmd = [sys.executable, "-m", "herd", "plan", "--model", "llama3-405b", "--parallel.tp=8", "--parallel.pp=16",
-           "--parallel.dp_shard=64", "--seq", "8192"]
+           "--parallel.dp_shard=64", "--seq", "8192", "--batch", "32"]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     for word in ("parameters", "gradients", "optimizer", "activations", "GFLOP/token", "8,192 GPUs"):
         assert word in out
@@ -70,6 +70,9 @@ def test_plan_cli_prints_memory_and_refuses_bad_layouts():
     assert bad.returncode == 2 and bad.stderr.startswith("herd: error: tp=3 must divide n_heads")
     with pytest.raises(HerdError, match="micro-batches"):
         plan(get_preset("llama3-8b"), ParallelConfig(pp=4, dp_shard=2, pp_microbatches=3), None, 8192, rows_per_dp=4)
+    # without --batch, a pipelined layout is priced at the fewest sequences it runs (one per stage)
+    out = subprocess.run(cmd[:9], capture_output=True, text=True, check=True).stdout
+    assert "16 sequences per data-parallel rank in 16 micro-batch(es)" in out
 
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -106,3 +109,36 @@ def test_plan_refuses_impossible_sizes(argv, match, capsys):
 
     assert main(["plan", *argv]) == 2
     assert match in capsys.readouterr().err
+
+
+def test_paper_405b_numbers_by_hand():
+    # Hand arithmetic from SPEC §1's 405B shape (dim 16384, 126 layers, FFN 53248, 128/8 heads of
+    # 128, vocabulary 128256): one block holds q,k,v (16384·128·144), o (16384²), w1,w2,w3
+    # (3·16384·53248) and two norms; PP 16 puts 8 layers on stage 0, which also holds the embedding.
+    block = 16384 * 128 * 144 + 16384 * 16384 + 3 * 16384 * 53248 + 2 * 16384
+    stage = (8 * block + 128256 * 16384) // 8  # ÷ TP 8
+    p = plan(get_preset("llama3-405b"), PAPER_405B, None, 8192, rows_per_dp=32)
+    assert p.stage_layers == 8 and p.stage_params == stage == 3_450_372_096
+    assert p.grads_bytes == 4 * stage / 64 and p.optimizer_bytes == 8 * stage / 64  # sharded over DP 64
+    # activations, no checkpointing: 4D + qkv + attention out + 3F bf16 elements per token per layer
+    # ÷ TP, one sequence per micro-batch, 16 in flight on the first stage (1F1B), + one micro-batch's
+    # logits (bf16 + fp32 + fp32 grad) over the vocabulary ÷ TP
+    per_token_layer = (4 * 16384 + 144 * 128 + 128 * 128 + 3 * 53248) * 2 / 8
+    assert p.activations_bytes == per_token_layer * 8192 * 8 * 16 + 8192 * 128256 / 8 * 10
+    # 6·(N − embedding table) + 12·layers·dim·seq/2 FLOPs per token; 16M tokens over 8,192 GPUs
+    n = 126 * block + 2 * 128256 * 16384 + 16384
+    assert p.flops_per_token == 6 * (n - 128256 * 16384) + 12 * 126 * 16384 * 4096
+    assert p.flops_per_gpu_per_step == p.flops_per_token * 64 * 32 * 8192 / 8192
+
+
+@pytest.mark.parametrize("preset, cfg, batch, match", [
+    # each of these `herd pretrain` refuses (Parallel.check); the plan used to price them anyway
+    ("llama3-8b", ParallelConfig(ep=2, dp_shard=2), 1, "needs a mixture-of-experts model"),
+    ("llama3-8b", ParallelConfig(pp=4, dp_shard=1), 2, r"at least pp=4 \(give --batch 4 or more\)"),
+    ("llama3-8b", ParallelConfig(pp=4, dp_shard=1, pp_microbatches=2), 4, "at least pp=4"),
+    ("smollm2-135m", ParallelConfig(pp=2, dp_shard=1), 2, "tied embeddings"),
+    ("smollm2-135m", ParallelConfig(tp=3, dp_shard=1), 1, "tied embeddings"),
+])
+def test_plan_refuses_what_training_refuses(preset, cfg, batch, match):
+    with pytest.raises(HerdError, match=match):
+        plan(get_preset(preset), cfg, None, 3072, rows_per_dp=batch)
