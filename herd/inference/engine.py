@@ -38,6 +38,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import itertools
+import numbers
 import threading
 import time
 from collections import OrderedDict, deque
@@ -315,6 +316,10 @@ def _block_hash(parent: int, tokens: Sequence[int], images: tuple[bytes, ...] = 
 
 # ---- the engine ---------------------------------------------------------------------------------
 
+def _is_int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
 class Engine:
     """Continuous-batching generation over a paged KV cache. Thread-safe: `submit` and `cancel`
     may be called from any thread while one thread (`start`, or the caller of `step`) runs steps.
@@ -364,6 +369,14 @@ class Engine:
         images: for a multimodal Llama 4, each image's preprocessed tiles (its row-major tiles, then
         its thumbnail; herd/models/image_processing.py), in the order of their `<|patch|>` runs in
         the prompt."""
+        # int() would truncate a float id (2.7 → 2) into another token: whole numbers only (numpy's too)
+        if isinstance(prompt, torch.Tensor):
+            prompt = prompt.tolist()
+        if not all(_is_int(t) for t in prompt):
+            raise HerdError(f"token ids must be integers, got {next(t for t in prompt if not _is_int(t))!r}")
+        for name, value in (("max_tokens", max_tokens), ("n", n)):
+            if not _is_int(value):
+                raise HerdError(f"{name} must be an integer, got {value!r}")
         prompt = [int(t) for t in prompt]
         vocab, context = self.args.vocab_size, self.args.max_seq_len
         if not prompt:

@@ -241,6 +241,12 @@ def test_bad_requests_are_refused():
             engine.submit(prompt, max_tokens=4)
     with pytest.raises(HerdError, match="at least 1"):
         engine.submit([1], max_tokens=0)
+    # a float id would have been truncated into another token; a float max_tokens a TypeError
+    for prompt, kw, words in (([1, 2.7], {}, "token ids must be integers, got 2.7"), ([True], {}, "integers"),
+                              ([1], {"max_tokens": 2.5}, "max_tokens must be an integer"),
+                              ([1], {"n": "2"}, "n must be an integer")):
+        with pytest.raises(HerdError, match=words):
+            engine.submit(prompt, **{"max_tokens": 4, **kw})
     with pytest.raises(HerdError, match="stop strings need a tokenizer"):
         engine.submit([1], max_tokens=3, stop_strings=["x"])
     _pool_is_full(engine)
