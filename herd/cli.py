@@ -286,6 +286,7 @@ def cmd_info(a) -> None:
         "kv_heads": args.kv_heads, "head_dim": args.hd, "vocab_size": args.vocab_size,
         "context": args.max_seq_len, "rope_theta": args.rope_theta,
         "rope_scaling": None if args.rope_scaling is None else args.rope_scaling.factor,
+        "rope_scaling_type": None if args.rope_scaling is None else args.rope_scaling.kind,
         "tied_embeddings": args.tie_embeddings,
         "params": n, "params_without_input_embedding": n_body,
         "seq_len": seq,
@@ -315,7 +316,7 @@ def cmd_info(a) -> None:
                   f"{args.n_heads} heads / {args.kv_heads} KV heads (head dim {args.hd})"),
         ("vocabulary", f"{args.vocab_size:,}" + (" (tied input/output embeddings)" if args.tie_embeddings else "")),
         ("context", f"{args.max_seq_len:,} tokens, RoPE θ={args.rope_theta:g}"
-                    + (f", llama3 scaling ×{args.rope_scaling.factor:g}" if args.rope_scaling else "")),
+                    + (f", {args.rope_scaling.kind} scaling ×{args.rope_scaling.factor:g}" if args.rope_scaling else "")),
         ("parameters", f"{n:,} ({n / 1e9:.2f}B; {n_body / 1e9:.2f}B without the input embedding)"),
         (f"FLOPs/token @ {seq:,}", f"{info['forward_flops_per_token']:.3e} forward, "
                                    f"{info['training_flops_per_token']:.3e} training (fwd+bwd)"),

@@ -13,6 +13,13 @@ per-frequency divisors (convert_hf_to_gguf's `generate_extra_tensors`); we recov
 would be wrong: llama.cpp reads it as *linear* scaling of every frequency.) Because a small head dim
 may leave the ramp between the two wavelength bounds empty, we also write the exact numbers under
 `herd.rope.scaling.*` keys, which llama.cpp ignores.
+
+Linear and YaRN scaling are llama.cpp keys: `{arch}.rope.scaling.type` = linear/yarn with
+`.rope.scaling.factor`, and for yarn `.rope.scaling.original_context_length` and
+`.rope.scaling.yarn_beta_fast/_slow` (what convert_hf_to_gguf writes). YaRN's optional
+attention_factor / mscale / mscale_all_dim / truncate=false have no llama.cpp key with the same
+meaning (llama.cpp derives the 0.1·ln(factor)+1 temperature itself), so herd keeps them under
+`herd.rope.scaling.*` for its own round trip.
 """
 
 from __future__ import annotations
@@ -27,13 +34,20 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, GGUFWriter, LlamaFileType
+from gguf import (
+    GGML_QUANT_SIZES,
+    GGMLQuantizationType,
+    GGUFValueType,
+    GGUFWriter,
+    LlamaFileType,
+    RopeScalingType,
+)
 from gguf.constants import GGML_QUANT_VERSION
 from gguf.quants import dequantize, quantize
 
 from herd.checkpoint.common import atomic_path, check_state_dict
 from herd.errors import HerdError
-from herd.models.args import ModelArgs, RopeScaling
+from herd.models.args import AnyRopeScaling, LinearRopeScaling, ModelArgs, RopeScaling, YarnRopeScaling
 from herd.models.rope import rope_frequencies
 
 ARCH = "llama"
@@ -380,6 +394,51 @@ def scaling_from_rope_freqs(divisors: np.ndarray, head_dim: int, theta: float, m
     raise HerdError(f"{source}: {ROPE_FREQS} does not match Llama 3 RoPE scaling (unsupported scaling scheme)")
 
 
+def _keyed_scaling(meta: dict, get: Callable[..., Any], source: str) -> AnyRopeScaling | None:
+    """The linear or YaRN scaling the `rope.scaling.*` keys state (None: none, or factor 1)."""
+    scaling_type = str(get("rope.scaling.type", "none"))
+    factor = _f32(get("rope.scaling.factor", 1.0))
+    if scaling_type in ("none", "") or factor == 1.0:
+        return None
+    if scaling_type == "linear":
+        return LinearRopeScaling(factor)
+    if scaling_type != "yarn":
+        raise HerdError(f"{source}: RoPE scaling type {scaling_type!r} is not supported (llama3, linear, yarn or none)")
+
+    # llama.cpp's own temperature knobs, beyond what transformers' Llama computes: refused when they
+    # would change anything rather than ignored (neutral values: what llama.cpp does without them).
+    for key, neutral in (("attn_factor", (1.0,)), ("yarn_attn_factor", (1.0,)), ("yarn_log_multiplier", (0.0,)),
+                         ("yarn_ext_factor", (-1.0, 1.0))):
+        value = get(f"rope.scaling.{key}", None)
+        if value is not None and float(value) not in neutral:
+            raise HerdError(f"{source}: rope.scaling.{key} = {value} is not supported (YaRN as transformers computes it)")
+
+    def herd_key(key: str) -> float | None:
+        value = meta.get(f"herd.rope.scaling.{key}")
+        return None if value is None else _f32(value)
+
+    return YarnRopeScaling(
+        factor, int(get("rope.scaling.original_context_length", get("context_length", 8192))),  # llama.cpp's default
+        beta_fast=_f32(get("rope.scaling.yarn_beta_fast", 32.0)),
+        beta_slow=_f32(get("rope.scaling.yarn_beta_slow", 1.0)),
+        attention_factor=herd_key("attention_factor"), mscale=herd_key("mscale"),
+        mscale_all_dim=herd_key("mscale_all_dim"), truncate=bool(meta.get("herd.rope.scaling.truncate", True)))
+
+
+def _write_keyed_scaling(writer: GGUFWriter, s: LinearRopeScaling | YarnRopeScaling) -> None:
+    writer.add_rope_scaling_type(RopeScalingType.LINEAR if s.kind == "linear" else RopeScalingType.YARN)
+    writer.add_rope_scaling_factor(s.factor)
+    if isinstance(s, YarnRopeScaling):
+        writer.add_rope_scaling_orig_ctx_len(s.original_max_position_embeddings)
+        writer.add_rope_scaling_yarn_beta_fast(s.beta_fast)
+        writer.add_rope_scaling_yarn_beta_slow(s.beta_slow)
+        for key in ("attention_factor", "mscale", "mscale_all_dim"):
+            if getattr(s, key) is not None:
+                writer.add_float32(f"herd.rope.scaling.{key}", getattr(s, key))
+        if not s.truncate:
+            writer.add_bool("herd.rope.scaling.truncate", False)
+
+
 def args_from_gguf_metadata(meta: dict, *, vocab_rows: int | None = None, rope_freqs: np.ndarray | None = None,
                             tied: bool = False, source: str = "GGUF") -> ModelArgs:
     arch = meta.get("general.architecture")
@@ -405,11 +464,10 @@ def args_from_gguf_metadata(meta: dict, *, vocab_rows: int | None = None, rope_f
         raise HerdError(f"{source}: partial rotary embeddings (rope.dimension_count {rope_dim} of "
                         f"head dim {head_dim}) are not supported")
     theta = float(get("rope.freq_base", 10000.0))
-    scaling_type = str(get("rope.scaling.type", "none"))
-    if scaling_type not in ("none", "") and float(get("rope.scaling.factor", 1.0)) != 1.0:
-        raise HerdError(f"{source}: RoPE scaling type {scaling_type!r} is not supported (llama3 or none)")
-    scaling = None
+    scaling = _keyed_scaling(meta, get, source)
     if rope_freqs is not None:
+        if scaling is not None:  # two scalings at once: llama.cpp would apply both, transformers neither way
+            raise HerdError(f"{source}: both {ROPE_FREQS} and rope.scaling.type {scaling.kind!r}: unsupported")
         scaling = scaling_from_rope_freqs(rope_freqs, head_dim, theta, meta, arch, source)
     tokens = meta.get("tokenizer.ggml.tokens")
     vocab = get("vocab_size", None)
@@ -560,6 +618,9 @@ def write_gguf(path: str | Path, args: ModelArgs, sd: dict[str, torch.Tensor], *
             writer.add_file_type(ftype)
             writer.add_quantization_version(GGML_QUANT_VERSION)
             s = args.rope_scaling
+            if s is not None and not isinstance(s, RopeScaling):
+                _write_keyed_scaling(writer, s)
+                s = None  # no rope_freqs tensor: that one is llama3's
             if s is not None:
                 writer.add_float32("herd.rope.scaling.factor", s.factor)
                 writer.add_float32("herd.rope.scaling.low_freq_factor", s.low_freq_factor)

@@ -17,7 +17,7 @@ from herd.checkpoint.common import (
     write_safetensors_dir,
 )
 from herd.errors import HerdError
-from herd.models.args import ModelArgs, RopeScaling
+from herd.models.args import AnyRopeScaling, LinearRopeScaling, ModelArgs, RopeScaling, YarnRopeScaling
 
 _LAYER_MAP = {  # Meta name (under layers.N.) → HF name (under model.layers.N.)
     "attention.wq.weight": "self_attn.q_proj.weight",
@@ -66,16 +66,18 @@ def permute_from_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 # ---- config --------------------------------------------------------------------------------------
-def rope_from_hf_config(cfg: dict, source: str, default_theta: float) -> tuple[float, RopeScaling | None]:
-    """(rope_theta, llama3 scaling or None) from a HF config: transformers 5 nests both under
+def rope_from_hf_config(cfg: dict, source: str, default_theta: float) -> tuple[float, AnyRopeScaling | None]:
+    """(rope_theta, scaling or None) from a HF config: transformers 5 nests both under
     `rope_parameters`, older configs have `rope_theta` and `rope_scaling` (with `type` or
     `rope_type`). Shared by the dense and the Llama 4 mappings. Raises KeyError on a missing field.
 
-    Read as transformers 5 reads it (`standardize_rope_params`): a `rope_theta` inside
-    `rope_parameters` wins over a top-level one, and a llama3 scaling without
-    `original_max_position_embeddings` takes `max_position_embeddings`. Every other scaling type
-    (linear, dynamic, yarn, longrope, ...) and partial rotary embeddings are refused: the model
-    would compute, silently wrong, with plain RoPE."""
+    Read as transformers 5 reads it (`standardize_rope_params`, `_compute_*_parameters`): a
+    `rope_theta` inside `rope_parameters` wins over a top-level one; for llama3 and yarn a top-level
+    `original_max_position_embeddings` wins over the nested one, and without either it is
+    `max_position_embeddings`; yarn's beta_fast/beta_slow fall back to 32/1 when absent *or zero*
+    (transformers' `or`). llama3, linear and yarn are computed; every other type (dynamic NTK,
+    longrope, ...) and partial rotary embeddings are refused: the model would compute, silently
+    wrong, with plain RoPE."""
     rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
     if not isinstance(rope, dict):  # the callers report it as a malformed value
         raise TypeError(f"rope_parameters must be a JSON object, got {rope!r}")
@@ -86,14 +88,52 @@ def rope_from_hf_config(cfg: dict, source: str, default_theta: float) -> tuple[f
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type in ("default", None):
         return theta, None
-    if rope_type != "llama3":
-        raise HerdError(f"{source}: RoPE scaling type {rope_type!r} is not supported (llama3 or none)")
-    original = rope.get("original_max_position_embeddings", cfg.get("max_position_embeddings"))
+    if rope_type == "linear":
+        return theta, LinearRopeScaling(factor=float(rope["factor"]))
+    if rope_type == "dynamic":  # one line, why: a fixed inv_freq cannot reproduce it
+        raise HerdError(f"{source}: RoPE scaling type 'dynamic' is not supported: transformers recomputes its "
+                        "frequencies from each forward's length, so cached keys depend on how generation was "
+                        "chunked (supported: llama3, linear, yarn)")
+    if rope_type not in ("llama3", "yarn"):
+        raise HerdError(f"{source}: RoPE scaling type {rope_type!r} is not supported (llama3, linear, yarn or none)")
+    original = cfg.get("original_max_position_embeddings",
+                       rope.get("original_max_position_embeddings", cfg.get("max_position_embeddings")))
     if original is None:
         raise KeyError("original_max_position_embeddings")
+    if rope_type == "yarn":
+        factor = rope.get("factor")
+        if factor is None:  # transformers: the context extension the config states (DeepSeek-V3 style)
+            factor = cfg["max_position_embeddings"] / original
+
+        def optional(key: str) -> float | None:
+            return None if rope.get(key) is None else float(rope[key])
+
+        return theta, YarnRopeScaling(
+            factor=float(factor), original_max_position_embeddings=int(original),
+            beta_fast=float(rope.get("beta_fast") or 32), beta_slow=float(rope.get("beta_slow") or 1),
+            attention_factor=optional("attention_factor"), mscale=optional("mscale"),
+            mscale_all_dim=optional("mscale_all_dim"), truncate=bool(rope.get("truncate", True)))
     return theta, RopeScaling(factor=float(rope["factor"]), low_freq_factor=float(rope["low_freq_factor"]),
                               high_freq_factor=float(rope["high_freq_factor"]),
                               original_max_position_embeddings=int(original))
+
+
+def hf_rope_scaling(s: AnyRopeScaling) -> dict:
+    """The `rope_scaling` object transformers reads back as `s` (fields left unset stay unset)."""
+    if isinstance(s, LinearRopeScaling):
+        return {"rope_type": "linear", "factor": s.factor}
+    if isinstance(s, YarnRopeScaling):
+        out = {"rope_type": "yarn", "factor": s.factor,
+               "original_max_position_embeddings": s.original_max_position_embeddings,
+               "beta_fast": s.beta_fast, "beta_slow": s.beta_slow}
+        out.update({k: getattr(s, k) for k in ("attention_factor", "mscale", "mscale_all_dim")
+                    if getattr(s, k) is not None})
+        if not s.truncate:
+            out["truncate"] = False
+        return out
+    return {"rope_type": "llama3", "factor": s.factor, "low_freq_factor": s.low_freq_factor,
+            "high_freq_factor": s.high_freq_factor,
+            "original_max_position_embeddings": s.original_max_position_embeddings}
 
 
 def refuse_biases(cfg: dict, source: str) -> None:
@@ -143,10 +183,7 @@ def hf_config_from_args(args: ModelArgs, extra: dict | None = None) -> dict:
         "hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "torch_dtype": "float32",
     }
     if args.rope_scaling is not None:
-        s = args.rope_scaling
-        cfg["rope_scaling"] = {"rope_type": "llama3", "factor": s.factor, "low_freq_factor": s.low_freq_factor,
-                               "high_freq_factor": s.high_freq_factor,
-                               "original_max_position_embeddings": s.original_max_position_embeddings}
+        cfg["rope_scaling"] = hf_rope_scaling(args.rope_scaling)
     cfg.update(extra or {})
     return cfg
 

@@ -153,6 +153,8 @@ def llama4_args_from_hf_config(cfg: dict, source: str = "config.json") -> Llama4
         if no_rope and no_rope != [int(u) for u in uses_rope]:
             raise HerdError(f"{source}: no_rope_layers {no_rope} is not every n-th layer NoPE (unsupported)")
         theta, scaling = rope_from_hf_config(cfg, source, default_theta=500000.0)
+        if scaling is not None and scaling.kind != "llama3":  # Llama 4's mappings know llama3's fields only
+            raise HerdError(f"{source}: RoPE scaling type {scaling.kind!r} is not supported for Llama 4 (llama3 or none)")
         n_heads = int(cfg["num_attention_heads"])
         chunk = cfg.get("attention_chunk_size", 8192)
         # transformers attends by `layer_types`, which it derives as chunked on the RoPE layers when

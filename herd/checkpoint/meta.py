@@ -23,6 +23,7 @@ Files are read with `torch.load(weights_only=True, mmap=True)`: tensors only, no
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pickle
 import re
@@ -39,7 +40,7 @@ from herd.checkpoint.meta_llama4 import (
     write_meta_llama4,
 )
 from herd.errors import HerdError
-from herd.models.args import ModelArgs, RopeScaling
+from herd.models.args import LinearRopeScaling, ModelArgs, RopeScaling, YarnRopeScaling
 from herd.models.llama4 import Llama4Args
 
 PARAMS = "params.json"
@@ -81,10 +82,18 @@ def args_from_params(params: dict, *, tied: bool = False, vocab_size: int | None
         scaling = None
         if "rope_scaling" in extra:
             if extra["rope_scaling"] is not None:
-                s = extra["rope_scaling"]
-                scaling = RopeScaling(factor=float(s["factor"]), low_freq_factor=float(s["low_freq_factor"]),
-                                      high_freq_factor=float(s["high_freq_factor"]),
-                                      original_max_position_embeddings=int(s["original_max_position_embeddings"]))
+                s = dict(extra["rope_scaling"])
+                kind = s.pop("rope_type", "llama3")  # written by herd since linear/yarn; llama3 before
+                if kind == "linear":
+                    scaling = LinearRopeScaling(factor=float(s["factor"]))
+                elif kind == "yarn":
+                    scaling = YarnRopeScaling(**s)
+                elif kind == "llama3":
+                    scaling = RopeScaling(factor=float(s["factor"]), low_freq_factor=float(s["low_freq_factor"]),
+                                          high_freq_factor=float(s["high_freq_factor"]),
+                                          original_max_position_embeddings=int(s["original_max_position_embeddings"]))
+                else:
+                    raise HerdError(f"{source}: herd.rope_scaling type {kind!r} is not supported (llama3, linear, yarn)")
         elif params.get("use_scaled_rope"):
             # Llama 4's params.json names the factor; Llama 3's reference hard-codes 8 (3.1) and the
             # 3.2 text models were trained with 32 (HF configs and transformers' converter agree).
@@ -128,20 +137,21 @@ def params_from_args(args: ModelArgs) -> dict:
         # that lands at or just under it, Meta's round-up rule reproduces it exactly.
         multiple_of = args.ffn_hidden_dim
         ffn_mult = args.ffn_hidden_dim / int(2 * (4 * args.dim) / 3)
+    s = args.rope_scaling
+    llama3 = isinstance(s, RopeScaling)
     params = {
         "dim": args.dim, "n_layers": args.n_layers, "n_heads": args.n_heads, "n_kv_heads": args.kv_heads,
         "vocab_size": args.vocab_size, "multiple_of": multiple_of, "ffn_dim_multiplier": ffn_mult,
         "norm_eps": args.norm_eps, "rope_theta": args.rope_theta,
-        "use_scaled_rope": args.rope_scaling is not None,
+        # Meta's flag means llama3 scaling only. Linear/YaRN have no Meta key: they live in the `herd`
+        # object (what herd reads back; training checkpoints are this layout, so refusing would stop
+        # fine-tuning such a model), and Meta's reference code would run them as plain RoPE.
+        "use_scaled_rope": llama3,
     }
-    s = args.rope_scaling
-    if s is not None and s.factor != 8.0:
+    if llama3 and s.factor != 8.0:
         params["rope_scaling_factor"] = s.factor  # Llama 4's key for the same thing
     herd: dict = {"tie_embeddings": args.tie_embeddings, "max_seq_len": args.max_seq_len,
-                  "rope_scaling": None if s is None else {
-                      "factor": s.factor, "low_freq_factor": s.low_freq_factor,
-                      "high_freq_factor": s.high_freq_factor,
-                      "original_max_position_embeddings": s.original_max_position_embeddings}}
+                  "rope_scaling": None if s is None else {"rope_type": s.kind, **dataclasses.asdict(s)}}
     if args.ffn_hidden_dim is not None:
         herd["ffn_hidden_dim"] = args.ffn_hidden_dim
     if args.head_dim is not None and args.head_dim != args.dim // args.n_heads:

@@ -9,7 +9,9 @@ directly set `ffn_hidden_dim`.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 from herd.errors import HerdError
 
@@ -23,6 +25,56 @@ class RopeScaling:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    kind: ClassVar[str] = "llama3"  # the tag HF configs and GGUF files name the scheme by
+
+
+@dataclass(frozen=True)
+class LinearRopeScaling:
+    """"linear" position interpolation (LongChat, Llama 2 long-context fine-tunes): every frequency
+    divided by `factor`, i.e. positions divided by it."""
+
+    factor: float
+    kind: ClassVar[str] = "linear"
+
+
+@dataclass(frozen=True)
+class YarnRopeScaling:
+    """YaRN (arXiv 2309.00071) as transformers' `_compute_yarn_parameters` computes it: dims that
+    rotate fewer than `beta_slow` times over the original context are interpolated (÷ factor), those
+    rotating more than `beta_fast` times are kept, a linear ramp between; cos and sin are multiplied
+    by `attention_scale`. The optional fields are kept as the config gave them (None = absent) so a
+    checkpoint written back says what it said."""
+
+    factor: float
+    original_max_position_embeddings: int
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    attention_factor: float | None = None
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    truncate: bool = True  # floor/ceil the ramp's bounds to whole dims (transformers' default)
+    kind: ClassVar[str] = "yarn"
+
+    @property
+    def attention_scale(self) -> float:
+        """What transformers multiplies cos and sin by: `attention_factor` if given, else YaRN's
+        0.1·ln(factor)+1 (as the ratio for `mscale` over `mscale_all_dim` when both are set and nonzero)."""
+        if self.attention_factor is not None:
+            return float(self.attention_factor)
+        if self.mscale and self.mscale_all_dim:
+            return float(yarn_mscale(self.factor, self.mscale) / yarn_mscale(self.factor, self.mscale_all_dim))
+        return yarn_mscale(self.factor)
+
+
+def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    """YaRN's attention temperature, Eq. 21 (transformers' `yarn_get_mscale`)."""
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+# The RoPE scalings herd computes, told apart by class (`.kind` names them). Dynamic NTK is not one:
+# transformers recomputes its frequencies from each forward's length, so the keys a KV cache holds
+# depend on how generation was chunked, which no fixed set of frequencies reproduces.
+AnyRopeScaling = RopeScaling | LinearRopeScaling | YarnRopeScaling
 
 
 class HeadShapes:
@@ -90,7 +142,7 @@ class ModelArgs(HeadShapes):
     head_dim: int | None = None  # None: dim // n_heads
     norm_eps: float = 1e-5
     rope_theta: float = 500000.0
-    rope_scaling: RopeScaling | None = None
+    rope_scaling: AnyRopeScaling | None = None
     max_seq_len: int = 8192
     tie_embeddings: bool = False
 
@@ -102,6 +154,8 @@ class ModelArgs(HeadShapes):
                 problems.append(f"{name} must be positive (got {getattr(self, name)})")
         if self.ffn_hidden_dim is not None and self.ffn_hidden_dim <= 0:
             problems.append(f"ffn_hidden_dim must be positive (got {self.ffn_hidden_dim})")
+        if self.rope_scaling is not None and not self.rope_scaling.factor > 0:  # ÷ 0 or a sign flip
+            problems.append(f"rope_scaling factor must be positive (got {self.rope_scaling.factor})")
         if problems:
             raise HerdError("invalid model config: " + "; ".join(problems))
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from herd.models.args import ModelArgs
-from herd.models.rope import apply_rope, rope_frequencies, rope_rotations
+from herd.models.rope import apply_rope, rope_attention_scale, rope_frequencies, rope_rotations
 
 
 class Cache(Protocol):
@@ -143,6 +143,8 @@ class DecoderOnly(nn.Module):
         # Non-persistent: derived from args, so never stored in (or expected from) a checkpoint.
         self.register_buffer("inv_freq", rope_frequencies(args.hd, args.rope_theta, args.rope_scaling),
                              persistent=False)
+        # YaRN's attention temperature, applied to cos/sin with the rotation (1 for other scalings).
+        self.rope_scale = rope_attention_scale(args.rope_scaling)
 
     def default_positions(self, tokens: torch.Tensor, cache: Cache | None) -> torch.Tensor:
         """Token t sits at position cache.offset + t (0 + t without a cache) — shape (B, T)."""
@@ -196,7 +198,7 @@ class Transformer(DecoderOnly):
         """
         if positions is None:
             positions = self.default_positions(tokens, cache)
-        rotations = rope_rotations(self.inv_freq, positions)
+        rotations = rope_rotations(self.inv_freq, positions, self.rope_scale)
         h = self.tok_embeddings(tokens)
         for layer in self.layers:
             h = layer(h, rotations, mask, cache)

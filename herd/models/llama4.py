@@ -479,7 +479,7 @@ class Transformer(DecoderOnly):
         T = h.shape[1]
         if positions is None:
             positions = self.default_positions(h[..., 0], cache)
-        rotations = rope_rotations(self.inv_freq, positions)
+        rotations = rope_rotations(self.inv_freq, positions, self.rope_scale)
         local_mask = self._chunk_mask(positions, mask, cache, T)
         for layer in self.layers:
             h = layer(h, rotations, positions, mask, local_mask, cache)

@@ -1,4 +1,5 @@
-"""Rotary position embeddings (RoPE) with Llama 3.1's "llama3" frequency scaling.
+"""Rotary position embeddings (RoPE) with Llama 3.1's "llama3" frequency scaling, and the "linear"
+and "yarn" scalings other Llama-architecture checkpoints carry (computed as transformers does).
 
 Layout: Meta's. Each head's features are rotated in *adjacent pairs* (x[2i], x[2i+1]), as in
 `llama3/model.py`'s complex multiplication and in llama.cpp; HF checkpoints rotate the two halves
@@ -12,17 +13,47 @@ import math
 
 import torch
 
-from herd.models.args import RopeScaling
+from herd.models.args import AnyRopeScaling, LinearRopeScaling, RopeScaling, YarnRopeScaling
 
 
-def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None = None,
+def rope_frequencies(head_dim: int, theta: float, scaling: AnyRopeScaling | None = None,
                      device: torch.device | str | None = None) -> torch.Tensor:
     """Inverse frequencies θ^(-2i/d), i < d/2, fp32 — shape (head_dim // 2,)."""
     exponent = torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim
     freqs = 1.0 / (theta ** exponent)
-    if scaling is not None:
+    if isinstance(scaling, RopeScaling):
         freqs = _llama3_scaling(freqs, scaling)
+    elif isinstance(scaling, LinearRopeScaling):
+        freqs = freqs / scaling.factor  # θ·(p/factor) = (θ/factor)·p
+    elif isinstance(scaling, YarnRopeScaling):
+        freqs = _yarn_scaling(theta ** exponent, head_dim, theta, scaling)
+    elif scaling is not None:
+        raise TypeError(f"unknown RoPE scaling {scaling!r}")
     return freqs
+
+
+def rope_attention_scale(scaling: AnyRopeScaling | None) -> float:
+    """The factor cos and sin are multiplied by (YaRN's attention temperature; 1 otherwise). Scaling
+    both rotates q and k by the same angle and multiplies every q·k logit by its square."""
+    return scaling.attention_scale if isinstance(scaling, YarnRopeScaling) else 1.0
+
+
+def _yarn_scaling(pos_freqs: torch.Tensor, dim: int, base: float, s: YarnRopeScaling) -> torch.Tensor:
+    """transformers' `_compute_yarn_parameters`, operation for operation (so fp32 rounding agrees):
+    a ramp over dim indices blends extrapolated (kept) and interpolated (÷ factor) frequencies; the
+    ramp runs between the dims that rotate `beta_fast` and `beta_slow` times over the original context."""
+    def correction_dim(rotations: float) -> float:
+        return (dim * math.log(s.original_max_position_embeddings / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = correction_dim(s.beta_fast), correction_dim(s.beta_slow)
+    if s.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # transformers' guard against a zero-width ramp
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    extrapolation = 1 - ramp.to(pos_freqs.device)
+    return (1.0 / (s.factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
 
 
 def _llama3_scaling(freqs: torch.Tensor, s: RopeScaling) -> torch.Tensor:
@@ -40,10 +71,12 @@ def _llama3_scaling(freqs: torch.Tensor, s: RopeScaling) -> torch.Tensor:
     return torch.where(in_band, smoothed, scaled)
 
 
-def rope_rotations(inv_freq: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """cos and sin of position·frequency, fp32, stacked — shape (*positions.shape, head_dim//2, 2)."""
+def rope_rotations(inv_freq: torch.Tensor, positions: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """cos and sin of position·frequency, fp32, stacked — shape (*positions.shape, head_dim//2, 2);
+    times `scale` (`rope_attention_scale`) when that is not 1."""
     angles = positions.to(torch.float32).unsqueeze(-1) * inv_freq
-    return torch.stack((angles.cos(), angles.sin()), dim=-1)
+    rotations = torch.stack((angles.cos(), angles.sin()), dim=-1)
+    return rotations if scale == 1.0 else rotations * scale
 
 
 def apply_rope(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:

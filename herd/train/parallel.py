@@ -306,12 +306,13 @@ class PipelineStageModule(nn.Module):
         self.norm = model.norm if last else None
         self.output = model.output if last else None
         self.register_buffer("inv_freq", model.inv_freq, persistent=False)
+        self.rope_scale = model.rope_scale
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """x: tokens (B, T) on the first stage, hidden states (B, T, D) after; → hidden states, or
         fp32 logits (B, T, V) on the last stage (as DecoderOnly.head)."""
         h = self.tok_embeddings(x) if self.tok_embeddings is not None else x
-        rotations = rope_rotations(self.inv_freq, positions)
+        rotations = rope_rotations(self.inv_freq, positions, self.rope_scale)
         for block in self.layers.values():
             h = block(h, rotations, mask)
         return self.output(self.norm(h)).float() if self.output is not None else h
