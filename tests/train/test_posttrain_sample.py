@@ -1,5 +1,6 @@
-"""Rejection sampling: K samples share one prefill of the prompt, and give the same tokens as
-generating K copies of the prompt independently (herd.inference.generate)."""
+"""Rejection sampling: K samples share one prefill of the prompt and one KV cache, and give the same
+tokens as recomputing each of the K rows from scratch at every step with the same random draws (and,
+greedy, as herd.inference.generate)."""
 
 from __future__ import annotations
 
@@ -32,9 +33,22 @@ def test_sample_k_shares_prefill_and_matches_independent_generation():
     h.remove()
     assert calls[0] == (1, len(prompt))  # the prompt is prefilled once, for all 4 samples
     assert all(s == (4, 1) for s in calls[1:])
-    ref = generate_batch(model, [prompt] * 4, max_new_tokens=6, sampling=SamplingParams(temperature=1.0, seed=7),
-                         stop_ids=[1])
-    assert [c.ids for c in got] == [c.ids for c in ref]
+    # the reference: no cache and no sharing; each step runs the whole of every row again and draws
+    # from the stacked last logits with the same generator
+    from herd.inference.sampling import sample
+
+    gen, rows, done = torch.Generator().manual_seed(7), [list(prompt) for _ in range(4)], [False] * 4
+    with torch.no_grad():
+        for _ in range(6):
+            logits = torch.cat([model(torch.tensor([r]))[:, -1] for r in rows])
+            for i, t in enumerate(sample(logits, params, gen).tolist()):
+                done[i] = done[i] or t == 1
+                rows[i].append(t)
+            if all(done):
+                break
+    new = [r[len(prompt):] for r in rows]
+    ref = [n[:n.index(1)] if 1 in n else n for n in new]  # up to the stop token, which is not kept
+    assert [c.ids for c in got] == ref
     assert len({tuple(c.ids) for c in got}) > 1  # really sampled
     greedy = sample_k(model, prompt, 2, max_new_tokens=5, sampling=SamplingParams(), stop_ids=[])
     ref = generate_batch(model, [prompt], max_new_tokens=5, sampling=SamplingParams())
