@@ -176,14 +176,77 @@ def split_turn(tokenizer, prefix: list[int], full: list[int], where: str) -> tup
     return turn[:stop + 1], stop
 
 
+# The most header tokens a reply's first characters can merge with (a header ending in "\n" and a
+# reply starting with "\n" are one "\n\n" token in the whole dialog): one or two in practice.
+_SEAM_TOKENS = 2
+
+
+def _merged_seam(tokenizer, head: list[int], ids: list[int], at: int) -> int | None:
+    """Where the reply begins in `ids` when the ids the template writes before it, `head` (ending
+    with the assistant header), stand at `ids[at:]` but their last token(s) merged with the reply's
+    first characters into one token. That token holds reply characters, so it is the reply's (as
+    transformers' `return_assistant_tokens_mask` counts a token by the characters it holds). None
+    when `head` does not stand there."""
+    special = _special_ids(tokenizer)
+    n = len(head)
+    for r in range(1, min(n, _SEAM_TOKENS) + 1):
+        s = at + n - r
+        if s >= len(ids) or ids[at:s] != head[:n - r] or (set(head[n - r:]) | {ids[s]}) & special:
+            continue
+        tail, merged = tokenizer.decode_bytes(head[n - r:]), tokenizer.decode_bytes([ids[s]])
+        if len(merged) > len(tail) and merged.startswith(tail):
+            return s
+    return None
+
+
+def _reply_start(tokenizer, head: list[int], ids: list[int], at: int) -> int | None:
+    """Where the reply begins in `ids` when `head` (the template's ids before the reply, ending with
+    the assistant header) stands at `ids[at:]`, exactly or merged at the seam; else None."""
+    if ids[at:at + len(head)] == head:
+        return at + len(head)
+    return _merged_seam(tokenizer, head, ids, at)
+
+
+def _reply_end(tokenizer, ids: list[int], start: int, where: str) -> int:
+    """Index of the reply's end-of-turn token: the first stop token from `start` (message text that
+    spells one is encoded as text, so the first one is the template's)."""
+    stop = next((i for i in range(start, len(ids)) if ids[i] in tokenizer.stop_ids), None)
+    if stop is None:
+        raise HerdError(f"{where}: the chat format wrote no end-of-turn token after the reply")
+    return stop
+
+
 def encode_prompt_response(tokenizer, prompt: Messages, response: str, where: str = "example"
                            ) -> tuple[list[int], list[int], list[bool]]:
     """→ (prompt ids ending with the assistant header, reply ids through the stop token, a mask
-    that is True on the reply's content tokens: not the stop token, not special tokens; §4.1.4)."""
+    that is True on the reply's content tokens: not the stop token, not special tokens; §4.1.4).
+
+    prompt + reply are the whole dialog's ids, except where the reply's first characters merge with
+    the header's last token (a reply starting with "\n" after a header ending in "\n"): all the
+    responses of a prompt share its ids in a row, so the prompt stays the generation prompt (what
+    the model sees when it generates) and the reply is its text after the header encoded on its
+    own, as TRL's DPO/reward trainers encode prompt and completion apart."""
     chat = _chat(tokenizer)
     prefix = chat.encode_dialog(prompt, add_generation_prompt=True)
     full = chat.encode_dialog(prompt + [{"role": "assistant", "content": response}], add_generation_prompt=False)
-    turn, n_content = split_turn(tokenizer, prefix, full, where)
+    if full[:len(prefix)] == prefix:
+        turn, n_content = split_turn(tokenizer, prefix, full, where)
+    else:
+        start = _merged_seam(tokenizer, prefix, full, 0)
+        if start is None:
+            raise HerdError(f"{where}: the chat format does not encode the dialog as prompt + reply "
+                            "(the prompt's tokens are not a prefix of the whole dialog's)")
+        stop = _reply_end(tokenizer, full, start, where)
+        # The merged text, less the header's part of it, up to the next special token (special tokens
+        # never merge with text, so what follows keeps its ids); spelled control tokens in it were
+        # encoded as text, and stay text here (allow_special=False).
+        special = _special_ids(tokenizer)
+        end = next(i for i in range(start, stop + 1) if full[i] in special)
+        header_tail = tokenizer.decode_bytes(prefix[start:])
+        text = tokenizer.decode_bytes(full[start:end])[len(header_tail):].decode("utf-8")
+        head = tokenizer.encode(text, allow_special=False) if text else []
+        turn = head + full[end:stop + 1]
+        n_content = len(turn) - 1
     special = _special_ids(tokenizer)
     content = [i < n_content and t not in special for i, t in enumerate(turn)]
     return prefix, turn, content
@@ -191,7 +254,8 @@ def encode_prompt_response(tokenizer, prompt: Messages, response: str, where: st
 
 def encode_chat(tokenizer, messages: Messages, where: str = "example") -> tuple[list[int], list[bool]]:
     """A whole dialog → (ids, is_target) with targets on every assistant turn's content and stop
-    token (the tokens the model should produce); system/user turns and headers are not targets."""
+    token (the tokens the model should produce); system/user turns and headers are not targets.
+    The ids are the chat format's for the whole dialog (transformers' `apply_chat_template`)."""
     chat = _chat(tokenizer)
     if not any(m.get("role") == "assistant" for m in messages):
         raise HerdError(f"{where}: the chat has no assistant turn (nothing to train on)")
@@ -200,12 +264,25 @@ def encode_chat(tokenizer, messages: Messages, where: str = "example") -> tuple[
     for j, m in enumerate(messages):
         if m.get("role") != "assistant":
             continue
-        prefix = chat.encode_dialog(messages[:j], add_generation_prompt=True) if j else []
         upto = chat.encode_dialog(messages[:j + 1], add_generation_prompt=False)
         if full[:len(upto)] != upto:
             raise HerdError(f"{where}: the chat format does not encode this dialog turn by turn")
-        turn, _ = split_turn(tokenizer, prefix, upto, where)
-        for i in range(len(prefix), len(prefix) + len(turn)):
+        # The dialog before the turn, with the generation prompt: the turn's reply follows it.
+        head = chat.encode_dialog(messages[:j], add_generation_prompt=True)
+        start = _reply_start(tokenizer, head, upto, 0)
+        if start is None and j == 0:
+            # A dialog that opens with the assistant: a template may write a preamble only once the
+            # dialog has a message (SmolLM2's default system prompt), so the empty dialog's generation
+            # prompt is not where the reply's prefix starts. The reply follows the last generation
+            # header before its end-of-turn token (reply text never holds the header's control tokens).
+            last_stop = max((i for i, t in enumerate(upto) if t in tokenizer.stop_ids), default=-1)
+            start = next((s for at in range(last_stop, 0, -1)
+                          if (s := _reply_start(tokenizer, head, upto, at)) is not None and s <= last_stop), None)
+        if start is None:
+            raise HerdError(f"{where}: the chat format does not encode the dialog as prompt + reply "
+                            f"(the tokens before assistant turn {j} are not those of its prompt)")
+        stop = _reply_end(tokenizer, upto, start, where)
+        for i in range(start, stop + 1):
             target[i] = True
     return full, target
 
