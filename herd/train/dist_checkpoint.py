@@ -77,7 +77,7 @@ def save(trainer) -> Path:
         files = [DCP_DIR, "train_state.pt"]
         if trainer.args.num_params() <= FULL_INIT_MAX_PARAMS:
             _write_model_dir(tmp, trainer.args, _load_full(tmp / DCP_DIR, trainer.args),
-                             getattr(trainer, "tokenizer_files", []))
+                             getattr(trainer, "tokenizer_files", []), getattr(trainer, "checkpoint_tokenizer", None))
             files.append("model")
         state = trainer._train_state()
         state.pop("optimizer")  # in dcp/, sharded
@@ -107,7 +107,9 @@ def restore(trainer, path: Path) -> None:
     try:
         if is_distributed_checkpoint(path):
             states = _state_dicts(trainer.model, trainer.optimizer)
-            dcp.load(states, checkpoint_id=path / DCP_DIR, no_dist=not par.distributed)
+            with warnings.catch_warnings():  # one process: "assuming the intent is to load in a single process"
+                warnings.simplefilter("ignore", UserWarning)
+                dcp.load(states, checkpoint_id=path / DCP_DIR, no_dist=not par.distributed)
             set_state_dict(trainer.model, trainer.optimizer, model_state_dict=states["model"],
                            optim_state_dict=states["optimizer"])
             state = ckpt.read_train_state(path)
@@ -197,15 +199,20 @@ def _load_full(dcp_dir: Path, args) -> dict[str, torch.Tensor]:
     return {k: v.detach() for k, v in sd.items()}
 
 
-def _write_model_dir(tmp: Path, args, sd: dict[str, torch.Tensor], tokenizer_files) -> None:
-    """model/ as herd/train/checkpoint.py writes it: Meta layout, the run's tokenizer, base-model marker."""
+def _write_model_dir(tmp: Path, args, sd: dict[str, torch.Tensor], tokenizer_files, tokenizer=None) -> None:
+    """model/ as herd/train/checkpoint.py writes it: Meta layout, the run's tokenizer, base-model marker.
+    `tokenizer` is the one a byte-level run (data.tokenizer = "bytes") writes in place of files it
+    does not have: without it a distributed debug run's checkpoint had no tokenizer, and `herd
+    generate --model ckpt-N` refused it where the single-process run's checkpoint worked."""
     from herd.checkpoint.common import MODEL_INFO
     from herd.checkpoint.meta import write_meta
 
     write_meta(tmp / "model", args, sd)
     for f in tokenizer_files:
         shutil.copyfile(f, tmp / "model" / Path(f).name)
-    if tokenizer_files:
+    if tokenizer is not None:
+        tokenizer.save(tmp / "model", "meta")
+    if tokenizer_files or tokenizer is not None:
         (tmp / "model" / MODEL_INFO).write_text(json.dumps({"chat_format": False}) + "\n")
 
 
@@ -214,7 +221,30 @@ def export(path: str | Path, out: str | Path, fmt: str = "hf", dtype: str | None
     from herd.checkpoint import write_checkpoint
 
     args, sd = consolidate(path)
-    return write_checkpoint(out, fmt, args, sd, dtype=dtype)
+    return write_checkpoint(out, fmt, args, sd, dtype=dtype, tokenizer=_run_tokenizer(Path(path)))
+
+
+def _run_tokenizer(path: Path):
+    """The tokenizer the run trained with, so the export is a model `herd generate` and
+    transformers' AutoTokenizer can use (it went out weights-only before): the one in the
+    checkpoint's model/ when it has one, else the run config's data.tokenizer. None, with a
+    warning, when neither can be read (a tokenizer file moved since the run, say)."""
+    from herd.tokenizer import load_tokenizer
+
+    model_dir = path / "model"
+    spec = (ckpt.read_train_state(path).get("config") or {}).get("data", {}).get("tokenizer")
+    try:
+        if model_dir.is_dir() and any((model_dir / f).is_file() for f in ("tokenizer.model", "tokenizer.json")):
+            tok = load_tokenizer(model_dir)
+        elif spec:
+            tok = load_tokenizer(spec)
+        else:
+            return None
+    except HerdError as e:
+        warnings.warn(f"{path}: the run's tokenizer could not be read ({e}); exporting the weights only",
+                      stacklevel=3)
+        return None
+    return tok  # as `herd convert ckpt-N/model` carries it for a single-process run
 
 
 def add_export_parser(subparsers) -> argparse.ArgumentParser:

@@ -80,8 +80,12 @@ class ParallelConfig:
             d["dp_shard"] = world_size // others
         if math.prod(d.values()) != world_size:
             layout = "×".join(f"{k}={v}" for k, v in d.items() if v > 1) or "1"
+            # `--resume` takes the layout from the run's saved config, so resuming a torchrun run in
+            # one process (or on another world size) lands here: say how to re-lay it out too
             raise HerdError(f"parallel layout {layout} needs {math.prod(d.values())} processes, this run has "
-                            f"{world_size} (launch with torchrun --nproc_per_node N)")
+                            f"{world_size} (launch with torchrun --nproc_per_node {math.prod(d.values())}, or "
+                            f"give degrees for {world_size}, e.g. --parallel.dp_shard=-1 with pp/tp/cp/dp_replicate "
+                            "that divide it: checkpoints reshard to any layout)")
         if d["dp_shard"] % self.ep:
             raise HerdError(f"parallel.ep={self.ep} must divide parallel.dp_shard={d['dp_shard']}: expert "
                             "parallel borrows its ranks from FSDP's data-parallel dim")
