@@ -145,7 +145,7 @@ def cmd_generate(a) -> None:
     if a.raw or tokenizer.chat is None:
         request = prompt
     else:
-        request = ([{"role": "system", "content": a.system}] if a.system else []) + [
+        request = ([{"role": "system", "content": a.system}] if a.system is not None else []) + [
             {"role": "user", "content": prompt}]
     for piece in stream(model, tokenizer, request, images=images or None, **sampling):
         sys.stdout.write(piece)
@@ -228,7 +228,7 @@ def cmd_chat(a) -> None:
         content = [{"type": "image", "image": img} for img in pending] + [{"type": "text", "text": text}]
         history.append({"role": "user", "content": content if pending else text})
         pending = []
-        dialog = ([{"role": "system", "content": system}] if system else []) + history
+        dialog = ([{"role": "system", "content": system}] if system is not None else []) + history
         done = Completion()
         try:
             for piece in stream(model, tokenizer, dialog, completion=done, **sampling):

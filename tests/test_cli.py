@@ -170,3 +170,14 @@ def test_data_prepare_and_tokenizer_train_verbs(capsys, tmp_path, monkeypatch):
     assert tok.decode(tok.encode(text)) == text and tok.vocab_size == 1024
     one_line_error(*run(capsys, "tokenizer", "train", str(tmp_path / "missing"), "--vocab-size", "1024",
                         "--out", str(tmp_path / "t2"))[::2])
+
+
+def test_an_empty_system_prompt_is_sent_not_replaced_by_the_default(capsys, monkeypatch, smollm2_gguf):
+    """`--system ""` is an empty system message; SmolLM2's template writes its default system prompt
+    only when there is none, so dropping it changed the prompt (as transformers renders it)."""
+    import herd.api
+
+    seen = []
+    monkeypatch.setattr(herd.api, "stream", lambda model, tok, request, **kw: seen.append(request) or iter(()))
+    code, _, _ = run(capsys, "generate", "--prompt", "Hi", "--system", "", "--max-new-tokens", "1")
+    assert code == 0 and seen == [[{"role": "system", "content": ""}, {"role": "user", "content": "Hi"}]]
