@@ -1,9 +1,11 @@
 """An OpenAI-compatible HTTP server over the engine (FastAPI + uvicorn): `herd serve`.
 
-Endpoints: GET /health, GET /v1/models, POST /v1/completions and /v1/chat/completions — streamed
-as server-sent events or not, `n` samples, `stop`, `max_tokens`, `temperature`, `top_p`, `top_k`,
-`seed`, and tool calls returned in OpenAI's `tool_calls` shape, parsed from the model's output by
-the chat format (herd/tokenizer/chat.py).
+Endpoints: GET /health, GET /v1/models (and /v1/models/{id}), POST /v1/completions and
+/v1/chat/completions — streamed as server-sent events or not, `n` samples, `stop`, `max_tokens`
+(or chat's `max_completion_tokens`), `temperature`, `top_p`, `top_k`, `seed`, and tool calls
+returned in OpenAI's `tool_calls` shape, parsed from the model's output by the chat format
+(herd/tokenizer/chat.py). `tools` for a checkpoint whose chat template has none, and tool_choice
+"required" or a named function, are 400s; OpenAI's "developer" role is the system turn.
 
 Every request is validated before it reaches the engine; a bad one gets a 4xx with OpenAI's error
 shape `{"error": {"message", "type", "param", "code"}}`: malformed or non-UTF-8 JSON, unknown
@@ -80,7 +82,11 @@ _NEUTRAL = {  # OpenAI fields accepted only at their no-op value: anything else 
     "logprobs": (None, False), "top_logprobs": (None, 0), "echo": (None, False), "suffix": (None,),
     "best_of": (None, 1), "response_format": (None, {"type": "text"}),
 }
-_IGNORED = ("user", "metadata", "store", "parallel_tool_calls", "service_tier")  # no effect on output
+# No effect on output. safety_identifier and prompt_cache_key are OpenAI's newer per-user ids (a
+# cache-affinity hint, where herd's prefix sharing is automatic); the official client sends them
+# when its caller sets them.
+_IGNORED = ("user", "metadata", "store", "parallel_tool_calls", "service_tier", "safety_identifier",
+            "prompt_cache_key")
 _COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "n", "stop", "seed", "stream",
            "stream_options", "ignore_eos", *_NEUTRAL, *_IGNORED}
 _FIELDS = {"completions": _COMMON | {"prompt"},
@@ -111,6 +117,12 @@ def _float(body, name, default, ok, rule):
     return float(x)
 
 
+def _is_neutral(x, neutral: tuple) -> bool:
+    # Type-strict: JSON false is not 0 here. Python's `0 == False` let `"logprobs": 0` through on
+    # /v1/completions, where it asks for the sampled tokens' logprobs (OpenAI, vLLM) — and got null.
+    return any(x == v and isinstance(x, bool) == isinstance(v, bool) for v in neutral)
+
+
 @dataclass
 class Params:
     max_tokens: int | None
@@ -120,6 +132,7 @@ class Params:
     stream: bool
     include_usage: bool
     ignore_eos: bool
+    max_tokens_name: str = "max_tokens"  # the field the client sent it as, for error messages
 
 
 def parse_params(body: dict, kind: str, limits: Limits) -> Params:
@@ -127,8 +140,9 @@ def parse_params(body: dict, kind: str, limits: Limits) -> Params:
     if unknown:
         raise RequestError(f"unrecognized request argument(s): {', '.join(unknown)}", param=unknown[0])
     for name, neutral in _NEUTRAL.items():
-        if name in body and body[name] not in neutral:
-            raise RequestError(f"{name} is not supported by this server (only {neutral[0]!r})", param=name)
+        if name in body and not _is_neutral(body[name], neutral):
+            allowed = " or ".join(json.dumps(v) for v in neutral)
+            raise RequestError(f"{name} is not supported by this server (only {allowed})", param=name)
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise RequestError("model must be a string", param="model")
@@ -159,11 +173,15 @@ def parse_params(body: dict, kind: str, limits: Limits) -> Params:
     if opts is not None and (not isinstance(opts, dict) or set(opts) - {"include_usage"}
                              or not isinstance(opts.get("include_usage", False), bool)):
         raise RequestError('stream_options must be {"include_usage": bool}', param="stream_options")
+    if opts and not stream:
+        # As OpenAI and vLLM: usage-chunk options on a non-streamed request are a client mistake
+        # (a non-streamed response always carries usage), not something to ignore silently.
+        raise RequestError("stream_options is only allowed when stream is true", param="stream_options")
     ignore_eos = body.get("ignore_eos", False)
     if not isinstance(ignore_eos, bool):
         raise RequestError("ignore_eos must be a boolean", param="ignore_eos")
     sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
-    return Params(max_tokens, sampling, n, stop, stream, bool(opts and opts.get("include_usage")), ignore_eos)
+    return Params(max_tokens, sampling, n, stop, stream, bool(opts and opts.get("include_usage")), ignore_eos, name)
 
 
 def _check_ids(ids: list, vocab: int) -> list[int]:
@@ -202,11 +220,23 @@ def completion_prompts(body: dict, tokenizer, vocab: int) -> list[list[int]]:
     return out
 
 
+def openai_roles(messages):
+    """OpenAI's "developer" role as "system". OpenAI made it the name of the instructions turn
+    ("with o1 models and newer, developer messages replace the previous system messages"), and
+    current clients and agent frameworks send it; herd's chat formats know the system turn it
+    means (a checkpoint's template would write the unknown header "developer", which its model
+    never saw in training)."""
+    if not isinstance(messages, list):
+        return messages
+    return [{**m, "role": "system"} if isinstance(m, dict) and m.get("role") == "developer" else m
+            for m in messages]
+
+
 def chat_prompt(body: dict, tokenizer) -> tuple[list[int], bool]:
     """→ (prompt ids, whether tool calls are to be parsed from the reply)."""
     if tokenizer is None or tokenizer.chat is None:
         raise RequestError("this model has no chat format; use /v1/completions")
-    messages = body.get("messages")
+    messages = openai_roles(body.get("messages"))
     if not isinstance(messages, list) or not messages:
         raise RequestError("messages must be a non-empty list", param="messages")
     tools = body.get("tools")
@@ -216,8 +246,18 @@ def chat_prompt(body: dict, tokenizer) -> tuple[list[int], bool]:
         raise RequestError('tools must be a list of {"type": "function", "function": {...}}', param="tools")
     choice = body.get("tool_choice")
     if choice not in (None, "auto", "none"):
-        raise RequestError('tool_choice must be "auto" or "none"', param="tool_choice")
+        # "required" and a named function need decoding constrained to a call (vLLM's guided
+        # decoding), which herd does not have: refused rather than treated as "auto".
+        raise RequestError(f'tool_choice must be "auto" or "none", got {json.dumps(choice)[:80]}: this server '
+                           "cannot force a tool call", param="tool_choice")
     use_tools = bool(tools) and choice != "none"
+    source = getattr(tokenizer.chat, "template_source", None)
+    if use_tools and source is not None and "tools" not in source:
+        # A checkpoint template that never reads `tools` (SmolLM2's) renders the same prompt with
+        # or without them: the model would never see the tools, and the client would wait for
+        # calls that cannot come. Refused, as a tool-call turn in such a template is (chat.py).
+        raise RequestError("this model's chat template has no tools: the model cannot be told about them "
+                           '(send tool_choice "none" to leave them out)', param="tools", code="tools_not_supported")
     try:
         ids = tokenizer.chat.encode_dialog(messages, add_generation_prompt=True,
                                            tools=[t["function"] for t in tools] if use_tools else None)
@@ -329,7 +369,7 @@ def image_chat_prompt(body: dict, engine: Engine, limits: Limits):
     tokenizer = engine.tokenizer
     if tokenizer is None or tokenizer.chat is None:
         raise RequestError("this model has no chat format; use /v1/completions")
-    messages = body["messages"]
+    messages = openai_roles(body["messages"])
     try:
         validate_messages(messages, images=True)
     except HerdError as e:
@@ -464,15 +504,27 @@ def create_app(engine: Engine, model_name: str, limits: Limits | None = None):
         return {"status": "ok", "model": model_name, "kv_blocks_free": engine.blocks_free,
                 "kv_blocks": engine.blocks.num_blocks}
 
+    card = {"id": model_name, "object": "model", "created": created, "owned_by": "herd",
+            "max_model_len": args.max_seq_len}
+
+    def not_found(model) -> RequestError:
+        return RequestError(f"the model {model!r} does not exist; this server serves {model_name!r}",
+                            status=404, param="model", code="model_not_found", kind="not_found_error")
+
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
-                                            "owned_by": "herd", "max_model_len": args.max_seq_len}]}
+        return {"object": "list", "data": [card]}
+
+    # The client's models.retrieve(id). `:path`: a served name may hold slashes ("meta-llama/...").
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        if model_id != model_name:
+            raise not_found(model_id)
+        return card
 
     def check_model(body):
         if body.get("model") not in (None, model_name):
-            raise RequestError(f"the model {body['model']!r} does not exist; this server serves {model_name!r}",
-                               status=404, param="model", code="model_not_found", kind="not_found_error")
+            raise not_found(body["model"])
 
     def budget(prompts: list[list[int]], p: Params) -> int:
         context = args.max_seq_len
@@ -495,7 +547,7 @@ def create_app(engine: Engine, model_name: str, limits: Limits | None = None):
             return min(context - longest, fits)
         if longest + p.max_tokens > context:
             raise RequestError(f"this model's maximum context length is {context} tokens, but {longest} prompt "
-                               f"tokens + max_tokens {p.max_tokens} exceed it", param="max_tokens",
+                               f"tokens + {p.max_tokens_name} {p.max_tokens} exceed it", param=p.max_tokens_name,
                                code="context_length_exceeded")
         return p.max_tokens
 

@@ -70,6 +70,114 @@ def test_openai_client_gets_herd_generate_text(smol):
     _pool_is_full(engine)
 
 
+def test_openai_client_schema_and_meaning(smol):
+    """What a vLLM user checks with the official client: every response parses into its pydantic
+    models, and the fields mean what OpenAI means (usage counts the template's prompt ids; a stream
+    opens with the role, ends each choice with its finish_reason, then the usage chunk)."""
+    server, model, tok, engine = smol
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    messages = [{"role": "user", "content": "What is 2+2? Answer with one number."}]
+    prompt_ids = len(tok.chat.encode_dialog(messages, add_generation_prompt=True))
+    reply = client.chat.completions.create(model="smollm2", messages=messages, max_tokens=16, temperature=0)
+    (choice,) = reply.choices
+    assert reply.id.startswith("chatcmpl-") and reply.object == "chat.completion" and reply.model == "smollm2"
+    assert abs(reply.created - time.time()) < 600
+    assert choice.index == 0 and choice.message.role == "assistant" and choice.message.tool_calls is None
+    assert choice.finish_reason == "stop"  # SmolLM2 answers within 16 tokens and ends its turn
+    text = choice.message.content
+    assert text and "<|im_end|>" not in text
+    u = reply.usage
+    assert u.prompt_tokens == prompt_ids and u.total_tokens == u.prompt_tokens + u.completion_tokens
+    # The reply's tokens; the end-of-turn token that stopped it is not counted (as herd.generate's
+    # output; vLLM counts it, one more).
+    assert u.completion_tokens == len(tok.encode(text))
+
+    chunks = list(client.chat.completions.create(model="smollm2", messages=messages, max_tokens=16, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert {c.id for c in chunks} == {chunks[0].id} and chunks[0].id.startswith("chatcmpl-")
+    assert all(c.object == "chat.completion.chunk" and c.model == "smollm2" for c in chunks)
+    *body, last = chunks
+    assert body[0].choices[0].delta.role == "assistant"
+    assert all(c.choices[0].delta.role is None for c in body[1:])
+    assert "".join(c.choices[0].delta.content or "" for c in body) == text
+    assert [c.choices[0].finish_reason for c in body] == [None] * (len(body) - 1) + ["stop"]
+    assert last.choices == [] and last.usage == u  # include_usage: one more chunk, no choices
+    assert all(c.usage is None for c in body)
+
+    # The new name and the old one; max_completion_tokens wins when both come (as vLLM).
+    for kw in ({"max_completion_tokens": 3}, {"max_tokens": 3}, {"max_completion_tokens": 3, "max_tokens": 9}):
+        r = client.chat.completions.create(model="smollm2", messages=messages, temperature=0, **kw)
+        assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 3
+        assert text.startswith(r.choices[0].message.content)
+    # stop as a string and as a list: the text ends before it, finish_reason "stop".
+    cut = text.index(" ", 1)
+    for stop in (text[cut:cut + 2], [text[cut:cut + 2], "never-there"]):
+        r = client.chat.completions.create(model="smollm2", messages=messages, max_tokens=16, temperature=0, stop=stop)
+        assert (r.choices[0].message.content, r.choices[0].finish_reason) == (text[:cut], "stop")
+    # n samples with a seed: indices 0..n-1, the same again with the same seed.
+    kw = {"model": "smollm2", "messages": messages, "max_tokens": 4, "n": 2, "seed": 7, "temperature": 1.0,
+          "top_p": 0.9}
+    a, b = client.chat.completions.create(**kw), client.chat.completions.create(**kw)
+    assert [c.index for c in a.choices] == [0, 1]
+    assert [c.message.content for c in a.choices] == [c.message.content for c in b.choices]
+    assert a.usage.prompt_tokens == prompt_ids and a.usage.completion_tokens == 8  # the prompt counted once
+    chunks = list(client.chat.completions.create(**kw, stream=True))
+    for i in range(2):
+        mine = [c.choices[0] for c in chunks if c.choices[0].index == i]
+        assert mine[0].delta.role == "assistant" and mine[-1].finish_reason == "length"
+        assert "".join(c.delta.content or "" for c in mine) == a.choices[i].message.content
+    # OpenAI's "developer" role is the system turn.
+    dev = [{"role": "developer", "content": "Answer in French."}] + messages
+    r = client.chat.completions.create(model="smollm2", messages=dev, max_tokens=4, temperature=0)
+    sys_ = [{"role": "system", "content": "Answer in French."}] + messages
+    assert r.usage.prompt_tokens == len(tok.chat.encode_dialog(sys_))
+    assert r.choices[0].message.content == herd.generate(model, tok, sys_, max_new_tokens=4)
+    # models.retrieve
+    assert client.models.retrieve("smollm2").id == "smollm2"
+    _pool_is_full(engine)
+
+
+@pytest.mark.parametrize("kw, error, words", [
+    ({"model": "gpt-4"}, openai.NotFoundError, "does not exist"),
+    # SmolLM2's template never reads `tools`: the model would not see them.
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]},
+     openai.BadRequestError, "chat template has no tools"),
+    ({"tool_choice": "required", "tools": [{"type": "function", "function": {"name": "f"}}]},
+     openai.BadRequestError, "cannot force a tool call"),
+    ({"response_format": {"type": "json_object"}}, openai.BadRequestError, "response_format is not supported"),
+    ({"logprobs": True, "top_logprobs": 2}, openai.BadRequestError, "logprobs is not supported"),
+    ({"frequency_penalty": 0.5}, openai.BadRequestError, "frequency_penalty is not supported"),
+    ({"stream_options": {"include_usage": True}}, openai.BadRequestError, "only allowed when stream"),
+    ({"extra_body": {"repetition_penalty": 1.1}}, openai.BadRequestError, "unrecognized request argument"),
+    ({"reasoning_effort": "low"}, openai.BadRequestError, "unrecognized request argument"),
+    ({"max_completion_tokens": 10 ** 6}, openai.BadRequestError, "max_completion_tokens 1000000 exceed"),
+])
+def test_openai_client_errors_in_openai_shape(smol, kw, error, words):
+    server, _, _, engine = smol
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    kw = {"model": "smollm2", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, **kw}
+    for stream in (False, True):
+        if stream and "stream_options" in kw:
+            continue
+        with pytest.raises(error) as e:
+            client.chat.completions.create(**kw, stream=stream)
+        err = e.value.response.json()["error"]
+        assert set(err) == {"message", "type", "param", "code"} and words in err["message"], err
+    _pool_is_full(engine)
+
+
+def test_models_retrieve_unknown_is_404(smol):
+    server, *_ = smol
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    with pytest.raises(openai.NotFoundError) as e:
+        client.models.retrieve("gpt-4")
+    assert e.value.response.json()["error"]["code"] == "model_not_found"
+    # Tool choice "none" leaves the tools out: accepted on a template without them.
+    r = client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "hi"}], max_tokens=2,
+                                       tools=[{"type": "function", "function": {"name": "f"}}], tool_choice="none")
+    assert r.choices[0].message.tool_calls is None
+
+
 # ---- a small random model with the real Llama 3 tokenizer --------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -180,6 +288,11 @@ def test_64_concurrent_clients_good_bad_and_gone(debug):
     ({"prompt": "hi", "stop": [""]}, 400, "stop sequence"),
     ({"prompt": "hi", "seed": 2 ** 70}, 400, "seed"),
     ({"prompt": "hi", "logprobs": 3}, 400, "not supported"),
+    ({"prompt": "hi", "logprobs": 0}, 400, "not supported"),  # 0 asks for the sampled tokens' logprobs
+    ({"prompt": "hi", "logprobs": False}, 200, None),
+    ({"prompt": "hi", "echo": 0}, 400, "echo is not supported"),
+    ({"prompt": "hi", "stream_options": {"include_usage": True}}, 400, "only allowed when stream"),
+    ({"prompt": "hi", "stream_options": {"include_usage": True}, "stream": True}, 200, None),
     ({"prompt": "hi", "stream": "yes"}, 400, "stream must be"),
     ({"prompt": "hi", "model": "gpt-4"}, 404, "does not exist"),
     ({"prompt": list(range(1, 400))}, 400, "maximum context length"),
@@ -287,6 +400,10 @@ def test_tool_calls_in_openai_shape():
         assert [(c.index, c.function.name, json.loads(c.function.arguments)) for c in calls] == [
             (0, "get_weather", {"city": "Paris"})]
         assert chunks[-1].choices[0].finish_reason == "tool_calls"
+        assert chunks[0].choices[0].delta.role == "assistant"
+        # tool_choice "none" leaves the tools out of the prompt; "required" cannot be honored.
+        with pytest.raises(openai.BadRequestError, match="cannot force a tool call"):
+            client.chat.completions.create(model="scripted", messages=messages, tools=tools, tool_choice="required")
         # Without tools the same output is plain text.
         model.prompt_len = len(tok.chat.encode_dialog(messages))
         reply = client.chat.completions.create(model="scripted", messages=messages, temperature=0)

@@ -79,3 +79,32 @@ def test_client_leaving_mid_decode_frees_the_kv_cache_at_once(server, path, body
     took = _wait(lambda: not engine.has_work, timeout=2.0)
     assert engine.blocks_free == total and all(r == 0 for r in engine.blocks.refs)
     assert engine.stats["decode_tokens"] - left < body.get("n", 1) * 100, took
+
+
+def test_openai_client_closing_a_chat_stream_frees_the_request():
+    """As a vLLM user stops reading: the official client's `stream.close()` mid-stream, on a chat
+    request (plain, and with tools, where the reply is held back until it is complete)."""
+    import openai
+
+    from herd.tokenizer import load_tokenizer
+
+    tok = load_tokenizer("llama3")
+    torch.manual_seed(0)
+    # 512 positions: the tools prompt alone is ~150 tokens.
+    args = PRESETS["debug"].replace(vocab_size=tok.vocab_size, max_seq_len=512)
+    engine = Engine(Slow(Transformer(args).eval()), tok, num_blocks=64)
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]
+    with ServerThread(create_app(engine, "debug")) as s:
+        client = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0)
+        for extra in ({}, {"tools": tools}):
+            stream = client.chat.completions.create(
+                model="debug", messages=[{"role": "user", "content": "Tell me a story."}], max_tokens=200,
+                stream=True, extra_body={"ignore_eos": True}, **extra)
+            next(iter(stream))  # the role chunk: the request is in
+            _wait(lambda: engine.stats["decode_tokens"] >= 10, timeout=30)
+            assert engine.has_work
+            stream.close()
+            left = engine.stats["decode_tokens"]
+            _wait(lambda: not engine.has_work, timeout=2.0)  # well under the >= 3.8 s to its end
+            assert engine.blocks_free == engine.blocks.num_blocks and all(r == 0 for r in engine.blocks.refs)
+            assert engine.stats["decode_tokens"] - left < 100
