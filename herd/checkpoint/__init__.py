@@ -142,6 +142,29 @@ def check_replaceable(path: Path, fmt: str) -> None:
                                 "checkpoint there would delete it: choose a new or empty directory")
 
 
+def hf_generation_fields(tokenizer: Any) -> tuple[dict, dict]:
+    """(config.json's special-token ids, generation_config.json) for an HF export, so that
+    transformers' `generate` stops and suppresses as herd's does. Without them transformers falls
+    back to LlamaConfig's defaults (bos 1, eos 2): it stopped on whatever token 2 is in the run's
+    vocabulary and ran on past the real end of text, end of turn and end of message. herd never
+    samples a reserved special token (herd.api.reserved_ids); `suppress_tokens` says the same to
+    transformers, else its greedy choice of one (likely in an under-trained model) diverged."""
+    if tokenizer is None or getattr(tokenizer, "eos_id", None) is None:
+        return {}, {}
+    from herd.api import reserved_ids
+
+    eos = [tokenizer.eos_id, *sorted(set(tokenizer.stop_ids) - {tokenizer.eos_id})]
+    special: dict[str, Any] = {"eos_token_id": eos[0] if len(eos) == 1 else eos}
+    if tokenizer.bos_id is not None:
+        special["bos_token_id"] = tokenizer.bos_id
+    if tokenizer.pad_id is not None:
+        special["pad_token_id"] = tokenizer.pad_id
+    generation = dict(special)
+    if suppress := reserved_ids(tokenizer):
+        generation["suppress_tokens"] = list(suppress)
+    return special, generation
+
+
 def write_checkpoint(path: str | Path, fmt: str, args: ModelArgs, state_dict: dict[str, torch.Tensor], *,
                      dtype: str | torch.dtype | None = None, tokenizer: Any = None,
                      source_metadata: dict | None = None, model_parallel: int = 1) -> Path:
@@ -172,7 +195,10 @@ def write_checkpoint(path: str | Path, fmt: str, args: ModelArgs, state_dict: di
         if fmt == "hf":
             sd = state_dict if torch_dtype is None else {k: v.to(torch_dtype) for k, v in state_dict.items()}
             stored = torch_dtype or next((v.dtype for v in state_dict.values()), torch.float32)
-            write_hf(tmp, args, sd, config_extra={"torch_dtype": _DTYPE_NAMES.get(stored, "float32")})
+            special, generation = hf_generation_fields(tokenizer)
+            write_hf(tmp, args, sd, config_extra={"torch_dtype": _DTYPE_NAMES.get(stored, "float32"), **special})
+            if generation:
+                (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2))
         else:
             write_meta(tmp, args, state_dict, dtype=torch_dtype, model_parallel=model_parallel)
         if tokenizer is not None:

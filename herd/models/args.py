@@ -156,6 +156,11 @@ class ModelArgs(HeadShapes):
             problems.append(f"ffn_hidden_dim must be positive (got {self.ffn_hidden_dim})")
         if self.rope_scaling is not None and not self.rope_scaling.factor > 0:  # ÷ 0 or a sign flip
             problems.append(f"rope_scaling factor must be positive (got {self.rope_scaling.factor})")
+        if not problems and self.ffn_dim <= 0:
+            # a small ffn_dim_multiplier rounds Meta's sizing rule down to 0: the model then built
+            # zero-width feed-forward layers and trained attention alone without a word
+            problems.append(f"ffn_dim_multiplier {self.ffn_dim_multiplier} gives an FFN hidden width of "
+                            f"{self.ffn_dim} at dim {self.dim}; it must be at least 1")
         if problems:
             raise HerdError("invalid model config: " + "; ".join(problems))
 

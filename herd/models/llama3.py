@@ -161,6 +161,16 @@ class DecoderOnly(nn.Module):
         return self.output(self.norm(h)).float()
 
     # ---- building without materializing (DESIGN principle 3) ----------------------------------
+    def to_empty(self, *, device, recurse: bool = True):
+        """nn.Module.to_empty, keeping tied embeddings tied: it gives every module a new Parameter
+        of its own, so after building on the meta device the output head and the embedding table
+        were two tensors — a tied model trained untied, and its checkpoint (which stores the table
+        once) dropped the trained head."""
+        super().to_empty(device=device, recurse=recurse)
+        if self.args.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        return self
+
     def init_buffers(self, device: torch.device | str | None = None) -> None:
         """Recompute derived buffers, e.g. after building on the meta device."""
         device = device or self.tok_embeddings.weight.device

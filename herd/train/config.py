@@ -311,6 +311,11 @@ def validate(cfg: RunConfig) -> None:
     if cfg.schedule.name not in ("cosine", "linear", "constant"):
         raise HerdError(f"schedule.name {cfg.schedule.name!r}: choose cosine, linear or constant")
     args = cfg.model.args()  # raises on an unknown preset or invalid shape
+    if getattr(args, "n_experts", 0) and not args.n_moe_layers:
+        # layer i is MoE iff (i + 1) % moe_every == 0: past n_layers none is, and a Llama 4 preset
+        # trained as a dense model (router and experts never built) with nothing said
+        raise HerdError(f"model.moe_every={args.moe_every} exceeds model.n_layers={args.n_layers}: no layer "
+                        "would be a mixture of experts")
     cfg.parallel.validate()
     starts = [s for s, _, _ in t.batch_schedule]
     if starts != sorted(starts) or any(min(e) < 0 or min(e[1:]) <= 0 for e in t.batch_schedule):

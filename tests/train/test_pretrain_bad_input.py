@@ -144,3 +144,16 @@ def test_a_run_directory_holding_other_files_is_refused_before_training(shards, 
     (run / "model" / "x.txt").write_text("x")
     code, err = _run(capsys, *_args(shards, run))
     assert code == 2 and "x.txt" in err[-1] and not (run / "metrics.jsonl").exists(), err
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    # Meta's sizing rule rounds a tiny multiplier down to a 0-wide FFN: it trained attention alone
+    ({"model.ffn_dim_multiplier": 0.001}, "ffn_dim_multiplier 0.001 gives an FFN hidden width of 0"),
+    # past n_layers no layer is MoE: a Llama 4 preset trained as a dense model
+    ({"model.preset": '"llama4-debug"', "model.moe_every": 8}, "model.moe_every=8 exceeds model.n_layers=4"),
+    ({"model.preset": '"llama4-debug"', "model.top_k": 5}, "top_k (5) exceeds n_experts (4)"),
+])
+def test_model_shapes_that_build_nothing_are_refused(shards, tmp_path, capsys, extra, fragment):
+    code, err = _run(capsys, *_args(shards, tmp_path / "r", **extra))
+    assert code == 2 and len(err) == 1 and fragment in err[0], err
+    assert not (tmp_path / "r").exists()
