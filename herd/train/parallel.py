@@ -285,12 +285,16 @@ def apply_fsdp(model: nn.Module, dp_mesh, *, mixed_precision: bool, pipelined: b
     reshard = not pipelined
     if expert_mesh is not None:
         shard_experts_fsdp(model, expert_mesh, kw, reshard)
-    if getattr(model, "tok_embeddings", None) is not None:
+    # Tied embeddings (Llama 3.2 1B/3B, SmolLM2): one parameter serves the first and the last layer,
+    # and FSDP2 refuses a parameter shared across groups, so both stay with the root group (gathered
+    # for the whole step, as torchtitan does with tied weights).
+    tied = bool(getattr(getattr(model, "args", None), "tie_embeddings", False))
+    if getattr(model, "tok_embeddings", None) is not None and not tied:
         fully_shard(model.tok_embeddings, reshard_after_forward=reshard, **kw)
     for block in model.layers.children():
         fully_shard(block, reshard_after_forward=reshard, **kw)
     head = [m for m in (getattr(model, "norm", None), getattr(model, "output", None)) if m is not None]
-    if head:
+    if head and not tied:
         # Backward starts with these right after forward: no point in resharding them.
         fully_shard(head, reshard_after_forward=False, **kw)
     fully_shard(model, **kw)

@@ -1,5 +1,5 @@
 """4D parallelism on CPU with gloo (DESIGN principle 10: sharded against unsharded, as torchtitan's
-DTensorTestBase does): FSDP, TP (+SP, loss parallel), PP (1F1B, interleaved, GPipe), FSDP×TP,
+DTensorTestBase does): FSDP (also with tied embeddings), TP (+SP, loss parallel), PP (1F1B, interleaved, GPipe), FSDP×TP,
 PP×FSDP, PP×TP, HSDP and FSDP on Llama 4's MoE model train to the same per-step losses, gradient norms and validation loss as one process (fp32,
 relative difference ≤ 1e-5); a checkpoint saved under FSDP over 4 ranks resumes under TP×FSDP and
 in one process with the same next-step loss.
@@ -41,6 +41,8 @@ LAYOUTS = {
     "pp2_gpipe_reshape": (2, {"parallel.pp": 2, "parallel.pp_schedule": '"gpipe"', "train.batch_schedule": "[[2, 8, 16]]"}),
     # Llama 4 (MoE with routed experts, NoPE/chunked attention) sharded by FSDP2
     "llama4_fsdp2": (2, {"parallel.dp_shard": 2, "model.preset": '"llama4-debug"', "model.n_experts": 4}),
+    # tied embeddings (Llama 3.2 1B/3B, SmolLM2): FSDP2 refused the shared parameter across groups
+    "fsdp2_tied": (2, {"parallel.dp_shard": 2, "model.tie_embeddings": "true"}),
     "fsdp4_save3": (4, {"parallel.dp_shard": 4, "train.steps": 3}),
     "tp2_fsdp2": (4, {"parallel.tp": 2, "parallel.dp_shard": 2}),
     "pp2_fsdp2": (4, {"parallel.pp": 2, "parallel.dp_shard": 2}),
