@@ -122,6 +122,10 @@ def is_llama4_config(cfg: dict) -> bool:
 
 
 # ---- config --------------------------------------------------------------------------------------
+def _int_or(value, default: int) -> int:
+    return default if value is None else int(value)
+
+
 def llama4_args_from_hf_config(cfg: dict, source: str = "config.json") -> Llama4Args:
     vision = None
     if cfg.get("model_type") == "llama4" or "text_config" in cfg:
@@ -133,7 +137,9 @@ def llama4_args_from_hf_config(cfg: dict, source: str = "config.json") -> Llama4
         raise HerdError(f"{source}: hidden_act {cfg.get('hidden_act')!r} is not supported (Llama 4 uses silu)")
     try:
         n_layers = int(cfg["num_hidden_layers"])
-        step = int(cfg.get("interleave_moe_layer_step") or 1)
+        # Absent or null: transformers' defaults (1 here, 4 for the NoPE interval below). A 0 is kept
+        # so that Llama4Args refuses it: `or` used to turn it into the default silently.
+        step = _int_or(cfg.get("interleave_moe_layer_step"), 1)
         moe_layers = cfg.get("moe_layers")
         if moe_layers:
             # transformers takes an explicit list over the step; herd's model knows only "every
@@ -142,7 +148,7 @@ def llama4_args_from_hf_config(cfg: dict, source: str = "config.json") -> Llama4
         if moe_layers is not None and [int(i) for i in moe_layers] != list(range(step - 1, n_layers, step)):
             raise HerdError(f"{source}: moe_layers {moe_layers} is not every n-th layer (layers n-1, 2n-1, ...); "
                             "unsupported")
-        interval: int | None = int(cfg.get("no_rope_layer_interval") or 4)
+        interval: int | None = _int_or(cfg.get("no_rope_layer_interval"), 4)
         # no_rope_layers[i] is 1 where layer i *uses* RoPE (transformers' naming). An explicit list
         # wins over the interval in transformers; herd's model knows only "every n-th layer is
         # NoPE", so the list's period is read off it (all ones: no NoPE layer) and checked.

@@ -26,6 +26,7 @@ Shape letters as in llama3.py, plus E experts, F expert hidden dim, A = B·T tok
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -139,6 +140,15 @@ class Llama4Args(HeadShapes):
             problems.append(f"top_k ({self.top_k}) exceeds n_experts ({self.n_experts})")
         if self.attention_chunk_size is not None and self.attention_chunk_size <= 0:
             problems.append("attention_chunk_size must be positive or None")
+        # Meta's and transformers' models take `(i + 1) % interval`: 0 divides by zero there, and a
+        # negative interval would silently mean its absolute value here.
+        if self.nope_every is not None and self.nope_every <= 0:
+            problems.append(f"nope_every (no_rope_layer_interval) must be positive or None, got {self.nope_every}")
+        # Temperature tuning divides positions by floor_scale: 0 gives an infinite query scale and a
+        # negative one log1p of less than -1, i.e. NaN logits from the first NoPE layer on.
+        if self.attn_temperature_tuning and not (0 < self.floor_scale < math.inf and math.isfinite(self.attn_scale)):
+            problems.append(f"attention temperature tuning needs a positive floor_scale and a finite attn_scale, "
+                            f"got {self.floor_scale} and {self.attn_scale}")
         if problems:
             raise HerdError("invalid Llama 4 config: " + "; ".join(problems))
 
