@@ -223,17 +223,19 @@ def normalize_date(value) -> str:
     return when.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def valid_unicode(text: str) -> str:
-    """JSON may escape lone UTF-16 surrogates ("\\ud800"), which no UTF-8 writer or tokenizer
-    takes; they become U+FFFD, as an undecodable byte would."""
+    """`text` as the tokenizers read it: JSON may escape lone UTF-16 surrogates ("\\ud800"), which
+    no UTF-8 writer takes; they become U+FFFD, as an undecodable byte would, and a high+low pair
+    left as two code units becomes the one character it spells (😀), as tiktoken (and so Meta's
+    Llama tokenizers) reads a str through UTF-16 with surrogatepass. Tokenizer training uses it
+    too, so it never learns merges for text that encoding never produces."""
     try:
         text.encode("utf-8")
         return text
     except UnicodeEncodeError:
-        return _SURROGATE.sub("\ufffd", text)
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
 # ---- HTML main-content extraction ------------------------------------------------------------------

@@ -40,6 +40,7 @@ MIN_VOCAB = 256 + NUM_SPECIAL + 1  # the byte alphabet, the specials, and at lea
 # well inside the uint32 token shards: without it a typo such as 1000000000 makes the Rust trainer
 # try to allocate for a billion tokens and abort the process, and anything past 64 bits overflows.
 MAX_VOCAB = 1 << 20
+LLAMA4_BPE_TOKENS = 200_000  # TiktokenTokenizer takes a file with this many ranks for Llama 4's layout
 MAX_MIN_FREQUENCY = (1 << 64) - 1  # the trainer counts pairs in 64 bits; a larger value cannot convert
 
 
@@ -109,7 +110,7 @@ def check_train_options(vocab_size: int, out_dir: str | os.PathLike, min_frequen
     if vocab_size > MAX_VOCAB:
         raise HerdError(f"vocab size {vocab_size} is too large: at most {MAX_VOCAB:,} "
                         f"(Llama 3 has 128,256; no real vocabulary comes near)")
-    if vocab_size - NUM_SPECIAL == 200_000:  # a 200,000-rank file is read as Llama 4's layout (TiktokenTokenizer)
+    if vocab_size - NUM_SPECIAL == LLAMA4_BPE_TOKENS:  # a 200,000-rank file is read as Llama 4's layout (TiktokenTokenizer)
         raise HerdError("vocab size 200256 is ambiguous with Llama 4's layout; choose another size")
     # HF's BpeTrainer merges a pair only if it occurs at least min_frequency times, so 0 and 1 both
     # mean "any pair that occurs"; it takes the value as an unsigned 64-bit integer.
@@ -127,9 +128,10 @@ def train_bpe(texts: Iterable[str], vocab_size: int, out_dir: str | os.PathLike,
     """Train a BPE on `texts` and write `out_dir/tokenizer.model` (+ `train_info.json`).
 
     `vocab_size` is the total, as in Llama 3's 128,256: BPE tokens (256 bytes + merges) plus the 256
-    special tokens. A small corpus can run out of pairs before reaching it; the file then holds fewer
-    tokens (said on stderr). Lone UTF-16 surrogates in a text become U+FFFD, as the data pipeline's
-    readers do. Returns `out_dir/tokenizer.model`."""
+    special tokens. A small corpus can run out of pairs (occurring at least `min_frequency` times)
+    before reaching it; the file then holds fewer tokens (said on stderr and in train_info.json).
+    UTF-16 surrogates in a text are read as the tokenizer's encode reads them (`valid_unicode`): lone
+    ones become U+FFFD, a high+low pair the character it spells. Returns `out_dir/tokenizer.model`."""
     from herd.data.readers import valid_unicode
 
     check_train_options(vocab_size, out_dir, min_frequency)
@@ -154,6 +156,13 @@ def train_bpe(texts: Iterable[str], vocab_size: int, out_dir: str | os.PathLike,
     if stats["characters"] == 0:
         raise HerdError("empty training corpus: no text to train a tokenizer on")
     ranks = ranks_from_hf(hf)
+    if len(ranks) == LLAMA4_BPE_TOKENS:
+        # A corpus that runs out of pairs can stop at exactly Llama 4's 200,000 BPE tokens even though
+        # the requested size was not: TiktokenTokenizer would then read the file with Llama 4's
+        # 2,048 specials and o200k split, not the Llama 3 layout and regex it was trained with.
+        raise HerdError(f"training stopped at exactly {LLAMA4_BPE_TOKENS:,} BPE tokens (the corpus ran out of "
+                        f"pairs), which reads as Llama 4's layout; use a vocab size below "
+                        f"{LLAMA4_BPE_TOKENS + NUM_SPECIAL:,} or a larger corpus")
     seconds = time.perf_counter() - t0
     out_dir = Path(out_dir)
     path = write_tiktoken_model(ranks, out_dir / "tokenizer.model")
@@ -166,9 +175,15 @@ def train_bpe(texts: Iterable[str], vocab_size: int, out_dir: str | os.PathLike,
         (out_dir / "train_info.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     except OSError as e:
         raise HerdError(f"{out_dir / 'train_info.json'}: cannot write ({e.strerror or e})") from None
-    short = f" (the corpus ran out of pairs before {n_bpe:,})" if len(ranks) < n_bpe else ""
     _say(f"trained on {stats['documents']:,} documents / {stats['characters']:,} characters in {seconds:.1f} s: "
-         f"{len(ranks):,} BPE tokens{short} + {NUM_SPECIAL} special; wrote {path}")
+         f"{len(ranks):,} BPE tokens + {NUM_SPECIAL} special; wrote {path}")
+    if len(ranks) < n_bpe:
+        # HF's trainer stops when no pair is left that occurs at least min_frequency times (every pair
+        # merged, or the rest too rare): the file holds fewer tokens than asked. Not an error (the
+        # tokenizer works; its vocab_size says the real size), but said, with what would change it.
+        _say(f"note: vocabulary is {len(ranks) + NUM_SPECIAL:,}, not the {vocab_size:,} asked: no pair of tokens "
+             f"is left that occurs at least {max(min_frequency, 1):,} times (--min-frequency); a larger corpus"
+             + (" or a lower --min-frequency gives more" if min_frequency > 1 else " gives more"))
     return path
 
 
