@@ -537,7 +537,17 @@ def read_gguf(path: str | Path) -> tuple[ModelArgs, dict[str, torch.Tensor], GGU
             raise HerdError(f"{source}: unexpected tensor {name!r} for a dense llama model")
         shapes[canon] = torch.empty(tuple(int(d) for d in reversed(t.shape.tolist())), device="meta")
     check_state_dict(shapes, args, source)
-    sd = {from_gguf_name(name): dequantize_tensor(t, source) for name, t in by_name.items() if name != ROPE_FREQS}
+    sd = {}
+    for name, t in by_name.items():
+        if name == ROPE_FREQS:
+            continue
+        w = sd[from_gguf_name(name)] = dequantize_tensor(t, source)
+        # Random or damaged bytes in a block's f16 scale field dequantize (as gguf.quants does) to
+        # inf/NaN weights, which loaded silently and made every logit NaN; llama.cpp's
+        # ggml_validate_row_data refuses such scales too. One line naming the tensor instead.
+        if not torch.isfinite(w).all():
+            raise HerdError(f"{source}: tensor {name!r} ({t.tensor_type.name}) holds {(~torch.isfinite(w)).sum().item()} "
+                            f"inf/NaN weights after dequantization (corrupt scales?)")
     return args, check_state_dict(sd, args, source), meta
 
 

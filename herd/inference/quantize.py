@@ -19,6 +19,13 @@
   measured and rejected: SmolLM2's massive activations (row maxima up to ~2800 against typical
   values near 1) wreck a shared 8-bit activation scale (mean next-token KL 1.1 vs 0.003).
 
+- Llama 4 MoE layers: the routed experts are stacked (E, in, out) parameters, not linears, so they
+  get their own modules with one scale per expert and output channel — `FP8Experts` (e4m3, as
+  Meta's llama-models quantizes Llama 4's routed experts: `quantize_fp8_per_row` on each expert's
+  (out, in) matrix, activations row-wise with the same bound) and `Int8Experts`. The shared
+  expert is an FFN like any other (FP8Linear / Int8Linear); the router stays in the model's dtype
+  (a few thousand weights that decide which expert runs).
+
 `quantize(model, "fp8" | "int8")` applies a mode in place; `fp8_naive` is the baseline the FP8
 test compares against (one scale per tensor, no bound, every layer).
 """
@@ -36,6 +43,13 @@ FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
 ACT_SCALE_UB = 1200.0  # §6.2
 MODES = ("int8", "fp8")
+
+
+def _bias(linear: nn.Module) -> torch.Tensor | None:
+    """The linear's bias, kept in high precision (the vision encoder's linears have one; dropping it
+    silently changed a multimodal model's image features)."""
+    b = getattr(linear, "bias", None)
+    return None if b is None else b.detach().float().clone()
 
 
 # ---- FP8 ----------------------------------------------------------------------------------------
@@ -72,6 +86,7 @@ class FP8Linear(nn.Module):
         # CPU emulation multiplies the e4m3 values in fp32; they are exact in fp32, so keep that
         # copy rather than converting on every call.
         self.register_buffer("_weight_values", None if w.is_cuda else q.float(), persistent=False)
+        self.register_buffer("bias", _bias(linear))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -84,6 +99,8 @@ class FP8Linear(nn.Module):
         else:
             w = self._weight_values if self._weight_values is not None else self.weight_fp8.float()
             y = (xq.float() @ w.t()) * xs * self.weight_scale.t()
+        if self.bias is not None:
+            y = y + self.bias
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
@@ -108,6 +125,7 @@ class Int8Linear(nn.Module):
         scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)  # (N,)
         self.register_buffer("weight_int8", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
         self.register_buffer("weight_scale", scale)
+        self.register_buffer("bias", _bias(linear))
         self._scale_bf16 = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -122,6 +140,8 @@ class Int8Linear(nn.Module):
             y = torch.ops.aten._weight_int8pack_mm(x2.bfloat16(), self.weight_int8, self._scale_bf16).to(x.dtype)
         else:  # many rows (prefill, big batches): dequantize once per call, then one matmul
             y = F.linear(x2, self.weight_int8.to(x.dtype) * self.weight_scale.to(x.dtype)[:, None])
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
         return y.reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
@@ -131,10 +151,91 @@ class Int8Linear(nn.Module):
 _HAS_INT8PACK = hasattr(torch.ops.aten, "_weight_int8pack_mm")
 
 
+# ---- Llama 4 routed experts ----------------------------------------------------------------------
+# `Experts` holds w1, w3 (E, D, F) and w2 (E, F, D) and is called as experts(x, counts) with x's rows
+# sorted by expert (herd/models/llama4.py). These replace it with the same call signature.
+
+def _per_expert_rows(w: torch.Tensor) -> torch.Tensor:
+    """(E, in, out) → (E·out, in): one row per expert and output channel, the layout row-wise scales
+    are taken over (Meta quantizes `param.transpose(1, 2)`, each expert's (out, in) matrix)."""
+    return w.detach().float().transpose(1, 2).reshape(-1, w.shape[1])
+
+
+class FP8Experts(nn.Module):
+    """Routed experts in FP8 e4m3: one weight scale per expert and output channel, activations
+    quantized per token row (bounded by act_scale_ub) — FP8Linear's recipe, expert by expert."""
+
+    def __init__(self, experts: nn.Module, *, rowwise: bool = True, act_scale_ub: float | None = ACT_SCALE_UB):
+        super().__init__()
+        self.rowwise, self.act_scale_ub = rowwise, act_scale_ub
+        for name in ("w1", "w2", "w3"):
+            w = getattr(experts, name)
+            E, n_in, n_out = w.shape
+            q, scale = fp8_quantize(_per_expert_rows(w), rowwise=rowwise)
+            q = q.reshape(E, n_out, n_in).transpose(1, 2).contiguous()  # back to (E, in, out)
+            self.register_buffer(f"{name}_fp8", q)
+            self.register_buffer(f"{name}_scale", scale.expand(E * n_out, 1).reshape(E, n_out).contiguous())
+            # As FP8Linear: the CPU emulation multiplies e4m3 values (exact in fp32) in fp32.
+            self.register_buffer(f"_{name}_values", q.float(), persistent=False)
+
+    def _mm(self, x: torch.Tensor, name: str, counts: torch.Tensor) -> torch.Tensor:
+        from herd.models.llama4 import grouped_mm
+
+        xq, xs = fp8_quantize(x, rowwise=self.rowwise, amax_ub=self.act_scale_ub)
+        w = getattr(self, f"_{name}_values")
+        ws = getattr(self, f"{name}_scale").repeat_interleave(counts, dim=0)  # each row its expert's scales
+        return ((grouped_mm(xq.float(), w.to(x.device), counts) * xs) * ws).to(x.dtype)
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        h = F.silu(self._mm(x, "w1", counts)) * self._mm(x, "w3", counts)
+        return self._mm(h, "w2", counts)
+
+    def extra_repr(self) -> str:
+        E, D, Fh = self.w1_fp8.shape
+        return f"experts={E}, dim={D}, hidden={Fh}, fp8 e4m3 {'row-wise' if self.rowwise else 'per-tensor'}, " \
+               f"activation amax bound={self.act_scale_ub}"
+
+
+class Int8Experts(nn.Module):
+    """Routed experts in int8, weight-only: one symmetric scale per expert and output channel, as
+    Int8Linear. Each expert that gets tokens is dequantized for the call (only those)."""
+
+    def __init__(self, experts: nn.Module):
+        super().__init__()
+        for name in ("w1", "w2", "w3"):
+            w = getattr(experts, name)
+            E, n_in, n_out = w.shape
+            rows = _per_expert_rows(w)
+            scale = (rows.abs().amax(dim=1) / 127).clamp(min=1e-12)
+            q = torch.round(rows / scale[:, None]).clamp(-127, 127).to(torch.int8)
+            self.register_buffer(f"{name}_int8", q.reshape(E, n_out, n_in).transpose(1, 2).contiguous())
+            self.register_buffer(f"{name}_scale", scale.reshape(E, n_out))
+
+    def _mm(self, x: torch.Tensor, name: str, counts: torch.Tensor) -> torch.Tensor:
+        q, s = getattr(self, f"{name}_int8"), getattr(self, f"{name}_scale")
+        out = [xe @ (q[e].to(x.dtype) * s[e].to(x.dtype)) for e, xe in enumerate(x.split(counts.tolist()))
+               if xe.shape[0]]
+        return torch.cat(out) if out else x.new_zeros(0, q.shape[-1])
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        h = F.silu(self._mm(x, "w1", counts)) * self._mm(x, "w3", counts)
+        return self._mm(h, "w2", counts)
+
+    def extra_repr(self) -> str:
+        E, D, Fh = self.w1_int8.shape
+        return f"experts={E}, dim={D}, hidden={Fh}, int8 weight-only per expert and channel"
+
+
 # ---- applying a mode ----------------------------------------------------------------------------
 
 def _is_linear(m: nn.Module) -> bool:
     return type(m) is nn.Linear
+
+
+def _is_experts(m: nn.Module | None) -> bool:
+    from herd.models.llama4 import Experts
+
+    return type(m) is Experts
 
 
 @torch.no_grad()
@@ -143,8 +244,9 @@ def quantize(model: nn.Module, mode: str, *, rowwise: bool = True, act_scale_ub:
     """Swap linear layers for quantized ones in place and return the model (eval, no grad).
 
     "fp8": the FFN linears of each layer (but the first and last, with `skip_first_last`) become
-    FP8Linear(rowwise, act_scale_ub). "int8": every linear, the output head included, becomes
-    Int8Linear. The model must hold plain nn.Linear layers (herd.load(..., for_inference=False));
+    FP8Linear(rowwise, act_scale_ub); in a Llama 4 MoE layer the routed experts become FP8Experts and
+    the shared expert's linears FP8Linear. "int8": every linear, the output head included, becomes
+    Int8Linear, and routed experts Int8Experts. The model must hold plain nn.Linear layers (herd.load(..., for_inference=False));
     with `pack_rest`, linears left in fp32 are then pre-packed for CPU (herd/inference/cpu_linear.py).
     """
     if mode not in MODES:
@@ -157,6 +259,11 @@ def quantize(model: nn.Module, mode: str, *, rowwise: bool = True, act_scale_ub:
         chosen = layers[1:-1] if skip_first_last else layers
         for layer in chosen:
             ffn = layer.feed_forward
+            if _is_experts(getattr(ffn, "experts", None)):
+                # A Llama 4 MoE layer has no w1/w2/w3 of its own (this raised AttributeError): its
+                # FFN matmuls are the routed experts and the shared expert.
+                ffn.experts = FP8Experts(ffn.experts, rowwise=rowwise, act_scale_ub=act_scale_ub)
+                ffn = ffn.shared_expert
             for name in ("w1", "w2", "w3"):
                 setattr(ffn, name, FP8Linear(getattr(ffn, name), rowwise=rowwise, act_scale_ub=act_scale_ub))
     else:
@@ -164,6 +271,8 @@ def quantize(model: nn.Module, mode: str, *, rowwise: bool = True, act_scale_ub:
             for name, child in list(parent.named_children()):
                 if _is_linear(child):
                     setattr(parent, name, Int8Linear(child))
+                elif _is_experts(child):  # most of a MoE model's weights: left in fp32 before
+                    setattr(parent, name, Int8Experts(child))
     if pack_rest:
         pack_linears(model)
     return model.eval().requires_grad_(False)

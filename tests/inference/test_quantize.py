@@ -201,3 +201,107 @@ def test_fp8_and_int8_kl_on_smollm2(smol):
     for h in hooks:
         h.remove()
     assert max(big) > ACT_SCALE_UB and kl["paper"] > kl["paper_unbounded"]
+
+
+# ---- edge rows, biases, Llama 4 MoE ---------------------------------------------------------------
+
+def test_fp8_edge_rows_against_torchs_cast():
+    """A row of zeros stays zero (no 0/0); an inf saturates at the bound, as torch's own cast
+    saturates at ±448; a NaN poisons only its own row (as it does the unquantized product)."""
+    x = torch.randn(4, 32)
+    x[0] = 0
+    x[1, 3] = float("inf")
+    x[2, 5] = float("nan")
+    q, s = fp8_quantize(x, rowwise=True, amax_ub=ACT_SCALE_UB)
+    deq = q.float() * s
+    assert torch.equal(deq[0], torch.zeros(32))
+    assert deq[1, 3].item() == pytest.approx(ACT_SCALE_UB) and torch.isfinite(deq[1]).all()
+    assert torch.equal(q[1].float(), (x[1] / s[1]).clamp(-FP8_MAX, FP8_MAX).to(FP8).float())
+    assert deq[2].isnan().all() and torch.isfinite(deq[[0, 1, 3]]).all()
+    assert torch.equal(deq[3], (x[3] / s[3]).to(FP8).float() * s[3])
+
+
+@pytest.mark.parametrize("make", [Int8Linear, FP8Linear])
+def test_quantized_linears_keep_the_bias(make):
+    """The vision encoder's linears have biases; Int8Linear used to drop them silently."""
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 32)
+    nn.init.uniform_(lin.bias, 5, 6)  # large next to x Wᵀ: a dropped bias cannot hide in the error
+    x = torch.randn(12, 64)
+    ref = lin(x)
+    for rows in (3, 12):  # int8: the decode kernel and the dequantized path
+        torch.testing.assert_close(make(lin)(x[:rows]), ref[:rows], rtol=0.05, atol=0.1)
+
+
+def _moe_model(moe_every=2, n_layers=4):
+    from herd.models.llama4 import Llama4Args
+    from herd.models.llama4 import Transformer as L4
+
+    args = Llama4Args(dim=64, n_layers=n_layers, n_heads=4, n_kv_heads=2, head_dim=16, vocab_size=320,
+                      n_experts=4, top_k=2, moe_ffn_dim=32, ffn_hidden_dim=48, max_seq_len=64,
+                      moe_every=moe_every)
+    torch.manual_seed(0)
+    m = L4(args)
+    m.init_weights(std=0.1)
+    return m.eval()
+
+
+def test_fp8_experts_are_per_expert_rowwise_fp8_casts():
+    """FP8Experts against torch's e4m3 cast applied expert by expert: each expert's (out, in)
+    matrix gets its own row scales (Meta's Llama 4 fp8 recipe), activations per token row."""
+    from herd.inference.quantize import FP8Experts
+
+    experts = _moe_model().layers[1].feed_forward.experts
+    with torch.no_grad():
+        experts.w1[2] *= 50  # one loud expert must not coarsen the others' grids
+    q = FP8Experts(experts)
+    E, D, Fh = experts.w1.shape
+    assert q.w1_scale.shape == (E, Fh) and q.w2_scale.shape == (E, D)
+    counts = torch.tensor([3, 0, 4, 2])
+    x = torch.randn(int(counts.sum()), D)
+    x[0, 0] = 3000.0  # above the activation bound
+
+    def fp8(t, ub=None):  # row-wise e4m3 by torch's cast: (rows, k) → dequantized
+        amax = t.abs().amax(1, keepdim=True)
+        s = (amax if ub is None else amax.clamp(max=ub)) / FP8_MAX
+        return (t / s).clamp(-FP8_MAX, FP8_MAX).to(FP8).float() * s
+
+    def mm(xe, w):  # w (in, out): quantize its (out, in) rows
+        return fp8(xe, ACT_SCALE_UB) @ fp8(w.t().float()).t()
+
+    want = []
+    for e, xe in enumerate(x.split(counts.tolist())):
+        if len(xe):
+            h = F.silu(mm(xe, experts.w1[e])) * mm(xe, experts.w3[e])
+            want.append(mm(h, experts.w2[e]))
+    with torch.no_grad():
+        got = q(x, counts)
+    torch.testing.assert_close(got, torch.cat(want), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["fp8", "int8"])
+def test_quantize_llama4_moe(mode):
+    """quantize(llama4, "fp8") raised AttributeError ('MoE' has no w1), and "int8" left the routed
+    experts — most of a MoE model's weights — in fp32."""
+    from herd.inference.quantize import FP8Experts, Int8Experts
+    from herd.models.llama4 import Experts
+
+    model = _moe_model()
+    tokens = torch.randint(0, 320, (2, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(tokens)
+    quantize(model, mode)
+    ffns = [layer.feed_forward for layer in model.layers]  # dense, MoE, dense, MoE
+    if mode == "fp8":  # §6.2: first and last layers stay; dense FFN and shared expert go FP8
+        assert type(ffns[3].experts) is Experts and type(ffns[0].w1) is not FP8Linear
+        assert type(ffns[1].experts) is FP8Experts and type(ffns[1].shared_expert.w2) is FP8Linear
+        assert type(ffns[2].w1) is FP8Linear
+        assert type(model.layers[1].attention.wq) is not FP8Linear  # attention stays
+    else:
+        assert all(type(f.experts) is Int8Experts for f in ffns[1::2])
+        assert type(ffns[1].shared_expert.w1) is Int8Linear
+    assert isinstance(ffns[1].router_DE, nn.Parameter)  # the router is not quantized
+    with torch.no_grad():
+        out, again = model(tokens), model(tokens)
+    assert torch.equal(out, again)  # deterministic
+    assert ((out - ref).norm() / ref.norm()).item() < 0.05
