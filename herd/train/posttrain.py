@@ -932,7 +932,9 @@ def finetune(stage: str, cfg, model_spec: str, data_path: str, *, val_path: str 
     trainer.run()
     out = export_model(trainer.model, tok, trainer.run_dir / "model")
     if lora.rank > 0:
-        save_lora(model.backbone if isinstance(model, RewardModel) else model, trainer.run_dir / "lora")
+        # base: PEFT's base_model_name_or_path in <out>/lora/adapter_config.json (the model it fits)
+        save_lora(model.backbone if isinstance(model, RewardModel) else model, trainer.run_dir / "lora",
+                  base=str(model_spec))
     return trainer, out
 
 

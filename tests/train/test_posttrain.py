@@ -278,6 +278,18 @@ def test_herd_sft_cli_lora_metrics_and_export(tiny_dir, tmp_path):
     base, _ = herd.load(tiny_dir, for_inference=False)
     diff = (model.layers[0].attention.wq.weight - base.layers[0].attention.wq.weight).abs().max()
     assert tok.chat is not None and diff > 0
+    # <out>/lora is also a PEFT adapter: on the HF conversion of the base it gives the merged model's logits
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+
+    from herd.checkpoint import convert
+
+    convert(tiny_dir, tmp_path / "base-hf", "hf", tokenizer=False)
+    assert json.loads((out / "lora" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny_dir)
+    peft = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(tmp_path / "base-hf"), out / "lora").eval()
+    tokens = torch.randint(0, model.args.vocab_size, (1, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(peft(tokens).logits, model.eval()(tokens), rtol=0, atol=1e-4)
     # resume continues the run from its checkpoint (step 2 here: 3 is the final one)
     rc = main(["sft", "--model", str(tiny_dir), "--data", str(data), "--out", str(out), "--no-progress",
                "--train.steps=4", "--train.batch_size=1", "--train.seq_len=128", "--lora.rank=4",
