@@ -162,7 +162,7 @@ def _run_recipe(a, config: str, overrides: list[str]) -> None:
         shutil.copyfile(config, copy)
     saved.write_text(json.dumps(overrides) + "\n")
     final = run_recipe(stages, log=lambda m: print(m, file=sys.stderr, flush=True), progress=not a.no_progress)
-    print(f"done: {len(stages)} stages, final model {final}")
+    print(f"done: {len(stages)} stage{'s' if len(stages) > 1 else ''}, final model {final}")
 
 
 def cmd_average(a) -> None:

@@ -153,6 +153,23 @@ def peak_flops_for(device: torch.device) -> float:
     return 2 * 2 * lanes * 3e9 * torch.get_num_threads()
 
 
+# Model fields that decide the weights' tensors (names and shapes) or how the stored tensors are read
+# (tie_embeddings: one table serves as the output head). RoPE θ, its scaling, max_seq_len and norm_eps
+# change no tensor: a stage may change them and continue the same weights (long-context extension,
+# SPEC §3.4). Derived sizes (ffn_dim, hd) rather than the fields behind them, so a checkpoint that
+# states its FFN size another way (ffn_hidden_dim vs multiple_of) still matches.
+WEIGHT_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "ffn_dim", "hd", "tie_embeddings",
+                 "n_experts", "moe_every", "moe_ffn_dim")
+
+
+def weight_changes(old: Any, new: Any) -> list[str]:
+    """"field old → new" for each WEIGHT_FIELDS entry that differs between two model args."""
+    if type(old) is not type(new):
+        return [f"architecture {type(old).__name__} → {type(new).__name__}"]
+    return [f"{f} {getattr(old, f, None)} → {getattr(new, f, None)}" for f in WEIGHT_FIELDS
+            if getattr(old, f, None) != getattr(new, f, None)]
+
+
 # ---- the run ------------------------------------------------------------------------------------
 def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -313,19 +330,21 @@ class Trainer:
             raise HerdError(f"train.init_from {path}: no such checkpoint or run directory")
         src = model_dir_of(path)  # a run directory → its newest checkpoint, ckpt-N/ → its model/
         loaded = read_checkpoint(src)
-        if loaded.args != self.args:
-            diff = [f for f in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "ffn_dim", "hd")
-                    if getattr(loaded.args, f) != getattr(self.args, f)]
-            if diff:
-                raise HerdError(f"train.init_from {path}: model shape differs from the config ({', '.join(diff)})")
+        diff = weight_changes(loaded.args, self.args)
+        if diff:
+            raise HerdError(f"train.init_from {path}: model shape differs from the config ({', '.join(diff)})")
         sd = dict(loaded.state_dict)
         if self.args.tie_embeddings:
             sd["output.weight"] = sd["tok_embeddings.weight"]
-        with torch.no_grad():
-            if self.parallel.active:
-                self.parallel.load_full_state_dict(self.model, {k: v.float() for k, v in sd.items()})
-            else:
-                self.model.load_state_dict({k: v.to(self.device, torch.float32) for k, v in sd.items()})
+        try:
+            with torch.no_grad():
+                if self.parallel.active:
+                    self.parallel.load_full_state_dict(self.model, {k: v.float() for k, v in sd.items()})
+                else:
+                    self.model.load_state_dict({k: v.to(self.device, torch.float32) for k, v in sd.items()})
+        except (RuntimeError, ValueError, KeyError) as e:  # a difference weight_changes does not name
+            raise HerdError(f"train.init_from {path}: the checkpoint's weights do not fit this run's model "
+                            f"({str(e).splitlines()[0]})") from None
         self.log(f"initialized weights from {src}")
 
     def _restore(self, path: Path) -> None:

@@ -4,16 +4,23 @@ the annealing checkpoints (§3.4.3).
 
 A recipe is an ordinary run config plus an array of `[[stages]]` tables. Each stage names itself and
 overrides any keys of the base config with dotted keys (`train.seq_len = 512`); `average = true`
-averages that stage's checkpoints when it finishes:
+averages that stage's checkpoints when it finishes. `model.*` keys hold for the later stages too:
+a stage continues the previous stage's weights, so the model it hands on (a long-context stage's
+max_seq_len and RoPE θ) is the model the next stage trains, unless that stage sets them again. The
+other sections are per stage (base ← the stage's own keys). Keys that would change the weights'
+shapes (dim, n_layers, vocab_size, ...) are refused before anything runs:
 
     [model] ... [data] ... [train] out_dir = "runs/tiny-recipe"      # the base config
     [[stages]]
     name = "pretrain"
     [[stages]]
     name = "long-context"
-    train.seq_len = 512
+    model.max_seq_len = 2048          # kept by the later stages
+    model.rope_theta = 500000.0
+    train.seq_len = 2048
     [[stages]]
     name = "anneal"
+    train.seq_len = 2048
     schedule.name = "linear"
     average = true
 
@@ -27,6 +34,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +42,7 @@ from pathlib import Path
 from herd.errors import HerdError
 from herd.train import checkpoint as ckpt
 from herd.train.config import RunConfig, load_config, parse_override, read_toml
+from herd.train.loop import weight_changes
 
 _STAGE_KEYS = ("name", "average")
 
@@ -64,8 +73,11 @@ def is_recipe(path: str | Path | None) -> bool:
     return path is not None and "stages" in read_toml(path)
 
 
-def _merge(base: dict, stage: dict, where: str) -> dict:
+def _merge(base: dict, stage: dict, where: str, model: dict) -> dict:
+    """base ← the stage's keys; `model` (the model table the previous stage handed on) replaces
+    the base's model table first."""
     out = copy.deepcopy(base)
+    out["model"] = copy.deepcopy(model)
     for section, values in stage.items():
         if section in _STAGE_KEYS:
             continue
@@ -86,6 +98,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), o
     root = Path(out_dir or base.train.out_dir)
     out: list[Stage] = []
     names: set[str] = set()
+    model = dict(table.get("model") or {})  # base, then each stage's model.* keys in turn
     for k, st in enumerate(stages):
         name = st.get("name")
         where = f"{path}: stage {k + 1}"
@@ -97,10 +110,24 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), o
         average = st.get("average", False)
         if not isinstance(average, bool):
             raise HerdError(f"{where}: average must be true or false")
-        merged = _merge(table, st, f"{where} ({name})")
-        cfg = load_config(data=merged, overrides=overrides)
+        if "out_dir" in (st.get("train") or {}):  # silently replaced below otherwise
+            raise HerdError(f"{where} ({name}): train.out_dir is set by the recipe (<out>/{k + 1}-{name}); "
+                            "set it in the base config or with --out")
+        merged = _merge(table, st, f"{where} ({name})", model)
+        changed = [f"model.{key} = {v!r}" for key, v in (st.get("model") or {}).items() if model.get(key) != v]
+        model = merged["model"]
+        try:
+            cfg = load_config(data=merged, overrides=overrides)
+        except HerdError as e:  # which stage: the base alone was valid
+            raise HerdError(f"{where} ({name}): {e}") from None
         cfg.train.out_dir = str(root / f"{k + 1}-{name}")
         if out:
+            # Checked here, not when the stage starts from the previous one's checkpoint hours later.
+            diff = weight_changes(out[-1].cfg.model.args(), cfg.model.args())
+            if diff:
+                raise HerdError(f"{where} ({name}): {', '.join(changed) or 'the model'} would change the weights' "
+                                f"shapes ({', '.join(diff)}), but a stage continues stage {k} ({out[-1].name})'s "
+                                "weights; only max_seq_len, rope_theta and norm_eps may change between stages")
             if any(parse_override(o)[:2] == ("train", "init_from") for o in overrides) or \
                     "init_from" in st.get("train", {}):
                 raise HerdError(f"{where}: train.init_from is set by the recipe (the previous stage's result)")
@@ -126,6 +153,7 @@ def check_steps(stages: list[Stage]) -> None:
 def run_recipe(stages: list[Stage], *, log: Callable[[str], None], progress: bool = True,
                pretrain: Callable | None = None) -> Path:
     """Run the stages in order, skipping finished ones; returns the final model directory."""
+    from herd.checkpoint.common import atomic_path
     from herd.train.average import average_checkpoints
     from herd.train.loop import pretrain as _pretrain
 
@@ -143,7 +171,13 @@ def run_recipe(stages: list[Stage], *, log: Callable[[str], None], progress: boo
             found = ckpt.list_checkpoints(stage.run_dir)
             if stage.cfg.checkpoint.keep and len(found) < 2:
                 log(f"stage {stage.name}: only {len(found)} checkpoint(s) kept to average (checkpoint.keep)")
-            average_checkpoints(found, stage.averaged_dir)
+            # average_checkpoints publishes the weights and params.json, then copies the tokenizer:
+            # a kill between the two left an averaged/ without tokenizer that a resume took as done.
+            # Built under a temporary name and renamed whole, so averaged/ exists only complete.
+            for stale in stage.run_dir.glob(".averaged.*"):
+                shutil.rmtree(stale, ignore_errors=True)
+            with atomic_path(stage.averaged_dir, directory=True) as tmp:
+                average_checkpoints(found, tmp)
             log(f"stage {stage.name}: Polyak average of {len(found)} checkpoints → {stage.averaged_dir}")
     last = stages[-1]
     return last.averaged_dir if last.average else last.run_dir / ckpt.checkpoint_name(last.cfg.train.steps)
