@@ -2,13 +2,25 @@
 
 Two kinds of item, told apart per line:
 - multiple choice (MMLU / ARC style): {"prompt" | "question", "choices": [...], "answer": index,
-  letter ("B") or the choice's text}; the model picks the choice whose reply it gives the highest
-  log-likelihood (summed over the reply's content tokens, through the chat format when the model
-  has one; the prompt is computed once for all choices).
-- generation (GSM8K style): {"prompt" | "question", "answer", optional "match"}; greedy decoding,
-  then answer extraction: a numeric answer is compared with the last number in the reply (GSM8K's
-  "#### N" when present), any other answer with the reply stripped of surrounding space, quotes and
-  a final period; "match": "contains" accepts a reply that contains the answer.
+  letter ("B") or the choice's text, optional "target_delimiter" (default " ")}; scored as
+  lm-evaluation-harness scores `output_type: multiple_choice` (lm_eval 0.4.x), so the numbers
+  compare: each choice is a continuation of the context, encoded with the context and split after
+  the context's tokens (`_encode_pair`: the context's trailing whitespace moves to the
+  continuation), and its log-prob summed. acc picks the highest sum, acc_norm the highest sum per
+  character of the choice, acc_bytes per UTF-8 byte (lm-eval's names).
+- generation (GSM8K style): {"prompt" | "question", "answer", optional "match"}; greedy decoding to
+  the end of turn or max_new_tokens, then answer extraction: a numeric answer is compared with the
+  last number in the reply (GSM8K's "#### N" when present), any other answer with the reply
+  stripped of surrounding space, quotes and a final period; "match": "contains" accepts a reply
+  that contains the answer.
+
+Chat template or raw prompt (`chat_template`, `herd eval --apply-chat-template` /
+`--no-apply-chat-template`): lm-eval's default is the raw prompt (the text as is, BOS where the
+tokenizer adds one, continuation = target_delimiter + choice); with `--apply_chat_template` the
+context is the chat template's text through the assistant header and the delimiter is "" (so the
+header's trailing "\n" is scored as part of every choice, as lm-eval does). herd's default (None)
+is the chat template when the tokenizer has one, else raw; pass the flag to compare with a given
+lm-eval run. A file holds one kind of item (one metric per file, as an lm-eval task).
 """
 
 from __future__ import annotations
@@ -17,7 +29,6 @@ import json
 import math
 import os
 import re
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,7 +38,9 @@ import torch
 from herd.errors import HerdError
 from herd.inference.generate import check_max_new_tokens
 
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+# A number in a reply: a sign, digits with thousands commas, a decimal part; ".5" too (it was read
+# as 5). A trailing period ("it is 12.") is not a decimal part: a digit must follow the point.
+_NUMBER = re.compile(r"-?(?:\d[\d,]*(?:\.\d+)?|\.\d+)")
 _GSM8K = re.compile(r"####\s*(-?[\d,]*\.?\d+)")
 
 
@@ -48,7 +61,13 @@ def wilson_interval(correct: int, n: int, z: float = 1.959963984540054) -> tuple
 _NUMERIC_TEXT = re.compile(r"\s*[-+]?(?:\d[\d,]*(?:\.\d+)?|\.\d+)\s*")
 
 
+# An answer written "$1,000" or "25%" is the number 1000 / 25 (the reply's last number carries no
+# unit either); it was compared as text, so "The answer is 25%." never matched "25%".
+_UNIT = re.compile(r"\s*\$?(.*?)%?\s*")
+
+
 def _as_number(text: str) -> float | None:
+    text = _UNIT.fullmatch(text).group(1)
     if not _NUMERIC_TEXT.fullmatch(text):
         return None
     return float(text.replace(",", ""))
@@ -152,13 +171,35 @@ class TaskItem:
     answer: Any
     choices: list[str] | None = None
     match: str = "auto"  # how a generated reply is checked (is_correct)
+    text: str | None = None  # the prompt as raw text (None for a dialog that is not one user turn)
+    target_delimiter: str = " "  # lm-eval's: put between a raw prompt and each choice
 
     @property
     def kind(self) -> str:
         return "choice" if self.choices is not None else "generate"
 
+    def raw_text(self) -> str:
+        """The prompt for the raw (no chat template) mode: a dialog has no raw text."""
+        if self.text is None:
+            raise HerdError(f"{self.where}: a prompt of several messages needs the chat template "
+                            "(--apply-chat-template); without it the prompt must be text")
+        return self.text
 
-def load_task(path: str | os.PathLike) -> list[TaskItem]:
+
+def _raw_text(prompt: Any) -> str | None:
+    if isinstance(prompt, str):
+        return prompt
+    if (isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], dict)
+            and prompt[0].get("role") == "user" and isinstance(prompt[0].get("content"), str)):
+        return prompt[0]["content"]
+    return None
+
+
+_KIND = {"choice": "multiple-choice", "generate": "generation"}
+
+
+def load_task(path: str | os.PathLike, *, chat_template: bool | None = None) -> list[TaskItem]:
+    """`chat_template=False` also checks here that every prompt has a raw text (see TaskItem)."""
     from herd.train.posttrain import as_messages, read_jsonl
 
     items = []
@@ -179,9 +220,29 @@ def load_task(path: str | os.PathLike) -> list[TaskItem]:
         match = obj.get("match", "auto")
         if match not in MATCHES:
             raise HerdError(f"{where}: unknown 'match' {match!r}; choose {', '.join(MATCHES)}")
+        delim = obj.get("target_delimiter", " ")
+        if not isinstance(delim, str):
+            raise HerdError(f"{where}: 'target_delimiter' must be a string, got {json.dumps(delim)}")
         messages = as_messages(prompt, where)  # checks the messages, naming the line
-        items.append(TaskItem(where, messages, answer, choices, match))
+        item = TaskItem(where, messages, answer, choices, match, _raw_text(prompt), delim)
+        if chat_template is False:
+            item.raw_text()
+        if items and item.kind != items[0].kind:
+            # One accuracy over both kinds mixes two metrics (and acc_norm has no meaning for
+            # generation): lm-eval keeps them apart as tasks; so does herd, as files.
+            raise HerdError(f"{where}: a {_KIND[item.kind]} item in a task whose first item ({items[0].where}) "
+                            f"is {_KIND[items[0].kind]}; put each kind in its own task file")
+        items.append(item)
     return items
+
+
+def stderr(correct: int, n: int) -> float | None:
+    """lm-eval's `acc_stderr` (mean_stderr: the sample standard deviation, n - 1, over sqrt(n)),
+    reported beside the Wilson interval so the two tools' tables can be read side by side."""
+    if n < 2:  # lm-eval prints N/A; None is JSON's null (NaN is not JSON)
+        return None
+    p = correct / n
+    return math.sqrt(p * (1 - p) / (n - 1))
 
 
 @dataclass
@@ -193,20 +254,94 @@ class EvalResult:
     ci_high: float
     replies: list[str] = field(default_factory=list)  # per item: the reply, or the chosen choice
     correct_items: list[bool] = field(default_factory=list)
+    chat_template: bool = True
+    # Multiple choice only: lm-eval's acc_norm / acc_bytes correct counts and per-item choice scores.
+    correct_norm: int | None = None
+    correct_bytes: int | None = None
+    scores: list[list[float]] = field(default_factory=list)
+
+    def metrics(self) -> dict[str, Any]:
+        """lm-eval's metric names → value, with `_stderr` and herd's Wilson `_ci95`."""
+        out: dict[str, Any] = {}
+        counts = {"acc": self.correct}
+        if self.correct_norm is not None:
+            counts |= {"acc_norm": self.correct_norm, "acc_bytes": self.correct_bytes}
+        for name, k in counts.items():
+            out[name] = k / max(self.n, 1)
+            out[f"{name}_stderr"] = stderr(k, self.n)
+            out[f"{name}_ci95"] = list(wilson_interval(k, self.n))
+        return out
 
     def line(self, name: str = "accuracy") -> str:
-        return (f"{name}: {self.accuracy:.3f} ({self.correct}/{self.n}), "
-                f"95% CI [{self.ci_low:.3f}, {self.ci_high:.3f}]")
+        def one(label, k):
+            lo, hi = wilson_interval(k, self.n)
+            return f"{label} {k / max(self.n, 1):.3f} ({k}/{self.n}), 95% CI [{lo:.3f}, {hi:.3f}]"
+
+        parts = [one("acc", self.correct)]
+        if self.correct_norm is not None:
+            parts.append(one("acc_norm", self.correct_norm))
+        mode = "chat template" if self.chat_template else "raw prompt"
+        return f"{name}: {'; '.join(parts)} ({mode})"
+
+
+def _bos(tokenizer, text: str) -> bool:
+    """lm-eval's HF `tok_encode`: the tokenizer's own BOS setting (add_special_tokens), except when
+    the text already starts with the BOS token's text (a chat template's output)."""
+    if tokenizer.bos_id is None or not getattr(tokenizer, "add_bos", True):
+        return False
+    return not text.startswith(tokenizer.decode([tokenizer.bos_id]))
+
+
+def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """lm-eval's `_encode_pair` (causal models): the context's trailing whitespace moves to the
+    continuation (" Paris" is one token, "Answer: " + "Paris" would not be); context + continuation
+    are encoded together, so BPE merges across the seam as the model saw such text in training, and
+    the continuation's tokens are those after the context's own encoding. The model then reads
+    context ids + continuation ids. Special-token text is parsed as control tokens, as HF
+    tokenizers (and so lm-eval) do. An empty context is lm-eval's prefix token (BOS, else EOS)."""
+    if context == "":
+        cont = tokenizer.encode(continuation, allow_special=True)
+        prefix = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
+        return ([prefix], cont) if cont[:1] != [prefix] else (cont[:1], cont[1:])
+    n = len(context) - len(context.rstrip())
+    if n:
+        context, continuation = context[:-n], context[-n:] + continuation
+    bos = _bos(tokenizer, context)
+    whole = tokenizer.encode(context + continuation, bos=bos, allow_special=True)
+    ctx = tokenizer.encode(context, bos=bos, allow_special=True)
+    return ctx, whole[len(ctx):]
+
+
+def _has_chat(tokenizer) -> bool:
+    return getattr(tokenizer, "chat", None) is not None
+
+
+def choice_context(tokenizer, item: TaskItem, chat_template: bool) -> tuple[str, list[str]]:
+    """(context, continuations) as lm-eval builds them: raw, the prompt and target_delimiter +
+    choice; with the chat template, the template's text through the assistant header and the choice
+    as is (lm-eval drops the delimiter there: the header ends the context)."""
+    if not chat_template:
+        return item.raw_text(), [item.target_delimiter + c for c in item.choices]
+    if not _has_chat(tokenizer):
+        raise HerdError("this tokenizer has no chat format; evaluate without --apply-chat-template")
+    ids = tokenizer.chat.encode_dialog(item.prompt, add_generation_prompt=True)
+    return tokenizer.decode(ids), list(item.choices)
 
 
 @torch.no_grad()
-def choice_logps(model, tokenizer, prompt: list[dict], choices: Sequence[str], where: str = "item"
+def choice_logps(model, tokenizer, context: str, continuations: Sequence[str], where: str = "item"
                  ) -> list[float]:
-    """Summed log-prob of each choice as the assistant's reply (content tokens)."""
-    from herd.train.posttrain import Preference, collate_ranked, encode_preferences, response_logps
+    """Summed log-prob of each continuation after `context` (encode_pair), the context's positions
+    computed once for all continuations (prompt-sharing attention, herd/train/posttrain.py)."""
+    from herd.train.posttrain import EncodedRanked, collate_ranked, response_logps
 
-    # No limit in the encoder: its message speaks of train.seq_len, which eval has none of.
-    enc = encode_preferences(tokenizer, [Preference(where, prompt, list(choices))], sys.maxsize)[0]
+    pairs = [encode_pair(tokenizer, context, c) for c in continuations]
+    ctx = pairs[0][0]  # the same for every continuation
+    conts = [c for _, c in pairs]
+    for j, c in enumerate(conts):
+        if not c:
+            raise HerdError(f"{where}: choice {j} encodes to no tokens after the prompt")
+    enc = EncodedRanked(0, ctx, conts, [[True] * len(c) for c in conts])
     if len(enc) > model.args.max_seq_len:
         raise HerdError(f"{where}: the prompt and its choices take {len(enc)} tokens, more than the model's "
                         f"context of {model.args.max_seq_len}; shorten the item")
@@ -214,14 +349,24 @@ def choice_logps(model, tokenizer, prompt: list[dict], choices: Sequence[str], w
     return response_logps(model, batch).tolist()
 
 
+def _argmax(xs: Sequence[float]) -> int:
+    return max(range(len(xs)), key=lambda j: xs[j])  # the first of equal scores, as np.argmax
+
+
 def evaluate_items(model, tokenizer, items: Sequence[TaskItem], *, max_new_tokens: int = 64,
-                   batch_size: int = 8) -> EvalResult:
+                   batch_size: int = 8, chat_template: bool | None = None) -> EvalResult:
+    """`chat_template`: True wraps prompts in the chat format (lm-eval --apply_chat_template), False
+    uses them as raw text (lm-eval's default), None the chat format when the tokenizer has one."""
     from herd.api import encode_prompt, generate
 
     check_eval_args(max_new_tokens=max_new_tokens, batch_size=batch_size)
+    chat = _has_chat(tokenizer) if chat_template is None else bool(chat_template)
+    if chat and not _has_chat(tokenizer):
+        raise HerdError("this tokenizer has no chat format; evaluate without --apply-chat-template")
+    prompts = [it.prompt if chat else it.raw_text() for it in items]  # raw_text names a dialog's line
     gen = [i for i, it in enumerate(items) if it.kind == "generate"]
     for i in gen:  # named by file:line before any generation (the generator's message names no line)
-        n = len(encode_prompt(tokenizer, items[i].prompt))
+        n = len(encode_prompt(tokenizer, prompts[i]))
         if n >= model.args.max_seq_len:
             raise HerdError(f"{items[i].where}: prompt of {n} tokens does not fit the model's context of "
                             f"{model.args.max_seq_len} (at least one position is needed to generate)")
@@ -231,18 +376,27 @@ def evaluate_items(model, tokenizer, items: Sequence[TaskItem], *, max_new_token
     ok: list[bool] = [False] * len(items)
     for start in range(0, len(gen), batch_size):
         idx = gen[start:start + batch_size]
-        outs = generate(model, tokenizer, [items[i].prompt for i in idx], max_new_tokens=max_new_tokens)
+        outs = generate(model, tokenizer, [prompts[i] for i in idx], max_new_tokens=max_new_tokens)
         for i, o in zip(idx, outs, strict=True):
             replies[i], ok[i] = o, is_correct(o, items[i].answer, items[i].match)
+    scores: list[list[float]] = []
+    norm = byte = 0
     for i, it in enumerate(items):
         if it.kind == "choice":
-            lps = choice_logps(model, tokenizer, it.prompt, it.choices, it.where)
-            pick = max(range(len(lps)), key=lambda j: lps[j])
+            context, conts = choice_context(tokenizer, it, chat)
+            lps = choice_logps(model, tokenizer, context, conts, it.where)
+            scores.append(lps)
+            pick = _argmax(lps)
             replies[i], ok[i] = it.choices[pick], pick == it.answer
+            # lm-eval's lengths are the choices' own (no delimiter): characters, and UTF-8 bytes.
+            norm += _argmax([lp / len(c) for lp, c in zip(lps, it.choices, strict=True)]) == it.answer
+            byte += _argmax([lp / len(c.encode()) for lp, c in zip(lps, it.choices, strict=True)]) == it.answer
     model.train(was)
     correct = sum(ok)
     lo, hi = wilson_interval(correct, len(items))
-    return EvalResult(len(items), correct, correct / max(len(items), 1), lo, hi, replies, ok)
+    mc = bool(scores)
+    return EvalResult(len(items), correct, correct / max(len(items), 1), lo, hi, replies, ok, chat,
+                      norm if mc else None, byte if mc else None, scores)
 
 
 def check_eval_args(*, max_new_tokens: Any = 1, batch_size: Any = 1) -> None:
@@ -254,4 +408,4 @@ def check_eval_args(*, max_new_tokens: Any = 1, batch_size: Any = 1) -> None:
 
 
 def evaluate_task(model, tokenizer, path: str | os.PathLike, **kw) -> EvalResult:
-    return evaluate_items(model, tokenizer, load_task(path), **kw)
+    return evaluate_items(model, tokenizer, load_task(path, chat_template=kw.get("chat_template")), **kw)

@@ -145,6 +145,10 @@ def add_posttrain_parsers(sub) -> None:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--out", default=None, help="write results (and every reply) as JSON here")
+    p.add_argument("--apply-chat-template", action=argparse.BooleanOptionalAction, default=None,
+                   help="wrap prompts in the model's chat template (lm-eval's --apply_chat_template); "
+                        "--no-apply-chat-template scores the raw text as lm-eval does by default. "
+                        "Default: the chat template when the model has one")
     p.set_defaults(func=cmd_eval)
 
 
@@ -253,14 +257,17 @@ def cmd_eval(a) -> None:
     check_eval_args(max_new_tokens=a.max_new_tokens, batch_size=a.batch_size)
     check_outputs({"--out": a.out}, {f"--task {t}": t for t in a.task})
     # Every task file is read and checked before the model loads: a bad line fails in a second.
-    tasks = [(task, load_task(task)) for task in a.task]
+    tasks = [(task, load_task(task, chat_template=a.apply_chat_template)) for task in a.task]
     model, tok = _inference_model(a.model)
     report = {}
     for task, items in tasks:
-        r = evaluate_items(model, tok, items, max_new_tokens=a.max_new_tokens, batch_size=a.batch_size)
+        r = evaluate_items(model, tok, items, max_new_tokens=a.max_new_tokens, batch_size=a.batch_size,
+                           chat_template=a.apply_chat_template)
         print(r.line(task))
         report[task] = {"n": r.n, "correct": r.correct, "accuracy": r.accuracy, "ci95": [r.ci_low, r.ci_high],
-                        "replies": r.replies, "correct_items": r.correct_items}
+                        **r.metrics(), "chat_template": r.chat_template,
+                        "replies": r.replies, "correct_items": r.correct_items,
+                        **({"choice_logprobs": r.scores} if r.scores else {})}
     if a.out:
         from herd.checkpoint.common import atomic_path
 

@@ -52,9 +52,10 @@ def test_good_answers_still_load(tmp_path):
         {"prompt": "p", "choices": ["a", "b", "c"], "answer": "C"},  # letter
         {"prompt": "p", "choices": ["A", "b"], "answer": "A"},  # a choice's text that is also a letter
         {"prompt": "p", "choices": ["a", "b"], "answer": "b"},  # text
-        {"prompt": "p", "choices": ["a", "b"], "answer": 0},
-        {"prompt": "p", "answer": 4.5}, {"prompt": "p", "answer": "Paris"}])
-    assert [it.answer for it in load_task(task)] == [2, 0, 1, 0, 4.5, "Paris"]
+        {"prompt": "p", "choices": ["a", "b"], "answer": 0}])
+    assert [it.answer for it in load_task(task)] == [2, 0, 1, 0]
+    gen = write_jsonl(tmp_path / "g.jsonl", [{"prompt": "p", "answer": 4.5}, {"prompt": "p", "answer": "Paris"}])
+    assert [it.answer for it in load_task(gen)] == [4.5, "Paris"]  # a file holds one kind of item
 
 
 @pytest.mark.parametrize("args,message", [

@@ -20,7 +20,7 @@ from herd.eval.tasks import (
 from tests.train.posttrain_fixtures import make_tiny_model, write_jsonl
 
 
-@pytest.mark.parametrize("k,n", [(0, 10), (3, 10), (17, 40), (40, 40), (1, 1)])
+@pytest.mark.parametrize("k,n", [(0, 10), (3, 10), (17, 40), (40, 40), (1, 1), (0, 1), (1, 2), (0, 3)])
 def test_wilson_matches_scipy(k, n):
     stats = pytest.importorskip("scipy.stats")
     ci = stats.binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
@@ -54,11 +54,14 @@ def test_multiple_choice_by_loglikelihood(tmp_path):
     model, tok = herd.load(make_tiny_model(tmp_path / "m", seed=3), for_inference=False)
     prompt = [{"role": "user", "content": "Pick one."}]
     choices = ["red", "green apples", "blue"]
-    got = choice_logps(model, tok, prompt, choices)
+    # With the chat template (lm-eval --apply_chat_template): the template's text as context, the
+    # choice with no delimiter; its trailing "\n" is moved to each choice and scored with it.
+    context = tok.decode(tok.chat.encode_dialog(prompt, add_generation_prompt=True))
+    got = choice_logps(model, tok, context, choices)
     with torch.no_grad():
         for c, lp in zip(choices, got, strict=True):
-            p = tok.chat.encode_dialog(prompt, add_generation_prompt=True)
-            body = tok.encode(c)
+            p = tok.encode(context.rstrip(), allow_special=True)
+            body = tok.encode(context + c, allow_special=True)[len(p):]
             logits = torch.log_softmax(model(torch.tensor([p + body]))[0], -1)
             direct = sum(float(logits[len(p) - 1 + j, t]) for j, t in enumerate(body))
             assert lp == pytest.approx(direct, abs=1e-4)
@@ -66,7 +69,7 @@ def test_multiple_choice_by_loglikelihood(tmp_path):
     task = write_jsonl(tmp_path / "mc.jsonl", [{"question": "Pick one.", "choices": choices, "answer": best},
                                                 {"question": "Pick one.", "choices": choices,
                                                  "answer": "ABC"[(best + 1) % 3]}])
-    r = evaluate_items(model, tok, load_task(task))
+    r = evaluate_items(model, tok, load_task(task), chat_template=True)
     assert (r.correct, r.n) == (1, 2) and r.correct_items == [True, False]
     assert (r.ci_low, r.ci_high) == pytest.approx(wilson_interval(1, 2))
 
