@@ -283,6 +283,10 @@ def validate(cfg: PipelineConfig) -> None:
         raise HerdError("quality.enabled needs quality.model (train one with `herd data train-quality`)")
     if cfg.quality.enabled and not Path(cfg.quality.model).is_file():
         raise HerdError(f"quality.model {cfg.quality.model}: no such file (train one with `herd data train-quality`)")
+    if cfg.quality.enabled:  # a bad model file is one line now, not a worker's failure after hours
+        from herd.data.quality import QualityModel
+
+        QualityModel.load(cfg.quality.model)
 
 
 def _validate_ranges(cfg: PipelineConfig) -> None:
@@ -710,14 +714,17 @@ def phase_score(ctx: Context, u: int) -> dict:
         tally.add("quality", dom, documents_in=1, tokens_in=n)
         if q_scores[i] < cfg.quality.min_score and i in in_scope:
             tally.add("quality", dom, documents_removed=1, tokens_removed=n)
-            gone.append(_gone(row["id"], row["name"], dom, "quality", f"score {q_scores[i]:.3f}"))
+            # the bar in the reason: "score 0.500" (rounded) alone reads like a kept document
+            gone.append(_gone(row["id"], row["name"], dom, "quality",
+                              f"score {q_scores[i]:.4f} < min_score {cfg.quality.min_score}"))
             continue
         keep.append(i)
     by_domain: dict[str, int] = {}
     for i in keep:
         by_domain[rows[i]["domain"]] = by_domain.get(rows[i]["domain"], 0) + rows[i]["tokens"]
     _write_json(ctx.unit_dir(u) / "scores.json", {"keep": keep, "kl": [round(x, 6) for x in kl_scores],
-                                                  "quality": [round(x, 6) for x in q_scores]})
+                                                  "quality": [round(x, 6) for x in q_scores],
+                                                  "quality_scored": scope})
     _write_jsonl(ctx.unit_dir(u) / "score.removed.jsonl", gone)
     return {"tally": tally.counts, "tokens_by_domain": by_domain}
 
@@ -730,7 +737,11 @@ def phase_write(ctx: Context, u: int) -> dict:
     cfg = ctx.cfg
     factors = json.loads((ctx.work / "mix.json").read_text())["factors"]
     rows, tokens, offsets = _load_filtered(ctx, u)
-    keep = json.loads((ctx.unit_dir(u) / "scores.json").read_text())["keep"]
+    scores = json.loads((ctx.unit_dir(u) / "scores.json").read_text())
+    keep = scores["keep"]
+    # each kept document's classifier score goes to OUT/documents.jsonl (README), only where the
+    # quality stage scored it: the placeholder 1.0 of an out-of-scope document is no score
+    q_of = {i: scores["quality"][i] for i in scores.get("quality_scored", [])}
     tally = Tally()
     split_docs: dict[str, list[np.ndarray]] = {"train": [], "val": []}
     out_rows, gone = [], []
@@ -747,7 +758,7 @@ def phase_write(ctx: Context, u: int) -> dict:
         # Every copy of a document lands in the same split: upsampling never leaks into val.
         split = "val" if _is_val(row["id"], cfg.run.val_fraction, cfg.run.seed) else "train"
         split_docs[split].extend([tokens[offsets[i]:offsets[i + 1]]] * c)
-        out_rows.append(row | {"copies": c, "split": split})
+        out_rows.append(row | {"copies": c, "split": split} | ({"quality": q_of[i]} if i in q_of else {}))
     out = ctx.work / "out"
     entries = {s: write_shard_files(out, f"{s}-u{u:05d}", docs) for s, docs in split_docs.items()}
     max_id = max((int(a.max()) for docs in split_docs.values() for a in docs), default=-1)

@@ -76,10 +76,20 @@ class QualityModel:
             with np.load(path, allow_pickle=False) as z:
                 if str(z["format"]) != FORMAT:
                     raise HerdError(f"{path}: not a herd quality model (format {z['format']})")
-                return cls(z["coef"].astype(np.float64), float(z["intercept"]), int(z["n_features"]),
-                           int(z["ngram_max"]))
+                m = cls(z["coef"].astype(np.float64), float(z["intercept"]), int(z["n_features"]),
+                        int(z["ngram_max"]))
         except (OSError, ValueError, KeyError) as e:
             raise HerdError(f"{path}: cannot read a quality model ({e})") from None
+        # The feature settings are stored with the weights and used to score, so a model trained with
+        # other settings works as trained; but weights that do not match their own settings (an
+        # edited or mixed-up file) would be a matmul traceback, and NaN weights would give NaN scores,
+        # which `score < min_score` never removes — every document silently kept.
+        if m.coef.ndim != 1 or m.coef.shape[0] != m.n_features or m.ngram_max < 1:
+            raise HerdError(f"{path}: inconsistent quality model ({m.coef.shape} weights for "
+                            f"n_features={m.n_features}, ngram_max={m.ngram_max})")
+        if not (np.all(np.isfinite(m.coef)) and math.isfinite(m.intercept)):
+            raise HerdError(f"{path}: quality model has non-finite weights")
+        return m
 
 
 def train_quality(texts: Sequence[str], labels: Sequence[int], *, n_features: int = 1 << 18,
@@ -100,10 +110,33 @@ def train_quality(texts: Sequence[str], labels: Sequence[int], *, n_features: in
     if len(set(y.tolist())) < 2:
         raise HerdError(f"quality training needs both labels; all {len(y)} samples are labelled {y[0]}")
     model = QualityModel(np.zeros(n_features), 0.0, n_features, ngram_max)
-    clf = LogisticRegression(C=c, max_iter=1000, random_state=seed)
+    # balanced: with 95% of samples labelled 1 (a strict --threshold) the unweighted fit scores
+    # nearly everything above 0.5, so `min_score = 0.5` would keep the very documents labelled 0.
+    clf = LogisticRegression(C=c, max_iter=1000, random_state=seed, class_weight="balanced")
     clf.fit(model._vectorizer().transform(list(texts)), y)
     model.coef, model.intercept = clf.coef_[0].astype(np.float64), float(clf.intercept_[0])
     return model
+
+
+def cross_validate(texts: Sequence[str], labels: Sequence[int], folds: int, *, c: float = 4.0,
+                   seed: int = 0) -> float:
+    """Held-out balanced accuracy over stratified folds (training accuracy is ~1.0 for any labels:
+    2^18 hashed features fit a few hundred samples exactly, so it says nothing)."""
+    from sklearn.model_selection import StratifiedKFold
+
+    y = np.asarray(labels, dtype=np.int64)
+    fewest = int(min(np.sum(y == 0), np.sum(y == 1)))
+    if folds < 2 or fewest < folds:
+        raise HerdError(f"--folds {folds} needs at least {folds} samples of each label and at least 2 "
+                        f"folds; the labels have {fewest} of the rarer one (pass --folds 0 to skip "
+                        "cross-validation)")
+    texts = list(texts)
+    accs = []
+    for tr, te in StratifiedKFold(folds, shuffle=True, random_state=seed).split(texts, y):
+        m = train_quality([texts[i] for i in tr], y[tr], c=c, seed=seed)
+        pred = m.score([texts[i] for i in te]) >= 0.5
+        accs.append((np.mean(pred[y[te] == 1]) + np.mean(~pred[y[te] == 0])) / 2)
+    return float(np.mean(accs))
 
 
 # ---- labels from an instruction model ---------------------------------------------------------------
@@ -134,11 +167,22 @@ def sample_texts(inputs: Sequence[str], n: int, seed: int, max_chars: int) -> li
     if not docs:
         raise HerdError("no documents to label in " + ", ".join(inputs))
     rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        t = docs[rng.randrange(len(docs))]
+    # Each document once before any twice (independent draws judged the same short document several
+    # times, and the copies then weigh as several training samples); more samples than documents
+    # take further windows of the long ones, and exact repeats are dropped.
+    order: list[int] = []
+    while len(order) < n:
+        perm = list(range(len(docs)))
+        rng.shuffle(perm)
+        order += perm
+    out, seen = [], set()
+    for i in order[:n]:
+        t = docs[i]
         start = rng.randrange(max(1, len(t) - max_chars))
-        out.append(t[start:start + max_chars])
+        w = t[start:start + max_chars]
+        if w not in seen:
+            seen.add(w)
+            out.append(w)
     return out
 
 
@@ -185,6 +229,8 @@ def cmd_label(a: argparse.Namespace) -> None:
     from herd.api import load
     from herd.hub import say
 
+    if a.samples < 2 or a.max_chars < 1:
+        raise HerdError(f"--samples must be at least 2 and --max-chars at least 1, got {a.samples} and {a.max_chars}")
     texts = sample_texts(a.inputs, a.samples, a.seed, a.max_chars)
     model, tok = load(a.model)
     if tok is None or tok.chat is None:
@@ -196,6 +242,10 @@ def cmd_label(a: argparse.Namespace) -> None:
     rows = [{"text": t, "score": round(s, 6), "label": int(s > cut if a.threshold == "median" else s >= cut)}
             for t, s in zip(texts, scores, strict=True)]
     _write_jsonl(Path(a.out), rows)
+    n1 = sum(r["label"] for r in rows)
+    if n1 in (0, len(rows)):  # the judgments are kept (they took time), but training would refuse them
+        say(f"warning: all {len(rows)} samples labelled {n1 and 1}; train-quality needs both labels "
+            "(another --threshold, or more --samples)")
     say(f"wrote {a.out}: {len(rows)} judged samples, {sum(r['label'] for r in rows)} labelled 1 "
         f"(P(Yes) {'above the median' if a.threshold == 'median' else '>='} {cut:.3f}) by {a.model}")
 
@@ -204,19 +254,25 @@ def cmd_train_quality(a: argparse.Namespace) -> None:
     from herd.hub import say
 
     texts, labels = read_labels(a.labels)
-    model = train_quality(texts, labels, c=a.c)
-    acc = float(np.mean((model.score(texts) >= 0.5) == np.asarray(labels)))
+    model = train_quality(texts, labels, c=a.c)  # first: its errors (one label, bad c) come first
+    cv = cross_validate(texts, labels, a.folds, c=a.c) if a.folds else None
     model.save(a.out)
-    say(f"wrote {a.out}: logistic regression on {len(texts)} samples (training accuracy {acc:.3f})")
+    n1 = sum(labels)
+    say(f"wrote {a.out}: logistic regression on {len(texts)} samples ({n1} labelled 1, {len(texts) - n1} "
+        f"labelled 0, classes weighted equally)"
+        + (f"; {a.folds}-fold held-out balanced accuracy {cv:.3f}" if cv is not None else ""))
 
 
 def _threshold(text: str) -> str | float:
     if text == "median":
         return text
     try:
-        return float(text)
+        x = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: a probability or 'median'") from None
+        x = math.nan
+    if not 0 <= x <= 1:  # also NaN, which labels everything 0
+        raise argparse.ArgumentTypeError(f"{text!r}: a probability in [0, 1] or 'median'")
+    return x
 
 
 def add_quality_parsers(subparsers) -> None:
@@ -235,4 +291,6 @@ def add_quality_parsers(subparsers) -> None:
     p.add_argument("labels", help="JSONL of {text, label} (from `herd data label` or elsewhere)")
     p.add_argument("--out", required=True, help="model file (.npz), for quality.model in a pipeline config")
     p.add_argument("--c", type=float, default=4.0, help="inverse L2 strength (default: 4)")
+    p.add_argument("--folds", type=int, default=5,
+                   help="report held-out accuracy over this many stratified folds; 0 = skip (default: 5)")
     p.set_defaults(func=cmd_train_quality)
