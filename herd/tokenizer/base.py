@@ -20,8 +20,11 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
+from numbers import Integral
 from pathlib import Path
 from typing import Any, Literal
+
+from herd.errors import HerdError
 
 Message = dict[str, Any]  # OpenAI-shaped: {"role", "content", optional "tool_calls"}
 ExportLayout = Literal["hf", "meta"]
@@ -72,6 +75,11 @@ class Tokenizer(ABC):
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    def bad_ids_error(self, ids: Sequence[Any]) -> HerdError:
+        """The one-line error for ids that are not tokens of this vocabulary (decode_bytes raises it)."""
+        bad = [i for i in ids if not isinstance(i, Integral) or not 0 <= i < self.vocab_size]
+        return HerdError(f"token ids must be ints in 0..{self.vocab_size - 1}, got {bad[:5]}")
 
     @abstractmethod
     def token_to_id(self, token: str) -> int | None:

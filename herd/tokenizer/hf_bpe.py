@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from functools import cached_property
-from numbers import Integral
 from pathlib import Path
 from typing import Any
 
@@ -201,8 +200,7 @@ class HFTokenizer(Tokenizer):
                 raise IndexError
             return b"".join([table[i] for i in ids])
         except (IndexError, TypeError):
-            bad = [i for i in ids if not isinstance(i, Integral) or not 0 <= i < self.vocab_size]
-            raise HerdError(f"token ids must be ints in 0..{self.vocab_size - 1}, got {bad[:5]}") from None
+            raise self.bad_ids_error(ids) from None
 
     def token_to_id(self, token: str) -> int | None:
         if token in self.special_tokens:

@@ -18,7 +18,6 @@ import importlib.resources
 import re
 from collections.abc import Iterable, Iterator
 from functools import cached_property
-from numbers import Integral
 from pathlib import Path
 from typing import Any, Literal
 
@@ -189,8 +188,7 @@ class TiktokenTokenizer(Tokenizer):
         try:
             return self.model.decode_bytes(ids)
         except (KeyError, OverflowError, TypeError, ValueError):
-            bad = [i for i in ids if not isinstance(i, Integral) or not 0 <= i < self.vocab_size]
-            raise HerdError(f"token ids must be ints in 0..{self.vocab_size - 1}, got {bad[:5]}") from None
+            raise self.bad_ids_error(ids) from None
 
     def token_to_id(self, token: str) -> int | None:
         if token in self.special_tokens:
