@@ -69,13 +69,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, args: ModelArgs,
         sd = {k: v.detach().to("cpu", copy=True) for k, v in model_state.items()}
         if args.tie_embeddings:
             sd.pop("output.weight", None)
-        write_meta(tmp / "model", args, sd)
-        for f in model_files:
-            shutil.copyfile(f, tmp / "model" / Path(f).name)
-        if tokenizer is not None:
-            tokenizer.save(tmp / "model", "meta")
-        if model_files:
-            (tmp / "model" / MODEL_INFO).write_text(json.dumps({"chat_format": False}) + "\n")
+        write_model_dir(tmp / "model", args, sd, model_files, tokenizer)
         torch.save(train_state, tmp / "train_state.pt")
         (tmp / "complete.json").write_text(json.dumps({"step": step, "files": ["model", "train_state.pt"]}))
         publish_dir(tmp, dest)
@@ -85,6 +79,20 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, args: ModelArgs,
         for old in list_checkpoints(run_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     return dest
+
+
+def write_model_dir(dest: Path, args: ModelArgs, sd: dict[str, torch.Tensor], model_files: Sequence[Path] = (),
+                    tokenizer: Any = None) -> None:
+    """A checkpoint's model/ (this module's and the DCP layout's, herd/train/dist_checkpoint.py):
+    Meta-layout weights, the run's tokenizer files copied or `tokenizer` written, and a base-model
+    marker unless the tokenizer brings a chat format (post-training's does)."""
+    write_meta(dest, args, sd)
+    for f in model_files:
+        shutil.copyfile(f, dest / Path(f).name)
+    if tokenizer is not None:
+        tokenizer.save(dest, "meta")
+    if model_files or (tokenizer is not None and tokenizer.chat is None):
+        (dest / MODEL_INFO).write_text(json.dumps({"chat_format": False}) + "\n")
 
 
 def is_complete(path: Path) -> bool:

@@ -76,8 +76,9 @@ def save(trainer) -> Path:
 
         files = [DCP_DIR, "train_state.pt"]
         if trainer.args.num_params() <= FULL_INIT_MAX_PARAMS:
-            _write_model_dir(tmp, trainer.args, _load_full(tmp / DCP_DIR, trainer.args),
-                             getattr(trainer, "tokenizer_files", []), getattr(trainer, "checkpoint_tokenizer", None))
+            # the byte-level tokenizer too: without it a distributed debug run's checkpoint had none
+            ckpt.write_model_dir(tmp / "model", trainer.args, _load_full(tmp / DCP_DIR, trainer.args),
+                                 getattr(trainer, "tokenizer_files", []), getattr(trainer, "checkpoint_tokenizer", None))
             files.append("model")
         state = trainer._train_state()
         state.pop("optimizer")  # in dcp/, sharded
@@ -197,23 +198,6 @@ def _load_full(dcp_dir: Path, args) -> dict[str, torch.Tensor]:
     if args.tie_embeddings:
         sd.pop("output.weight", None)
     return {k: v.detach() for k, v in sd.items()}
-
-
-def _write_model_dir(tmp: Path, args, sd: dict[str, torch.Tensor], tokenizer_files, tokenizer=None) -> None:
-    """model/ as herd/train/checkpoint.py writes it: Meta layout, the run's tokenizer, base-model marker.
-    `tokenizer` is the one a byte-level run (data.tokenizer = "bytes") writes in place of files it
-    does not have: without it a distributed debug run's checkpoint had no tokenizer, and `herd
-    generate --model ckpt-N` refused it where the single-process run's checkpoint worked."""
-    from herd.checkpoint.common import MODEL_INFO
-    from herd.checkpoint.meta import write_meta
-
-    write_meta(tmp / "model", args, sd)
-    for f in tokenizer_files:
-        shutil.copyfile(f, tmp / "model" / Path(f).name)
-    if tokenizer is not None:
-        tokenizer.save(tmp / "model", "meta")
-    if tokenizer_files or tokenizer is not None:
-        (tmp / "model" / MODEL_INFO).write_text(json.dumps({"chat_format": False}) + "\n")
 
 
 def export(path: str | Path, out: str | Path, fmt: str = "hf", dtype: str | None = None) -> Path:
