@@ -11,7 +11,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from herd.errors import HerdError
+from herd.errors import ArgumentParser, HerdError
 from herd.hub import BUILTIN_MODELS, DEFAULT_MODEL
 
 EXAMPLES = """\
@@ -383,7 +383,7 @@ def _read_text(path: str) -> str:
 
 # ---- parser --------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="herd", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
         description="herd: run, convert and inspect Llama-architecture models (Llama 3, 3.1, 3.2, 4, SmolLM2).")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")

@@ -189,3 +189,21 @@ def test_info_seq_len_must_be_positive(seq_len, capsys):
 
     assert main(["info", "llama3-8b", "--seq-len", seq_len]) == 2
     assert "--seq-len must be a positive number" in capsys.readouterr().err
+
+
+# ---- the command line itself (argparse) ----------------------------------------------------------------
+@pytest.mark.parametrize("argv,names", [
+    (["generate", "--max-new-tokens", "x"], "--max-new-tokens: invalid int value: 'x'"),
+    (["generate"], "required: --prompt"),
+    (["frob"], "invalid choice: 'frob'"),
+    (["data", "label", "docs", "--out", "l.jsonl", "--threshold", "2"], "--threshold: '2': a probability in [0, 1]"),
+    (["pretrain", "--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+])
+def test_argparse_errors_are_one_line(capsys, argv, names):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert e.value.code == 2 and len(lines) == 1 and "usage:" not in err, err
+    assert lines[0].startswith("herd") and ": error: " in lines[0] and names in lines[0], lines[0]
+    assert lines[0].endswith("--help)")

@@ -13,7 +13,7 @@ import argparse
 import re
 import sys
 
-from herd.errors import HerdError
+from herd.errors import ArgumentParser, HerdError
 
 _DOTTED = re.compile(r"^--?([A-Za-z_]\w*)\.([A-Za-z_][\w-]*)(=.*)?$")
 
@@ -179,7 +179,7 @@ def cmd_average(a) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="herd")
+    parser = ArgumentParser(prog="herd")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     sub.required = True
     add_pretrain_parser(sub)
