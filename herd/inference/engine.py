@@ -242,6 +242,7 @@ class _Sequence:
         self.sent_tokens = request.prompt_len
         self.decoder = None
         self.closed = False  # its final event has been sent
+        self.stopped_on_token = False  # ended by a stop token, which is not kept in `tokens`
 
     @property
     def finished(self) -> bool:
@@ -250,6 +251,12 @@ class _Sequence:
     @property
     def num_generated(self) -> int:
         return len(self.tokens) - self.request.prompt_len
+
+    @property
+    def completion_tokens(self) -> int:
+        """Tokens the model generated, the stop token that ended the sample included (it was sampled
+        and cost a step), as vLLM's and OpenAI's usage count them."""
+        return self.num_generated + self.stopped_on_token
 
 
 @dataclass(eq=False)
@@ -435,7 +442,7 @@ class Engine:
                 self._finish(s, "cancelled")
                 s.closed = True
                 if req.listener is not None:
-                    req.listener(Event(req.id, s.index, [], "", "cancelled", req.prompt_len, s.num_generated))
+                    req.listener(Event(req.id, s.index, [], "", "cancelled", req.prompt_len, s.completion_tokens))
             self._retire(req)
 
     def step(self) -> bool:
@@ -714,6 +721,7 @@ class Engine:
     def _append(self, s: _Sequence, token: int) -> None:
         req = s.request
         if token in req.stop_ids:
+            s.stopped_on_token = True
             self._finish(s, "stop")
             return
         s.tokens.append(token)
@@ -767,7 +775,7 @@ class Engine:
             s.sent_text = max(s.sent_text, end)
             s.closed = s.finished  # the final event is sent once
             if req.listener is not None:
-                req.listener(Event(req.id, s.index, ids, text, s.finish_reason, req.prompt_len, s.num_generated))
+                req.listener(Event(req.id, s.index, ids, text, s.finish_reason, req.prompt_len, s.completion_tokens))
 
     def _retire(self, req: Request) -> None:
         for b in req.reserved:

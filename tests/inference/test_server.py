@@ -56,7 +56,9 @@ def test_openai_client_gets_herd_generate_text(smol):
     want = herd.generate(model, tok, messages, max_new_tokens=10)
     reply = client.chat.completions.create(model="smollm2", messages=messages, max_tokens=10, temperature=0)
     assert reply.choices[0].message.content == want and want
-    assert reply.usage.completion_tokens == len(tok.encode(want)) or reply.choices[0].finish_reason == "length"
+    # the answer's tokens, and the end-of-turn token that ended it when it ended on its own (as vLLM counts)
+    stopped = reply.choices[0].finish_reason == "stop"
+    assert reply.usage.completion_tokens == len(tok.encode(want)) + stopped
     chunks = client.chat.completions.create(model="smollm2", messages=messages, max_tokens=10, temperature=0,
                                             stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want
@@ -88,9 +90,8 @@ def test_openai_client_schema_and_meaning(smol):
     assert text and "<|im_end|>" not in text
     u = reply.usage
     assert u.prompt_tokens == prompt_ids and u.total_tokens == u.prompt_tokens + u.completion_tokens
-    # The reply's tokens; the end-of-turn token that stopped it is not counted (as herd.generate's
-    # output; vLLM counts it, one more).
-    assert u.completion_tokens == len(tok.encode(text))
+    # The reply's tokens and the end-of-turn token that stopped it, as vLLM counts them.
+    assert u.completion_tokens == len(tok.encode(text)) + 1
 
     chunks = list(client.chat.completions.create(model="smollm2", messages=messages, max_tokens=16, temperature=0,
                                                  stream=True, stream_options={"include_usage": True}))
