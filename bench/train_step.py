@@ -29,6 +29,9 @@ is printed as a parity check.
 The ratios printed: herd as `herd pretrain` runs it (retained memory; eager by default, compiled
 with `train.compile`) against transformers as a hand-written loop runs it (eager, default allocator)
 — the issue's target — and, so that nobody reads more into it than there is, each like against like.
+Last, the floor: the step's matrix products and attention alone at its shapes (`step_floor`), timed
+in the same rounds, and what ratio a step made of nothing else would reach — the most any
+implementation of this model in fp32 on this machine could gain over transformers.
 
     python bench/train_step.py [--preset tiny] [--batch 8] [--seq 256] [--steps 8] [--threads 2]
                                [--no-compile]
@@ -37,12 +40,13 @@ with `train.compile`) against transformers as a hand-written loop runs it (eager
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import subprocess
 import sys
 
 import torch
-from timing import interleaved_medians
+from timing import interleaved_medians, median_time
 
 ALLOCATORS = ("system", "retain")
 
@@ -108,8 +112,45 @@ def run_child(a) -> dict:
         steps["herd compiled"] = herd_contender(True)
         steps["transformers compiled"] = hf_contender(True)
     loss0 = {name: fn() for name, fn in steps.items()}  # step 0: warm-up and compilation
-    t = interleaved_medians(steps, a.steps)
-    return {name: (t[name], loss0[name]) for name in steps}
+    timed = dict(steps)
+    if a.child == "retain":
+        timed["floor"] = step_floor(base, a)
+    t = interleaved_medians(timed, a.steps)
+    return {name: (t[name], loss0.get(name)) for name in timed}
+
+
+def step_floor(model, a):
+    """What any implementation of this step must spend on its matrix products and attention: every
+    linear layer's three products (forward, input gradient, weight gradient) on B·T rows, and each
+    layer's causal attention forward and backward — torch's flash kernel or herd's short-sequence
+    one (herd/models/short_attention.py), whichever is faster here — at the step's shapes, and
+    nothing else (no norms, RoPE, SwiGLU, loss softmax or AdamW). Returned as one more contender, so
+    it is timed in the same rounds as the steps."""
+    import torch.nn.functional as F
+
+    from herd.models import short_attention
+
+    M = a.batch * a.seq
+    shapes = collections.Counter((m.out_features, m.in_features) for m in model.modules()
+                                 if isinstance(m, torch.nn.Linear))
+    mats = [(torch.randn(M, k), torch.randn(n, k), torch.randn(M, n), count) for (n, k), count in shapes.items()]
+    args = model.args
+    B, H, K, T, d = a.batch, args.n_heads, args.kv_heads, a.seq, args.hd
+    q = torch.randn(B, T, H, d).transpose(1, 2).requires_grad_()
+    k, v = torch.randn(B, K, T, d, requires_grad=True), torch.randn(B, K, T, d, requires_grad=True)
+    go = torch.randn(B, H, T, d)
+    kernels = {"sdpa": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=H > K)}
+    if short_attention.applies(q, k):
+        kernels["short"] = lambda: short_attention.causal_attention(q, k, v)
+    fastest = min(kernels.values(), key=lambda f: median_time(lambda: f().backward(go), 5))
+
+    def floor():
+        for x, w, g, count in mats:
+            for _ in range(count):
+                x @ w.t(), g @ w, g.t() @ x
+        for _ in range(args.n_layers):
+            fastest().backward(go)
+    return floor
 
 
 def main() -> None:
@@ -143,6 +184,7 @@ def main() -> None:
             sys.exit(f"child ({alloc}) failed:\n{out.stderr[-3000:]}")
         for name, (sec, loss0) in json.loads(out.stdout.strip().splitlines()[-1]).items():
             results[(alloc, name)] = (sec, loss0)
+    floor = results.pop(("retain", "floor"))[0]
 
     args = get_preset(a.preset)
     ntok = a.batch * a.seq
@@ -169,6 +211,10 @@ def main() -> None:
         if a.compile:
             like.append(f"compiled {ratio((alloc, 'herd compiled'), (alloc, 'transformers compiled'))}")
         print(f"    like against like, {alloc} allocator: " + ", ".join(like))
+    hf = results[("retain", "transformers eager")][0]
+    print(f"  floor: the step's matrix products and attention alone, nothing else (retain, same rounds): "
+          f"{floor * 1e3:.1f} ms, {hf / floor:.2f}x transformers' eager step (retain); 1.3x that step is "
+          f"{hf / 1.3 * 1e3:.1f} ms")
     loss0 = [v[1] for v in results.values()]
     print(f"  step-0 losses spread (parity of all contenders): {max(loss0) - min(loss0):.2e}")
 
