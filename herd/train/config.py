@@ -327,6 +327,20 @@ def validate(cfg: RunConfig) -> None:
     _validate_ranges(cfg)
 
 
+def schedule_warning(cfg: RunConfig) -> str | None:
+    """SPEC §3.4: linear warm-up to the peak, then decay until `decay_steps` (0 = train.steps). A
+    warm-up longer than that span never reaches optim.lr and leaves no decay, so the run follows
+    another schedule than the one written: said once at the start. Not refused: `--train.steps=N`
+    shortens any config for a quick run (the issue's contract), and a run stopped early to be
+    resumed longer keeps its schedule by setting decay_steps to the full length."""
+    s = cfg.schedule
+    horizon, what = (s.decay_steps, "schedule.decay_steps") if s.decay_steps else (cfg.train.steps, "train.steps")
+    if s.warmup_steps > horizon:
+        return (f"schedule.warmup_steps={s.warmup_steps} exceeds {what}={horizon}: the learning rate stays "
+                f"below optim.lr and does not decay")
+    return None
+
+
 def _validate_ranges(cfg: RunConfig) -> None:
     """Numbers outside their meaning fail here in one line, not as a torch/NumPy traceback later or,
     worse, as a run that trains on quietly (a negative norm_eps gives NaN from the first step; a
@@ -341,7 +355,8 @@ def _validate_ranges(cfg: RunConfig) -> None:
     checks = [
         ("data.val_batches", cfg.data.val_batches, cfg.data.val_batches >= 1, ">= 1"),
         ("data.tokenizer_vocab_size", cfg.data.tokenizer_vocab_size, cfg.data.tokenizer_vocab_size >= 0, ">= 0"),
-        ("optim.lr", o.lr, finite(o.lr) and o.lr >= 0, "a finite number >= 0"),
+        # lr = 0 trains nothing while looking like a run (loss flat, checkpoints written)
+        ("optim.lr", o.lr, finite(o.lr) and o.lr > 0, "a finite number > 0"),
         ("optim.eps", o.eps, finite(o.eps) and o.eps > 0, "> 0"),
         ("optim.betas", list(o.betas), all(finite(b) and 0 <= b < 1 for b in o.betas), "two numbers in [0, 1)"),
         ("optim.weight_decay", o.weight_decay, finite(o.weight_decay) and o.weight_decay >= 0, ">= 0"),
@@ -361,7 +376,8 @@ def _validate_ranges(cfg: RunConfig) -> None:
         value = getattr(m, name)
         if value is not None:
             checks.append((f"model.{name}", value, finite(value) and value > 0, "> 0"))
-    for name in ("ffn_hidden_dim", "head_dim", "multiple_of", "max_seq_len"):
+    # n_kv_heads = 0 is falsy: ModelArgs would quietly read it as "no GQA" (n_kv_heads = n_heads)
+    for name in ("n_kv_heads", "ffn_hidden_dim", "head_dim", "multiple_of", "max_seq_len"):
         value = getattr(m, name)
         if value is not None:
             checks.append((f"model.{name}", value, value > 0, "> 0"))

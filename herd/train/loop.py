@@ -4,9 +4,9 @@ in their `Objective` (herd/train/objectives.py) and reuse everything here.
 One optimizer step = `grad_accum` micro-batches whose summed losses are divided by the number of
 loss terms of the *whole* step, so k micro-batches give the gradient of one k-times larger batch;
 then global-norm clipping, AdamW (weight decay on matrices only) at the scheduled learning rate
-(SPEC §3.4). A non-finite loss or gradient norm skips the update and is logged. Every step appends
-one JSON line to `metrics.jsonl`; checkpoints (herd/train/checkpoint.py) hold everything needed for
-a bitwise-exact resume.
+(SPEC §3.4). A non-finite loss or gradient norm, or a step without loss terms, skips the update and
+is logged. Every step appends one JSON line to `metrics.jsonl`; checkpoints (herd/train/checkpoint.py)
+hold everything needed for a bitwise-exact resume.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from herd.models.llama4 import Transformer as Llama4Transformer
 from herd.runtime import retain_freed_memory
 from herd.train import checkpoint as ckpt
 from herd.train import dist_checkpoint
-from herd.train.config import OPTIM_KERNELS, OptimConfig, RunConfig, check_device_present
+from herd.train.config import OPTIM_KERNELS, OptimConfig, RunConfig, check_device_present, schedule_warning
 from herd.train.metrics import MetricSinks, metrics_line, read_metrics
 from herd.train.objectives import Compiled, NextTokenLM, Objective
 from herd.train.parallel import Parallel
@@ -101,6 +101,12 @@ def train_step(model: nn.Module, objective: Objective, micro_batches: Sequence[A
     loss, terms = backward(model, objective, micro_batches, autocast)
     loss_f = float(loss)
     params = [p for g in optimizer.param_groups for p in g["params"]]
+    if terms == 0:
+        # Every target ignored (a corrupt batch: e.g. all documents of length 1): the gradient is
+        # zero, yet AdamW would still move every weight by its momentum and weight decay, and the
+        # loss would read 0.0. A step with nothing to learn from is skipped like a non-finite one.
+        optimizer.zero_grad(set_to_none=True)
+        return StepResult(float("nan"), terms, float("nan"), True)
     if not math.isfinite(loss_f):  # a bad batch must not poison the weights: skip the update
         optimizer.zero_grad(set_to_none=True)
         return StepResult(loss_f, terms, float("nan"), True)
@@ -257,6 +263,8 @@ class Trainer:
                 self.log("train.compile: the MoE layers split tokens by expert with data-dependent sizes, "
                          "so the graph breaks there and each MoE layer compiles its own pieces")
         self.optimizer = build_optimizer(self.model, cfg.optim)
+        if (warning := schedule_warning(cfg)) and self.parallel.is_main:
+            self.log(f"warning: {warning}")
         self.step = 0
         self.tokens = 0
         self.metrics_path = self.run_dir / "metrics.jsonl" if self.parallel.is_main else Path(os.devnull)
@@ -440,8 +448,9 @@ class Trainer:
                 row.update(router_stats(self.model))  # Llama 4 MoE: tokens per expert this step
                 if result.skipped:
                     row["skipped"] = True
-                    self.log(f"step {self.step}: non-finite loss/grad norm ({result.loss}, "
-                             f"{result.grad_norm}); update skipped")
+                    self.log(f"step {self.step}: " + ("no loss terms (every target ignored)" if result.terms == 0
+                             else f"non-finite loss/grad norm ({result.loss}, {result.grad_norm})")
+                             + "; update skipped")
                 last = self.step == t.steps
                 if self.val_data is not None and ((t.eval_every and self.step % t.eval_every == 0) or last):
                     row["val_loss"] = (self.parallel.evaluate if self.parallel.distributed else evaluate)(

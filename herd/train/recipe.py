@@ -110,6 +110,10 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), o
         average = st.get("average", False)
         if not isinstance(average, bool):
             raise HerdError(f"{where}: average must be true or false")
+        for section, values in st.items():  # before `train`/`model` are read as tables below
+            if section not in _STAGE_KEYS and not isinstance(values, dict):
+                raise HerdError(f"{where} ({name}): {section} = {values!r} is not a config section; use "
+                                f"section.key = value (or one of {', '.join(_STAGE_KEYS)})")
         if "out_dir" in (st.get("train") or {}):  # silently replaced below otherwise
             raise HerdError(f"{where} ({name}): train.out_dir is set by the recipe (<out>/{k + 1}-{name}); "
                             "set it in the base config or with --out")
