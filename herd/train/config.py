@@ -9,6 +9,7 @@ key is a one-line `HerdError` that lists the valid ones — never silently ignor
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import sys
 import types
 import typing
@@ -318,7 +319,9 @@ def validate(cfg: RunConfig) -> None:
                         "would be a mixture of experts")
     cfg.parallel.validate()
     starts = [s for s, _, _ in t.batch_schedule]
-    if starts != sorted(starts) or any(min(e) < 0 or min(e[1:]) <= 0 for e in t.batch_schedule):
+    # strictly increasing: two entries from one step would leave the earlier one silently unused
+    if (any(a >= b for a, b in itertools.pairwise(starts))
+            or any(min(e) < 0 or min(e[1:]) <= 0 for e in t.batch_schedule)):
         raise HerdError("train.batch_schedule: entries [from_step, batch_size, seq_len] need increasing "
                         "steps and positive sizes")
     for seq_len in [t.seq_len] + [e[2] for e in t.batch_schedule]:

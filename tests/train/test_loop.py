@@ -133,6 +133,8 @@ def test_batch_and_sequence_schedule_resumes_exactly(shards, tmp_path):
     assert [(r["step"], r["loss"]) for r in _rows(tmp_path / "part")] == [(r["step"], r["loss"]) for r in rows]
     with pytest.raises(HerdError, match="batch_schedule"):
         load_config(overrides=["train.batch_schedule=[[5, 2, 8], [3, 2, 8]]"])
+    with pytest.raises(HerdError, match="increasing steps"):  # the same step twice: one entry unused
+        load_config(overrides=["train.batch_schedule=[[3, 2, 8], [3, 4, 8]]"])
 
 
 def test_anneal_stage_from_a_checkpoint_then_average(shards, tmp_path):
