@@ -198,6 +198,14 @@ def test_info_seq_len_must_be_positive(seq_len, capsys):
     (["frob"], "invalid choice: 'frob'"),
     (["data", "label", "docs", "--out", "l.jsonl", "--threshold", "2"], "--threshold: '2': a probability in [0, 1]"),
     (["pretrain", "--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+    # The verbs whose parser takes --section.key=VALUE overrides (a swapped parser class) printed
+    # argparse's whole usage block first: pretrain, sft, reward, dpo, plan, data run.
+    (["pretrain", "--model.dim"], "--model.dim needs a value"),
+    (["sft", "--data"], "argument --data: expected one argument"),
+    (["reward"], "required: --data"),
+    (["dpo", "--data", "x", "--bogus"], "unrecognized arguments: --bogus"),
+    (["plan", "--model"], "argument --model: expected one argument"),
+    (["data", "run", "--x.y"], "--x.y needs a value"),
 ])
 def test_argparse_errors_are_one_line(capsys, argv, names):
     with pytest.raises(SystemExit) as e:
@@ -207,3 +215,8 @@ def test_argparse_errors_are_one_line(capsys, argv, names):
     assert e.value.code == 2 and len(lines) == 1 and "usage:" not in err, err
     assert lines[0].startswith("herd") and ": error: " in lines[0] and names in lines[0], lines[0]
     assert lines[0].endswith("--help)")
+
+
+def test_pretrain_resume_of_a_missing_directory_says_so(capsys, tmp_path):
+    line = one_line_error(*run(capsys, "pretrain", "--resume", str(tmp_path / "nope")))
+    assert line == f"herd: error: --resume {tmp_path / 'nope'}: no such run directory"

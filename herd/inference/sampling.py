@@ -15,6 +15,9 @@ def _is_real(x) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
+GREEDY_BELOW = 1e-5  # a temperature under this is greedy decoding (vLLM's _SAMPLING_EPS)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     temperature: float = 0.0  # 0 → greedy (argmax)
@@ -37,7 +40,9 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        # Below vLLM's _SAMPLING_EPS (1e-5) sampling is greedy, as there: logits / t for a tiny t
+        # (1e-300 from a JSON body or --temperature; 0 once it is float32) overflow or turn NaN.
+        return self.temperature < GREEDY_BELOW
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -56,6 +61,9 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         # Keep the smallest prefix whose mass reaches top_p: a token stays if the mass before it
         # is still below top_p (so the most likely token always stays).
         drop = (sorted_probs.cumsum(-1) - sorted_probs) >= params.top_p
+        # The rounding of cumsum - p can leave the top token's "mass before it" a hair above 0:
+        # with a top_p under that (1e-10) every token was dropped and torch.multinomial raised.
+        drop[..., 0] = False
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

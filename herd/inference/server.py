@@ -87,6 +87,11 @@ _NEUTRAL = {  # OpenAI fields accepted only at their no-op value: anything else 
 # when its caller sets them.
 _IGNORED = ("user", "metadata", "store", "parallel_tool_calls", "service_tier", "safety_identifier",
             "prompt_cache_key")
+# Ignored, but still of OpenAI's type (as vLLM's request model checks them): `"user": 5` or
+# `"store": "yes"` is a client bug to report, not to swallow.
+_IGNORED_TYPES = {"user": (str, "a string"), "metadata": (dict, "an object"), "store": (bool, "a boolean"),
+                  "parallel_tool_calls": (bool, "a boolean"), "service_tier": (str, "a string"),
+                  "safety_identifier": (str, "a string"), "prompt_cache_key": (str, "a string")}
 _COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "n", "stop", "seed", "stream",
            "stream_options", "ignore_eos", *_NEUTRAL, *_IGNORED}
 _FIELDS = {"completions": _COMMON | {"prompt"},
@@ -143,6 +148,9 @@ def parse_params(body: dict, kind: str, limits: Limits) -> Params:
         if name in body and not _is_neutral(body[name], neutral):
             allowed = " or ".join(json.dumps(v) for v in neutral)
             raise RequestError(f"{name} is not supported by this server (only {allowed})", param=name)
+    for name, (typ, what) in _IGNORED_TYPES.items():
+        if body.get(name) is not None and not isinstance(body[name], typ):
+            raise RequestError(f"{name} must be {what}, got {json.dumps(body[name])[:40]}", param=name)
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise RequestError("model must be a string", param="model")
@@ -188,7 +196,9 @@ def _check_ids(ids: list, vocab: int) -> list[int]:
     if not ids:
         raise RequestError("prompt is empty", param="prompt")
     for t in ids:
-        if not _is_int(t) or not 0 <= t < vocab:
+        if not _is_int(t):
+            raise RequestError(f"prompt: token ids must be integers, got {json.dumps(t)[:40]}", param="prompt")
+        if not 0 <= t < vocab:
             raise RequestError(f"token id {json.dumps(t)[:40]} is outside the vocabulary of {vocab}", param="prompt")
     return ids
 
@@ -232,6 +242,34 @@ def openai_roles(messages):
             for m in messages]
 
 
+def _check_tools(tools) -> None:
+    """OpenAI's function definitions, {"type": "function", "function": {"name", "description",
+    "parameters": JSON schema}}: each problem a 400 naming tools[i], as vLLM's request model refuses
+    them — not a Python error from deep inside the chat format's rendering, blamed on messages."""
+    if not isinstance(tools, list) or not all(
+            isinstance(t, dict) and t.get("type", "function") == "function" and isinstance(t.get("function"), dict)
+            for t in tools):
+        raise RequestError('tools must be a list of {"type": "function", "function": {...}}', param="tools")
+    for i, t in enumerate(tools):
+        fn, where = t["function"], f"tools[{i}].function"
+        if not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise RequestError(f"{where}.name must be a non-empty string", param="tools")
+        if fn.get("description") is not None and not isinstance(fn["description"], str):
+            raise RequestError(f"{where}.description must be a string", param="tools")
+        schema = fn.get("parameters")
+        if schema is None:
+            continue
+        if not isinstance(schema, dict):
+            raise RequestError(f"{where}.parameters must be a JSON schema object", param="tools")
+        props = schema.get("properties")
+        if props is not None and (not isinstance(props, dict) or not all(isinstance(v, dict) for v in props.values())):
+            raise RequestError(f"{where}.parameters.properties must map each parameter name to a JSON schema "
+                               "object", param="tools")
+        required = schema.get("required")
+        if required is not None and (not isinstance(required, list) or not all(isinstance(r, str) for r in required)):
+            raise RequestError(f"{where}.parameters.required must be a list of parameter names", param="tools")
+
+
 def chat_prompt(body: dict, tokenizer) -> tuple[list[int], bool]:
     """→ (prompt ids, whether tool calls are to be parsed from the reply)."""
     if tokenizer is None or tokenizer.chat is None:
@@ -240,10 +278,8 @@ def chat_prompt(body: dict, tokenizer) -> tuple[list[int], bool]:
     if not isinstance(messages, list) or not messages:
         raise RequestError("messages must be a non-empty list", param="messages")
     tools = body.get("tools")
-    if tools is not None and (not isinstance(tools, list) or not all(
-            isinstance(t, dict) and t.get("type", "function") == "function" and isinstance(t.get("function"), dict)
-            for t in tools)):
-        raise RequestError('tools must be a list of {"type": "function", "function": {...}}', param="tools")
+    if tools is not None:
+        _check_tools(tools)
     choice = body.get("tool_choice")
     if choice not in (None, "auto", "none"):
         # "required" and a named function need decoding constrained to a call (vLLM's guided
@@ -436,6 +472,8 @@ async def _read_json(request, limits: Limits) -> dict:
         raise RequestError(f"request body is not valid JSON: {e}") from None
     except UnicodeEncodeError:
         raise RequestError("request body contains invalid Unicode (a lone surrogate escape)") from None
+    except ValueError as e:  # an integer literal over Python's 4300-digit limit: was a 500
+        raise RequestError(f"request body has a number that cannot be read ({str(e).split(':')[0]})") from None
     except RecursionError:
         raise RequestError("request body is nested too deeply") from None
     if not isinstance(body, dict):
@@ -499,8 +537,22 @@ def create_app(engine: Engine, model_name: str, limits: Limits | None = None):
     async def _validation_error(request, e: RequestValidationError):
         return _error(RequestError(f"invalid request: {e.errors()[:1]}"))
 
+    def engine_died() -> bool:
+        # The engine's thread ended without a shutdown: an exception escaped a step (the traceback
+        # is on stderr). Its requests will never finish: answered at once instead of hanging.
+        t = engine._thread
+        return t is not None and not t.is_alive()
+
+    def check_engine() -> None:
+        if engine_died():
+            raise RequestError("the inference engine stopped after an internal error (see the server's log); "
+                               "restart the server", status=500, kind="internal_error", code="engine_stopped")
+
     @app.get("/health")
     async def health():
+        if engine_died():
+            return JSONResponse({"status": "error", "model": model_name, "error": "the inference engine stopped"},
+                                status_code=503)
         return {"status": "ok", "model": model_name, "kv_blocks_free": engine.blocks_free,
                 "kv_blocks": engine.blocks.num_blocks}
 
@@ -526,13 +578,13 @@ def create_app(engine: Engine, model_name: str, limits: Limits | None = None):
         if body.get("model") not in (None, model_name):
             raise not_found(body["model"])
 
-    def budget(prompts: list[list[int]], p: Params) -> int:
+    def budget(prompts: list[list[int]], p: Params, kind: str) -> int:
         context = args.max_seq_len
         longest = max(len(x) for x in prompts)
+        source = "messages" if kind == "chat" else "prompt"  # the field the prompt came in
         if longest >= context:
             raise RequestError(f"this model's maximum context length is {context} tokens, but the prompt has "
-                               f"{longest}", param="messages" if p.max_tokens is None else "prompt",
-                               code="context_length_exceeded")
+                               f"{longest}", param=source, code="context_length_exceeded")
         if p.max_tokens is None:
             # The rest of the context, as OpenAI does — but no more than the KV cache can hold for
             # this request (Engine.submit reserves ceil(prompt/bs) + n·(ceil(max_tokens/bs) + 1)
@@ -542,7 +594,7 @@ def create_app(engine: Engine, model_name: str, limits: Limits | None = None):
             fits = bs * ((blocks - -(-longest // bs)) // p.n - 1)
             if fits < 1:
                 raise RequestError(f"the prompt of {longest} tokens leaves no room in the server's KV cache "
-                                   f"({blocks * bs} positions) for {p.n} completion(s)", param="messages",
+                                   f"({blocks * bs} positions) for {p.n} completion(s)", param=source,
                                    code="context_length_exceeded")
             return min(context - longest, fits)
         if longest + p.max_tokens > context:
@@ -552,6 +604,7 @@ def create_app(engine: Engine, model_name: str, limits: Limits | None = None):
         return p.max_tokens
 
     def submit_all(prompts, p: Params, max_tokens: int, listener, images=()) -> list[int]:
+        check_engine()
         ids: list[int] = []
         try:
             for x in prompts:
@@ -589,6 +642,7 @@ def create_app(engine: Engine, model_name: str, limits: Limits | None = None):
                     checked = time.monotonic()
                     if await request.is_disconnected():
                         return
+                    check_engine()
                 if ev is None:
                     continue
                 if ev.finish_reason is not None:
@@ -631,7 +685,7 @@ def create_app(engine: Engine, model_name: str, limits: Limits | None = None):
             prompts = [prompt]
         else:
             prompts, use_tools = completion_prompts(body, tokenizer, args.vocab_size), False
-        max_tokens = budget(prompts, p)
+        max_tokens = budget(prompts, p, kind)
         listener = _Listener(asyncio.get_running_loop())
         ids = submit_all(prompts, p, max_tokens, listener, images)
         total = len(prompts) * p.n
@@ -703,6 +757,10 @@ def create_app(engine: Engine, model_name: str, limits: Limits | None = None):
                         yield chunk([{"index": i, "delta": {}, "logprobs": None, "finish_reason": reason}])
                 if p.include_usage:
                     yield chunk([], usage=usage(prompts, completion_tokens))
+                yield "data: [DONE]\n\n"
+            except RequestError as e:  # the engine stopped mid-stream: the status line is long sent
+                # As vLLM streams an error: one data event in the error shape, then [DONE].
+                yield sse({"error": {"message": e.message, "type": e.kind, "param": e.param, "code": e.code}})
                 yield "data: [DONE]\n\n"
             finally:
                 await stream.aclose()  # cancels the engine requests if we stopped early

@@ -54,6 +54,10 @@ def _text_parts(content: Any, where: str) -> list[str]:
                 parts.append(part)
             elif isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
                 parts.append(part["text"])
+            elif isinstance(part, dict) and part.get("type") == "text":
+                # Not "unsupported content part 'text'": the part's type is fine, its text is not.
+                got = type(part["text"]).__name__ if "text" in part else "no 'text'"
+                raise HerdError(f"{where}: a text part must be {{'type': 'text', 'text': <string>}}, got {got}")
             else:
                 kind = part.get("type") if isinstance(part, dict) else type(part).__name__
                 raise HerdError(f"{where}: unsupported content part {kind!r} (only text parts are supported)")

@@ -47,7 +47,7 @@ def _split_dotted(argv: list[str]) -> tuple[list[str], list[str]]:
     return rest, dotted
 
 
-class _PretrainParser(argparse.ArgumentParser):
+class _PretrainParser(ArgumentParser):
     """Collects dotted overrides into `namespace.overrides` instead of rejecting them."""
 
     def parse_known_args(self, args=None, namespace=None):
@@ -110,6 +110,8 @@ def cmd_pretrain(a) -> None:
                             "run there first)")
         saved = Path(a.resume) / "config.json"
         if config is None:
+            if not Path(a.resume).is_dir():
+                raise HerdError(f"--resume {a.resume}: no such run directory")
             if not saved.exists():
                 raise HerdError(f"{a.resume}: no saved config.json; give --config")
             try:
