@@ -286,6 +286,10 @@ def chat_prompt(body: dict, tokenizer) -> tuple[list[int], bool]:
         # decoding), which herd does not have: refused rather than treated as "auto".
         raise RequestError(f'tool_choice must be "auto" or "none", got {json.dumps(choice)[:80]}: this server '
                            "cannot force a tool call", param="tool_choice")
+    if choice == "auto" and tools is None:
+        # vLLM's request check ("When using `tool_choice`, `tools` must be set") and OpenAI's 400:
+        # a client that asks for tool calls but sent none has a bug worth hearing about.
+        raise RequestError('tool_choice "auto" needs tools: this request has none', param="tool_choice")
     use_tools = bool(tools) and choice != "none"
     source = getattr(tokenizer.chat, "template_source", None)
     if use_tools and source is not None and "tools" not in source:

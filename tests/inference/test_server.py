@@ -145,6 +145,7 @@ def test_openai_client_schema_and_meaning(smol):
      openai.BadRequestError, "chat template has no tools"),
     ({"tool_choice": "required", "tools": [{"type": "function", "function": {"name": "f"}}]},
      openai.BadRequestError, "cannot force a tool call"),
+    ({"tool_choice": "auto"}, openai.BadRequestError, 'tool_choice "auto" needs tools'),  # as vLLM
     ({"response_format": {"type": "json_object"}}, openai.BadRequestError, "response_format is not supported"),
     ({"logprobs": True, "top_logprobs": 2}, openai.BadRequestError, "logprobs is not supported"),
     ({"frequency_penalty": 0.5}, openai.BadRequestError, "frequency_penalty is not supported"),
