@@ -42,11 +42,12 @@ def normalize_url(url: str) -> str:
         return ""
     try:
         s = urlsplit(url)
+        port = s.port  # parsed lazily: "host:abc" or "host:99999" raises only here
     except ValueError:
-        return url
+        return url  # not a URL urllib can take apart: only the same string is the same page
     host = (s.hostname or "").lower()
-    if s.port and not ((s.scheme == "http" and s.port == 80) or (s.scheme == "https" and s.port == 443)):
-        host = f"{host}:{s.port}"
+    if port and not ((s.scheme == "http" and port == 80) or (s.scheme == "https" and port == 443)):
+        host = f"{host}:{port}"
     scheme = "http" if s.scheme.lower() in ("http", "https") else s.scheme.lower()
     return urlunsplit((scheme, host, s.path.rstrip("/") or "/", s.query, ""))
 
@@ -72,8 +73,12 @@ def url_duplicates(records: Sequence[tuple[str, str, str]]) -> dict[str, str]:
 
 # ---- document-level MinHash -----------------------------------------------------------------------
 def shingles(text: str, n: int) -> set[bytes]:
-    """Word n-grams of the lower-cased text, as bytes for hashing."""
-    words = _WORD.findall(text.lower())
+    """Word n-grams of the lower-cased text, as bytes for hashing. A text without a single word
+    character (emoji, math symbols, punctuation) is shingled by its whitespace-separated pieces:
+    with no shingle at all its MinHash would be the empty set's, the same for every such document,
+    and all of them "near-duplicates" of the first (estimated Jaccard 1.0 for disjoint texts)."""
+    low = text.lower()
+    words = _WORD.findall(low) or low.split()
     if len(words) < n:
         return {" ".join(words).encode()} if words else set()
     return {" ".join(words[i:i + n]).encode() for i in range(len(words) - n + 1)}

@@ -85,6 +85,7 @@ class InputConfig:
     path: str = ""
     format: str = "auto"  # auto (by extension) | jsonl | text | html
     domain: str = ""  # domain tag of documents that carry none ("" → "general")
+    text_key: str = "text"  # the JSONL field holding the text (datatrove's `text_key`)
     # "builtin": when `path` (DIR/documents.jsonl) is missing, write the built-in corpus there
     # first (`herd data prepare builtin --out DIR`), and say so
     prepare: str = ""
@@ -254,8 +255,20 @@ def load_pipeline_config(path: str | os.PathLike | None = None, overrides: list[
             _set(cfg.input[0], "input", key, value)
             continue
         _set(getattr(cfg, section), section, key, value)
+    _expand_paths(cfg)
     validate(cfg)
     return cfg
+
+
+def _expand_paths(cfg: PipelineConfig) -> None:
+    """`~` in a path means the home directory everywhere: left as is, `run.out = "~/corpus"` was
+    written to a folder literally named `~` in the current directory (while the output check looked
+    at the real home), and a `prepare`d input landed there too."""
+    for inp in cfg.input:
+        inp.path = os.path.expanduser(inp.path)
+    for sec, key in (("run", "out"), ("run", "work_dir"), ("dirty_words", "words_file"), ("quality", "model")):
+        obj = getattr(cfg, sec)
+        setattr(obj, key, os.path.expanduser(getattr(obj, key)))
 
 
 def validate(cfg: PipelineConfig) -> None:
@@ -267,6 +280,10 @@ def validate(cfg: PipelineConfig) -> None:
         raise HerdError("line_dedup: max_repeats and bucket_documents must be positive")
     if not 0 <= cfg.run.val_fraction < 1:
         raise HerdError(f"run.val_fraction must be in [0, 1) (got {cfg.run.val_fraction})")
+    # The work directory is a sibling named after run.out, and publishing replaces run.out as a
+    # whole: "" or "/" names no such directory (and crashed deriving the sibling's name).
+    if not cfg.run.out.strip() or not Path(cfg.run.out).resolve().name:
+        raise HerdError(f"run.out {cfg.run.out!r} must name a directory for the shards (not empty, not /)")
     if cfg.run.shard_bytes < 1:
         raise HerdError("run.shard_bytes must be positive")
     if not 0 <= cfg.lang_id.min_score <= 1:
@@ -467,9 +484,11 @@ def phase_read(ctx: Context, u: int) -> dict:
         doc_id = _doc_id(u, k)
         n_tok = len(tok.encode(raw.text, bos=True, eos=True))
         tally.add("read", domain, documents_in=1, tokens_in=n_tok)
-        if len(raw.text.strip()) < cfg.read.min_chars:
+        # non-space characters, as read.min_chars says: "a   b" is 2, not the 5 of its strip()
+        chars = sum(map(len, raw.text.split()))
+        if chars < cfg.read.min_chars:
             tally.add("read", domain, documents_removed=1, tokens_removed=n_tok)
-            gone.append(_gone(doc_id, raw.name, domain, "read", f"{len(raw.text.strip())} characters"))
+            gone.append(_gone(doc_id, raw.name, domain, "read", f"{chars} non-space characters"))
             continue
         row = {"id": doc_id, "name": raw.name, "url": raw.url, "date": raw.date, "domain": domain,
                "tokens": n_tok, "text": raw.text, "lang": "", "lang_score": 0.0, "lang_judged": False}
@@ -824,7 +843,8 @@ def prepare_inputs(cfg: PipelineConfig, say) -> None:
 def _plan(cfg: PipelineConfig, work: Path, restart: bool) -> list:
     from herd.data.readers import Unit, plan_units
 
-    units = [u for inp in cfg.input for u in plan_units(inp.path, inp.format, inp.domain, cfg.run.shard_bytes)]
+    units = [u for inp in cfg.input for u in plan_units(inp.path, inp.format, inp.domain, cfg.run.shard_bytes,
+                                                                inp.text_key)]
     files = sorted({f for u in units for f in u.files})
     stats = {}
     for f in files:
@@ -859,6 +879,8 @@ def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
 
 def work_dir_for(cfg: PipelineConfig) -> Path:
     out = Path(cfg.run.out)
+    if out.name in ("", ".", ".."):  # "." or "..": the sibling of the directory it names
+        out = out.resolve()
     return Path(cfg.run.work_dir) if cfg.run.work_dir else out.with_name(f".{out.name}.work")
 
 
@@ -1076,6 +1098,8 @@ def run_pipeline(cfg: PipelineConfig, *, workers: int | None = None, restart: bo
                  log=None) -> dict:
     """Run (or resume) the pipeline on this machine with a process pool; returns the manifest."""
     say = log or (lambda msg: None)
+    if workers is not None and workers < 0:  # as run.workers: a negative count is a typo, not "one"
+        raise HerdError(f"--workers must be >= 0 (0 = all cores) (got {workers})")
     workers = workers or cfg.run.workers or os.cpu_count() or 1  # 0 / None: the config's, then all cores
     ctx = open_run(cfg, restart=restart, log=say)
     if workers > 1 and cfg.run.tokenizer != "bytes":

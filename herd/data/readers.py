@@ -10,8 +10,8 @@ parallel work and of resumption (herd/data/pipeline.py):
   into units of about `shard_bytes`. A directory contributes its files with these suffixes (any
   file when the input names its format).
 
-A JSONL record needs `"text"` (or `"html"`, which is extracted); `"id"`/`"name"`, `"url"`,
-`"domain"` and `"date"` are kept when present. HTML goes through trafilatura's main-content
+A JSONL record needs `"text"` (another field with the input's `text_key`) or `"html"`, which is
+extracted; `"id"`/`"name"`, `"url"`, `"domain"` and `"date"` are kept when present. HTML goes through trafilatura's main-content
 extraction (boilerplate such as menus, footers and sidebars is dropped), with two fixes for what
 the paper keeps (§3.1.1 "we carefully extract HTML … preserving math and code"): every `<pre>`
 block that the extractor kept is restored byte for byte (trafilatura drops its blank lines), and
@@ -29,6 +29,7 @@ import gzip
 import json
 import os
 import re
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,10 +94,15 @@ def expand_input(path: str, fmt: str = "auto") -> list[str]:
     return files
 
 
-def plan_units(path: str, fmt: str = "auto", domain: str = "", shard_bytes: int = 1 << 22) -> list[Unit]:
-    """The units of one input entry, in a fixed order (the order documents keep in the output)."""
+def plan_units(path: str, fmt: str = "auto", domain: str = "", shard_bytes: int = 1 << 22,
+               text_key: str = "text") -> list[Unit]:
+    """The units of one input entry, in a fixed order (the order documents keep in the output).
+    `text_key`: the JSONL field holding the text (datatrove's JsonlReader `text_key`)."""
     if fmt not in FORMATS:
         raise HerdError(f"input {path}: format {fmt!r}; choose {', '.join(FORMATS)}")
+    if not text_key:
+        raise HerdError(f"input {path}: text_key is empty; name the JSONL field that holds the text")
+    meta = {} if text_key == "text" else {"text_key": text_key}  # the default leaves plans as they were
     units: list[Unit] = []
     group: list[str] = []
     group_fmt, group_bytes = "", 0
@@ -108,10 +114,10 @@ def plan_units(path: str, fmt: str = "auto", domain: str = "", shard_bytes: int 
             raise HerdError(f"{f}: cannot read ({e.strerror})") from None
         if kind == "jsonl":
             if f.endswith(".gz"):  # gzip streams cannot be split by byte offset
-                units.append(Unit("jsonl", [f], 0, -1, domain))
+                units.append(Unit("jsonl", [f], 0, -1, domain, dict(meta)))
             else:
                 for start in range(0, max(size, 1), shard_bytes):
-                    units.append(Unit("jsonl", [f], start, min(start + shard_bytes, size), domain))
+                    units.append(Unit("jsonl", [f], start, min(start + shard_bytes, size), domain, dict(meta)))
             continue
         if group and (group_fmt != kind or group_bytes + size > shard_bytes):
             units.append(Unit(group_fmt, group, domain=domain))
@@ -127,12 +133,14 @@ def plan_units(path: str, fmt: str = "auto", domain: str = "", shard_bytes: int 
 # ---- reading a unit --------------------------------------------------------------------------------
 def read_unit(unit: Unit) -> Iterator[RawDoc]:
     if unit.format == "jsonl":
-        yield from _read_jsonl(unit.files[0], unit.start, unit.end, unit.domain)
+        yield from _read_jsonl(unit.files[0], unit.start, unit.end, unit.domain, unit.meta.get("text_key", "text"))
         return
     for f in unit.files:
         data = _read_bytes(f)
         try:
-            text = data.decode("utf-8")
+            # "utf-8-sig": a leading byte-order mark is the file's encoding signature (Notepad writes
+            # one), not text; kept, U+FEFF would open the document and be trained on as a token.
+            text = data.decode("utf-8-sig")
         except UnicodeDecodeError as e:
             raise HerdError(f"{f}: not UTF-8 text (byte {e.start}); convert it or drop it from the inputs") from None
         name = Path(f).stem
@@ -172,11 +180,12 @@ def _jsonl_lines(path: str, start: int, end: int) -> Iterator[tuple[int, bytes]]
                     break
                 yield pos, line
                 pos += len(line)
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
+    # zlib.error: a .gz whose deflate data is corrupt (not merely truncated) fails inside zlib
+    except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as e:
         raise HerdError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})") from None
 
 
-def _read_jsonl(path: str, start: int, end: int, domain: str) -> Iterator[RawDoc]:
+def _read_jsonl(path: str, start: int, end: int, domain: str, text_key: str = "text") -> Iterator[RawDoc]:
     where = "line" if path.endswith(".gz") else "byte"
     for pos, raw in _jsonl_lines(path, start, end):
         if not raw.strip():
@@ -185,14 +194,24 @@ def _read_jsonl(path: str, start: int, end: int, domain: str) -> Iterator[RawDoc
             obj = json.loads(raw)
         except (ValueError, UnicodeDecodeError):
             raise HerdError(f"{path}: {where} {pos}: not valid JSON (a truncated or corrupt file?)") from None
-        if not isinstance(obj, dict) or not isinstance(obj.get("text", obj.get("html")), str):
-            raise HerdError(f"{path}: {where} {pos}: not a JSON object with a \"text\" (or \"html\") string")
-        text = obj["text"] if isinstance(obj.get("text"), str) else extract_html(obj["html"])
+        # "text" wins; a record whose "text" is absent or null but which has "html" is extracted
+        # (exports often carry both keys, one of them null)
+        text = obj.get(text_key) if isinstance(obj, dict) else None
+        if not isinstance(text, str):
+            if text is not None or not isinstance(obj, dict) or not isinstance(obj.get("html"), str):
+                fields = ", ".join(map(repr, list(obj)[:8])) if isinstance(obj, dict) else type(obj).__name__
+                raise HerdError(f"{path}: {where} {pos}: not a JSON object with a {json.dumps(text_key)} (or \"html\") "
+                                f"string (it has {fields}; another field is [[input]] text_key)")
+            # surrogates fixed before lxml sees them: it stops at a lone one, and the rest of
+            # the page was lost without a word
+            text = extract_html(valid_unicode(obj["html"]))
         try:
             date = normalize_date(obj.get("date"))
         except ValueError as e:
             raise HerdError(f"{path}: {where} {pos}: {e}") from None
-        yield RawDoc(text=valid_unicode(text), name=str(obj.get("id", obj.get("name", ""))), url=str(obj.get("url", "") or ""),
+        # a null "id" (or "name") is no name: str(None) named the document "None"
+        name = next((v for v in (obj.get("id"), obj.get("name")) if v is not None), "")
+        yield RawDoc(text=valid_unicode(text), name=str(name), url=str(obj.get("url", "") or ""),
                      domain=str(obj.get("domain", "") or domain), date=date)
 
 
@@ -239,6 +258,7 @@ def valid_unicode(text: str) -> str:
 
 
 # ---- HTML main-content extraction ------------------------------------------------------------------
+_XML_DECLARATION = re.compile(r"\A\ufeff?\s*<\?xml\b[^>]*\?>")
 _CANONICAL = re.compile(r"""<link[^>]+rel=["']?canonical["']?[^>]*>""", re.I)
 _HREF = re.compile(r"""href=["']([^"']+)["']""", re.I)
 # In trafilatura's markdown, left to right: a fenced block (``` or longer when the code holds ```),
@@ -276,25 +296,41 @@ def extract_html(html: str) -> str:
 
     if not html.strip():
         return ""
+    # lxml refuses a str that starts with an XML declaration naming an encoding (XHTML pages do:
+    # `<?xml version="1.0" encoding="utf-8"?>`); the text is already decoded, so the declaration
+    # says nothing and is dropped rather than losing the whole page.
+    html = _XML_DECLARATION.sub("", html, count=1)
     try:
         tree = lxml.html.document_fromstring(html)
     except Exception:  # lxml raises several types on hopeless markup  # noqa: BLE001
         return ""
     _math_to_text(tree)
-    pres = [p.text_content().strip("\n") for p in tree.iter("pre")]
-    for pre in tree.iter("pre"):
-        _wrap_in_code(pre)
+    for br in [br for pre in tree.iter("pre") for br in pre.iter("br")]:
+        # a browser breaks the line at <br> inside <pre>; text_content() has no text for it, so
+        # code written with <br> came out as one line ("x = 1y = 2")
+        _replace_with_text(br, "\n")
+    pre_elements = list(tree.iter("pre"))
+    pres = [p.text_content() for p in pre_elements]
+    for pre, code in zip(pre_elements, pres, strict=True):
+        _as_plain_code(pre, code)
+    pres = [p.strip("\n") for p in pres]
     text = trafilatura.extract(tree, output_format="markdown", include_formatting=True, include_comments=False,
                                include_tables=True, favor_recall=True, deduplicate=False,
                                config=_trafilatura_config()) or ""
-    by_key = {_squash(p): p for p in pres}
+    # Blocks that differ only in whitespace (a snippet shown indented, then flattened) share a key;
+    # each fenced block takes the first unused original of its key, in page order, where a dict
+    # gave every one of them the last block's layout.
+    by_key: dict[str, list[str]] = {}
+    for p in pres:
+        by_key.setdefault(_squash(p), []).append(p)
 
     def plain(m: re.Match) -> str:
         if m.group("esc") is not None:  # markdown's escape, not the page's text
             return m.group("esc")
         if m.group("fence") is not None:
-            original = by_key.get(_squash(m.group("body")))
-            if original is not None:
+            candidates = by_key.get(_squash(m.group("body")))
+            if candidates:
+                original = candidates.pop(0) if len(candidates) > 1 else candidates[0]
                 ticks = "`" * max(3, 1 + max((len(r) for r in re.findall("`+", original)), default=0))
                 return f"{ticks}\n{original}\n{ticks}"
         return m.group(0)
@@ -314,17 +350,17 @@ def _trafilatura_config():
     return config
 
 
-def _wrap_in_code(pre) -> None:
-    """`<pre>` without a `<code>` child → `<pre><code>`: trafilatura fences (and so keeps) only
-    the latter; a bare `<pre>` came out as prose, blank lines lost and `<` escaped."""
+def _as_plain_code(pre, text: str) -> None:
+    """`<pre>` → `<pre><code>TEXT</code></pre>`, markup inside dropped. trafilatura fences (and so
+    keeps) only a `<pre><code>`: a bare `<pre>` came out as prose, blank lines lost and `<` escaped;
+    and markup inside the code (`<b>return</b>`, `<a href>` on a name, `<i>`) cut the block in
+    two, the rest of the code becoming prose. The text is what `extract_html` restores anyway."""
     import lxml.html
 
-    if any(child.tag == "code" for child in pre):
-        return
-    code = lxml.html.Element("code")
-    code.text, pre.text = pre.text, None
     for child in list(pre):
-        code.append(child)  # moves it, tail included
+        pre.remove(child)  # lxml keeps a removed child's tail with it: the text is set below
+    code = lxml.html.Element("code")
+    code.text, pre.text = text, None
     pre.append(code)
 
 

@@ -219,7 +219,14 @@ def format_report(report: dict) -> str:
 
 # ---- CLI (wired into herd/cli.py as `herd tokenizer train`) -----------------------------------------
 
-INPUT_SUFFIXES = (".jsonl", ".txt", ".py", ".md")  # what a directory contributes
+def _input_suffixes() -> tuple[str, ...]:
+    """What a directory contributes, matched case-insensitively: the pipeline's JSONL (gzip and
+    .ndjson included) and text suffixes. Only `.jsonl .txt .py .md`, compared case-sensitively, made
+    a directory of `*.jsonl.gz` or `*.TXT` an "empty training corpus" though given as a file each
+    trains."""
+    from herd.data.readers import JSONL_SUFFIXES, TEXT_SUFFIXES
+
+    return JSONL_SUFFIXES + TEXT_SUFFIXES
 
 
 def _pipeline_documents(d: Path) -> Path | None:
@@ -255,7 +262,7 @@ def _input_files(paths: Sequence[str]) -> list[Path]:
                 # pipeline's work folder (.NAME.work) holds per-unit copies of kept and removed documents.
                 dirs[:] = [n for n in dirs if not n.startswith(".")]
                 found.extend(Path(root, n) for n in names if not n.startswith(".")
-                             and Path(n).suffix in INPUT_SUFFIXES and Path(root, n).is_file())
+                             and n.lower().endswith(_input_suffixes()) and Path(root, n).is_file())
             files.extend(sorted(found, key=str))
         elif p.is_file():
             files.append(p)
@@ -306,7 +313,7 @@ def cmd_tokenizer_train(a: argparse.Namespace) -> None:
 def add_tokenizer_parser(subparsers) -> argparse.ArgumentParser:
     """Add `train` to a `herd tokenizer` subparsers object."""
     p = subparsers.add_parser("train", help="train a Llama 3 style BPE and write a tiktoken tokenizer.model")
-    p.add_argument("inputs", nargs="+", help="files or directories (*.jsonl with a text field, *.txt, *.py, *.md)")
+    p.add_argument("inputs", nargs="+", help="files or directories (*.jsonl[.gz] with a text field, *.txt, *.py, *.md, *.rst)")
     p.add_argument("--vocab-size", type=int, required=True,
                    help=f"total incl. {NUM_SPECIAL} special tokens ({MIN_VOCAB}..{MAX_VOCAB})")
     p.add_argument("--out", required=True, help="directory for tokenizer.model")
