@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import torch
 
-from herd.checkpoint.common import atomic_path, check_output_path, check_state_dict
+from herd.checkpoint.common import atomic_path, check_output_path, check_state_dict, read_json_config
 from herd.checkpoint.gguf import read_gguf, read_gguf_args, write_gguf
 from herd.checkpoint.hf import args_from_hf_config, read_hf, write_hf
 from herd.checkpoint.meta import read_meta, read_meta_args, write_meta
@@ -64,9 +64,17 @@ def detect_format(path: str | Path) -> str:
                             "config.json (Hugging Face) or params.json (Meta)")
         raise HerdError(f"{path}: not a checkpoint (expected a .gguf file or a directory with "
                         "config.json or params.json)")
-    if (path / "config.json").exists():
+    hf, meta = (path / "config.json").exists(), (path / "params.json").exists()
+    if hf and meta:  # which one? the one with weights; refused when both have them
+        hf_weights = next(path.glob("*.safetensors"), None) or next(path.glob("pytorch_model*.bin"), None)
+        meta_weights = next(path.glob("*.pth"), None)
+        if hf_weights is not None and meta_weights is not None:
+            raise HerdError(f"{path}: holds two checkpoints, Hugging Face (config.json, {hf_weights.name}) and "
+                            f"Meta (params.json, {meta_weights.name}): move one to its own directory")
+        return "meta" if meta_weights is not None else "hf"
+    if hf:
         return "hf"
-    if (path / "params.json").exists():
+    if meta:
         return "meta"
     ggufs = sorted(path.glob("*.gguf"))
     if len(ggufs) == 1:
@@ -93,12 +101,8 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
 def read_args(path: str | Path) -> ModelArgs:
     """The ModelArgs of a checkpoint without loading (or dequantizing) its weights."""
     path, fmt = _resolve(path)
-    if fmt == "hf":
-        try:
-            cfg = json.loads((path / "config.json").read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise HerdError(f"{path / 'config.json'}: cannot read ({e})") from None
-        return args_from_hf_config(cfg, str(path / "config.json"))
+    if fmt == "hf":  # read_json_config: a config.json holding a list or a string is one line too
+        return args_from_hf_config(read_json_config(path), str(path / "config.json"))
     return read_meta_args(path) if fmt == "meta" else read_gguf_args(path)
 
 

@@ -173,12 +173,40 @@ def read_json_config(path: Path, name: str = "config.json") -> dict:
     return cfg
 
 
+def config_int(cfg: dict, key: str, default: int | None = None) -> int:
+    """cfg[key] as a whole number (a JSON integer, or a float like 48.0): int() truncated a
+    fractional 48.5 to 48, took true for 1 and "72" for 72, where transformers' config refuses all
+    three. KeyError when missing without a default."""
+    value = cfg[key] if default is None else cfg.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+            isinstance(value, float) and not value.is_integer()):
+        raise ValueError(f"{key} must be a whole number, got {value!r}")
+    return int(value)
+
+
+def config_bool(cfg: dict, key: str, default: bool) -> bool:
+    """cfg[key] as a JSON boolean: bool("false") is True, so a quoted flag meant its opposite."""
+    value = cfg.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise TypeError(f"{key} must be true or false, got {value!r}")
+    return value
+
+
 def read_safetensors_dir(path: Path) -> dict[str, torch.Tensor]:
-    """All tensors of `path`'s safetensors files (the index's shards when there is one); without
-    any, of its PyTorch `pytorch_model*.bin` files (older transformers exports), read with
-    `weights_only=True` so a pickle cannot run code."""
+    """All tensors of `path`'s safetensors files, chosen as transformers chooses them:
+    model.safetensors alone when it exists, else the index's shards, else (herd's own leniency)
+    every *.safetensors; without any, of its PyTorch `pytorch_model*.bin` files (older transformers
+    exports), read with `weights_only=True` so a pickle cannot run code. A tensor name stored in two
+    of the files read is refused: which copy won depended on the files' names."""
     index = path / "model.safetensors.index.json"
-    if index.exists():
+    if (path / "model.safetensors").is_file():
+        # Only this one: another *.safetensors beside it (an adapter, a stray copy, the shards of
+        # an older save) replaced the model's tensors of the same name, while transformers reads
+        # model.safetensors alone.
+        files = ["model.safetensors"]
+    elif index.exists():
         files = _index_files(index)
     else:
         files = sorted(p.name for p in path.glob("*.safetensors"))
@@ -187,12 +215,21 @@ def read_safetensors_dir(path: Path) -> dict[str, torch.Tensor]:
     tensors: dict[str, torch.Tensor] = {}
     for f in files:
         try:
-            tensors.update(load_file(path / f))
+            loaded = load_file(path / f)
         except FileNotFoundError:
             raise HerdError(f"{path / f}: shard listed in the index is missing") from None
         except (SafetensorError, OSError) as e:
             raise HerdError(f"{path / f}: unreadable or truncated safetensors file ({e})") from None
+        _merge_unique(tensors, loaded, path, f)
     return tensors
+
+
+def _merge_unique(tensors: dict[str, torch.Tensor], loaded: dict[str, torch.Tensor], path: Path, f: str) -> None:
+    twice = sorted(loaded.keys() & tensors.keys())
+    if twice:
+        raise HerdError(f"{path / f}: tensor {twice[0]!r} is also stored in another weights file of {path} "
+                        "(which copy is the model's?)")
+    tensors.update(loaded)
 
 
 def _index_files(index: Path) -> list[str]:
@@ -204,7 +241,12 @@ def _index_files(index: Path) -> list[str]:
 
 def _read_torch_bin_dir(path: Path) -> dict[str, torch.Tensor]:
     index = path / "pytorch_model.bin.index.json"
-    files = _index_files(index) if index.exists() else sorted(p.name for p in path.glob("pytorch_model*.bin"))
+    if (path / "pytorch_model.bin").is_file():  # as transformers reads it (see read_safetensors_dir)
+        files = ["pytorch_model.bin"]
+    elif index.exists():
+        files = _index_files(index)
+    else:
+        files = sorted(p.name for p in path.glob("pytorch_model*.bin"))
     if not files:
         raise HerdError(f"{path}: no *.safetensors (or pytorch_model*.bin) weights next to config.json")
     tensors: dict[str, torch.Tensor] = {}
@@ -220,7 +262,7 @@ def _read_torch_bin_dir(path: Path) -> dict[str, torch.Tensor]:
             raise HerdError(f"{path / f}: unreadable PyTorch weights file ({type(e).__name__}: {e})") from None
         if not isinstance(loaded, dict) or not all(isinstance(t, torch.Tensor) for t in loaded.values()):
             raise HerdError(f"{path / f}: expected a dict of tensors (a state dict), got {type(loaded).__name__}")
-        tensors.update(loaded)
+        _merge_unique(tensors, loaded, path, f)
     return tensors
 
 

@@ -39,8 +39,10 @@ from gguf import (
     GGMLQuantizationType,
     GGUFValueType,
     GGUFWriter,
+    Keys,
     LlamaFileType,
     RopeScalingType,
+    TokenType,
 )
 from gguf.constants import GGML_QUANT_VERSION
 from gguf.quants import dequantize, quantize
@@ -590,6 +592,22 @@ def copy_fields(writer: GGUFWriter, source_metadata: dict, prefixes: tuple[str, 
         writer.add_key_value(key, value, vtype, sub)
 
 
+def _pad_vocabulary(writer: GGUFWriter, vocab_size: int) -> None:
+    """Pad the token list a tokenizer wrote up to the model's vocabulary, as convert_hf_to_gguf does
+    (`[PAD{i}]`, type UNUSED): a model whose embedding has more rows than its tokenizer has tokens
+    (vocabularies padded to a multiple of 64, ...) was written with the shorter list, a file that
+    llama.cpp and herd's own reader refuse (their vocabulary is the token list's length)."""
+    kv = writer.kv_data[0]
+    tokens = kv.get(Keys.Tokenizer.LIST)
+    if tokens is None or len(tokens.value) >= vocab_size:
+        return  # a longer list is the reader's vocabulary mismatch to report
+    n = len(tokens.value)
+    tokens.value = [*tokens.value, *(f"[PAD{i}]" for i in range(n, vocab_size))]
+    for key, pad in ((Keys.Tokenizer.TOKEN_TYPE, int(TokenType.UNUSED)), (Keys.Tokenizer.SCORES, -1000.0)):
+        if key in kv and len(kv[key].value) == n:
+            kv[key].value = [*kv[key].value, *([pad] * (vocab_size - n))]
+
+
 def write_gguf(path: str | Path, args: ModelArgs, sd: dict[str, torch.Tensor], *, dtype: str | None = None,
                tokenizer_writer: Callable[[GGUFWriter], None] | None = None,
                source_metadata: dict | None = None, name: str | None = None) -> None:
@@ -638,6 +656,7 @@ def write_gguf(path: str | Path, args: ModelArgs, sd: dict[str, torch.Tensor], *
                 writer.add_uint32("herd.rope.scaling.original_context_length", s.original_max_position_embeddings)
             if tokenizer_writer is not None:
                 tokenizer_writer(writer)
+                _pad_vocabulary(writer, args.vocab_size)
             elif source_metadata:
                 copy_fields(writer, source_metadata, ("tokenizer.",))
 

@@ -12,6 +12,8 @@ import torch
 
 from herd.checkpoint.common import (
     check_state_dict,
+    config_bool,
+    config_int,
     read_json_config,
     read_safetensors_dir,
     write_safetensors_dir,
@@ -71,14 +73,17 @@ def rope_from_hf_config(cfg: dict, source: str, default_theta: float) -> tuple[f
     `rope_parameters`, older configs have `rope_theta` and `rope_scaling` (with `type` or
     `rope_type`). Shared by the dense and the Llama 4 mappings. Raises KeyError on a missing field.
 
-    Read as transformers 5 reads it (`standardize_rope_params`, `_compute_*_parameters`): a
-    `rope_theta` inside `rope_parameters` wins over a top-level one; for llama3 and yarn a top-level
+    Read as transformers 5 reads it (`convert_rope_params_to_dict`, `standardize_rope_params`,
+    `_compute_*_parameters`): a non-empty `rope_scaling` replaces `rope_parameters`; a `rope_theta`
+    inside the one read wins over a top-level one; for llama3 and yarn a top-level
     `original_max_position_embeddings` wins over the nested one, and without either it is
     `max_position_embeddings`; yarn's beta_fast/beta_slow fall back to 32/1 when absent *or zero*
     (transformers' `or`). llama3, linear and yarn are computed; every other type (dynamic NTK,
     longrope, ...) and partial rotary embeddings are refused: the model would compute, silently
     wrong, with plain RoPE."""
-    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    # transformers' `convert_rope_params_to_dict`: `rope_scaling or rope_parameters`, so an old-style
+    # rope_scaling wins when a config has both (herd read rope_parameters, another scaling)
+    rope = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
     if not isinstance(rope, dict):  # the callers report it as a malformed value
         raise TypeError(f"rope_parameters must be a JSON object, got {rope!r}")
     theta = float(rope["rope_theta"] if "rope_theta" in rope else cfg.get("rope_theta", default_theta))
@@ -156,16 +161,16 @@ def args_from_hf_config(cfg: dict, source: str = "config.json") -> ModelArgs:
     refuse_biases(cfg, source)
     try:
         theta, scaling = rope_from_hf_config(cfg, source, default_theta=10000.0)
-        n_heads = int(cfg["num_attention_heads"])
-        head_dim = cfg.get("head_dim")
+        dim, n_heads = config_int(cfg, "hidden_size"), config_int(cfg, "num_attention_heads")
+        head_dim = None if cfg.get("head_dim") is None else config_int(cfg, "head_dim")
         return ModelArgs(
-            dim=int(cfg["hidden_size"]), n_layers=int(cfg["num_hidden_layers"]), n_heads=n_heads,
-            n_kv_heads=int(cfg.get("num_key_value_heads") or n_heads), vocab_size=int(cfg["vocab_size"]),
-            ffn_hidden_dim=int(cfg["intermediate_size"]),
-            head_dim=None if head_dim in (None, cfg["hidden_size"] // n_heads) else int(head_dim),
+            dim=dim, n_layers=config_int(cfg, "num_hidden_layers"), n_heads=n_heads,
+            n_kv_heads=config_int(cfg, "num_key_value_heads") if cfg.get("num_key_value_heads") else n_heads,
+            vocab_size=config_int(cfg, "vocab_size"), ffn_hidden_dim=config_int(cfg, "intermediate_size"),
+            head_dim=None if head_dim in (None, dim // n_heads) else head_dim,
             norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), rope_theta=float(theta), rope_scaling=scaling,
-            max_seq_len=int(cfg.get("max_position_embeddings", 8192)),
-            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            max_seq_len=config_int(cfg, "max_position_embeddings", 8192),
+            tie_embeddings=config_bool(cfg, "tie_word_embeddings", False),
         )
     except KeyError as e:
         raise HerdError(f"{source}: missing key {e.args[0]!r}") from None

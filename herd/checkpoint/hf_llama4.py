@@ -22,7 +22,14 @@ from pathlib import Path
 
 import torch
 
-from herd.checkpoint.common import check_shapes, read_json_config, read_safetensors_dir, write_safetensors_dir
+from herd.checkpoint.common import (
+    check_shapes,
+    config_bool,
+    config_int,
+    read_json_config,
+    read_safetensors_dir,
+    write_safetensors_dir,
+)
 from herd.checkpoint.hf import refuse_biases, rope_from_hf_config
 from herd.errors import HerdError
 from herd.models.llama4 import Llama4Args, VisionArgs
@@ -136,7 +143,7 @@ def llama4_args_from_hf_config(cfg: dict, source: str = "config.json") -> Llama4
     if cfg.get("hidden_act", "silu") != "silu":  # the experts and dense layers compute SwiGLU with SiLU
         raise HerdError(f"{source}: hidden_act {cfg.get('hidden_act')!r} is not supported (Llama 4 uses silu)")
     try:
-        n_layers = int(cfg["num_hidden_layers"])
+        n_layers = config_int(cfg, "num_hidden_layers")
         # Absent or null: transformers' defaults (1 here, 4 for the NoPE interval below). A 0 is kept
         # so that Llama4Args refuses it: `or` used to turn it into the default silently.
         step = _int_or(cfg.get("interleave_moe_layer_step"), 1)
@@ -161,7 +168,7 @@ def llama4_args_from_hf_config(cfg: dict, source: str = "config.json") -> Llama4
         theta, scaling = rope_from_hf_config(cfg, source, default_theta=500000.0)
         if scaling is not None and scaling.kind != "llama3":  # Llama 4's mappings know llama3's fields only
             raise HerdError(f"{source}: RoPE scaling type {scaling.kind!r} is not supported for Llama 4 (llama3 or none)")
-        n_heads = int(cfg["num_attention_heads"])
+        n_heads = config_int(cfg, "num_attention_heads")
         chunk = cfg.get("attention_chunk_size", 8192)
         # transformers attends by `layer_types`, which it derives as chunked on the RoPE layers when
         # there is a chunk size; a saved list that says otherwise would be computed differently.
@@ -174,18 +181,19 @@ def llama4_args_from_hf_config(cfg: dict, source: str = "config.json") -> Llama4
                 raise HerdError(f"{source}: layer_types {layer_types} is not chunked attention on exactly the "
                                 "RoPE layers (unsupported)")
         return Llama4Args(
-            dim=int(cfg["hidden_size"]), n_layers=n_layers, n_heads=n_heads,
-            n_kv_heads=int(cfg.get("num_key_value_heads") or n_heads),
-            head_dim=int(cfg.get("head_dim") or cfg["hidden_size"] // n_heads), vocab_size=int(cfg["vocab_size"]),
+            dim=config_int(cfg, "hidden_size"), n_layers=n_layers, n_heads=n_heads,
+            n_kv_heads=config_int(cfg, "num_key_value_heads") if cfg.get("num_key_value_heads") else n_heads,
+            head_dim=config_int(cfg, "head_dim") if cfg.get("head_dim") else config_int(cfg, "hidden_size") // n_heads,
+            vocab_size=config_int(cfg, "vocab_size"),
             norm_eps=float(cfg.get("rms_norm_eps", 1e-5)), rope_theta=float(theta), rope_scaling=scaling,
-            max_seq_len=int(cfg.get("max_position_embeddings", 131072)),
-            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            n_experts=int(cfg["num_local_experts"]), top_k=int(cfg.get("num_experts_per_tok", 1)),
-            moe_every=step, moe_ffn_dim=int(cfg["intermediate_size"]),
-            ffn_hidden_dim=int(cfg.get("intermediate_size_mlp", 16384)),
+            max_seq_len=config_int(cfg, "max_position_embeddings", 131072),
+            tie_embeddings=config_bool(cfg, "tie_word_embeddings", False),
+            n_experts=config_int(cfg, "num_local_experts"), top_k=config_int(cfg, "num_experts_per_tok", 1),
+            moe_every=step, moe_ffn_dim=config_int(cfg, "intermediate_size"),
+            ffn_hidden_dim=config_int(cfg, "intermediate_size_mlp", 16384),
             nope_every=interval, attention_chunk_size=None if chunk is None else int(chunk),
-            qk_norm=bool(cfg.get("use_qk_norm", True)),
-            attn_temperature_tuning=bool(cfg.get("attn_temperature_tuning", True)),
+            qk_norm=config_bool(cfg, "use_qk_norm", True),
+            attn_temperature_tuning=config_bool(cfg, "attn_temperature_tuning", True),
             floor_scale=float(cfg.get("floor_scale", 8192)), attn_scale=float(cfg.get("attn_scale", 0.1)),
             vision=vision,
         )

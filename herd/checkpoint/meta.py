@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from herd.checkpoint.common import atomic_path, check_state_dict
+from herd.checkpoint.common import atomic_path, check_state_dict, config_bool, config_int
 from herd.checkpoint.meta_llama4 import (
     is_llama4_params,
     llama4_args_from_params,
@@ -78,7 +78,7 @@ def args_from_params(params: dict, *, tied: bool = False, vocab_size: int | None
     if not isinstance(extra, dict):
         raise HerdError(f"{source}: 'herd' must be an object")
     try:
-        tied = bool(extra.get("tie_embeddings", tied))
+        tied = config_bool(extra, "tie_embeddings", tied)
         scaling = None
         if "rope_scaling" in extra:
             if extra["rope_scaling"] is not None:
@@ -102,8 +102,8 @@ def args_from_params(params: dict, *, tied: bool = False, vocab_size: int | None
                                   low_freq_factor=_META_LOW_FREQ,
                                   high_freq_factor=float(params.get("rope_high_freq_factor") or _META_HIGH_FREQ),
                                   original_max_position_embeddings=_META_ORIGINAL_CONTEXT)
-        n_heads = int(params["n_heads"])
-        vocab = int(params.get("vocab_size", -1))
+        n_heads = config_int(params, "n_heads")
+        vocab = config_int(params, "vocab_size", -1)
         if vocab <= 0:
             if vocab_size is None:
                 raise HerdError(f"{source}: vocab_size is {vocab} and no embedding to infer it from")
@@ -111,16 +111,16 @@ def args_from_params(params: dict, *, tied: bool = False, vocab_size: int | None
         ffn_mult = params.get("ffn_dim_multiplier")
         default_ctx = 131072 if scaling is not None else 8192
         return ModelArgs(
-            dim=int(params["dim"]), n_layers=int(params["n_layers"]), n_heads=n_heads,
-            n_kv_heads=int(params.get("n_kv_heads") or n_heads), vocab_size=vocab,
-            multiple_of=int(params.get("multiple_of", 256)),
+            dim=config_int(params, "dim"), n_layers=config_int(params, "n_layers"), n_heads=n_heads,
+            n_kv_heads=config_int(params, "n_kv_heads") if params.get("n_kv_heads") else n_heads, vocab_size=vocab,
+            multiple_of=config_int(params, "multiple_of", 256),
             ffn_dim_multiplier=None if ffn_mult is None else float(ffn_mult),
-            ffn_hidden_dim=None if extra.get("ffn_hidden_dim") is None else int(extra["ffn_hidden_dim"]),
-            head_dim=None if extra.get("head_dim") is None else int(extra["head_dim"]),
+            ffn_hidden_dim=None if extra.get("ffn_hidden_dim") is None else config_int(extra, "ffn_hidden_dim"),
+            head_dim=None if extra.get("head_dim") is None else config_int(extra, "head_dim"),
             norm_eps=float(params.get("norm_eps", 1e-5)),
             # Llama 1/2 params.json have no rope_theta: their code used 10000.
             rope_theta=float(params.get("rope_theta", 10000.0)), rope_scaling=scaling,
-            max_seq_len=int(extra.get("max_seq_len", default_ctx)), tie_embeddings=tied,
+            max_seq_len=config_int(extra, "max_seq_len", default_ctx), tie_embeddings=tied,
         )
     except KeyError as e:
         raise HerdError(f"{source}: missing key {e.args[0]!r}") from None

@@ -139,13 +139,14 @@ def test_vocab_mismatch(tmp_path, state_dict):
     _edit_json(tmp_path / "hf" / "config.json", vocab_size=ARGS.vocab_size + 64)
     with pytest.raises(HerdError, match="vocabulary mismatch: tok_embeddings.weight has 512 rows, config says vocab_size=576"):
         read_checkpoint(tmp_path / "hf")
-    # GGUF: the tokenizer written through the callback disagrees with the embedding.
+    # GGUF: the tokenizer written through the callback has more tokens than the embedding has rows
+    # (fewer are padded to the model's vocabulary: test_foreign_dirs.py).
     def tokenizer_writer(w: GGUFWriter):
         w.add_tokenizer_model("gpt2")
-        w.add_token_list([f"t{i}" for i in range(ARGS.vocab_size - 1)])
+        w.add_token_list([f"t{i}" for i in range(ARGS.vocab_size + 1)])
 
     write_gguf(tmp_path / "v.gguf", ARGS, state_dict, tokenizer_writer=tokenizer_writer)
-    with pytest.raises(HerdError, match="vocabulary mismatch: tokenizer has 511 tokens, model 512"):
+    with pytest.raises(HerdError, match="vocabulary mismatch: tokenizer has 513 tokens, model 512"):
         read_checkpoint(tmp_path / "v.gguf")
 
 
