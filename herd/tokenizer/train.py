@@ -143,14 +143,15 @@ def train_bpe(texts: Iterable[str], vocab_size: int, out_dir: str | os.PathLike,
             if not isinstance(t, str):
                 raise HerdError(f"training texts must be str, got {type(t).__name__}")
             if t:
+                if not stats["documents"]:  # said once there is text: an empty corpus is one error line
+                    _say(f"training a byte-level BPE (Llama 3 split regex) to {vocab_size:,} tokens "
+                         f"({n_bpe:,} BPE + {NUM_SPECIAL} special)")
                 stats["documents"] += 1
                 stats["characters"] += len(t)
                 # the trainer takes only valid Unicode: a lone surrogate (JSON "\ud800") would be
                 # a UnicodeEncodeError deep inside it
                 yield valid_unicode(t)
 
-    _say(f"training a byte-level BPE (Llama 3 split regex) to {vocab_size:,} tokens "
-         f"({n_bpe:,} BPE + {NUM_SPECIAL} special)")
     t0 = time.perf_counter()
     hf = train_hf_bpe(counted(), n_bpe, min_frequency=min_frequency)
     if stats["characters"] == 0:

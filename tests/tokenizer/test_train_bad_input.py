@@ -172,3 +172,12 @@ def test_a_foreign_manifest_json_is_an_ordinary_directory(tmp_path, capsys):
                         "--held-out", "0")
     assert code == 0, err
     assert _train_info(tmp_path / "tk")["train_documents"] == 1
+
+
+def test_an_empty_corpus_is_one_line(tmp_path, capsys):
+    # no "training a byte-level BPE ..." line first: nothing was trained
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "a.txt").write_text("")
+    (tmp_path / "empty" / "b.jsonl").write_text('{"text": ""}\n')
+    code, _, err = _cli(capsys, str(tmp_path / "empty"), "--vocab-size", str(VOCAB), "--out", str(tmp_path / "t"))
+    assert "empty training corpus" in _one_line_error(code, err)
