@@ -24,10 +24,12 @@ them (§4.1.2: "several responses of one prompt packed in one row").
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
 import random
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,8 +130,8 @@ class Preference:
     responses: list[str]  # best first: [edited,] chosen, rejected (§4.1.2 ranking)
 
 
-def load_preferences(path) -> list[Preference]:
-    out = []
+def load_preferences(path, log: Callable[[str], None] | None = None) -> list[Preference]:
+    out, ties = [], []
     for n, obj in read_jsonl(path):
         where = _where(path, n)
         for key in ("prompt", "chosen", "rejected"):
@@ -137,7 +139,22 @@ def load_preferences(path) -> list[Preference]:
                 raise HerdError(f"{where}: missing '{key}' (preference lines need prompt, chosen, rejected)")
         ranked = [as_response(obj["edited"], where, "edited")] if obj.get("edited") is not None else []
         ranked += [as_response(obj["chosen"], where, "chosen"), as_response(obj["rejected"], where, "rejected")]
+        if len(ranked) == 3 and ranked[0] == ranked[1]:
+            ranked = ranked[1:]  # an edit that changed nothing (§4.2.1): the chosen response itself
+        if len(set(ranked)) < len(ranked):
+            # A tie holds no preference: the DPO and ranking losses sit at log 2 with a zero
+            # gradient on it (DPO's NLL term alone would train). Real preference sets have some
+            # (UltraFeedback's binarized ties): skipped and said, as one refused line would
+            # refuse the whole file.
+            ties.append(where)
+            continue
         out.append(Preference(where, as_messages(obj["prompt"], where), ranked))
+    if ties:
+        said = f"{len(ties)} preference line(s) whose responses are the same text ({ties[0]}" + \
+            (", ...)" if len(ties) > 1 else ")")
+        if not out:
+            raise HerdError(f"{path}: no preference to learn: all {said}")
+        (log or (lambda m: print(m, file=sys.stderr)))(f"{path}: skipped {said}: a tie holds no preference")
     return out
 
 
@@ -722,15 +739,27 @@ class RewardModel(nn.Module):
 
 def score_responses(rm: RewardModel, tokenizer, prompt: Messages, responses: Sequence[str],
                     batch_size: int = 8) -> list[float]:
-    """Rewards of several responses to one prompt, sharing the prompt in each row."""
-    rows = []
-    for i in range(0, len(responses), batch_size):
-        chunk = responses[i:i + batch_size]
-        enc = encode_preferences(tokenizer, [Preference("sample", prompt, list(chunk))], rm.args.max_seq_len)[0]
-        rows.append(enc)
+    """Rewards of several responses to one prompt, sharing the prompt in each row: a row holds up
+    to `batch_size` responses, and no more than fit the reward model's context with the prompt (K
+    long samples used to go into rows of 8 whatever their length, and a row past the context was
+    refused after all the sampling even though every sample fits on its own)."""
+    max_len = rm.args.max_seq_len
+    prompt_ids, rows, row = None, [], []
+    for i, text in enumerate(responses):
+        prompt_ids, turn, content = encode_prompt_response(tokenizer, prompt, text, f"sample {i}")
+        if len(prompt_ids) + len(turn) > max_len:
+            raise HerdError(f"sample {i}: prompt and reply take {len(prompt_ids) + len(turn)} tokens, more than "
+                            f"the reward model's context of {max_len}; lower --max-new-tokens or shorten the prompt")
+        if row and (len(row) == batch_size or len(prompt_ids) + sum(len(t) for t, _ in row) + len(turn) > max_len):
+            rows.append(row)
+            row = []
+        row.append((turn, content))
+    if row:
+        rows.append(row)
     out: list[float] = []
     with torch.no_grad():
-        for enc in rows:
+        for row in rows:
+            enc = EncodedRanked(0, prompt_ids, [t for t, _ in row], [c for _, c in row])
             b = collate_ranked([enc]).to(rm.tok_embeddings.weight.device)
             out.extend(rm.rewards(b).tolist())
     return out
@@ -887,7 +916,7 @@ def finetune(stage: str, cfg, model_spec: str, data_path: str, *, val_path: str 
     lora = lora or LoRAConfig()
     t = cfg.train
     # read the data first: a malformed line is reported before the (slow) model load
-    read = load_chats if stage == "sft" else load_preferences
+    read = load_chats if stage == "sft" else functools.partial(load_preferences, log=log)
     train_rows, val_rows = read(data_path), (read(val_path) if val_path else None)
     dpo_objective = DPO(**vars(dpo or DPOConfig())) if stage == "dpo" else None  # checks dpo.* before the load
     model, tok = load_trainable(model_spec, t.device)
@@ -908,6 +937,14 @@ def finetune(stage: str, cfg, model_spec: str, data_path: str, *, val_path: str 
         if ref.args.vocab_size != model.args.vocab_size or ref_tok.vocab_size != tok.vocab_size:
             raise HerdError(f"reference model {ref_spec or model_spec} has a vocabulary of {ref.args.vocab_size} "
                             f"tokens, the policy {model.args.vocab_size}: DPO needs the same tokenizer")
+        # Same size is not same tokenizer: the reference scores the policy's ids, so a reference whose
+        # tokenizer or chat format writes the dialogs differently would give silently wrong log-probs.
+        first = train_rows[0]
+        dialog = first.prompt + [{"role": "assistant", "content": first.responses[0]}]
+        if ref_tok.chat is None or (ref_tok.chat.encode_dialog(dialog, add_generation_prompt=False)
+                                    != tok.chat.encode_dialog(dialog, add_generation_prompt=False)):
+            raise HerdError(f"reference model {ref_spec or model_spec} encodes the dialogs differently from the "
+                            f"policy (another tokenizer or chat format, {first.where}): DPO needs the same tokenizer")
         log(f"caching reference log-probs ({len(train.items)} train"
             f"{f', {len(val.items)} validation' if val else ''} examples)")
         for loader in (train, val) if val else (train,):

@@ -228,7 +228,8 @@ def preference_pairs(results: Sequence[Sampled], seed: int = 0, per_prompt: int 
         top = max(r.scores)
         best = [i for i, s in enumerate(r.scores) if s == top]
         worse = [i for i, s in enumerate(r.scores) if s < top]
-        combos = [(b, w) for b in best for w in worse]
+        # never a pair of one text (two samples can be equal; their scores differ only by float noise)
+        combos = [(b, w) for b in best for w in worse if r.samples[b] != r.samples[w]]
         rng.shuffle(combos)
         for b, w in combos[:per_prompt]:
             rows.append({"prompt": r.prompt, "chosen": [{"role": "assistant", "content": r.samples[b]}],

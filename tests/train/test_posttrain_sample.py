@@ -154,4 +154,7 @@ def test_missing_eos_penalty_scores_cut_off_samples_lower(tmp_path, monkeypatch)
     assert got[0].scores == [1.0, 0.0, 0.0, -1.0]
     assert rej.write_best(got, tmp_path / "best.jsonl", min_score=1.0) == 1
     pairs = rej.preference_pairs(got, per_prompt=10)
-    assert {p["chosen"][0]["content"] for p in pairs} == {"4"} and len(pairs) == 3
+    # the cut-off "4" is the same text as the finished one once written (the chat format ends both
+    # with end-of-turn), so that pair would hold no preference (herd dpo/reward refuse it): not written
+    assert {p["chosen"][0]["content"] for p in pairs} == {"4"} and len(pairs) == 2
+    assert {p["rejected"][0]["content"] for p in pairs} == {"5"}
