@@ -446,6 +446,8 @@ class Trainer:
                 if self.parallel.distributed and not self.parallel.pipelined:
                     _sum_over_ranks_router_counts(self.model)  # each data-parallel rank routed its own rows
                 row.update(router_stats(self.model))  # Llama 4 MoE: tokens per expert this step
+                if hasattr(self.objective, "pop_metrics"):  # the objective's own (DPO: TRL's rewards/*)
+                    row.update(self.objective.pop_metrics())
                 if result.skipped:
                     row["skipped"] = True
                     self.log(f"step {self.step}: " + ("no loss terms (every target ignored)" if result.terms == 0

@@ -689,9 +689,30 @@ class DPO:
 
     def loss_sum(self, model: nn.Module, batch: RankedBatch) -> torch.Tensor:
         t = self.terms(model, batch)
+        if torch.is_grad_enabled():  # a training step's pairs (evaluation runs without gradients)
+            self._note(t)
         if self.nll == 0:
             return t["dpo"].sum()
         return (t["dpo"] + self.nll * self.nll_per_pair(t)).sum()
+
+    def _note(self, t: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            chosen = self.beta * (t["policy_chosen"] - t["ref_chosen"])
+            rejected = self.beta * (t["policy_rejected"] - t["ref_rejected"])
+            sums = torch.stack([chosen.sum(), rejected.sum(), (chosen > rejected).sum(), (chosen - rejected).sum()])
+        self._sums = sums if getattr(self, "_sums", None) is None else self._sums + sums
+        self._pairs = getattr(self, "_pairs", 0) + chosen.numel()
+
+    def pop_metrics(self) -> dict[str, float]:
+        """TRL's DPOTrainer logs, over the pairs of the training step just taken (every micro-batch):
+        rewards/chosen = β(log π(y_w) − log π_ref(y_w)) averaged, rewards/rejected, rewards/accuracies
+        (chosen above rejected) and rewards/margins. Empty when no step ran since the last call."""
+        if not getattr(self, "_pairs", 0):
+            return {}
+        values = (self._sums / self._pairs).tolist()
+        self._sums, self._pairs = None, 0
+        return dict(zip(("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins"), values,
+                        strict=True))
 
 
 # ---- the reward model ----------------------------------------------------------------------------

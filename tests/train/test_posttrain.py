@@ -311,6 +311,13 @@ def test_dpo_lowers_loss_and_raises_margin(tiny_dir, tmp_path):
     rows = [json.loads(x) for x in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["loss"] == pytest.approx(float(-F.logsigmoid(torch.tensor(0.0))), abs=1e-4)  # π = ref at start
     assert rows[-1]["loss"] < rows[0]["loss"]
+    # TRL's logged metrics, per step: implicit rewards are 0 before the first update, and with no NLL
+    # term the loss is the mean of −log σ(margin) — the margin rises as the loss falls
+    assert rows[0]["rewards/chosen"] == pytest.approx(0, abs=1e-4) and rows[0]["rewards/margins"] == pytest.approx(0, abs=1e-4)
+    for r in rows:
+        assert r["rewards/margins"] == pytest.approx(r["rewards/chosen"] - r["rewards/rejected"], abs=1e-5)
+        assert 0 <= r["rewards/accuracies"] <= 1
+    assert rows[-1]["rewards/margins"] > 0 and rows[-1]["rewards/accuracies"] > 0
 
 
 def test_bad_input_one_clear_line(tmp_path, tiny_dir, llama3_tok, capsys):
