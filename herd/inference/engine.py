@@ -39,8 +39,10 @@ import bisect
 import hashlib
 import itertools
 import numbers
+import sys
 import threading
 import time
+import traceback
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -203,7 +205,8 @@ class PagedBatch:
 @dataclass
 class Event:
     """What the engine tells a request's listener after a step: new tokens and text of one sample,
-    and its finish reason once it ends ("stop", "length" or "cancelled")."""
+    and its finish reason once it ends ("stop", "length", "cancelled", or "error" when a step that
+    ran it failed: see Engine.step)."""
 
     request_id: int
     index: int  # which of the request's n samples
@@ -403,7 +406,13 @@ class Engine:
         request_images = self._request_images(prompt, images) if len(images) else None
         max_tokens = min(max_tokens, context - len(prompt))
         bs = self.block_size
-        worst = -(-len(prompt) // bs) + n * (-(-max_tokens // bs) + 1)
+        if n > 1 and not self.prefix_sharing:
+            # n independent sequences, each with its own copy of the prompt (admission needs all of
+            # them at once): checked as the shared case, a request that can never be admitted was
+            # accepted and then waited forever at the head of the queue, holding up every other.
+            worst = n * (-(-len(prompt) // bs) + -(-max_tokens // bs))
+        else:
+            worst = -(-len(prompt) // bs) + n * (-(-max_tokens // bs) + 1)
         if worst > self.blocks.num_blocks:
             raise HerdError(f"request may need {worst * bs} KV positions ({len(prompt)} prompt tokens, n={n}, "
                             f"max_tokens={max_tokens}) but the KV cache holds {self.blocks.num_blocks * bs}")
@@ -443,20 +452,50 @@ class Engine:
                 s.closed = True
                 if req.listener is not None:
                     req.listener(Event(req.id, s.index, [], "", "cancelled", req.prompt_len, s.completion_tokens))
+            self._end_unforked(req, "cancelled")
             self._retire(req)
 
+    def _end_unforked(self, req: Request, reason: str) -> None:
+        """Before its prompt is computed an n>1 request has one sequence: the samples 1..n-1 that
+        never began still get their last event, or a listener counting n of them waits forever."""
+        if req.forked or req.listener is None:
+            return
+        for i in range(len(req.seqs), req.n):
+            req.listener(Event(req.id, i, [], "", reason, req.prompt_len, 0))
+
     def step(self) -> bool:
-        """Run one scheduling step; False if there was nothing to do."""
+        """Run one scheduling step; False if there was nothing to do.
+
+        If the step raises (a failing kernel, out of memory, a bug), the requests it was running
+        end first with finish_reason "error" and their blocks go back to the pool, then the
+        exception propagates; the engine stays usable for every other and later request (as vLLM
+        fails only the affected requests rather than the server)."""
         with self._lock:
-            decode, prefill = self._schedule()
+            try:
+                decode, prefill = self._schedule()
+            except Exception:
+                # Scheduling touches the running requests and the one being admitted: end those
+                # (a request that breaks admission would otherwise fail every step, forever).
+                self._fail(self._running + list(self._waiting)[:1])
+                raise
             if not decode and not prefill:
                 return False
-            batches = [self._batch(rows) for rows in (decode, prefill) if rows]
-        logits = [self._forward(b) for _, b in batches]
-        with self._lock:
-            for (rows, _), lg in zip(batches, logits, strict=True):
-                self._after_forward(rows, lg)
-            self.stats["steps"] += 1
+            affected = list({id(s.request): s.request for s, _ in decode + prefill}.values())
+            try:  # under the same lock as _schedule: a cancel in between would empty a row's blocks
+                batches = [self._batch(rows) for rows in (decode, prefill) if rows]
+            except Exception:
+                self._fail(affected)
+                raise
+        try:
+            logits = [self._forward(b) for _, b in batches]
+            with self._lock:
+                for (rows, _), lg in zip(batches, logits, strict=True):
+                    self._after_forward(rows, lg)
+                self.stats["steps"] += 1
+        except Exception:
+            with self._lock:
+                self._fail(affected)
+            raise
         return True
 
     @property
@@ -510,8 +549,13 @@ class Engine:
                 pending[0] += n
                 ids.append(rid)
         if self._thread is None:
-            while pending[0] > 0 and self.step():
-                pass
+            try:
+                while pending[0] > 0 and self.step():
+                    pass
+            except BaseException:  # a failed step (or ^C): don't leave this call's other prompts queued
+                for rid in ids:
+                    self.cancel(rid)
+                raise
         else:
             done.wait()
         return [results[i] for i in ids]
@@ -529,7 +573,12 @@ class Engine:
                     self._wake.wait()
                 if self._stopping:
                     return
-            self.step()
+            try:
+                self.step()
+            except Exception:  # step() already ended the step's requests with "error"
+                print("herd engine: a step failed; its requests end with finish_reason 'error', "
+                      "the engine goes on", file=sys.stderr)
+                traceback.print_exc(file=sys.stderr)
 
     def _new_sequence(self, req: Request, index: int, tokens: list[int]) -> _Sequence:
         seq = _Sequence(req, index, tokens)
@@ -582,9 +631,14 @@ class Engine:
         # Keep one free block per running sequence so that admitting rarely forces a preemption.
         if self.blocks.num_free - len(taken_free) < need + reserve + self._num_running():
             return False
-        for s, hits in zip(seqs, plans, strict=True):
+        # Every sequence's hits are retained before any block is allocated: a free hit is only
+        # findable while it sits in the pool's free list, where allocating for an earlier sequence
+        # would evict it (a preempted n>1 request's samples each find their own generated blocks)
+        # and hand it out as fresh while a later sequence still takes it for its computed prefix.
+        for hits in plans:
             for b in hits:
                 self.blocks.retain(b)
+        for s, hits in zip(seqs, plans, strict=True):
             s.blocks = hits + [self.blocks.allocate() for _ in range(-(-len(s.tokens) // bs) - len(hits))]
             s.num_computed = len(hits) * bs
             s.num_named = len(hits)
@@ -707,15 +761,15 @@ class Engine:
         for i in range(1, req.n):
             child = self._new_sequence(req, i, list(parent.tokens))
             child.num_computed, child.hashes, child.num_named = L, list(parent.hashes), parent.num_named
-            shared = parent.blocks if L % bs == 0 else parent.blocks[:-1]
-            for b in shared:
-                self.blocks.retain(b)
-            child.blocks = list(shared)
-            if L % bs:
-                b = req.reserved.pop()
-                self.kv.copy_block(parent.blocks[-1], b, L % bs)
-                child.blocks.append(b)
+            # In req.seqs before it holds a block, each block in child.blocks as soon as it is
+            # held: if this raises midway, ending the request (`_fail`) frees exactly what was taken.
             req.seqs.append(child)
+            for b in parent.blocks if L % bs == 0 else parent.blocks[:-1]:
+                self.blocks.retain(b)
+                child.blocks.append(b)
+            if L % bs:
+                self.kv.copy_block(parent.blocks[-1], req.reserved[-1], L % bs)
+                child.blocks.append(req.reserved.pop())
         req.forked = True
 
     def _append(self, s: _Sequence, token: int) -> None:
@@ -776,6 +830,30 @@ class Engine:
             s.closed = s.finished  # the final event is sent once
             if req.listener is not None:
                 req.listener(Event(req.id, s.index, ids, text, s.finish_reason, req.prompt_len, s.completion_tokens))
+
+    def _fail(self, reqs: Sequence[Request]) -> None:
+        """End requests hit by a failed step: every sample not yet closed gets a last event with
+        finish_reason "error" (whatever tokens it has not streamed are dropped: the step that made
+        them did not complete), and all their blocks go back to the pool."""
+        for req in reqs:
+            if self._requests.get(req.id) is not req:  # cancelled or finished meanwhile
+                continue
+            for s in req.seqs:
+                if s.closed:
+                    continue
+                if not s.finished:
+                    self._finish(s, "error", flush=False)
+                s.finish_reason, s.closed = "error", True
+                if req.listener is not None:
+                    try:
+                        req.listener(Event(req.id, s.index, [], "", "error", req.prompt_len, s.completion_tokens))
+                    except Exception:  # a broken listener must not keep the others from hearing
+                        traceback.print_exc(file=sys.stderr)
+            try:
+                self._end_unforked(req, "error")
+            except Exception:
+                traceback.print_exc(file=sys.stderr)
+            self._retire(req)
 
     def _retire(self, req: Request) -> None:
         for b in req.reserved:

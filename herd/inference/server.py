@@ -595,7 +595,10 @@ def create_app(engine: Engine, model_name: str, limits: Limits | None = None):
             # blocks): with the default cache, a 128K-context model would otherwise answer every
             # chat request without max_tokens with a 400.
             bs, blocks = engine.block_size, engine.blocks.num_blocks
-            fits = bs * ((blocks - -(-longest // bs)) // p.n - 1)
+            if p.n > 1 and not engine.prefix_sharing:  # each sample holds its own prompt (Engine.submit)
+                fits = bs * (blocks // p.n - -(-longest // bs))
+            else:
+                fits = bs * ((blocks - -(-longest // bs)) // p.n - 1)
             if fits < 1:
                 raise RequestError(f"the prompt of {longest} tokens leaves no room in the server's KV cache "
                                    f"({blocks * bs} positions) for {p.n} completion(s)", param=source,
@@ -649,6 +652,11 @@ def create_app(engine: Engine, model_name: str, limits: Limits | None = None):
                     check_engine()
                 if ev is None:
                     continue
+                if ev.finish_reason == "error":
+                    # A step running this request failed (the engine logged it and goes on): the
+                    # answer is lost, and the finally below cancels this call's other prompts.
+                    raise RequestError("the inference engine failed while running this request (see the server's "
+                                       "log)", status=500, kind="internal_error", code="engine_error")
                 if ev.finish_reason is not None:
                     left -= 1
                 yield index[ev.request_id] * n + ev.index, ev
@@ -762,7 +770,7 @@ def create_app(engine: Engine, model_name: str, limits: Limits | None = None):
                 if p.include_usage:
                     yield chunk([], usage=usage(prompts, completion_tokens))
                 yield "data: [DONE]\n\n"
-            except RequestError as e:  # the engine stopped mid-stream: the status line is long sent
+            except RequestError as e:  # the engine failed or stopped mid-stream: the status line is long sent
                 # As vLLM streams an error: one data event in the error shape, then [DONE].
                 yield sse({"error": {"message": e.message, "type": e.kind, "param": e.param, "code": e.code}})
                 yield "data: [DONE]\n\n"

@@ -4,6 +4,9 @@ sharing, n samples, stop strings, cancellation and the block pool's bookkeeping.
 
 from __future__ import annotations
 
+import itertools
+import time
+
 import pytest
 import torch
 
@@ -249,4 +252,232 @@ def test_bad_requests_are_refused():
             engine.submit(prompt, **{"max_tokens": 4, **kw})
     with pytest.raises(HerdError, match="stop strings need a tokenizer"):
         engine.submit([1], max_tokens=3, stop_strings=["x"])
+    _pool_is_full(engine)
+
+
+# ---- failures, memory pressure and concurrency ------------------------------------------------------
+
+def _failing_forward(monkeypatch, model, fail_at):
+    """Make the model's `fail_at`-th forward call (1-based) raise."""
+    calls, forward = [0], model.forward
+
+    def flaky(*a, **kw):
+        calls[0] += 1
+        if calls[0] == fail_at:
+            raise RuntimeError("injected failure")
+        return forward(*a, **kw)
+
+    monkeypatch.setattr(model, "forward", flaky)
+
+
+@pytest.mark.parametrize("fail_at", [1, 2, 5])  # the prompt's prefill, the first decode after the fork, later
+def test_a_failing_step_ends_its_requests_and_the_engine_goes_on(monkeypatch, capfd, fail_at):
+    """An exception in a step used to kill the engine's thread (every request then hung). Now the
+    step's requests end with "error", their blocks go back, the traceback is printed once, and the
+    queued and later requests come out as on a fresh engine."""
+    model = _model(PRESETS["debug"])
+    prompts = _prompts(512, (13, 7), seed=11)
+    sampled = dict(max_tokens=10, n=2, sampling=SamplingParams(temperature=1.0, seed=4))
+    fresh = Engine(model, block_size=4, max_batch=2)
+    want = [fresh.generate([p], **sampled)[0] for p in prompts]
+    want = [[(o.token_ids, o.finish_reason) for o in outs] for outs in want]
+
+    engine = Engine(model, block_size=4, max_batch=2)  # the second request waits for the first
+    _failing_forward(monkeypatch, model, fail_at)
+    got = {}
+    done = []
+
+    def listen(ev):
+        got.setdefault((ev.request_id, ev.index), [[], None])[0].extend(ev.token_ids)
+        if ev.finish_reason is not None:
+            got[ev.request_id, ev.index][1] = ev.finish_reason
+            done.append(ev)
+
+    first, second = (engine.submit(p, listener=listen, **sampled) for p in prompts)
+    engine.start()
+    try:
+        deadline = time.monotonic() + 60
+        while len(done) < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert [got[first, i][1] for i in range(2)] == ["error", "error"]
+        assert [tuple(got[second, i]) for i in range(2)] == want[1]  # queued during the failure: unharmed
+        _wait_idle(engine)
+        assert engine.blocks_free == engine.blocks.num_blocks
+        again = engine.generate(prompts, **sampled)  # the failed request, served normally now
+    finally:
+        engine.shutdown()
+    assert [[(o.token_ids, o.finish_reason) for o in outs] for outs in again] == want
+    _pool_is_full(engine)
+    err = capfd.readouterr().err
+    assert err.count("Traceback") == 1 and err.count("RuntimeError: injected failure") == 1, err
+
+
+def test_a_failing_step_called_directly_raises_with_the_pool_whole(monkeypatch):
+    model = _model(PRESETS["debug"])
+    prompt = _prompts(512, (21,), seed=12)[0]
+    want = Engine(model, block_size=4).generate([prompt], max_tokens=8, n=3)[0]
+    engine = Engine(model, block_size=4)
+    _failing_forward(monkeypatch, model, 3)
+    events = []
+    engine.submit(prompt, max_tokens=8, n=3, listener=events.append)
+    with pytest.raises(RuntimeError, match="injected"):
+        while engine.step():
+            pass
+    assert sorted((ev.index, ev.finish_reason) for ev in events if ev.finish_reason) == [
+        (0, "error"), (1, "error"), (2, "error")]
+    _pool_is_full(engine)
+    got = engine.generate([prompt], max_tokens=8, n=3)[0]
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    _pool_is_full(engine)
+
+
+def _wait_idle(engine, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while engine.has_work and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not engine.has_work, "the engine never finished its requests"
+
+
+@pytest.mark.parametrize("sharing", [True, False])
+def test_preempted_samples_get_back_their_own_blocks(sharing):
+    """Readmitting a preempted n>1 request: each sample finds the freed blocks of its own generated
+    tokens. Allocating the first sample's new blocks used to evict the second sample's found ones
+    from the free list (then taken as both fresh and computed): wrong tokens after the preemption."""
+    model = _model(PRESETS["debug"])
+    prompts = _prompts(512, (3, 9, 14, 6, 20, 1), seed=1)
+    kw = dict(max_tokens=16, n=2, sampling=SamplingParams(temperature=1.0, seed=5))
+    reference = Engine(model, num_blocks=400, block_size=4)
+    want = [[o.token_ids for o in reference.generate([p], **kw)[0]] for p in prompts]
+    engine = Engine(model, num_blocks=20, block_size=4, max_batch=6, max_prefill_tokens=8, prefix_sharing=sharing)
+    got = [[o.token_ids for o in outs] for outs in engine.generate(prompts, **kw)]
+    assert engine.stats["preemptions"] > 0
+    assert got == want
+    _pool_is_full(engine)
+
+
+def test_unshared_samples_that_can_never_be_admitted_are_refused():
+    """Without prefix sharing each of n samples holds its own prompt: a request checked as if they
+    shared it was accepted, never admitted, and held the queue forever. Every accepted request
+    must finish on an idle engine."""
+    model = _model(PRESETS["debug"])
+    engine = Engine(model, num_blocks=20, block_size=4, prefix_sharing=False)
+    with pytest.raises(HerdError, match="KV cache holds"):
+        engine.submit(list(range(1, 41)), max_tokens=4, n=4)
+    for length, n, max_tokens in itertools.product((1, 8, 17, 30), (2, 3, 4), (1, 6, 13)):
+        try:
+            engine.submit(list(range(1, length + 1)), max_tokens=max_tokens, n=n)
+        except HerdError:
+            continue
+        while engine.step():
+            pass
+        _pool_is_full(engine)  # it ran to the end
+
+
+def test_cancel_before_the_fork_ends_every_sample():
+    """An n>1 request is one sequence until its prompt is computed: cancelling it then used to end
+    sample 0 only, and a listener waiting for its n last events waited forever."""
+    engine = Engine(_model(PRESETS["debug"]), block_size=4, max_prefill_tokens=4)
+    events = []
+    rid = engine.submit(list(range(1, 30)), max_tokens=5, n=3, listener=events.append)
+    engine.step()  # a first chunk of the prompt: not forked yet
+    engine.cancel(rid)
+    assert sorted((ev.index, ev.finish_reason) for ev in events if ev.finish_reason) == [
+        (0, "cancelled"), (1, "cancelled"), (2, "cancelled")]
+    _pool_is_full(engine)
+
+
+def _mixed_requests(tok, count, seed):
+    """Prompts with and without a shared system prompt; n of 1-3, greedy or seeded sampling, stop
+    strings, max_tokens up to 48/n; about one in four is cancelled after its k-th event."""
+    import random
+
+    rnd = random.Random(seed)
+    system = tok.encode("You are a helpful assistant who answers briefly.", bos=True)
+    words = ["cat", "dog", "tree", "house", "river", "blue", "run", "sky"]
+    reqs = []
+    for _ in range(count):
+        text = " ".join(rnd.choice(words) for _ in range(rnd.randint(0, 14)))
+        prompt = (system if rnd.random() < 0.5 else tok.encode("", bos=True)) + tok.encode(text)
+        n = rnd.choice([1, 1, 2, 3])
+        kw = dict(max_tokens=rnd.randint(1, 48 // n), n=n, ignore_eos=True)
+        if rnd.random() < 0.6:
+            kw["sampling"] = SamplingParams(temperature=1.0, seed=rnd.randint(0, 1000))
+        if rnd.random() < 0.3:
+            kw["stop_strings"] = [rnd.choice(["e", "a", "th", "ing", " t"])]
+        reqs.append((prompt, kw, rnd.randint(1, 4) if rnd.random() < 0.25 else None))
+    return reqs
+
+
+def _serve_concurrently(engine, reqs, timeout=60.0):
+    """Each request from its own client thread (a small random delay apart), cancelled from yet
+    another thread after `cancel_after` events; per request its samples' (ids, text, finish)."""
+    import random
+    import threading
+
+    results = [None] * len(reqs)
+
+    def client(i):
+        prompt, kw, cancel_after = reqs[i]
+        outs = [[[], "", None] for _ in range(kw["n"])]
+        done, seen, rid = threading.Event(), [0, kw["n"]], []
+
+        def listen(ev):
+            out = outs[ev.index]
+            out[0] += ev.token_ids
+            out[1] += ev.text
+            seen[0] += 1
+            if ev.finish_reason is not None:
+                out[2] = ev.finish_reason
+                seen[1] -= 1
+                if seen[1] == 0:
+                    done.set()
+            if seen[0] == cancel_after:  # from another thread, as a client going away would
+                threading.Thread(target=engine.cancel, args=(rid[0],)).start()
+
+        time.sleep(random.Random(i).random() * 0.05)
+        rid.append(engine.submit(prompt, listener=listen, **kw))
+        results[i] = [tuple(o) for o in outs] if done.wait(timeout) else "hung"
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(reqs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+@pytest.fixture(scope="module")
+def mixed_one_at_a_time(llama3_tokenizer):
+    """The model, the mixed requests, and each request's samples run alone on a roomy engine."""
+    tok = llama3_tokenizer
+    model = _model(PRESETS["debug"].replace(vocab_size=tok.vocab_size, tie_embeddings=True))
+    reqs = _mixed_requests(tok, 14, seed=3)
+    alone = Engine(model, tok, num_blocks=400, block_size=4)
+    want = [[(o.token_ids, o.text, o.finish_reason) for o in alone.generate([p], **kw)[0]] for p, kw, _ in reqs]
+    return model, reqs, want
+
+
+@pytest.mark.parametrize("sharing", [True, False])
+def test_concurrent_clients_under_memory_pressure_equal_one_at_a_time(llama3_tokenizer, mixed_one_at_a_time,
+                                                                      sharing):
+    """Many clients at once on a KV cache far too small for all of them (queueing, chunked prefill,
+    preemption): every sample equals the same request run alone on a roomy engine; a cancelled one
+    is a prefix of it; nothing hangs; the pool is whole at the end."""
+    tok = llama3_tokenizer
+    model, reqs, want = mixed_one_at_a_time
+    engine = Engine(model, tok, num_blocks=22, block_size=4, max_batch=8, max_prefill_tokens=8,
+                    prefix_sharing=sharing).start()
+    try:
+        got = _serve_concurrently(engine, reqs)
+        _wait_idle(engine)
+    finally:
+        engine.shutdown()
+    for (_, kw, cancel_after), g, w in zip(reqs, got, want, strict=True):
+        assert g != "hung", kw
+        for (ids, text, reason), (ids_w, text_w, reason_w) in zip(g, w, strict=True):
+            if reason == "cancelled":
+                assert cancel_after is not None and ids == ids_w[:len(ids)] and text_w.startswith(text)
+            else:
+                assert (ids, text, reason) == (ids_w, text_w, reason_w), kw
+    assert engine.stats["preemptions"] > 0
     _pool_is_full(engine)

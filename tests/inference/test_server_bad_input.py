@@ -115,9 +115,13 @@ def test_a_number_over_python_s_digit_limit_is_a_400(server):
     assert r.status_code == 400 and "number" in r.json()["error"]["message"], r.text
 
 
+class _Fatal(BaseException):
+    """Not an Exception: gets past the engine's per-step recovery and ends its thread."""
+
+
 class _Broken(Transformer):
     def forward(self, *a, **kw):
-        raise RuntimeError("boom")
+        raise _Fatal("boom")
 
 
 def test_a_dead_engine_answers_at_once_instead_of_hanging(monkeypatch):
@@ -144,7 +148,7 @@ def test_an_engine_that_dies_mid_stream_ends_the_stream_with_an_error(monkeypatc
         def forward(self, *a, **kw):
             calls.append(1)
             if len(calls) > 3:
-                raise RuntimeError("boom")
+                raise _Fatal("boom")
             return super().forward(*a, **kw)
 
     engine = Engine(DiesLater(PRESETS["debug"]).eval(), num_blocks=32)
@@ -155,3 +159,52 @@ def test_an_engine_that_dies_mid_stream_ends_the_stream_with_an_error(monkeypatc
             assert r.status_code == 200
             events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
         assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["code"] == "engine_stopped", events
+
+
+def test_a_failing_step_is_a_500_for_its_requests_and_the_server_goes_on(capfd):
+    """An exception in an engine step used to end the engine's thread, and the server answered 500
+    to everything until restarted. Now the step's requests get an error (a 500 in OpenAI's shape,
+    or an error event then [DONE] in a stream), and the next request is served as by a fresh engine."""
+    from herd.tokenizer import load_tokenizer
+
+    tok = load_tokenizer("llama3")
+    torch.manual_seed(0)
+    fail = {2, 6}  # the non-streamed request's decode, then the streamed one's
+
+    class Flaky(Transformer):
+        calls = 0
+
+        def forward(self, *a, **kw):
+            Flaky.calls += 1
+            if Flaky.calls in fail:
+                raise RuntimeError("injected failure")
+            return super().forward(*a, **kw)
+
+    model = Flaky(PRESETS["debug"].replace(vocab_size=tok.vocab_size, tie_embeddings=True))
+    model.init_weights(std=0.5)
+    model.eval()
+    body = {"prompt": "Once upon a time", "max_tokens": 6, "ignore_eos": True, "n": 2, "seed": 7}
+    engine = Engine(model, tok, max_batch=8, num_blocks=64, block_size=16)
+    with ServerThread(create_app(engine, "debug")) as s:
+        r = httpx.post(s.url + "/v1/completions", json=body, timeout=60)
+        assert r.status_code == 500, r.text
+        assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+        assert r.json()["error"]["code"] == "engine_error"
+        Flaky.calls = 3
+        with httpx.stream("POST", s.url + "/v1/completions", json={**body, "stream": True}, timeout=60) as r:
+            assert r.status_code == 200
+            events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["code"] == "engine_error", events
+        r = httpx.post(s.url + "/v1/completions", json=body, timeout=60)  # no more failures
+        assert r.status_code == 200, r.text
+        assert httpx.get(s.url + "/health", timeout=10).json()["status"] == "ok"
+        deadline = time.monotonic() + 30
+        while engine.has_work and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert engine.blocks_free == engine.blocks.num_blocks
+    fresh = Engine(model, tok, max_batch=8, num_blocks=64, block_size=16)
+    with ServerThread(create_app(fresh, "debug")) as s:
+        want = httpx.post(s.url + "/v1/completions", json=body, timeout=60)
+    assert [c["text"] for c in r.json()["choices"]] == [c["text"] for c in want.json()["choices"]]
+    err = capfd.readouterr().err
+    assert err.count("RuntimeError: injected failure") == 2, err  # each failure's traceback, once
