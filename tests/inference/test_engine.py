@@ -481,3 +481,30 @@ def test_concurrent_clients_under_memory_pressure_equal_one_at_a_time(llama3_tok
                 assert (ids, text, reason) == (ids_w, text_w, reason_w), kw
     assert engine.stats["preemptions"] > 0
     _pool_is_full(engine)
+
+
+def test_a_request_that_can_no_longer_fit_ends_instead_of_waiting_forever(capsys):
+    """With nothing running nothing will ever free a block: a head-of-queue request that cannot be
+    admitted then (a preempted n>1 request whose samples no longer share their prompt's cached
+    blocks can need more than the pool) must end with "error" — not wait while step() returns False,
+    has_work stays True and every request behind it waits too. Here the pool is shrunk from outside
+    after the request was accepted, which puts the engine in that state directly."""
+    engine = Engine(_model(PRESETS["debug"]), num_blocks=19, block_size=4)
+    ends = {}
+
+    def listener(ev):
+        if ev.finish_reason:
+            ends[(ev.request_id, ev.index)] = ev.finish_reason
+
+    a = engine.submit(list(range(1, 41)), max_tokens=8, n=3, listener=listener)
+    held = [engine.blocks.allocate() for _ in range(10)]
+    b = engine.submit(list(range(50, 53)), max_tokens=2, ignore_eos=True, listener=listener)
+    for _ in range(100):
+        if not engine.step():
+            break
+    assert not engine.has_work
+    assert ends == {(a, 0): "error", (a, 1): "error", (a, 2): "error", (b, 0): "length"}
+    assert "cannot fit in the KV cache" in capsys.readouterr().err
+    for blk in held:
+        engine.blocks.release(blk)
+    _pool_is_full(engine)
