@@ -20,9 +20,11 @@ from herd.api import reserved_ids
 from herd.inference.engine import Engine
 from herd.inference.generate import generate_batch
 from herd.inference.sampling import SamplingParams
-from herd.inference.server import Limits, ServerThread, create_app
+from herd.inference.server import ServerThread, create_app
 from herd.models.args import PRESETS
 from herd.models.llama3 import Transformer
+
+from .servers import debug_server
 
 
 def _wait_idle(engine, timeout=30.0):
@@ -184,16 +186,8 @@ def test_models_retrieve_unknown_is_404(smol):
 
 @pytest.fixture(scope="module")
 def debug():
-    from herd.tokenizer import load_tokenizer
-
-    tok = load_tokenizer("llama3")
-    torch.manual_seed(0)
-    model = Transformer(PRESETS["debug"].replace(vocab_size=tok.vocab_size, tie_embeddings=True))
-    model.init_weights(std=0.5)
-    model.eval()
-    engine = Engine(model, tok, max_batch=32, num_blocks=160, block_size=16)
-    with ServerThread(create_app(engine, "debug", Limits(max_n=8, max_body_bytes=1 << 20))) as server:
-        yield server, model, tok, engine
+    with debug_server(max_batch=32, num_blocks=160, max_n=8) as served:
+        yield served
 
 
 def _expected(model, tok, ids, max_tokens):

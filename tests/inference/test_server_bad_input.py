@@ -14,22 +14,16 @@ import torch
 
 from herd.inference.engine import Engine
 from herd.inference.sampling import SamplingParams, sample
-from herd.inference.server import Limits, ServerThread, create_app
+from herd.inference.server import ServerThread, create_app
 from herd.models.args import PRESETS
 from herd.models.llama3 import Transformer
+
+from .servers import debug_server
 
 
 @pytest.fixture(scope="module")
 def server():
-    from herd.tokenizer import load_tokenizer
-
-    tok = load_tokenizer("llama3")
-    torch.manual_seed(0)
-    model = Transformer(PRESETS["debug"].replace(vocab_size=tok.vocab_size, tie_embeddings=True))
-    model.init_weights(std=0.5)
-    model.eval()
-    engine = Engine(model, tok, max_batch=8, num_blocks=64, block_size=16)
-    with ServerThread(create_app(engine, "debug", Limits(max_n=4, max_body_bytes=1 << 20))) as s:
+    with debug_server(max_batch=8, num_blocks=64, max_n=4) as (s, _, _, engine):
         yield s, engine
 
 

@@ -1,0 +1,28 @@
+"""The small served model several server tests share: a random `debug` Transformer with the real
+Llama 3 tokenizer (tied embeddings, init std 0.5 so greedy text varies), behind `herd serve`'s app."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from herd.inference.engine import Engine
+from herd.inference.server import Limits, ServerThread, create_app
+from herd.models.args import PRESETS
+from herd.models.llama3 import Transformer
+
+
+@contextlib.contextmanager
+def debug_server(*, max_batch: int, num_blocks: int, max_n: int):
+    """Yields (server, model, tokenizer, engine)."""
+    from herd.tokenizer import load_tokenizer
+
+    tok = load_tokenizer("llama3")
+    torch.manual_seed(0)
+    model = Transformer(PRESETS["debug"].replace(vocab_size=tok.vocab_size, tie_embeddings=True))
+    model.init_weights(std=0.5)
+    model.eval()
+    engine = Engine(model, tok, max_batch=max_batch, num_blocks=num_blocks, block_size=16)
+    with ServerThread(create_app(engine, "debug", Limits(max_n=max_n, max_body_bytes=1 << 20))) as server:
+        yield server, model, tok, engine
