@@ -223,3 +223,31 @@ def test_bad_dates_raise_herd_errors_in_the_reader(tmp_path):
     p = _jsonl(tmp_path / "d.jsonl", [{"text": "t", "date": "next tuesday"}])
     with pytest.raises(HerdError, match="date 'next tuesday'"):
         [d for u in plan_units(p) for d in read_unit(u)]
+
+
+def test_unit_shards_reach_the_disk_before_they_are_in_place(tmp_path, monkeypatch):
+    """A unit's done-marker follows its shards: after a power cut (not only a kill) the marker must
+    not outlive a half-written shard, so each shard file is fsynced under a temporary name and then
+    renamed into place, and what lands there reads back as written."""
+    import os
+
+    import numpy as np
+
+    from herd.data import shards
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                 real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", str(a), str(b))),
+                                                     real_replace(a, b))[1])
+    docs = [[1, 2, 3], [4, 5], [6]]
+    entry = shards.write_shard_files(tmp_path, "train-u00000", docs)
+    for suffix in (".bin", ".idx"):
+        final = str(tmp_path / f"train-u00000{suffix}")
+        (i, (_, tmp, dest)), = [(i, e) for i, e in enumerate(events) if e[0] == "replace" and e[2] == final]
+        assert ("fsync", tmp) in events[:i]  # the temporary file was on disk before the rename
+    assert entry == {"name": "train-u00000", "documents": 3, "tokens": 6}
+    tokens = np.fromfile(tmp_path / "train-u00000.bin", dtype=shards.TOKEN_DTYPE)
+    assert tokens.tolist() == [1, 2, 3, 4, 5, 6]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left behind
