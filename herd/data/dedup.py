@@ -36,7 +36,8 @@ SCHEME = "affine32"  # datasketch's permutation scheme, named so signatures stay
 
 # ---- URL ------------------------------------------------------------------------------------------
 def normalize_url(url: str) -> str:
-    """Scheme and host lower-cased, default ports, fragments and trailing slashes dropped."""
+    """Scheme and host lower-cased, default ports, fragments and trailing slashes dropped, percent-
+    encodings in one case and decoded where they spell an unreserved character (RFC 3986 §6.2.2)."""
     url = url.strip()
     if not url:
         return ""
@@ -49,7 +50,19 @@ def normalize_url(url: str) -> str:
     if port and not ((s.scheme == "http" and port == 80) or (s.scheme == "https" and port == 443)):
         host = f"{host}:{port}"
     scheme = "http" if s.scheme.lower() in ("http", "https") else s.scheme.lower()
-    return urlunsplit((scheme, host, s.path.rstrip("/") or "/", s.query, ""))
+    path, query = _PERCENT.sub(_percent, s.path), _PERCENT.sub(_percent, s.query)
+    return urlunsplit((scheme, host, path.rstrip("/") or "/", query, ""))
+
+
+# RFC 3986 §6.2.2.1-2: percent-encodings are case-insensitive ("%7e" is "%7E"), and one of an
+# unreserved character is that character ("%7E" is "~"): the same page either way.
+_PERCENT = re.compile(r"%[0-9A-Fa-f]{2}")
+_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+
+
+def _percent(m: re.Match) -> str:
+    c = chr(int(m.group()[1:], 16))
+    return c if c in _UNRESERVED else m.group().upper()
 
 
 def url_duplicates(records: Sequence[tuple[str, str, str]]) -> dict[str, str]:

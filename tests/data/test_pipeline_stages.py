@@ -344,3 +344,16 @@ def test_line_dedup_counts_documents_or_occurrences(tmp_path):
     assert kept[True][0].count("Sing hey nonny") == 8 and "Sing hey nonny" not in kept[False][0]
     for t, original in zip(kept[True], docs, strict=True):
         assert t.splitlines()[:20] == original.splitlines()[1:21]  # the unique lines all stay
+
+
+def test_url_percent_encodings_normalize_as_rfc_3986():
+    # §6.2.2.1: hex digits of a percent-encoding are case-insensitive; §6.2.2.2: an encoded
+    # unreserved character is the character. A reserved one stays encoded ("%2F" is not "/").
+    from urllib.parse import quote, unquote
+
+    assert normalize_url("http://a.org/%7euser/x%2fy?q=%c3%a9") == normalize_url("http://a.org/~user/x%2Fy?q=%C3%A9")
+    assert normalize_url("http://a.org/a%2Fb") != normalize_url("http://a.org/a/b")
+    for text in ("~tilde-._", "caf\u00e9 & co/x?y", "100%"):
+        encoded = quote(text, safe="")
+        both = {normalize_url(f"http://a.org/{encoded}"), normalize_url(f"http://a.org/{encoded.lower()}")}
+        assert len(both) == 1 and unquote(both.pop().split("/", 3)[3]) == text
