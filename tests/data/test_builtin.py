@@ -108,3 +108,21 @@ def test_prepare_into_a_file_is_an_error(tmp_path):
     with pytest.raises(HerdError, match="is a file"):
         builtin.prepare_builtin(f)
     assert f.read_text() == "mine"
+
+
+def test_prepare_never_overwrites_a_users_corpus(works, tmp_path):
+    # an earlier prepare output is replaced; a documents.jsonl or manifest.json the user wrote is not
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "documents.jsonl").write_text('{"text": "my own"}\n')
+    with pytest.raises(HerdError, match="did not write; give another --out"):
+        builtin.prepare_builtin(mine, code_limit=1)
+    assert (mine / "documents.jsonl").read_text() == '{"text": "my own"}\n'
+    (mine / "documents.jsonl").unlink()
+    (mine / "manifest.json").write_text('{"mine": true}')
+    with pytest.raises(HerdError, match="did not write"):
+        builtin.prepare_builtin(mine, code_limit=1)
+    again = tmp_path / "again"
+    first = builtin.prepare_builtin(again, code_limit=1).read_bytes()
+    assert builtin.prepare_builtin(again, code_limit=1).read_bytes() == first
+    assert not [p for p in again.iterdir() if p.name.startswith(".")]
