@@ -107,14 +107,16 @@ def is_correct(reply: str, answer: Any, match: str = "auto") -> bool:
     stripped reply equals the answer) or "contains" (the answer appears in the reply, case-sensitive)."""
     if match == "contains":
         return str(answer) in reply
+    # The answer is cleaned as the reply is (lm-eval's exact_match applies its normalisation to both
+    # sides): a reply "Washington D.C." was cleaned to "Washington D.C" and never equalled its answer.
     if match == "exact":
-        return _clean(reply) == str(answer).strip()
+        return _clean(reply) == _clean(str(answer))
     if match != "auto":
         raise HerdError(f"unknown answer match {match!r}; choose {', '.join(MATCHES)}")
     got = extract_answer(reply, answer)
     if isinstance(got, float):
         return math.isclose(got, _answer_number(answer), rel_tol=0, abs_tol=1e-9)
-    return got is not None and got == str(answer).strip()
+    return got is not None and got == _clean(str(answer))
 
 
 def check_generation_answer(answer: Any, where: str) -> None:
@@ -125,7 +127,7 @@ def check_generation_answer(answer: Any, where: str) -> None:
         raise HerdError(f"{where}: 'answer' must be a string or a number, got {json.dumps(answer)}")
     if isinstance(answer, float) and not math.isfinite(answer):
         raise HerdError(f"{where}: 'answer' must be a finite number, got {answer}")
-    if isinstance(answer, str) and not answer.strip():
+    if isinstance(answer, str) and not _clean(answer):  # '"."' is empty once cleaned as replies are
         raise HerdError(f"{where}: 'answer' is empty")
 
 
@@ -341,12 +343,24 @@ def choice_logps(model, tokenizer, context: str, continuations: Sequence[str], w
     for j, c in enumerate(conts):
         if not c:
             raise HerdError(f"{where}: choice {j} encodes to no tokens after the prompt")
-    enc = EncodedRanked(0, ctx, conts, [[True] * len(c) for c in conts])
-    if len(enc) > model.args.max_seq_len:
-        raise HerdError(f"{where}: the prompt and its choices take {len(enc)} tokens, more than the model's "
-                        f"context of {model.args.max_seq_len}; shorten the item")
-    batch = collate_ranked([enc]).to(model.tok_embeddings.weight.device)
-    return response_logps(model, batch).tolist()
+    # lm-eval scores each choice as its own sequence (context + choice), so only the longest choice
+    # must fit the context; the choices share one row only as far as the row fits (several rows
+    # else). The packed total used to be checked: 10 choices after a long prompt were refused
+    # although each fitted.
+    limit = model.args.max_seq_len
+    longest = len(ctx) + max(len(c) for c in conts)
+    if longest > limit:
+        raise HerdError(f"{where}: the prompt and its longest choice take {longest} tokens, more than the "
+                        f"model's context of {limit}; shorten the item")
+    rows: list[list[int]] = [[]]
+    for j, c in enumerate(conts):
+        if rows[-1] and len(ctx) + sum(len(conts[k]) for k in rows[-1]) + len(c) > limit:
+            rows.append([])
+        rows[-1].append(j)
+    encs = [EncodedRanked(r, ctx, [conts[k] for k in row], [[True] * len(conts[k]) for k in row])
+            for r, row in enumerate(rows)]
+    batch = collate_ranked(encs).to(model.tok_embeddings.weight.device)
+    return response_logps(model, batch).tolist()  # segments in row order, then choice order
 
 
 def _argmax(xs: Sequence[float]) -> int:

@@ -53,13 +53,16 @@ def read_jsonl(path: str | os.PathLike) -> list[tuple[int, dict]]:
     naming the file and line."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        # utf-8-sig: a byte-order mark (Windows editors, Excel exports) was "invalid JSON" on line 1.
+        text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise HerdError(f"{path}: no such file") from None
     except (OSError, UnicodeDecodeError) as e:
         raise HerdError(f"{path}: cannot read ({e})") from None
     rows = []
-    for n, line in enumerate(text.splitlines(), 1):
+    # JSON Lines ends lines with "\n" only: str.splitlines() also split at U+2028, U+0085, \x1c..., which
+    # json.dumps(ensure_ascii=False) leaves raw inside strings, so such a line was "invalid JSON".
+    for n, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         try:
