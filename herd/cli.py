@@ -138,7 +138,10 @@ def cmd_generate(a) -> None:
         raise HerdError("--system needs the chat format; it cannot be combined with --raw")
     check_device(a.device)
     images = _read_images(a.image)  # a bad file fails before the model loads
-    prompt = read_stdin() if a.prompt == "-" else a.prompt  # bad bytes, too
+    # bad bytes, too: on stdin, or in argv (lone surrogates the tokenizer would quietly mangle)
+    prompt = read_stdin() if a.prompt == "-" else _utf8_line(a.prompt, "--prompt")
+    if a.system is not None:
+        _utf8_line(a.system, "--system")
     model, tokenizer = _load(a)
     if a.system is not None and tokenizer.chat is None:
         raise HerdError(f"--system needs a chat format, and {a.model}'s tokenizer has none")
@@ -168,6 +171,8 @@ def cmd_chat(a) -> None:
     sampling = _sampling_kwargs(a)
     check_device(a.device)
     pending = _read_images(a.image)  # for the next user message (the first, from --image)
+    if a.system is not None:
+        _utf8_line(a.system, "--system")
     model, tokenizer = _load(a)
     if tokenizer.chat is None:
         raise HerdError(f"{a.model}: the tokenizer has no chat format; use `herd generate --raw`")
