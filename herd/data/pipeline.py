@@ -71,6 +71,7 @@ from typing import Any
 import numpy as np
 
 from herd.errors import HerdError
+from herd.files import atomic_write
 
 STAGES = ("read", "url_dedup", "lang_id", "minhash", "line_dedup", "repetition", "dirty_words", "kl_divergence",
           "quality", "mix")
@@ -351,24 +352,15 @@ def _output_config(cfg: PipelineConfig) -> dict:
 
 
 # ---- small file helpers ----------------------------------------------------------------------------
-def _atomic_write(path: Path, write: typing.Callable[[typing.BinaryIO], None]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _write_json(path: Path, obj: Any) -> None:
-    _atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1, ensure_ascii=False).encode()))
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1, ensure_ascii=False).encode()))
 
 
 def _write_jsonl(path: Path, rows: typing.Iterable[dict]) -> None:
     def w(f):
         for r in rows:
             f.write(json.dumps(r, ensure_ascii=False).encode() + b"\n")
-    _atomic_write(path, w)
+    atomic_write(path, w)
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -377,7 +369,7 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 
 def _write_npz(path: Path, **arrays) -> None:
-    _atomic_write(path, lambda f: np.savez(f, **arrays))
+    atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
 # ---- tokenizers (one per process) ------------------------------------------------------------------
@@ -904,7 +896,7 @@ def step_dedup(ctx: Context) -> None:
 
 def step_bad_lines(ctx: Context) -> None:
     bad = global_lines(ctx)
-    _atomic_write(ctx.work / "bad_lines.npy", lambda f: np.save(f, bad))
+    atomic_write(ctx.work / "bad_lines.npy", lambda f: np.save(f, bad))
 
 
 def step_unigrams(ctx: Context) -> None:
@@ -957,7 +949,7 @@ def step_publish(ctx: Context, timing: dict | None = None) -> dict:
     (work / "out" / "manifest.json").write_text(text)
     # Once WORK/out is renamed away this copy says the run was published (a kill before the work
     # directory is removed, or keep_work, leaves every step marked done and nothing to publish).
-    _atomic_write(work / "published.json", lambda f: f.write(text.encode()))
+    atomic_write(work / "published.json", lambda f: f.write(text.encode()))
     publish_dir(work / "out", Path(cfg.run.out))
     if not cfg.run.keep_work:
         shutil.rmtree(work, ignore_errors=True)

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from herd.errors import HerdError
+from herd.files import atomic_write_text
 
 FORMAT = "herd-quality-v1"
 JUDGE_PROMPT = ("Here is a document from a web crawl:\n\n<document>\n{text}\n</document>\n\n"
@@ -188,13 +189,7 @@ def sample_texts(inputs: Sequence[str], n: int, seed: int, max_chars: int) -> li
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 def read_labels(path: str | os.PathLike) -> tuple[list[str], list[int]]:

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from herd.errors import HerdError
+from herd.files import atomic_write
 
 FORMAT_VERSION = 1
 TOKEN_DTYPE = np.uint32
@@ -388,20 +389,11 @@ def write_shard_files(root: str | os.PathLike, name: str, docs: Sequence[Sequenc
     root = Path(root)
     arrs = [np.asarray(d, dtype=TOKEN_DTYPE) for d in docs if len(d)]
     offsets = np.concatenate([[0], np.cumsum([len(a) for a in arrs], dtype=np.int64)]).astype(np.int64)
-    _durable_tofile(np.concatenate(arrs) if arrs else np.zeros(0, TOKEN_DTYPE), root / f"{name}.bin")
-    _durable_tofile(offsets, root / f"{name}.idx")
+    # atomically: the pipeline marks a unit done right after its shards are written, and after a
+    # power cut (not just a kill) that marker must not outlive a partial shard
+    atomic_write(root / f"{name}.bin", (np.concatenate(arrs) if arrs else np.zeros(0, TOKEN_DTYPE)).tofile)
+    atomic_write(root / f"{name}.idx", offsets.tofile)
     return {"name": name, "documents": len(arrs), "tokens": int(offsets[-1])}
-
-
-def _durable_tofile(array: np.ndarray, path: Path) -> None:
-    """Temp file, fsync, rename: the pipeline marks a unit done right after its shards are written,
-    and after a power cut (not just a kill) that marker must not outlive a partial shard."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        array.tofile(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def write_meta(root: str | os.PathLike, vocab_size: int, shards: dict[str, list[dict]], *,

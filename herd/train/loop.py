@@ -29,6 +29,7 @@ from torch import nn
 
 from herd.data.shards import PackedLoader
 from herd.errors import HerdError
+from herd.files import atomic_write_text
 from herd.models.llama3 import Transformer
 from herd.models.llama4 import Llama4Args, moe_layers, router_stats
 from herd.models.llama4 import Transformer as Llama4Transformer
@@ -177,15 +178,6 @@ def weight_changes(old: Any, new: Any) -> list[str]:
 
 
 # ---- the run ------------------------------------------------------------------------------------
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 class Trainer:
     """Builds model, data, optimizer from a `RunConfig` and runs (or resumes) the loop.
 
@@ -276,9 +268,9 @@ class Trainer:
         elif self.parallel.is_main:
             if resume:  # start-or-continue (a requeued job's first start); a typo'd name should show here
                 self.log(f"no checkpoint in {self.run_dir}: starting a fresh run there")
-            _atomic_write_text(self.metrics_path, "")
+            atomic_write_text(self.metrics_path, "")
         if self.parallel.is_main:
-            _atomic_write_text(self.run_dir / "config.json", json.dumps(cfg.to_dict(), indent=1))
+            atomic_write_text(self.run_dir / "config.json", json.dumps(cfg.to_dict(), indent=1))
         # MFU is against the peak of every device in the job
         self.peak_flops = (t.peak_flops or peak_flops_for(self.device)) * self.parallel.world
 
@@ -408,7 +400,7 @@ class Trainer:
         self.step, self.tokens = int(state["step"]), int(state["tokens"])
         if self.parallel.is_main:
             rows = read_metrics(self.metrics_path, self.step)
-            _atomic_write_text(self.metrics_path, "".join(metrics_line(r) for r in rows))
+            atomic_write_text(self.metrics_path, "".join(metrics_line(r) for r in rows))
 
     # ---- the loop ----
     def run(self) -> list[dict]:
