@@ -661,18 +661,20 @@ class Engine:
                             break
                     if req in self._running:
                         s.blocks.append(self.blocks.allocate())
-        while self._waiting and self._try_admit(self._waiting[0]):
-            self._waiting.popleft()
-        if self._waiting and not self._running:
-            # Nothing runs, so nothing will free a block: the head request can never be admitted
-            # (a preempted n>1 request whose samples no longer share their prompt's cached blocks
-            # may need more than the pool). Ended with "error" rather than waited on forever, with
-            # every request behind it stuck and the engine thread spinning.
-            stuck = self._waiting[0]
-            print(f"herd engine: request {stuck.id} cannot fit in the KV cache ({self.blocks.num_blocks} blocks) "
-                  "even with nothing else running; it ends with finish_reason 'error'", file=sys.stderr)
-            self._fail([stuck])
-            return self._schedule()
+        while self._waiting:
+            if self._try_admit(self._waiting[0]):
+                self._waiting.popleft()
+            elif self._running:
+                break
+            else:
+                # Nothing runs, so nothing will free a block: the head request can never be admitted
+                # (a preempted n>1 request whose samples no longer share their prompt's cached blocks
+                # may need more than the pool). Ended with "error" rather than waited on forever, with
+                # every request behind it stuck and the engine thread spinning.
+                stuck = self._waiting[0]
+                print(f"herd engine: request {stuck.id} cannot fit in the KV cache ({self.blocks.num_blocks} "
+                      "blocks) even with nothing else running; it ends with finish_reason 'error'", file=sys.stderr)
+                self._fail([stuck])
         decode, prefill, budget = [], [], self.max_prefill_tokens
         for req in self._running:
             for s in req.live:
