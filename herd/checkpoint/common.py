@@ -124,6 +124,13 @@ def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
             p + "attention_norm.weight": (d,),
             p + "ffn_norm.weight": (d,),
         })
+        # transformers' attention_bias / mlp_bias: one bias per projection, the weight's output rows
+        if args.attention_bias:
+            shapes.update({p + "attention.wq.bias": (args.n_heads * hd,), p + "attention.wk.bias": (args.kv_heads * hd,),
+                           p + "attention.wv.bias": (args.kv_heads * hd,), p + "attention.wo.bias": (d,)})
+        if args.mlp_bias:
+            shapes.update({p + "feed_forward.w1.bias": (f,), p + "feed_forward.w2.bias": (d,),
+                           p + "feed_forward.w3.bias": (f,)})
     return shapes
 
 
@@ -140,7 +147,13 @@ def check_state_dict(sd: dict[str, torch.Tensor], args: ModelArgs, source: str) 
             return f"vocabulary mismatch: {k} has {got[0]} rows, config says vocab_size={shape[0]}"
         return None
 
-    return check_shapes(sd, expected_shapes(args), source, f"a {args.n_layers}-layer dense model", vocab_hint)
+    want = expected_shapes(args)
+    stray = next((k for k in sd if k not in want and k.endswith(".bias")), None)
+    if stray is not None:  # name the flag: the weights have biases the config does not ask for
+        flag = "attention_bias" if ".attention." in stray else "mlp_bias"
+        raise HerdError(f"{source}: unexpected bias {stray!r}: the config says {flag}=false "
+                        "(dropping it would compute a different model)")
+    return check_shapes(sd, want, source, f"a {args.n_layers}-layer dense model", vocab_hint)
 
 
 def check_shapes(sd: dict[str, torch.Tensor], want: dict[str, tuple[int, ...]], source: str, model: str,

@@ -7,6 +7,12 @@ permutation is needed: llama.cpp's `convert_hf_to_gguf.py` permutes HF's q/k row
 adjacent-pair layout Meta's weights (and our model) use, and transformers' GGUF loader reverses that
 on its way in. Tied embeddings are a missing `output.weight`.
 
+Biases (transformers' `attention_bias` / `mlp_bias`) are `blk.N.attn_{q,k,v,output}.bias` and
+`blk.N.ffn_{gate,up,down}.bias`, optional tensors of llama.cpp's llama architecture; GGUF has no key
+for them, so their presence decides `ModelArgs.attention_bias` / `mlp_bias` (all of a group or none:
+a partial set is reported as missing tensors). convert_hf_to_gguf permutes the q/k biases with their
+weights (`LlamaModel.permute` on `q_proj.bias` / `k_proj.bias`), so they too are in Meta's layout.
+
 Llama 3.1 RoPE scaling is stored by llama.cpp not as keys but as a `rope_freqs.weight` tensor of
 per-frequency divisors (convert_hf_to_gguf's `generate_extra_tensors`); we recover the four
 `RopeScaling` numbers from it and write the same tensor back. (Writing `llama.rope.scaling.factor`
@@ -54,14 +60,11 @@ from herd.models.rope import rope_frequencies
 
 ARCH = "llama"
 
+_ATTN_PROJ = {"attn_q": "attention.wq", "attn_k": "attention.wk", "attn_v": "attention.wv",
+              "attn_output": "attention.wo"}
+_FFN_PROJ = {"ffn_gate": "feed_forward.w1", "ffn_down": "feed_forward.w2", "ffn_up": "feed_forward.w3"}
 _LAYER_MAP = {  # llama.cpp name (under blk.N.) → Meta name (under layers.N.)
-    "attn_q.weight": "attention.wq.weight",
-    "attn_k.weight": "attention.wk.weight",
-    "attn_v.weight": "attention.wv.weight",
-    "attn_output.weight": "attention.wo.weight",
-    "ffn_gate.weight": "feed_forward.w1.weight",
-    "ffn_down.weight": "feed_forward.w2.weight",
-    "ffn_up.weight": "feed_forward.w3.weight",
+    **{f"{g}.{w}": f"{m}.{w}" for g, m in (_ATTN_PROJ | _FFN_PROJ).items() for w in ("weight", "bias")},
     "attn_norm.weight": "attention_norm.weight",
     "ffn_norm.weight": "ffn_norm.weight",
 }
@@ -442,7 +445,8 @@ def _write_keyed_scaling(writer: GGUFWriter, s: LinearRopeScaling | YarnRopeScal
 
 
 def args_from_gguf_metadata(meta: dict, *, vocab_rows: int | None = None, rope_freqs: np.ndarray | None = None,
-                            tied: bool = False, source: str = "GGUF") -> ModelArgs:
+                            tied: bool = False, attention_bias: bool = False, mlp_bias: bool = False,
+                            source: str = "GGUF") -> ModelArgs:
     arch = meta.get("general.architecture")
     if arch != ARCH:
         raise HerdError(f"{source}: architecture {arch!r} is not supported (only 'llama' GGUF files)")
@@ -486,6 +490,7 @@ def args_from_gguf_metadata(meta: dict, *, vocab_rows: int | None = None, rope_f
         head_dim=None if head_dim == dim // n_heads else head_dim,
         norm_eps=_f32(get("attention.layer_norm_rms_epsilon", 1e-5)), rope_theta=_f32(theta),
         rope_scaling=scaling, max_seq_len=int(get("context_length", 8192)), tie_embeddings=tied,
+        attention_bias=attention_bias, mlp_bias=mlp_bias,
     )
 
 
@@ -509,8 +514,13 @@ def _args(reader: GGUFFile, meta: GGUFMetadata, source: str) -> ModelArgs:
     by_name = {t.name: t for t in reader.tensors}
     rope = dequantize_tensor(by_name[ROPE_FREQS], source).numpy() if ROPE_FREQS in by_name else None
     emb = by_name.get("token_embd.weight")
+
+    def has_bias(group: dict[str, str]) -> bool:  # any layer's: a partial set fails as missing tensors
+        return any(n.startswith("blk.") and n.endswith(".bias") and n.split(".")[2] in group for n in by_name)
+
     return args_from_gguf_metadata(meta, vocab_rows=None if emb is None else int(emb.shape[-1]),
-                                   rope_freqs=rope, tied="output.weight" not in by_name, source=source)
+                                   rope_freqs=rope, tied="output.weight" not in by_name,
+                                   attention_bias=has_bias(_ATTN_PROJ), mlp_bias=has_bias(_FFN_PROJ), source=source)
 
 
 def read_gguf_args(path: str | Path) -> ModelArgs:

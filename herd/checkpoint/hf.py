@@ -1,7 +1,8 @@
 """Hugging Face layout: config.json + model.safetensors (or shards with model.safetensors.index.json).
 
 A mapping at the boundary (DESIGN principle 4): HF names ↔ Meta names, and HF's "rotate half"
-RoPE layout ↔ Meta's adjacent pairs, which is a permutation of the rows of wq and wk.
+RoPE layout ↔ Meta's adjacent pairs, which is a permutation of the rows of wq and wk (and of their
+biases, for `attention_bias` models: a bias entry belongs to its weight row).
 """
 
 from __future__ import annotations
@@ -21,14 +22,15 @@ from herd.checkpoint.common import (
 from herd.errors import HerdError
 from herd.models.args import AnyRopeScaling, LinearRopeScaling, ModelArgs, RopeScaling, YarnRopeScaling
 
+_PROJECTIONS = {  # Meta module (under layers.N.) → HF module (under model.layers.N.)
+    "attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
+    "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
+    "feed_forward.w3": "mlp.up_proj",
+}
 _LAYER_MAP = {  # Meta name (under layers.N.) → HF name (under model.layers.N.)
-    "attention.wq.weight": "self_attn.q_proj.weight",
-    "attention.wk.weight": "self_attn.k_proj.weight",
-    "attention.wv.weight": "self_attn.v_proj.weight",
-    "attention.wo.weight": "self_attn.o_proj.weight",
-    "feed_forward.w1.weight": "mlp.gate_proj.weight",
-    "feed_forward.w2.weight": "mlp.down_proj.weight",
-    "feed_forward.w3.weight": "mlp.up_proj.weight",
+    # weights, and the biases of attention_bias / mlp_bias models (check_state_dict decides which
+    # of those a config asks for)
+    **{f"{m}.{w}": f"{h}.{w}" for m, h in _PROJECTIONS.items() for w in ("weight", "bias")},
     "attention_norm.weight": "input_layernorm.weight",
     "ffn_norm.weight": "post_attention_layernorm.weight",
 }
@@ -57,14 +59,15 @@ def from_hf_name(name: str) -> str | None:
 
 
 def permute_to_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Meta adjacent-pair rows → HF half-split rows, per head (transformers' convert script)."""
-    rows, cols = w.shape
-    return w.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+    """Meta adjacent-pair rows → HF half-split rows, per head (transformers' convert script). `w` is
+    a weight (rows, cols) or a bias (rows,): a bias entry moves with its row."""
+    rows = w.shape[0]
+    return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
 def permute_from_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    rows, cols = w.shape
-    return w.view(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
+    rows = w.shape[0]
+    return w.reshape(n_heads, 2, rows // n_heads // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
 # ---- config --------------------------------------------------------------------------------------
@@ -142,11 +145,17 @@ def hf_rope_scaling(s: AnyRopeScaling) -> dict:
 
 
 def refuse_biases(cfg: dict, source: str) -> None:
-    """Llama configs may ask for biases on the attention or MLP projections; herd's model has none,
-    and dropping the checkpoint's bias tensors would compute a different function."""
+    """For Llama 4 (hf_llama4.py): its configs may ask for biases on the attention or MLP
+    projections; herd's Llama 4 model has none, and dropping the checkpoint's bias tensors would
+    compute a different function. (The dense Llama model takes them: `ModelArgs.attention_bias`.)"""
     for key in ("attention_bias", "mlp_bias"):
         if cfg.get(key):
-            raise HerdError(f"{source}: {key}=true is not supported (herd's Llama projections have no biases)")
+            raise HerdError(f"{source}: {key}=true is not supported (herd's Llama 4 projections have no biases)")
+
+
+# transformers' LlamaConfig default, what a config.json without the key gets there (herd used 8192,
+# which also moved the llama3/yarn RoPE's original context that falls back to it)
+HF_LLAMA_MAX_POSITIONS = 2048
 
 
 def args_from_hf_config(cfg: dict, source: str = "config.json") -> ModelArgs:
@@ -158,7 +167,7 @@ def args_from_hf_config(cfg: dict, source: str = "config.json") -> ModelArgs:
         raise HerdError(f"{source}: model_type {cfg.get('model_type')!r} is not a Llama-architecture model")
     if cfg.get("hidden_act", "silu") != "silu":  # the model computes SwiGLU with SiLU and nothing else
         raise HerdError(f"{source}: hidden_act {cfg.get('hidden_act')!r} is not supported (Llama uses silu)")
-    refuse_biases(cfg, source)
+    cfg = {"max_position_embeddings": HF_LLAMA_MAX_POSITIONS, **cfg}
     try:
         theta, scaling = rope_from_hf_config(cfg, source, default_theta=10000.0)
         dim, n_heads = config_int(cfg, "hidden_size"), config_int(cfg, "num_attention_heads")
@@ -169,8 +178,9 @@ def args_from_hf_config(cfg: dict, source: str = "config.json") -> ModelArgs:
             vocab_size=config_int(cfg, "vocab_size"), ffn_hidden_dim=config_int(cfg, "intermediate_size"),
             head_dim=None if head_dim in (None, dim // n_heads) else head_dim,
             norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), rope_theta=float(theta), rope_scaling=scaling,
-            max_seq_len=config_int(cfg, "max_position_embeddings", 8192),
+            max_seq_len=config_int(cfg, "max_position_embeddings"),
             tie_embeddings=config_bool(cfg, "tie_word_embeddings", False),
+            attention_bias=config_bool(cfg, "attention_bias", False), mlp_bias=config_bool(cfg, "mlp_bias", False),
         )
     except KeyError as e:
         raise HerdError(f"{source}: missing key {e.args[0]!r}") from None
@@ -185,7 +195,8 @@ def hf_config_from_args(args: ModelArgs, extra: dict | None = None) -> dict:
         "num_attention_heads": args.n_heads, "num_key_value_heads": args.kv_heads, "head_dim": args.hd,
         "vocab_size": args.vocab_size, "rms_norm_eps": args.norm_eps, "rope_theta": args.rope_theta,
         "max_position_embeddings": args.max_seq_len, "tie_word_embeddings": args.tie_embeddings,
-        "hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "torch_dtype": "float32",
+        "hidden_act": "silu", "attention_bias": args.attention_bias, "mlp_bias": args.mlp_bias,
+        "torch_dtype": "float32",
     }
     if args.rope_scaling is not None:
         cfg["rope_scaling"] = hf_rope_scaling(args.rope_scaling)
@@ -202,10 +213,10 @@ def from_hf_state_dict(hf: dict[str, torch.Tensor], args: ModelArgs) -> dict[str
             if name.endswith("rotary_emb.inv_freq"):
                 continue  # a derived buffer some old exports saved
             raise HerdError(f"unexpected tensor {name!r} in HF checkpoint")
-        if meta.endswith("attention.wq.weight"):
-            t = permute_from_hf(t, args.n_heads)
-        elif meta.endswith("attention.wk.weight"):
-            t = permute_from_hf(t, args.kv_heads)
+        heads = args.n_heads if ".attention.wq." in meta else args.kv_heads if ".attention.wk." in meta else 0
+        # a tensor of the wrong size is left as it is for check_state_dict to name (a view error here)
+        if heads and t.ndim in (1, 2) and t.shape[0] == heads * args.hd:
+            t = permute_from_hf(t, heads)
         sd[meta] = t
     return sd
 
@@ -215,9 +226,9 @@ def to_hf_state_dict(sd: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, 
     for name, t in sd.items():
         if name == "output.weight" and args.tie_embeddings:
             continue
-        if name.endswith("attention.wq.weight"):
+        if name.endswith(("attention.wq.weight", "attention.wq.bias")):
             t = permute_to_hf(t, args.n_heads)
-        elif name.endswith("attention.wk.weight"):
+        elif name.endswith(("attention.wk.weight", "attention.wk.bias")):
             t = permute_to_hf(t, args.kv_heads)
         out[to_hf_name(name)] = t.contiguous()
     return out

@@ -5,7 +5,9 @@ flat dict of Meta-named tensors (already our canonical names and RoPE layout), s
 the config and the model-parallel shards:
 
 * column-parallel weights (wq, wk, wv, w1, w3, output) are split on dim 0, row-parallel ones
-  (wo, w2) on dim 1, norms replicated (fairscale's Column/RowParallelLinear);
+  (wo, w2) on dim 1, norms replicated (fairscale's Column/RowParallelLinear); the biases of an
+  `attention_bias` / `mlp_bias` model follow fairscale too: a column-parallel bias is split with
+  its weight's rows, a row-parallel one (added once, after the reduce) replicated;
 * `tok_embeddings` is split on dim 0 (the vocabulary) in Llama 3, whose model uses fairscale's
   `VocabParallelEmbedding`, and on dim 1 in Llama 1/2 (`ParallelEmbedding`); we tell them apart
   by shape, as transformers' `convert_llama_weights_to_hf.py` does by version;
@@ -13,7 +15,7 @@ the config and the model-parallel shards:
   head, so consecutive wk/wv shards repeat (llama-models' `reshard_mp`, `repeat_qk_qv`).
 
 params.json cannot say everything a foreign model needs (an explicit FFN width, a head dim other
-than dim/n_heads, tied embeddings, the RoPE scaling constants, the context length), so we also write
+than dim/n_heads, tied embeddings, the RoPE scaling constants, the context length, biases), so we also write
 a nested `"herd": {...}` object. Meta's readers ignore unknown keys (`ModelArgs.__init__` only sets
 attributes it has), and a top-level `max_seq_len` would even break `Llama3.build`, which passes its
 own `max_seq_len=` next to `**params`.
@@ -47,8 +49,12 @@ PARAMS = "params.json"
 
 # Which dim each weight is split on across model-parallel ranks (None: replicated).
 _COLUMN_PARALLEL = ("attention.wq.weight", "attention.wk.weight", "attention.wv.weight",
-                    "feed_forward.w1.weight", "feed_forward.w3.weight", "output.weight")
+                    "feed_forward.w1.weight", "feed_forward.w3.weight", "output.weight",
+                    "attention.wq.bias", "attention.wk.bias", "attention.wv.bias",
+                    "feed_forward.w1.bias", "feed_forward.w3.bias")
 _ROW_PARALLEL = ("attention.wo.weight", "feed_forward.w2.weight")
+# KV projections: each rank holds whole KV heads (copies when there are more ranks than heads)
+_KV = ("attention.wk.weight", "attention.wv.weight", "attention.wk.bias", "attention.wv.bias")
 # Derived buffers some Meta checkpoints carry (Llama 1/2 stored `rope.freqs`); never weights.
 _DERIVED = ("rope.freqs", "freqs_cis")
 
@@ -121,6 +127,7 @@ def args_from_params(params: dict, *, tied: bool = False, vocab_size: int | None
             # Llama 1/2 params.json have no rope_theta: their code used 10000.
             rope_theta=float(params.get("rope_theta", 10000.0)), rope_scaling=scaling,
             max_seq_len=config_int(extra, "max_seq_len", default_ctx), tie_embeddings=tied,
+            attention_bias=config_bool(extra, "attention_bias", False), mlp_bias=config_bool(extra, "mlp_bias", False),
         )
     except KeyError as e:
         raise HerdError(f"{source}: missing key {e.args[0]!r}") from None
@@ -156,6 +163,9 @@ def params_from_args(args: ModelArgs) -> dict:
         herd["ffn_hidden_dim"] = args.ffn_hidden_dim
     if args.head_dim is not None and args.head_dim != args.dim // args.n_heads:
         herd["head_dim"] = args.head_dim  # Meta's Llama 3 code cannot run this; Llama 4's reads it
+    for key in ("attention_bias", "mlp_bias"):  # nor these (its linears have no bias)
+        if getattr(args, key):
+            herd[key] = True
     params["herd"] = herd
     return params
 
@@ -222,7 +232,7 @@ def merge_shards(shards: list[dict[str, torch.Tensor]], args_dim: int, n_kv_head
                 raise HerdError(f"{source}: replicated weight {name!r} differs between model-parallel shards")
             out[name] = parts[0]
             continue
-        if name.endswith(("attention.wk.weight", "attention.wv.weight")) and n > n_kv_heads and n % n_kv_heads == 0:
+        if name.endswith(_KV) and n > n_kv_heads and n % n_kv_heads == 0:
             parts = parts[:: n // n_kv_heads]  # one copy of each replicated KV head
         out[name] = torch.cat(parts, dim=dim)
     return out
@@ -290,7 +300,7 @@ def split_shards(sd: dict[str, torch.Tensor], args: ModelArgs, n: int) -> list[d
         dim = 0 if name == "tok_embeddings.weight" else _split_dim(name)
         if dim is None:
             pieces = [t] * n
-        elif name.endswith(("attention.wk.weight", "attention.wv.weight")) and n > args.kv_heads:
+        elif name.endswith(_KV) and n > args.kv_heads:
             heads = t.chunk(args.kv_heads, dim=0)
             pieces = [heads[i * args.kv_heads // n] for i in range(n)]
         else:

@@ -25,15 +25,15 @@ def packing_available() -> bool:
 
 
 class PackedLinear(nn.Module):
-    """y = x Wᵀ with W held in oneDNN's blocked layout (inference only)."""
+    """y = x Wᵀ (+ b) with W held in oneDNN's blocked layout (inference only). The bias (the vision
+    encoder's linears, attention_bias / mlp_bias Llama models) goes into the same oneDNN call."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
-        if linear.bias is not None:
-            raise HerdError("PackedLinear supports bias-free linears only (all of Llama's are)")
         self.in_features, self.out_features = linear.in_features, linear.out_features
         # Tuned for one row (batch_size=1), the decode case; prefill's many rows still gain.
         self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 1)
+        self.bias = None if linear.bias is None else linear.bias.detach()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and self.training:
@@ -42,10 +42,11 @@ class PackedLinear(nn.Module):
         if torch.compiler.is_compiling():  # inductor lowers this op only for weights it froze itself
             raise HerdError("a model with pre-packed CPU linears cannot be torch.compiled; "
                             "load it with for_inference=False to compile")
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], None)
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], None)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, packed=oneDNN"
+        return f"in_features={self.in_features}, out_features={self.out_features}, " \
+               f"bias={self.bias is not None}, packed=oneDNN"
 
 
 @torch.no_grad()
@@ -57,7 +58,7 @@ def pack_linears(model: nn.Module) -> nn.Module:
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             w = getattr(child, "weight", None)
-            if (type(child) is nn.Linear and child.bias is None  # the vision encoder's have biases
-                    and w.device.type == "cpu" and w.dtype == torch.float32):
+            if (type(child) is nn.Linear and w.device.type == "cpu" and w.dtype == torch.float32
+                    and (child.bias is None or child.bias.dtype == torch.float32)):
                 setattr(parent, name, PackedLinear(child))
     return model.eval().requires_grad_(False)

@@ -145,9 +145,17 @@ class ModelArgs(HeadShapes):
     rope_scaling: AnyRopeScaling | None = None
     max_seq_len: int = 8192
     tie_embeddings: bool = False
+    # Biases on the projections, as transformers' LlamaConfig `attention_bias` (wq, wk, wv, wo) and
+    # `mlp_bias` (w1, w2, w3) ask for; Meta's Llama 3 has none.
+    attention_bias: bool = False
+    mlp_bias: bool = False
 
     def __post_init__(self) -> None:
         problems = self.shape_problems()
+        for name in ("attention_bias", "mlp_bias"):
+            # "false" from a config file is truthy: it would build the biased model
+            if not isinstance(getattr(self, name), bool):
+                problems.append(f"{name} must be true or false (got {getattr(self, name)!r})")
         # a negative rope_theta or norm_eps computes without an error and answers nothing sensible
         for name in ("norm_eps", "rope_theta", "max_seq_len", "multiple_of"):
             if not getattr(self, name) > 0:
@@ -179,7 +187,11 @@ class ModelArgs(HeadShapes):
     def num_params(self, include_embeddings: bool = True) -> int:
         d, hd, L = self.dim, self.hd, self.n_layers
         attn = d * hd * (self.n_heads + 2 * self.kv_heads) + self.n_heads * hd * d
+        if self.attention_bias:
+            attn += hd * (self.n_heads + 2 * self.kv_heads) + d
         ffn = 3 * d * self.ffn_dim
+        if self.mlp_bias:
+            ffn += 2 * self.ffn_dim + d
         per_layer = attn + ffn + 2 * d  # two RMSNorm weights
         body = L * per_layer + d  # final norm
         emb = self.vocab_size * d

@@ -52,10 +52,11 @@ class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.kv_heads, args.hd
-        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
-        self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
+        bias = args.attention_bias  # transformers' LlamaConfig: all four projections or none
+        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=bias)
+        self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=bias)
+        self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=bias)
+        self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=bias)
 
     def forward(self, x: torch.Tensor, rotations: torch.Tensor, mask: torch.Tensor | None,
                 cache: Cache | None = None, layer: int = 0) -> torch.Tensor:
@@ -102,11 +103,11 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
 class FeedForward(nn.Module):
     """SwiGLU: w2(silu(w1 x) · w3 x)."""
 
-    def __init__(self, dim: int, hidden_dim: int):
+    def __init__(self, dim: int, hidden_dim: int, bias: bool = False):
         super().__init__()
-        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
-        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
-        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w1 = nn.Linear(dim, hidden_dim, bias=bias)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=bias)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
@@ -117,7 +118,7 @@ class TransformerBlock(nn.Module):
         super().__init__()
         self.layer_id = layer_id
         self.attention = Attention(args)
-        self.feed_forward = FeedForward(args.dim, args.ffn_dim)
+        self.feed_forward = FeedForward(args.dim, args.ffn_dim, bias=args.mlp_bias)
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
@@ -184,10 +185,13 @@ class DecoderOnly(nn.Module):
     def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
         """Fresh weights for pre-training: N(0, 0.02) truncated at 3σ; the projections that write
         into the residual stream are scaled by 1/sqrt(2·n_layers) so the residual's variance does
-        not grow with depth (GPT-2/torchtitan practice); norms to one."""
+        not grow with depth (GPT-2/torchtitan practice); norms to one, projection biases
+        (attention_bias / mlp_bias models) to zero."""
         depth_std = std / math.sqrt(2 * self.args.n_layers)
         for name, p in self.named_parameters():
-            if p.ndim == 1:
+            if name.endswith(".bias"):
+                nn.init.zeros_(p)
+            elif p.ndim == 1:
                 nn.init.ones_(p)
             else:
                 s = depth_std if name.endswith(self.RESIDUAL_PROJECTIONS) else std

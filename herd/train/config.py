@@ -45,6 +45,8 @@ class ModelConfig:
     rope_theta: float | None = None
     max_seq_len: int | None = None
     tie_embeddings: bool | None = None
+    attention_bias: bool | None = None  # biases on wq/wk/wv/wo (transformers' LlamaConfig flag)
+    mlp_bias: bool | None = None  # biases on w1/w2/w3
 
     # Llama 4 (herd.models.llama4.LLAMA4_PRESETS, e.g. preset = "llama4-debug") only
     n_experts: int | None = None

@@ -161,12 +161,12 @@ def peak_flops_for(device: torch.device) -> float:
 
 
 # Model fields that decide the weights' tensors (names and shapes) or how the stored tensors are read
-# (tie_embeddings: one table serves as the output head). RoPE θ, its scaling, max_seq_len and norm_eps
+# (tie_embeddings: one table serves as the output head; attention_bias / mlp_bias add tensors). RoPE θ, its scaling, max_seq_len and norm_eps
 # change no tensor: a stage may change them and continue the same weights (long-context extension,
 # SPEC §3.4). Derived sizes (ffn_dim, hd) rather than the fields behind them, so a checkpoint that
 # states its FFN size another way (ffn_hidden_dim vs multiple_of) still matches.
 WEIGHT_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "ffn_dim", "hd", "tie_embeddings",
-                 "n_experts", "moe_every", "moe_ffn_dim")
+                 "attention_bias", "mlp_bias", "n_experts", "moe_every", "moe_ffn_dim")
 
 
 def weight_changes(old: Any, new: Any) -> list[str]:

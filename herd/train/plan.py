@@ -78,7 +78,12 @@ class Plan:
 
 
 def _block_params(a: ModelArgs) -> int:
-    return a.dim * a.hd * (a.n_heads + 2 * a.kv_heads) + a.n_heads * a.hd * a.dim + 3 * a.dim * a.ffn_dim + 2 * a.dim
+    p = a.dim * a.hd * (a.n_heads + 2 * a.kv_heads) + a.n_heads * a.hd * a.dim + 3 * a.dim * a.ffn_dim + 2 * a.dim
+    if getattr(a, "attention_bias", False):  # as ModelArgs.num_params counts them
+        p += a.hd * (a.n_heads + 2 * a.kv_heads) + a.dim
+    if getattr(a, "mlp_bias", False):
+        p += 2 * a.ffn_dim + a.dim
+    return p
 
 
 def activation_elements_per_token(a: ModelArgs, mode: str) -> int:

@@ -181,9 +181,10 @@ def test_unsupported_quant_type(tmp_path):
 
 
 def test_unexpected_tensor(tmp_path):
-    # a bias, which Llama does not have
-    _raw_gguf(tmp_path / "b.gguf", "llama", {"blk.0.attn_q.bias": (np.zeros(32, np.float32), None)})
-    with pytest.raises(HerdError, match="unexpected tensor 'blk.0.attn_q.bias'"):
+    # a q norm (Qwen3/OLMo style), which Llama does not have (its optional biases are read:
+    # tests/checkpoint/test_bias.py)
+    _raw_gguf(tmp_path / "b.gguf", "llama", {"blk.0.attn_q_norm.weight": (np.zeros(8, np.float32), None)})
+    with pytest.raises(HerdError, match="unexpected tensor 'blk.0.attn_q_norm.weight'"):
         read_checkpoint(tmp_path / "b.gguf")
 
 

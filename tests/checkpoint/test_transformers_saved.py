@@ -86,16 +86,6 @@ def test_corrupt_pytorch_bin_is_one_line_error(tmp_path):
         read_checkpoint(path)
 
 
-@pytest.mark.parametrize("flag", ["attention_bias", "mlp_bias"])
-def test_biases_are_refused_by_name(tmp_path, flag):
-    _, path = _save_dense(tmp_path, **{flag: True})
-    with pytest.raises(HerdError, match=f"{flag}=true is not supported") as e:
-        read_checkpoint(path)
-    assert "\n" not in str(e.value)
-    with pytest.raises(HerdError, match=flag):  # herd info too: its numbers would leave the biases out
-        read_args(path)
-
-
 @pytest.mark.parametrize("rope", [  # linear and yarn are computed: tests/checkpoint/test_rope_scaling.py
     dict(rope_type="dynamic", factor=4.0),
     dict(rope_type="longrope", short_factor=[1.0] * 4, long_factor=[2.0] * 4, original_max_position_embeddings=64),
