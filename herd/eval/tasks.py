@@ -9,10 +9,12 @@ Two kinds of item, told apart per line:
   continuation), and its log-prob summed. acc picks the highest sum, acc_norm the highest sum per
   character of the choice, acc_bytes per UTF-8 byte (lm-eval's names).
 - generation (GSM8K style): {"prompt" | "question", "answer", optional "match"}; greedy decoding to
-  the end of turn or max_new_tokens, then answer extraction: a numeric answer is compared with the
-  last number in the reply (GSM8K's "#### N" when present), any other answer with the reply
-  stripped of surrounding space, quotes and a final period; "match": "contains" accepts a reply
-  that contains the answer.
+  the end of turn or max_new_tokens, then answer extraction: a numeric answer is compared by value
+  with the last number in the reply (GSM8K's "#### N" when present; "−3", "1e3", "3/4", "1 3/4",
+  "$1,000", "12." read as numbers, see _TOKEN), any other answer with the reply stripped of
+  surrounding space, quotes and a final period; "match": "contains" accepts a reply that contains
+  the answer. Optional lm-eval exact_match options per line (MATCH_OPTIONS): "ignore_case",
+  "ignore_punctuation" (true/false, default false as in lm-eval) and "regexes_to_ignore" (a list).
 
 Chat template or raw prompt (`chat_template`, `herd eval --apply-chat-template` /
 `--no-apply-chat-template`): lm-eval's default is the raw prompt (the text as is, BOS where the
@@ -29,19 +31,16 @@ import json
 import math
 import os
 import re
+import string
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Any
 
 import torch
 
 from herd.errors import HerdError
 from herd.inference.generate import check_max_new_tokens
-
-# A number in a reply: a sign, digits with thousands commas, a decimal part; ".5" too (it was read
-# as 5). A trailing period ("it is 12.") is not a decimal part: a digit must follow the point.
-_NUMBER = re.compile(r"-?(?:\d[\d,]*(?:\.\d+)?|\.\d+)")
-_GSM8K = re.compile(r"####\s*(-?[\d,]*\.?\d+)")
 
 
 def wilson_interval(correct: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
@@ -55,39 +54,140 @@ def wilson_interval(correct: int, n: int, z: float = 1.959963984540054) -> tuple
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-# What counts as a number in an answer's text: what _NUMBER finds in a reply (a sign, digits with
-# thousands commas, a decimal part). float() alone also took "inf", "NaN", "Infinity" and "1_000",
-# so a task whose answer is the word "infinity" compared it as a number and no reply could match.
-_NUMERIC_TEXT = re.compile(r"\s*[-+]?(?:\d[\d,]*(?:\.\d+)?|\.\d+)\s*")
+# Numbers. A numeric answer is compared with one number read from the reply: GSM8K's "#### N" when
+# the reply has one (lm-eval's strict-match, "#### (\-?[0-9\.\,]+)", takes the first), else the
+# reply's last number (its flexible-extract, group_select -1). lm-eval then compares the two as
+# strings once "," and "$" are removed; herd compares values (as math graders such as math-verify
+# do), so "12.0", "1,000" and "$1,000" read as 12 and 1000. Beyond lm-eval's "-?[0-9.,]" runs, these
+# are read as numbers, each kept from taking a neighbour's digits for its own:
+# - a sign: "-", "+" and U+2212 "−" (typeset text and some detokenisers write it; "−3" read as 3),
+#   only where it is a sign: "5-3" ends in 3 and "COVID-19" is 19 (a letter, digit or ")" before
+#   the dash makes it a subtraction or a hyphen);
+# - a currency symbol before the digits ($ € £ ¥ ₹), the sign before or after it ("-$5", "$-5");
+# - thousands commas only in groups of three: "1,000" is 1000, "1,2,3" is a list ending in 3 (it
+#   was read as 123);
+# - scientific notation, the exponent right after the digits: "1e3", "2.5E-2", "6.02e23" ("1e3" was
+#   read as its last digit, 3; it is 1000, not 13 nor 1);
+# - a fraction "3/4" (whole numbers, no spaces, no leading zero, denominator not 0), and a mixed
+#   number "1 3/4" = 1.75 (read alone, its "3/4" would have matched an answer 0.75).
+# Not numbers, where the old pattern read their last digits: a version or address with two points
+# ("1.2.3" was .3), a slashed chain ("05/06/2024") and a slash that is no fraction ("2024/05",
+# "1/0"); an answer written so stays text and is compared as text. Values are exact (Fraction): a
+# float made 123456789012345678901 equal ...900. A trailing period is the sentence's ("12." is 12).
+_SIGN = "[-+\u2212]"
+_CURRENCY = "[$€£¥₹]"
+# A run of digits with points and commas (split by _run_values), then its exponent. A leading point
+# (".5") only where no letter or digit is before it: "no.5" is 5, not .5.
+_RUN = r"(?:(?<![\w.])\.)?\d(?:[\d.,]*\d)?(?:[eE][-+\u2212]?\d+)?"
+_TOKEN = re.compile(
+    rf"(?:(?<![\w)\]])(?P<s1>{_SIGN}))?(?P<cur>{_CURRENCY})?(?:(?<={_CURRENCY})(?P<s2>{_SIGN}))?"
+    rf"(?:(?P<whole>\d+) (?=\d+/\d))?"  # a mixed number's whole part: only before a fraction
+    rf"(?P<body>{_RUN}(?:/{_RUN})*)")
+_DECIMAL = re.compile(r"(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+")
+_INTEGER = re.compile(r"0|[1-9]\d*")
+_MAX_EXPONENT = 1000  # "1e99999999" would build a 100-million-digit integer; such a token is no number
+_GSM8K = re.compile(r"####\s*")
 
 
-# An answer written "$1,000" or "25%" is the number 1000 / 25 (the reply's last number carries no
-# unit either); it was compared as text, so "The answer is 25%." never matched "25%".
-_UNIT = re.compile(r"\s*\$?(.*?)%?\s*")
+def _run_values(run: str) -> list[Fraction]:
+    """The numbers in one run of digits, points and commas (and an exponent): one number when the
+    commas group thousands, else the comma-separated numbers; none for a run with two points."""
+    m = re.fullmatch(r"([\d.,]+)(?:[eE]([-+\u2212]?\d+))?", run)
+    mantissa, exp = m.group(1), m.group(2)
+    pieces = [mantissa] if _DECIMAL.fullmatch(mantissa) else mantissa.split(",")
+    if any(p.count(".") > 1 for p in pieces):
+        return []  # "1.2.3", "10.0.0.1": a version or an address
+    values = []
+    for j, p in enumerate(pieces):
+        if not _DECIMAL.fullmatch(p):
+            continue
+        text = p.replace(",", "")
+        if exp is not None and j == len(pieces) - 1:
+            e = int(exp.replace("\u2212", "-"))
+            if abs(e) > _MAX_EXPONENT:
+                continue
+            text += f"e{e}"
+        try:
+            values.append(Fraction(text))
+        except ValueError:  # more digits than int() reads (4300): no one's answer
+            continue
+    return values
 
 
-def _as_number(text: str) -> float | None:
-    text = _UNIT.fullmatch(text).group(1)
-    if not _NUMERIC_TEXT.fullmatch(text):
-        return None
-    return float(text.replace(",", ""))
+def _token_values(m: re.Match) -> list[Fraction]:
+    parts = m.group("body").split("/")
+    if len(parts) == 1:
+        values = _run_values(parts[0])
+    elif len(parts) == 2 and all(_INTEGER.fullmatch(p) for p in parts) and int(parts[1]) != 0:
+        values = [Fraction(int(parts[0]), int(parts[1]))]
+    else:
+        values = []  # a date ("2024/05", "05/06/2024"), a path or n/0: not a number
+    whole = m.group("whole")
+    if whole is not None:
+        if len(parts) == 2 and values and values[0] < 1:
+            values = [int(whole) + values[0]]  # "1 3/4"
+        else:
+            values = [Fraction(int(whole)), *values]  # "2 5/4" is two numbers
+    negative = (m.group("s1") or "+") in "-\u2212"
+    negative ^= (m.group("s2") or "+") in "-\u2212"
+    if negative and values:
+        values[0] = -values[0]  # the sign is the first number's ("-1,2" is -1 then 2)
+    return values
 
 
-def _answer_number(answer: Any) -> float | None:
-    """A JSON number as is (1e21 too); a string only when it reads as a number (_NUMERIC_TEXT)."""
+def _reply_number(reply: str) -> Fraction | None:
+    """The number a numeric answer is compared with: the first "#### N" that reads as a number, else
+    the reply's last number."""
+    for marker in _GSM8K.finditer(reply):
+        m = _TOKEN.match(reply, marker.end())
+        if m and (values := _token_values(m)):
+            return values[0]
+    for m in reversed(list(_TOKEN.finditer(reply))):  # read from the end: most tokens are never needed
+        if values := _token_values(m):
+            return values[-1]
+    return None
+
+
+def _as_number(text: str) -> Fraction | None:
+    """An answer's text as one number (see the rules above), a final period and "%" allowed
+    ("42.", "25%": the reply's number carries no unit either); None when it is not one number.
+    float() alone also took "inf", "NaN", "Infinity" and "1_000", so a task whose answer is the
+    word "infinity" compared it as a number and no reply could match."""
+    text = text.strip().removesuffix(".").rstrip().removesuffix("%").rstrip()
+    m = _TOKEN.fullmatch(text)
+    values = _token_values(m) if m else []
+    return values[0] if len(values) == 1 else None
+
+
+def _answer_number(answer: Any) -> Fraction | None:
+    """A JSON number as is (1e21 too: its shortest repr, so 0.1 is 1/10); a string only when it reads
+    as one number (_as_number)."""
     if isinstance(answer, (int, float)) and not isinstance(answer, bool):
-        return float(answer)
+        if isinstance(answer, int):
+            return Fraction(answer)
+        return Fraction(repr(answer)) if math.isfinite(answer) else None
     return _as_number(str(answer))
+
+
+def _same_number(a: Fraction, b: Fraction) -> bool:
+    """Equal up to 1e-9, absolute and relative both (exact arithmetic): "0.30000000000000004" is
+    0.3 (a float printed by code the model ran), but 1e-12 is not 2e-12 (within 1e-9 of it, as the
+    absolute tolerance alone said) and 10**12 + 1 is not 10**12 (as a relative one alone would)."""
+    d = abs(a - b)
+    tol = Fraction(1, 10**9)
+    return d <= tol and d <= tol * max(abs(a), abs(b))
 
 
 def extract_answer(reply: str, answer: Any) -> str | float | None:
     """The part of `reply` to compare with `answer`: a number for numeric answers, else the text."""
     if _answer_number(answer) is not None:
-        m = _GSM8K.search(reply)
-        if m:
-            return _as_number(m.group(1))
-        nums = _NUMBER.findall(reply)
-        return _as_number(nums[-1]) if nums else None
+        got = _reply_number(reply)
+        if got is None:
+            return None
+        try:
+            return float(got)
+        except OverflowError:  # "1e400"
+            return math.inf if got > 0 else -math.inf
     return _clean(reply)
 
 
@@ -101,22 +201,87 @@ def _clean(reply: str) -> str:
 
 MATCHES = ("auto", "exact", "contains")
 
+# lm-eval's exact_match options (lm_eval/api/metrics.py exact_match_hf_evaluate, copied from HF
+# evaluate's exact_match), as keys of a task line beside "match": remove each regex from reply and
+# answer (re.sub, in order), then lower-case, then drop ASCII punctuation (string.punctuation), in
+# that order, on both sides. Off by default there too, so a line without them scores as before.
+# lm-eval's `ignore_numbers` is not offered.
+MATCH_OPTIONS = ("ignore_case", "ignore_punctuation", "regexes_to_ignore")
+_PUNCTUATION = str.maketrans("", "", string.punctuation)
 
-def is_correct(reply: str, answer: Any, match: str = "auto") -> bool:
-    """`match`: "auto" (numbers by the last number, text exactly; see extract_answer), "exact" (the
-    stripped reply equals the answer) or "contains" (the answer appears in the reply, case-sensitive)."""
+
+def _show(value: Any) -> str:
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+def check_match_options(options: dict[str, Any], where: str = "answer matching") -> dict[str, Any]:
+    """The options present in `options` (a task line, or is_correct's keywords), checked: a string
+    "true" would be truthy and a bare string of regexes_to_ignore would be taken character by
+    character (as lm-eval does), so each must be what it says, and every regex must compile."""
+    out: dict[str, Any] = {}
+    for key in ("ignore_case", "ignore_punctuation"):
+        if key in options:
+            if not isinstance(options[key], bool):
+                raise HerdError(f"{where}: '{key}' must be true or false, got {_show(options[key])}")
+            out[key] = options[key]
+    if "regexes_to_ignore" in options:
+        regexes = options["regexes_to_ignore"]
+        if regexes is None:
+            regexes = []
+        if not isinstance(regexes, (list, tuple)) or not all(isinstance(r, str) for r in regexes):
+            raise HerdError(f"{where}: 'regexes_to_ignore' must be a list of regular expressions (strings), "
+                            f"got {_show(regexes)}")
+        for r in regexes:
+            try:
+                re.compile(r)
+            except re.error as e:
+                raise HerdError(f"{where}: 'regexes_to_ignore' has {r!r}, not a regular expression: {e}") from None
+        out["regexes_to_ignore"] = tuple(regexes)
+    return out
+
+
+def _drop(text: str, regexes: Sequence[str]) -> str:
+    for r in regexes:
+        text = re.sub(r, "", text)
+    return text
+
+
+def _normalise(text: str, ignore_case: bool, ignore_punctuation: bool) -> str:
+    if ignore_case:
+        text = text.lower()  # lm-eval's np.char.lower: str.lower, not casefold ("ß" stays)
+    if ignore_punctuation:
+        text = text.translate(_PUNCTUATION)
+    return text
+
+
+def is_correct(reply: str, answer: Any, match: str = "auto", *, ignore_case: bool = False,
+               ignore_punctuation: bool = False, regexes_to_ignore: Sequence[str] = ()) -> bool:
+    """`match`: "auto" (numbers by value, the last number or "#### N"; text exactly; see the rules
+    above), "exact" (the stripped reply equals the answer) or "contains" (the answer appears in the
+    reply; case-sensitive unless ignore_case). The options are lm-eval's exact_match's (MATCH_OPTIONS): the regexes
+    apply to every match, and to the answer when it is text (a JSON number stays that number); case
+    and punctuation to text comparisons only (a numeric "auto" answer is compared by value: dropping
+    "-" or "." from numbers would make 1.5 equal 15)."""
+    check_match_options({"ignore_case": ignore_case, "ignore_punctuation": ignore_punctuation,
+                         "regexes_to_ignore": regexes_to_ignore})
+    if match not in MATCHES:
+        raise HerdError(f"unknown answer match {match!r}; choose {', '.join(MATCHES)}")
+    reply = _drop(reply, regexes_to_ignore)
+    if isinstance(answer, str):
+        answer = _drop(answer, regexes_to_ignore)
+    if match == "auto" and (want := _answer_number(answer)) is not None:
+        got = _reply_number(reply)
+        return got is not None and _same_number(got, want)
+    reply = _normalise(reply, ignore_case, ignore_punctuation)
+    text = _normalise(str(answer), ignore_case, ignore_punctuation)
     if match == "contains":
-        return str(answer) in reply
+        return text in reply
     # The answer is cleaned as the reply is (lm-eval's exact_match applies its normalisation to both
     # sides): a reply "Washington D.C." was cleaned to "Washington D.C" and never equalled its answer.
-    if match == "exact":
-        return _clean(reply) == _clean(str(answer))
-    if match != "auto":
-        raise HerdError(f"unknown answer match {match!r}; choose {', '.join(MATCHES)}")
-    got = extract_answer(reply, answer)
-    if isinstance(got, float):
-        return math.isclose(got, _answer_number(answer), rel_tol=0, abs_tol=1e-9)
-    return got is not None and got == _clean(str(answer))
+    return _clean(reply) == _clean(text)
 
 
 def check_generation_answer(answer: Any, where: str) -> None:
@@ -175,6 +340,7 @@ class TaskItem:
     match: str = "auto"  # how a generated reply is checked (is_correct)
     text: str | None = None  # the prompt as raw text (None for a dialog that is not one user turn)
     target_delimiter: str = " "  # lm-eval's: put between a raw prompt and each choice
+    options: dict[str, Any] = field(default_factory=dict)  # is_correct's MATCH_OPTIONS from the line
 
     @property
     def kind(self) -> str:
@@ -225,8 +391,19 @@ def load_task(path: str | os.PathLike, *, chat_template: bool | None = None) -> 
         delim = obj.get("target_delimiter", " ")
         if not isinstance(delim, str):
             raise HerdError(f"{where}: 'target_delimiter' must be a string, got {json.dumps(delim)}")
+        options = check_match_options(obj, where)
+        if choices is not None and options:
+            # A multiple-choice item is scored by log-likelihood: no reply is matched, so the option
+            # would do nothing, silently.
+            raise HerdError(f"{where}: '{next(iter(options))}' applies to generation items (their reply is "
+                            "matched as text); a multiple-choice item is scored by log-likelihood")
+        if isinstance(answer, str) and options and not _clean(_normalise(
+                _drop(answer, options.get("regexes_to_ignore", ())), False, options.get("ignore_punctuation", False))):
+            # an empty answer matches every empty (or, with "contains", every) reply
+            raise HerdError(f"{where}: 'answer' is empty once the line's 'regexes_to_ignore' / "
+                            "'ignore_punctuation' remove what they match")
         messages = as_messages(prompt, where)  # checks the messages, naming the line
-        item = TaskItem(where, messages, answer, choices, match, _raw_text(prompt), delim)
+        item = TaskItem(where, messages, answer, choices, match, _raw_text(prompt), delim, options)
         if chat_template is False:
             item.raw_text()
         if items and item.kind != items[0].kind:
@@ -392,7 +569,7 @@ def evaluate_items(model, tokenizer, items: Sequence[TaskItem], *, max_new_token
         idx = gen[start:start + batch_size]
         outs = generate(model, tokenizer, [prompts[i] for i in idx], max_new_tokens=max_new_tokens)
         for i, o in zip(idx, outs, strict=True):
-            replies[i], ok[i] = o, is_correct(o, items[i].answer, items[i].match)
+            replies[i], ok[i] = o, is_correct(o, items[i].answer, items[i].match, **items[i].options)
     scores: list[list[float]] = []
     norm = byte = 0
     for i, it in enumerate(items):

@@ -101,7 +101,7 @@ def check_sample_args(*, k: Any = 1, max_new_tokens: Any = 1, temperature: Any =
 def check_verifier_records(name: str, prompts: Sequence[tuple[str, list[dict], dict]]) -> None:
     """Check every prompt line has what verifier `name` reads (`answer`, a valid `match`), naming the
     line, before any sampling (this used to fail at the first such line, after the model load)."""
-    from herd.eval.tasks import MATCHES, check_generation_answer
+    from herd.eval.tasks import MATCHES, check_generation_answer, check_match_options
 
     verifier_scorer(name)  # an unknown name fails here
     for where, _msgs, record in prompts:
@@ -111,12 +111,13 @@ def check_verifier_records(name: str, prompts: Sequence[tuple[str, list[dict], d
         match = record.get("match", "auto")
         if match not in MATCHES:
             raise HerdError(f"{where}: unknown 'match' {match!r}; choose {', '.join(MATCHES)}")
+        check_match_options(record, where)  # ignore_case etc., as a task line's (herd/eval/tasks.py)
 
 
 def verifier_scorer(name: str) -> Scorer:
     """A programmatic verifier over records with an `answer` and optional `match` (herd/eval/tasks.py's
     answer matching): 1.0 for a correct sample, 0.0 otherwise."""
-    from herd.eval.tasks import is_correct
+    from herd.eval.tasks import check_match_options, is_correct
 
     if name != "answer":
         raise HerdError(f"unknown verifier {name!r} (available: answer — compares with the record's 'answer')")
@@ -125,7 +126,8 @@ def verifier_scorer(name: str) -> Scorer:
         if "answer" not in record:
             raise HerdError("the 'answer' verifier needs an 'answer' field in every prompt line")
         match = record.get("match", "auto")
-        return [1.0 if is_correct(s, record["answer"], match) else 0.0 for s in samples]
+        options = check_match_options(record)
+        return [1.0 if is_correct(s, record["answer"], match, **options) else 0.0 for s in samples]
 
     return score
 
