@@ -12,7 +12,7 @@ from herd.checkpoint.common import model_dir_of, read_model_info
 from herd.errors import HerdError
 from herd.hub import BUILTIN_MODELS, fetch_builtin
 from herd.inference.cpu_linear import pack_linears
-from herd.inference.generate import Completion, generate_batch, generate_ids
+from herd.inference.generate import Completion, check_max_new_tokens, check_seed, generate_batch, generate_ids
 from herd.inference.sampling import SamplingParams
 
 Prompt = str | Sequence[dict]  # raw text, or a dialog of OpenAI-shaped messages
@@ -63,6 +63,57 @@ def load(spec: str | Path, *, device: str | torch.device = "cpu", dtype: torch.d
     for_inference: on CPU in fp32, pre-pack the linear layers for ~1.5× faster generation
     (herd/inference/cpu_linear.py); such a model has no backward. Pass False to fine-tune."""
     return load_model_tokenizer(resolve_model_path(spec), device, dtype, for_inference)
+
+
+def _check_prompt(prompt, where: str) -> None:
+    """One prompt is text or a dialog (a non-empty list of message dicts); anything else is one
+    HerdError line naming it. Without this, None, a number or bytes failed deep inside with a
+    TypeError ('int' object is not iterable), a bare message dict with KeyError: 0, and an empty
+    dialog quietly generated from the assistant header alone."""
+    if isinstance(prompt, str):
+        return
+    if isinstance(prompt, dict):
+        raise HerdError(f"{where} is a single message dict; a dialog is a list of them: [{{'role': ..., "
+                        "'content': ...}]")
+    if isinstance(prompt, (bytes, bytearray)):
+        raise HerdError(f"{where} is bytes; decode it to a str first")
+    if isinstance(prompt, Sequence):
+        if len(prompt) == 0:
+            raise HerdError(f"{where} is an empty dialog; give at least one message")
+        for j, m in enumerate(prompt):
+            if not isinstance(m, dict):
+                what = "None" if m is None else type(m).__name__
+                raise HerdError(f"{where}: message {j} is {what}; a dialog is a list of message dicts")
+        return
+    what = "None" if prompt is None else type(prompt).__name__
+    raise HerdError(f"{where} is {what}; give text (a str) or a dialog (a list of message dicts)")
+
+
+def _prompt_batch(prompt) -> tuple[list[Prompt], bool]:
+    """(the prompts, whether `prompt` was one prompt rather than a batch). A batch is a list, tuple
+    or other iterable of prompts and may be empty; a list whose first item is a dict is one dialog."""
+    if isinstance(prompt, (str, dict)):
+        _check_prompt(prompt, "prompt")
+        return [prompt], True
+    if prompt is None or isinstance(prompt, (bytes, bytearray)) or not hasattr(prompt, "__iter__"):
+        _check_prompt(prompt, "prompt")  # raises: None, a number, bytes, ...
+    if not isinstance(prompt, Sequence):
+        prompt = list(prompt)  # a generator, a NumPy array of str, ...
+    if len(prompt) > 0 and isinstance(prompt[0], dict):
+        _check_prompt(prompt, "prompt")
+        return [prompt], True
+    for i, p in enumerate(prompt):
+        _check_prompt(p, f"prompt {i}")
+    return list(prompt), False
+
+
+def _check_encoded(ids: list[list[int]], single: bool) -> None:
+    """A prompt that encodes to no tokens (empty text with a tokenizer that adds no BOS) is named
+    here, by its place in the batch; text that encodes to BOS alone is a fine unconditional start."""
+    for i, row in enumerate(ids):
+        if len(row) == 0:
+            where = "prompt" if single else f"prompt {i}"
+            raise HerdError(f"{where} is empty: it encodes to no tokens (this tokenizer adds no BOS); give some text")
 
 
 def encode_prompt(tokenizer, prompt: Prompt) -> list[int]:
@@ -148,17 +199,24 @@ def generate(model, tokenizer, prompt: Prompt | list[Prompt], *, max_new_tokens:
     `images=[row0, row1, ...]` with one entry per prompt (None, an image or a list). A dialog can
     also place them itself: content parts `{"type": "image", "image": path}` where they go, or
     `{"type": "image"}` slots filled from `images` in order."""
-    single = isinstance(prompt, str) or (len(prompt) > 0 and isinstance(prompt[0], dict))
-    prompts = [prompt] if single else list(prompt)
+    prompts, single = _prompt_batch(prompt)
     if single:
         per_row = [_one_prompt_images(image, images)]
     elif image is not None:
         raise HerdError("image= goes with one prompt; for a batch pass images=[...] with one entry per prompt")
     else:
         per_row = images
+    sampling = _sampling(temperature, top_p, top_k, seed, tokenizer)
+    if not prompts:
+        # An empty batch is an empty answer, as vLLM's LLM.generate([]) gives; the arguments are
+        # still checked, so a bad value shows on the first call whatever the batch holds.
+        check_max_new_tokens(max_new_tokens)
+        check_seed(seed)
+        with_images(model, tokenizer, prompts, per_row)  # images= must be empty too
+        return []
     model, ids = with_images(model, tokenizer, prompts, per_row)
-    outs: list[Completion] = generate_batch(model, ids, max_new_tokens=max_new_tokens,
-                                            sampling=_sampling(temperature, top_p, top_k, seed, tokenizer),
+    _check_encoded(ids, single)
+    outs: list[Completion] = generate_batch(model, ids, max_new_tokens=max_new_tokens, sampling=sampling,
                                             stop_ids=sorted(tokenizer.stop_ids), compile=compile)
     texts = [tokenizer.decode(c.ids) for c in outs]
     return texts[0] if single else texts
@@ -175,8 +233,10 @@ def stream(model, tokenizer, prompt: Prompt, *, max_new_tokens: int = 256, tempe
 
     completion = completion if completion is not None else Completion()
     decoder = IncrementalDecoder(tokenizer)
+    _check_prompt(prompt, "prompt")  # one prompt: a batch (a list of prompts) is generate's
     stop = set(tokenizer.stop_ids)
     model, ids = with_image(model, tokenizer, prompt, _one_prompt_images(image, images))
+    _check_encoded([ids], True)
     for (token,) in generate_ids(model, [ids], max_new_tokens=max_new_tokens,
                                  sampling=_sampling(temperature, top_p, top_k, seed, tokenizer), stop_ids=sorted(stop),
                                  compile=compile):

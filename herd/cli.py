@@ -11,7 +11,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from herd.errors import ArgumentParser, HerdError
+from herd.errors import ArgumentParser, HerdError, print_error
 from herd.hub import BUILTIN_MODELS, DEFAULT_MODEL
 
 EXAMPLES = """\
@@ -484,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except HerdError as e:
-        print(f"herd: error: {e}", file=sys.stderr)
+        print_error(f"herd: error: {e}")  # under torchrun: rank 0's line only (herd/errors.py)
         return 2
     except KeyboardInterrupt:
         return 130

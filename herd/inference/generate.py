@@ -30,8 +30,15 @@ class Completion:
 
 
 def _check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int, max_seq_len: int) -> None:
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise HerdError("empty prompt: give at least one token")
+    """Every row a non-empty run of in-vocabulary ids that leaves room for a new token. No rows at
+    all is not an error (generate_ids yields nothing for it): it used to be reported as "empty
+    prompt", which sent a caller with an empty batch looking for an empty string."""
+    for i, p in enumerate(prompts):
+        where = "prompt" if len(prompts) == 1 else f"prompt {i}"
+        if isinstance(p, (str, bytes)) or not hasattr(p, "__len__"):
+            raise HerdError(f"{where} is {type(p).__name__}, not a list of token ids")
+        if len(p) == 0:
+            raise HerdError(f"{where} is empty: give at least one token")
     for p in prompts:
         if len(p) >= max_seq_len:
             raise HerdError(f"prompt of {len(p)} tokens does not fit the model's context of {max_seq_len} "
@@ -101,6 +108,8 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int
     max_new_tokens = check_max_new_tokens(max_new_tokens)
     check_seed(sampling.seed)
     _check_prompts(prompts, args.vocab_size, args.max_seq_len)
+    if not prompts:  # an empty batch: nothing to generate (vLLM's LLM.generate([]) gives [] too)
+        return
     device = model.tok_embeddings.weight.device
     B, L = len(prompts), max(len(p) for p in prompts)
     # Each row may run to the end of the context counted from its own first token, as it would

@@ -13,7 +13,7 @@ import argparse
 import re
 import sys
 
-from herd.errors import ArgumentParser, HerdError
+from herd.errors import ArgumentParser, HerdError, print_error
 
 _DOTTED = re.compile(r"^--?([A-Za-z_]\w*)\.([A-Za-z_][\w-]*)(=.*)?$")
 
@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except HerdError as e:
-        print(f"herd: error: {e}", file=sys.stderr)
+        print_error(f"herd: error: {e}")  # under torchrun: rank 0's line only (herd/errors.py)
         return 2
     return 0
 
