@@ -832,7 +832,33 @@ def prepare_inputs(cfg: PipelineConfig, say) -> None:
         prepare_builtin(Path(inp.path).parent)
 
 
-def _plan(cfg: PipelineConfig, work: Path, restart: bool) -> list:
+def finished_units(work: Path) -> int:
+    """How many unit results a work directory holds (completion markers, of any phase)."""
+    return sum(1 for _ in (work / "units").glob("*/*.done"))
+
+
+def discard_unstarted(work: Path) -> None:
+    """Remove what a run that finished no unit of work left behind: its plan and the partial files
+    of the units it had begun (nothing there can be resumed), so that a corrected config is not
+    refused as "a different config" of an unfinished run. Only the names the pipeline writes
+    are touched, and the directory itself only goes when that leaves it empty: `run.work_dir` may
+    name a directory the user keeps other things in."""
+    for unit in (work / "units").glob("[0-9]" * 5):  # Context.unit_dir's names
+        shutil.rmtree(unit, ignore_errors=True)
+    (work / "plan.json").unlink(missing_ok=True)
+    for d in (work / "units", work):
+        try:
+            d.rmdir()
+        except OSError:  # not empty (or already gone): leave it
+            pass
+
+
+def _plan(cfg: PipelineConfig, work: Path, restart: bool, *, say=None) -> list:
+    """The units of this run: the plan of an unfinished run in `work` when its config and input
+    files are this run's (a resume), else a new plan written there. An unfinished run with another
+    config or changed inputs is refused: its finished units would be mixed into this run's output.
+    (A run that fails before finishing any unit removes its plan itself, see run_pipeline, so the
+    corrected command is not refused.)"""
     from herd.data.readers import Unit, plan_units
 
     units = [u for inp in cfg.input for u in plan_units(inp.path, inp.format, inp.domain, cfg.run.shard_bytes,
@@ -848,14 +874,19 @@ def _plan(cfg: PipelineConfig, work: Path, restart: bool) -> list:
         shutil.rmtree(work)
     if path.exists():
         old = json.loads(path.read_text())
+        if old["config"] == plan["config"] and old["inputs"] == plan["inputs"]:
+            if say and not ((work / "published.json").exists() and not (work / "out").exists()):
+                say(f"resuming the unfinished run in {work}")  # (a published one: cmd_run says so)
+            return [Unit(**u) for u in old["units"]]
+        done = finished_units(work)
+        # how much --restart throws away: a run killed before its first unit finished loses nothing
+        lose = f"{done} finished unit result(s)" if done else "no finished unit, nothing is lost"
         if old["config"] != plan["config"]:
             changed = _diff(old["config"], plan["config"])
             raise HerdError(f"{work} holds an unfinished run with a different config ({', '.join(changed)}); "
-                            "run with --restart to start over")
-        if old["inputs"] != plan["inputs"]:
-            raise HerdError(f"{work} holds an unfinished run whose input files have changed since; "
-                            "run with --restart to start over")
-        return [Unit(**u) for u in old["units"]]
+                            f"run with --restart to start over ({lose})")
+        raise HerdError(f"{work} holds an unfinished run whose input files have changed since; "
+                        f"run with --restart to start over ({lose})")
     if not units:
         raise HerdError("empty corpus: the inputs hold no files")
     work.mkdir(parents=True, exist_ok=True)
@@ -1083,7 +1114,7 @@ def open_run(cfg: PipelineConfig, *, restart: bool = False, log=None) -> Context
     preflight(cfg)
     prepare_inputs(cfg, log or (lambda msg: None))
     work = work_dir_for(cfg)
-    return Context(cfg, work, _plan(cfg, work, restart))
+    return Context(cfg, work, _plan(cfg, work, restart, say=log))
 
 
 def run_pipeline(cfg: PipelineConfig, *, workers: int | None = None, restart: bool = False,
@@ -1103,7 +1134,16 @@ def run_pipeline(cfg: PipelineConfig, *, workers: int | None = None, restart: bo
             run_global(ctx, name)
             continue
         t = time.perf_counter()
-        _run_phase(ctx, name, fn, workers)
+        try:
+            _run_phase(ctx, name, fn, workers)
+        except BaseException:
+            # A failure before any unit finished (the first unit's records do not fit the reader
+            # settings, say) leaves nothing to resume: the work directory goes, as it does for a
+            # mistake preflight finds, and the corrected command starts clean. Once a unit is
+            # done, everything stays for a resume.
+            if finished_units(ctx.work) == 0:
+                discard_unstarted(ctx.work)
+            raise
         timing[name] = round(time.perf_counter() - t, 3)
         say(f"{name}: {len(ctx.units)} units done ({timing[name]:.1f} s)")
     timing["total"] = round(time.perf_counter() - t0, 3)
@@ -1159,8 +1199,7 @@ def cmd_run(a: argparse.Namespace) -> None:
     work = work_dir_for(cfg)
     if (work / "published.json").exists() and not (work / "out").exists() and not a.restart:
         say(f"{work} holds a finished run: checking that {cfg.run.out} is its output")
-    elif (work / "plan.json").exists() and not a.restart:
-        say(f"resuming the unfinished run in {work}")
+    # (a resume says so when the plan is reloaded: only then is it one, see _plan)
     m = run_pipeline(cfg, workers=a.workers, restart=a.restart, log=say)
     print(f"{'stage':<14}{'documents in':>13}{'removed':>9}{'added':>7}{'tokens in':>13}{'removed':>11}"
           f"{'lines removed':>15}", file=sys.stderr)
