@@ -293,9 +293,23 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         for key, value in values.items():
             _apply(cfg, section, key, value)
     for item in overrides:
-        _apply(cfg, *parse_override(item))
+        section, key, value = parse_override(item)
+        _apply(cfg, section, key, _text_if_str_field(section, key, value, item))
     validate(cfg)
     return cfg
+
+
+def _text_if_str_field(section: str, key: str, value: Any, item: str) -> Any:
+    """The override's text as written when the field is a string. `_parse_value` reads a CLI value
+    as TOML so numbers and lists arrive typed, but that also turned `--train.out_dir=2024` or
+    `--data.path=123` into an int that the str field then refused (and `--data.path=1e3` would
+    have become 1000.0 had it been converted back): a text field takes the text it was given."""
+    if isinstance(value, str) or section not in SECTIONS:
+        return value
+    hint = typing.get_type_hints(_section_type(section)).get(key)
+    if hint is str or (typing.get_origin(hint) in (typing.Union, types.UnionType) and str in typing.get_args(hint)):
+        return item.split("=", 1)[1]
+    return value
 
 
 def validate(cfg: RunConfig) -> None:

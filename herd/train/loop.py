@@ -286,6 +286,15 @@ class Trainer:
             self.checkpoint_tokenizer = byte_tokenizer()
         self.train_data = PackedLoader(shards, batch_size=t.batch_size, seq_len=t.seq_len, split="train",
                                        seed=t.seed, vocab_size=self.args.vocab_size)
+        # Every shape of train.batch_schedule must fit the split too. set_shape refuses one that does
+        # not, but the loop calls it only when the step comes: a batch too large for the data failed
+        # at step 60 (or 342,161) of a run instead of before the first. set_shape keeps the position.
+        for start, batch_size, seq_len in t.batch_schedule:
+            try:
+                self.train_data.set_shape(batch_size, seq_len)
+            except HerdError as e:
+                raise HerdError(f"train.batch_schedule [{start}, {batch_size}, {seq_len}]: {e}") from None
+        self.train_data.set_shape(t.batch_size, t.seq_len)
         try:
             self.val_data: PackedLoader | None = PackedLoader(
                 shards, batch_size=t.batch_size, seq_len=t.seq_len, split="val", seed=t.seed,

@@ -8,7 +8,12 @@ averages that stage's checkpoints when it finishes. `model.*` keys hold for the 
 a stage continues the previous stage's weights, so the model it hands on (a long-context stage's
 max_seq_len and RoPE θ) is the model the next stage trains, unless that stage sets them again. The
 other sections are per stage (base ← the stage's own keys). Keys that would change the weights'
-shapes (dim, n_layers, vocab_size, ...) are refused before anything runs:
+shapes (dim, n_layers, vocab_size, ...) are refused before anything runs, and so are two step
+counts a stage would inherit from the base without meaning to (each stage counts its steps from 0):
+the base's `schedule.decay_steps` in a stage that sets its own `train.steps` (an annealing stage would
+not decay to 0), and the base's `train.batch_schedule` in a stage that sets its own `train.seq_len` or
+`train.batch_size` (a long-context stage would fall back to the base's shape). Set them in the stage
+(`schedule.decay_steps = 0`, `train.batch_schedule = []`). A recipe:
 
     [model] ... [data] ... [train] out_dir = "runs/tiny-recipe"      # the base config
     [[stages]]
@@ -125,6 +130,8 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), o
         except HerdError as e:  # which stage: the base alone was valid
             raise HerdError(f"{where} ({name}): {e}") from None
         cfg.train.out_dir = str(root / f"{k + 1}-{name}")
+        _check_inherited_decay(cfg, st, overrides, f"{where} ({name})")
+        _check_inherited_batch_schedule(cfg, st, overrides, f"{where} ({name})")
         if out:
             # Checked here, not when the stage starts from the previous one's checkpoint hours later.
             diff = weight_changes(out[-1].cfg.model.args(), cfg.model.args())
@@ -141,6 +148,49 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), o
         out.append(Stage(name, cfg, average))
     check_steps(out)
     return out
+
+
+def _check_inherited_decay(cfg: RunConfig, stage: dict, overrides: list[str] | tuple[str, ...], where: str) -> None:
+    """schedule.decay_steps is a horizon in steps (the base's: 405B sets it to its train.steps).
+    Merged like every other key, a stage that sets its own train.steps inherited the base's horizon:
+    an annealing stage of 4 steps under a base decay_steps of 6 ended at half the peak LR instead
+    of 0, and its checkpoints were averaged as if annealed. Refused (before anything runs) when the
+    stage sets train.steps but not decay_steps and the two differ; an override of either on the
+    command line holds for every stage and is taken as meant."""
+    from herd.train.schedule import lr_at
+
+    s, steps = cfg.schedule, cfg.train.steps
+    if ("steps" not in (stage.get("train") or {}) or "decay_steps" in (stage.get("schedule") or {})
+            or s.decay_steps in (0, steps) or s.name == "constant"
+            or any(parse_override(o)[:2] in (("train", "steps"), ("schedule", "decay_steps")) for o in overrides)):
+        return
+    if s.decay_steps > steps:
+        what = f"end at {lr_at(steps - 1, cfg.optim.lr, s, steps) / cfg.optim.lr:.0%} of optim.lr instead of decaying fully"
+    else:
+        what = f"finish decaying after {s.decay_steps} of its {steps} steps"
+    raise HerdError(f"{where}: schedule.decay_steps = {s.decay_steps} comes from the base config, but the stage "
+                    f"runs train.steps = {steps}: its {s.name} schedule would {what}; set schedule.decay_steps "
+                    "in the stage (0 = its train.steps)")
+
+
+def _check_inherited_batch_schedule(cfg: RunConfig, stage: dict, overrides: list[str] | tuple[str, ...],
+                                    where: str) -> None:
+    """train.batch_schedule counts steps from the start of each stage. A stage that sets its own
+    train.seq_len or batch_size (a long-context stage) but not batch_schedule inherited the base's
+    entries, and at their step trained at the base's shape again: a 70-token stage went back to 32
+    tokens at its step 2, with nothing said. Refused when an inherited entry falls inside the stage."""
+    t = cfg.train
+    own = stage.get("train") or {}
+    if (not t.batch_schedule or "batch_schedule" in own or not ({"seq_len", "batch_size"} & set(own))
+            or any(parse_override(o)[:2] == ("train", "batch_schedule") for o in overrides)):
+        return
+    inside = [e for e in t.batch_schedule if e[0] < t.steps]
+    if inside:
+        start, batch_size, seq_len = inside[0]
+        raise HerdError(f"{where}: train.batch_schedule comes from the base config, but the stage sets its own "
+                        f"{' and '.join(f'train.{k}' for k in ('batch_size', 'seq_len') if k in own)}: from its step "
+                        f"{start} it would train at {batch_size} × {seq_len} instead of {t.batch_size} × {t.seq_len}; "
+                        "set train.batch_schedule in the stage ([] for none)")
 
 
 def check_steps(stages: list[Stage]) -> None:

@@ -10,7 +10,14 @@ from herd.train.config import ScheduleConfig
 
 
 def lr_at(step: int, peak_lr: float, sched: ScheduleConfig, total_steps: int) -> float:
-    """Learning rate for optimizer step `step` (0-based) of a `total_steps` run."""
+    """Learning rate for optimizer step `step` (0-based) of a `total_steps` run.
+
+    After the warm-up this is transformers' get_cosine_schedule_with_warmup (with min_lr: its
+    get_cosine_with_min_lr_schedule_with_warmup) and get_linear_schedule_with_warmup step for step:
+    the decay ends at step `decay_steps or total_steps`, one past the last update, so an annealing
+    run's last update uses peak/(total - warmup) and the line reaches 0 right after it (an update at
+    LR 0 would change nothing). The warm-up is one step ahead of theirs: peak·(step+1)/warmup (torch's
+    LinearLR(start_factor=1/warmup)), so no step is spent at LR 0 (tests/train/test_loop_invariants.py)."""
     warmup = sched.warmup_steps
     if step < warmup:  # linear warm-up from peak/warmup to peak
         return peak_lr * (step + 1) / warmup
