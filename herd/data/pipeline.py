@@ -222,7 +222,7 @@ def _set(obj: Any, section: str, key: str, value: Any) -> None:
 def load_pipeline_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = (),
                          data: dict | None = None) -> PipelineConfig:
     """Defaults ← TOML (or `data`) ← `section.key=value` overrides; unknown keys are errors."""
-    from herd.train.config import parse_override, read_toml
+    from herd.train.config import override_value, parse_override, read_toml
 
     table: dict = dict(data or {})
     if path is not None:
@@ -253,9 +253,10 @@ def load_pipeline_config(path: str | os.PathLike | None = None, overrides: list[
             if len(cfg.input) > 1:
                 raise HerdError(f"bad override {item!r}: the config has {len(cfg.input)} inputs; edit the file")
             cfg.input = cfg.input or [InputConfig()]
-            _set(cfg.input[0], "input", key, value)
+            _set(cfg.input[0], "input", key, override_value(InputConfig, key, value, item))
             continue
-        _set(getattr(cfg, section), section, key, value)
+        obj = getattr(cfg, section)
+        _set(obj, section, key, override_value(type(obj), key, value, item))
     _expand_paths(cfg)
     validate(cfg)
     return cfg

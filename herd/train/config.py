@@ -294,19 +294,21 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             _apply(cfg, section, key, value)
     for item in overrides:
         section, key, value = parse_override(item)
-        _apply(cfg, section, key, _text_if_str_field(section, key, value, item))
+        _apply(cfg, section, key, override_value(_section_type(section), key, value, item)
+               if section in SECTIONS else value)
     validate(cfg)
     return cfg
 
 
-def _text_if_str_field(section: str, key: str, value: Any, item: str) -> Any:
-    """The override's text as written when the field is a string. `_parse_value` reads a CLI value
-    as TOML so numbers and lists arrive typed, but that also turned `--train.out_dir=2024` or
-    `--data.path=123` into an int that the str field then refused (and `--data.path=1e3` would
-    have become 1000.0 had it been converted back): a text field takes the text it was given."""
-    if isinstance(value, str) or section not in SECTIONS:
+def override_value(config_type: type, key: str, value: Any, item: str) -> Any:
+    """The override's text as written when `config_type.key` is a string field. `_parse_value` reads
+    a CLI value as TOML so numbers and lists arrive typed, but that also turned `--train.out_dir=2024`
+    or `--data.path=123` into an int that the str field then refused (and `--data.path=1e3` would
+    have become 1000.0 had it been converted back): a text field takes the text it was given. Shared
+    by every override reader (training, post-training's own sections, the data pipeline)."""
+    if isinstance(value, str):
         return value
-    hint = typing.get_type_hints(_section_type(section)).get(key)
+    hint = typing.get_type_hints(config_type).get(key)
     if hint is str or (typing.get_origin(hint) in (typing.Union, types.UnionType) and str in typing.get_args(hint)):
         return item.split("=", 1)[1]
     return value

@@ -56,7 +56,7 @@ def _apply_own(objs: dict, section: str, key: str, value) -> None:
 def build_config(config: str | None, overrides: list[str], out: str | None, tables: dict | None = None):
     """(RunConfig, {"lora": LoRAConfig, "dpo": DPOConfig}) from the defaults above ← TOML file (or
     `tables`, a dict of the same shape) ← overrides."""
-    from herd.train.config import load_config, parse_override, read_toml
+    from herd.train.config import load_config, override_value, parse_override, read_toml
 
     table = {k: dict(v) for k, v in DEFAULTS.items()}
     for section, values in (tables or {}).items():
@@ -74,7 +74,7 @@ def build_config(config: str | None, overrides: list[str], out: str | None, tabl
     for item in overrides:
         section, key, value = parse_override(item)
         if section in OWN_SECTIONS:
-            _apply_own(own, section, key, value)
+            _apply_own(own, section, key, override_value(type(own[section]), key, value, item))
         else:
             rest.append(item)
     # Checked here, before any model loads or data is read: a bad value fails in a second, not

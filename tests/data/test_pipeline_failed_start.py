@@ -115,3 +115,13 @@ def test_a_failed_start_leaves_the_users_files_in_a_named_work_dir(tmp_path, cap
     assert code == 2 and "text_key" in err[-1], err
     assert sorted(p.relative_to(mine).as_posix() for p in mine.rglob("*")) == ["notes.txt", "units",
                                                                              "units/keep.txt"]
+
+
+def test_number_like_overrides_of_text_fields_are_text(tmp_path):
+    """`--run.out=2024` was read as TOML, an int, and refused by the str field ("expected str");
+    the training config's overrides had the same bug (tests/train/test_loop_invariants.py)."""
+    src = tmp_path / "docs.jsonl"
+    src.write_text('{"text": "a b c"}\n')
+    cfg = load_pipeline_config(data={"input": [{"path": str(src)}]},
+                               overrides=["--run.out=2024", "--input.domain=1e3", "--run.seed=7"])
+    assert (cfg.run.out, cfg.input[0].domain, cfg.run.seed) == ("2024", "1e3", 7)

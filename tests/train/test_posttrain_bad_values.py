@@ -202,3 +202,13 @@ def test_written_scores_are_strict_json(tmp_path):
     assert not (tmp_path / "n.jsonl").exists()
     with pytest.raises(HerdError, match="minimum score"):
         write_best(ok, tmp_path / "n.jsonl", min_score=math.nan)
+
+
+def test_number_like_overrides_of_own_text_fields_are_text():
+    """post-training's own sections read overrides apart from load_config: `--dpo.nll_norm=2024` was
+    an int refused as "expected str" instead of the value check naming the choices."""
+    with pytest.raises(HerdError, match="nll_norm") as e:
+        build_config(None, ["--dpo.nll_norm=2024"], None)
+    assert "expected str" not in str(e.value)
+    cfg, _ = build_config(None, ["--train.out_dir=2024"], None)
+    assert cfg.train.out_dir == "2024"
