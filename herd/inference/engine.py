@@ -25,6 +25,19 @@ sharing (DESIGN principle 6: a serving engine separate from the model; SPEC §4/
   id, so a block holding image tokens is named by its tokens *and* the digests of the images whose
   features it holds: the same text with another image never finds this request's blocks, while the
   same image again does (and skips the encoder when all its blocks are found).
+- Logprobs (`SamplingParams.logprobs`): only for the requests that ask, each sampled token's
+  logprob and the top-k of the model's raw distribution (log_softmax of the step's logits, before
+  bias, penalties, temperature and top-k/top-p: vLLM V1's "raw_logprobs"), recorded when the token
+  is sampled — so a preempted request's recompute, which samples nothing until it is level again,
+  never records a step twice. The stop token that ends a sample gets its entry too (vLLM keeps
+  it in the output's token ids and logprobs; its usage counts it). Samples of an n>1 request
+  share the row's distribution and record each its own token.
+  Prompt logprobs (`SamplingParams.prompt_logprobs`, vLLM's: the server's `echo` with logprobs):
+  the prefill of such a request computes every position's logits (not only the last) and records
+  each prompt token's logprob after the tokens before it, once — a recompute after preemption
+  skips the positions already recorded. Such a request takes no cached prefix blocks (their
+  positions would never be computed; vLLM skips its prefix cache for them too), though the blocks
+  it computes are shared with later requests as usual.
 
 The model is used through its ordinary `forward(tokens, cache=, positions=, mask=, last_only=True)`:
 a step's rows are left-padded to one length, each row gets its own RoPE positions and a mask over
@@ -46,11 +59,12 @@ import traceback
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
 from herd.errors import HerdError
-from herd.inference.sampling import SamplingParams, sample
+from herd.inference.sampling import SamplingParams, raw_logprobs, sample
 
 DEFAULT_KV_CACHE_BYTES = 1 << 30
 
@@ -202,6 +216,15 @@ class PagedBatch:
 
 # ---- requests and sequences ---------------------------------------------------------------------
 
+class TokenLogprob(NamedTuple):
+    """One generated token's logprob and the `top` most likely tokens of the same step, each
+    (token id, logprob), most likely first (empty when logprobs=0)."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
 @dataclass
 class Event:
     """What the engine tells a request's listener after a step: new tokens and text of one sample,
@@ -215,6 +238,12 @@ class Event:
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    # For a request with SamplingParams.logprobs: an entry per token sampled since the last event,
+    # in order — token_ids' tokens, then the stop token that ended the sample (not in token_ids).
+    logprobs: list[TokenLogprob] | None = None
+    # With SamplingParams.prompt_logprobs, in a sample's first event: an entry per prompt token
+    # after the first (which has none), each the token's logprob after the tokens before it.
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass
@@ -224,6 +253,8 @@ class Output:
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None
+    logprobs: list[TokenLogprob] | None = None  # with SamplingParams.logprobs (see Event.logprobs)
+    prompt_logprobs: list[TokenLogprob] | None = None  # with SamplingParams.prompt_logprobs
 
 
 class _Sequence:
@@ -246,6 +277,10 @@ class _Sequence:
         self.decoder = None
         self.closed = False  # its final event has been sent
         self.stopped_on_token = False  # ended by a stop token, which is not kept in `tokens`
+        # An entry per sampled token when the request asks for logprobs; kept across preemption.
+        self.logprobs: list[TokenLogprob] | None = [] if request.sampling.logprobs is not None else None
+        self.sent_logprobs = 0
+        self.sent_prompt_logprobs = False
 
     @property
     def finished(self) -> bool:
@@ -278,6 +313,8 @@ class Request:
     reserved: list[int] = field(default_factory=list)  # blocks set aside for the n-1 forks' copies
     arrival: float = field(default_factory=time.monotonic)
     images: RequestImages | None = None
+    # With sampling.prompt_logprobs: the entries for prompt tokens 1.. recorded so far.
+    prompt_logprobs: list[TokenLogprob] | None = None
 
     @property
     def prompt_len(self) -> int:
@@ -403,6 +440,9 @@ class Engine:
             raise HerdError(f"n={n} exceeds the engine's batch of {self.max_batch} sequences")
         if stop_strings and self.tokenizer is None:
             raise HerdError("stop strings need a tokenizer")
+        bad = [t for t, _ in sampling.logit_bias if t >= vocab]
+        if bad:  # refused here, not in a step (where it would end the request with "error")
+            raise HerdError(f"logit_bias: token id {bad[0]} is outside the model's vocabulary of {vocab}")
         request_images = self._request_images(prompt, images) if len(images) else None
         max_tokens = min(max_tokens, context - len(prompt))
         bs = self.block_size
@@ -422,6 +462,8 @@ class Engine:
             req = Request(next(self._ids), prompt, sampling, max_tokens, n,
                           frozenset() if ignore_eos else self.stop_ids, tuple(s for s in stop_strings if s),
                           listener, self.device, images=request_images)
+            if sampling.prompt_logprobs is not None:
+                req.prompt_logprobs = []
             req.seqs.append(self._new_sequence(req, 0, list(prompt)))
             if n > 1 and not self.prefix_sharing:  # n independent sequences, each computing the prompt
                 req.seqs += [self._new_sequence(req, i, list(prompt)) for i in range(1, n)]
@@ -482,7 +524,11 @@ class Engine:
                 return False
             affected = list({id(s.request): s.request for s, _ in decode + prefill}.values())
             try:  # under the same lock as _schedule: a cancel in between would empty a row's blocks
-                batches = [self._batch(rows) for rows in (decode, prefill) if rows]
+                # A prefill chunk that records prompt logprobs runs alone: its every position's
+                # logits (T × vocab floats) are not multiplied by other rows' padding.
+                alone = [r for r in prefill if self._wants_all_logits(r[0])]
+                prefill = [r for r in prefill if not self._wants_all_logits(r[0])]
+                batches = [self._batch(rows) for rows in (decode, prefill, *([r] for r in alone)) if rows]
             except Exception:
                 self._fail(affected)
                 raise
@@ -534,6 +580,10 @@ class Engine:
             out = results[ev.request_id][ev.index]
             out.token_ids += ev.token_ids
             out.text += ev.text
+            if ev.logprobs is not None:
+                out.logprobs = (out.logprobs or []) + ev.logprobs
+            if ev.prompt_logprobs is not None:
+                out.prompt_logprobs = ev.prompt_logprobs
             if ev.finish_reason is not None:
                 out.finish_reason = ev.finish_reason
                 pending[0] -= 1
@@ -594,7 +644,7 @@ class Engine:
     def _prefix_hits(self, seq: _Sequence) -> list[int]:
         """Blocks already holding seq's leading full blocks. The last token is always recomputed:
         its logits are needed to sample."""
-        if not self.prefix_sharing:
+        if not self.prefix_sharing or seq.request.prompt_logprobs is not None:
             return []
         bs = self.block_size
         self._name_blocks(seq, (len(seq.tokens) - 1) // bs)
@@ -704,6 +754,7 @@ class Engine:
     def _batch(self, rows: list[tuple[_Sequence, int]]):
         spec = [(s.blocks, s.tokens[s.num_computed:s.num_computed + n], s.num_computed) for s, n in rows]
         batch = PagedBatch(self.kv, spec, self.device)
+        batch.all_logits = any(self._wants_all_logits(s) for s, _ in rows)
         # Rows whose new tokens include image slots: (row, request images, feature range, columns).
         batch.image_rows = []
         for i, (s, n) in enumerate(rows):
@@ -719,10 +770,12 @@ class Engine:
 
     @torch.inference_mode()
     def _forward(self, batch: PagedBatch) -> torch.Tensor:
+        """(R, V) logits at each row's last new token; (R, T, V), every position, if batch.all_logits."""
+        last_only = not batch.all_logits
         if not batch.image_rows:
             logits = self.model(batch.tokens, cache=batch, positions=batch.positions, mask=batch.mask,
-                                last_only=True)
-            return logits[:, -1]  # (R, V): each row ends at its last new token
+                                last_only=last_only)
+            return logits[:, -1] if last_only else logits  # each row ends at its last new token
         h = self.model.tok_embeddings(batch.tokens)
         for i, images, k0, k1, cols in batch.image_rows:
             if images.features is None:  # once per request, at its first chunk with an image slot
@@ -730,12 +783,46 @@ class Engine:
                 images.tiles = None
                 self.stats["image_encodes"] += 1
             h[i, torch.tensor(cols, device=self.device)] = images.features[k0:k1].to(h.dtype)
-        logits = self.model.decode(h, cache=batch, positions=batch.positions, mask=batch.mask, last_only=True)
-        return logits[:, -1]
+        logits = self.model.decode(h, cache=batch, positions=batch.positions, mask=batch.mask, last_only=last_only)
+        return logits[:, -1] if last_only else logits
+
+    @staticmethod
+    def _wants_all_logits(s: _Sequence) -> bool:
+        """Whether s's next chunk holds prompt positions whose logprobs are not yet recorded."""
+        req = s.request
+        return (req.prompt_logprobs is not None and s.index == 0
+                and s.num_computed < req.prompt_len - 1 and len(req.prompt_logprobs) < req.prompt_len - 1)
+
+    def _record_prompt_logprobs(self, s: _Sequence, row: torch.Tensor, n: int) -> None:
+        """row (T, V): the logits of a prefill chunk of n tokens from position s.num_computed
+        (left-padded to T). Position p predicts prompt token p + 1; positions already recorded
+        (before a preemption) are skipped."""
+        req = s.request
+        k, a, done = req.sampling.prompt_logprobs, s.num_computed, len(req.prompt_logprobs)
+        first, last = max(a, done), min(a + n, req.prompt_len - 1)  # positions p in [first, last)
+        if first >= last:
+            return
+        cols = row.shape[0] - n + first - a
+        dist = raw_logprobs(row[cols:cols + last - first])  # (m, V)
+        targets = torch.tensor(req.prompt[first + 1:last + 1], device=dist.device)
+        chosen = dist.gather(1, targets[:, None])[:, 0].tolist()
+        if k:
+            values, ids = dist.topk(min(k, dist.shape[-1]), dim=-1)
+            tops = [list(zip(i, v, strict=True)) for i, v in zip(ids.tolist(), values.tolist(), strict=True)]
+        else:
+            tops = [[] for _ in chosen]
+        req.prompt_logprobs += [TokenLogprob(t, lp, top) for t, lp, top in
+                                zip(req.prompt[first + 1:last + 1], chosen, tops, strict=True)]
 
     def _after_forward(self, rows: list[tuple[_Sequence, int]], logits: torch.Tensor) -> None:
         bs = self.block_size
         sample_rows: list[tuple[_Sequence, int]] = []
+        if logits.ndim == 3:  # every position's logits (prompt logprobs)
+            full, logits = logits, logits[:, -1]
+            for i, (s, n) in enumerate(rows):
+                if (s.request.prompt_logprobs is not None and s.index == 0 and not s.finished
+                        and s.request in self._running):
+                    self._record_prompt_logprobs(s, full[i], n)
         for i, (s, n) in enumerate(rows):
             if s.finished or s.request not in self._running:  # cancelled or preempted meanwhile
                 continue
@@ -756,9 +843,25 @@ class Engine:
             if req.n > 1 and not req.forked:  # the prompt is computed: its n samples branch off here
                 self._fork(req)
                 targets = req.seqs
+            sp = req.sampling
+            dist = top = None
+            if sp.logprobs is not None:  # only rows that ask pay for the log_softmax and top-k
+                dist = raw_logprobs(logits[i])
+                if sp.logprobs:
+                    values, ids = dist.topk(min(sp.logprobs, dist.shape[-1]))
+                    top = list(zip(ids.tolist(), values.tolist(), strict=True))
+                else:
+                    top = []
             for child in targets:
-                plain = req.sampling.greedy and not req.sampling.suppress
-                token = greedy[i] if plain else int(sample(logits[i:i + 1], req.sampling, child.generator)[0])
+                if sp.greedy and not sp.suppress and not sp.penalized:
+                    token = greedy[i]
+                elif sp.penalized:  # the penalties read this sample's own tokens (vLLM: per sequence)
+                    token = int(sample(logits[i:i + 1], sp, child.generator, prompt_ids=[req.prompt],
+                                       output_ids=[child.tokens[req.prompt_len:]])[0])
+                else:
+                    token = int(sample(logits[i:i + 1], sp, child.generator)[0])
+                if dist is not None:
+                    child.logprobs.append(TokenLogprob(token, float(dist[token]), top))
                 self._append(child, token)
         for req in list(self._running):
             self._flush_events(req)
@@ -835,13 +938,19 @@ class Engine:
             end = len(s.text) - self._held_back(s)
             ids = s.tokens[s.sent_tokens:]
             text = s.text[s.sent_text:end] if end > s.sent_text else ""
-            if not ids and not text and not s.finished:
+            lps = s.logprobs[s.sent_logprobs:] if s.logprobs is not None else None
+            if not ids and not text and not lps and not s.finished:
                 continue
             s.sent_tokens += len(ids)
+            s.sent_logprobs += len(lps or ())
+            prompt_lps = None
+            if req.prompt_logprobs is not None and not s.sent_prompt_logprobs:
+                prompt_lps, s.sent_prompt_logprobs = req.prompt_logprobs, True
             s.sent_text = max(s.sent_text, end)
             s.closed = s.finished  # the final event is sent once
             if req.listener is not None:
-                req.listener(Event(req.id, s.index, ids, text, s.finish_reason, req.prompt_len, s.completion_tokens))
+                req.listener(Event(req.id, s.index, ids, text, s.finish_reason, req.prompt_len, s.completion_tokens,
+                                   logprobs=lps, prompt_logprobs=prompt_lps))
 
     def _fail(self, reqs: Sequence[Request]) -> None:
         """End requests hit by a failed step: every sample not yet closed gets a last event with

@@ -1,9 +1,11 @@
-"""Choosing the next token from logits: greedy, temperature, top-k and top-p (nucleus)."""
+"""Choosing the next token from logits: logit bias, repetition / frequency / presence penalties,
+then greedy, temperature, top-k and top-p (nucleus); and the raw logprobs a caller may ask for."""
 
 from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +18,9 @@ def _is_real(x) -> bool:
 
 
 GREEDY_BELOW = 1e-5  # a temperature under this is greedy decoding (vLLM's _SAMPLING_EPS)
+MAX_LOGPROBS = 20  # most top logprobs per token: vLLM's default max_logprobs (OpenAI's chat allows 20 too)
+MAX_PENALTY = 2.0  # presence / frequency penalties lie in [-2, 2] (OpenAI, vLLM)
+MAX_LOGIT_BIAS = 100.0  # a logit_bias value lies in [-100, 100] (OpenAI)
 
 
 @dataclass(frozen=True)
@@ -27,6 +32,25 @@ class SamplingParams:
     # Ids never to produce: the tokenizer's reserved special tokens. A model never trained on them
     # (every herd pre-training run) leaves their logits near zero, which can beat real tokens'.
     suppress: tuple[int, ...] = ()
+    # None: no logprobs. k >= 0: each sampled token's logprob and the k most likely tokens' (vLLM's
+    # SamplingParams.logprobs), taken from the model's raw distribution: log_softmax of the logits
+    # before bias, penalties, temperature and the top-k/top-p cut (vLLM V1's default
+    # logprobs_mode "raw_logprobs").
+    logprobs: int | None = None
+    # None, or k >= 0: each prompt token's logprob (after the tokens before it; the first has
+    # none) and the k most likely tokens at its position — vLLM's prompt_logprobs, what the OpenAI
+    # server's `echo` with `logprobs` returns (lm-eval's loglikelihood requests).
+    prompt_logprobs: int | None = None
+    # OpenAI's penalties, over the tokens this sample generated (not the prompt), as vLLM applies
+    # them: logit[j] -= frequency_penalty * count[j] + presence_penalty * (count[j] > 0).
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    # vLLM's extra (from CTRL, transformers' RepetitionPenaltyLogitsProcessor): every token seen in
+    # the prompt or the output has its logit divided by it if positive, multiplied if not. 1 = off.
+    repetition_penalty: float = 1.0
+    # OpenAI's logit_bias: (token id, value in [-100, 100]) pairs added to the logits. A mapping
+    # is accepted and kept as sorted pairs (the dataclass is frozen and hashable).
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self):
         # Types first: a string or None from a config or a JSON body otherwise failed deep inside
@@ -37,6 +61,33 @@ class SamplingParams:
             raise HerdError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, numbers.Integral) or self.top_k < 0:
             raise HerdError(f"top_k must be a whole number >= 0, got {self.top_k!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            x = getattr(self, name)
+            if x is not None and (isinstance(x, bool) or not isinstance(x, numbers.Integral)
+                                  or not 0 <= x <= MAX_LOGPROBS):
+                raise HerdError(f"{name} must be a whole number in 0..{MAX_LOGPROBS} (or None), got {x!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            x = getattr(self, name)
+            if not _is_real(x) or not -MAX_PENALTY <= x <= MAX_PENALTY:  # NaN fails too
+                raise HerdError(f"{name} must be a number in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}], got {x!r}")
+        x = self.repetition_penalty
+        if not _is_real(x) or not (x > 0 and math.isfinite(x)):  # vLLM: "must be greater than zero"
+            raise HerdError(f"repetition_penalty must be a finite number > 0, got {x!r}")
+        bias = self.logit_bias
+        if isinstance(bias, Mapping):
+            bias = tuple(bias.items())
+        try:
+            pairs = tuple(sorted((t, v) for t, v in bias))
+        except (TypeError, ValueError):
+            raise HerdError(f"logit_bias must map token ids to numbers, got {self.logit_bias!r}") from None
+        for t, v in pairs:
+            if isinstance(t, bool) or not isinstance(t, numbers.Integral) or t < 0:
+                raise HerdError(f"logit_bias: token ids must be whole numbers >= 0, got {t!r}")
+            if not _is_real(v) or not -MAX_LOGIT_BIAS <= v <= MAX_LOGIT_BIAS:
+                raise HerdError(f"logit_bias: values must be numbers in [-100, 100], got {v!r} for token {t}")
+        if len({t for t, _ in pairs}) != len(pairs):
+            raise HerdError("logit_bias names a token id twice")
+        object.__setattr__(self, "logit_bias", tuple((int(t), float(v)) for t, v in pairs))
 
     @property
     def greedy(self) -> bool:
@@ -44,11 +95,66 @@ class SamplingParams:
         # (1e-300 from a JSON body or --temperature; 0 once it is float32) overflow or turn NaN.
         return self.temperature < GREEDY_BELOW
 
+    @property
+    def penalized(self) -> bool:
+        """Whether the logits depend on the sample's own tokens or a bias (see `process_logits`)."""
+        return bool(self.logit_bias or self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1)
 
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> torch.Tensor:
-    """logits (B, V) → token ids (B,)."""
+
+def process_logits(logits: torch.Tensor, params: SamplingParams, prompt_ids: Sequence[Sequence[int]] = (),
+                   output_ids: Sequence[Sequence[int]] = ()) -> torch.Tensor:
+    """logits (B, V) → the logits the sampler draws from, before temperature: reserved ids at -inf,
+    logit_bias added, then the repetition penalty (over each row's prompt and output tokens) and
+    the frequency and presence penalties (over its output tokens only). vLLM V1's order: its
+    logit-bias processor runs before `apply_penalties`, which applies repetition, then frequency,
+    then presence. prompt_ids / output_ids: one id list per row (needed only for penalties)."""
     if params.suppress:
         logits = logits.index_fill(-1, torch.tensor(params.suppress, device=logits.device), float("-inf"))
+    if not params.penalized:
+        return logits
+    logits = logits.float().clone()
+    B, V = logits.shape
+    dev = logits.device
+    if params.logit_bias:
+        ids = torch.tensor([t for t, _ in params.logit_bias], device=dev)
+        if int(ids.max()) >= V:
+            raise HerdError(f"logit_bias: token id {int(ids.max())} is outside the vocabulary of {V}")
+        logits[:, ids] += torch.tensor([v for _, v in params.logit_bias], device=dev)
+    needs_counts = params.repetition_penalty != 1 or params.presence_penalty or params.frequency_penalty
+    if not needs_counts:
+        return logits
+    if len(output_ids) != B or (params.repetition_penalty != 1 and len(prompt_ids) != B):
+        raise HerdError("penalties need each row's prompt and generated token ids")
+    for r in range(B):
+        out = torch.tensor(list(output_ids[r]), dtype=torch.long, device=dev)
+        counts = torch.bincount(out, minlength=V)[:V].to(logits.dtype) if len(out) else torch.zeros(V, device=dev)
+        if params.repetition_penalty != 1:
+            seen = counts > 0
+            if len(prompt_ids[r]):
+                seen[torch.tensor(list(prompt_ids[r]), dtype=torch.long, device=dev)] = True
+            row = logits[r]
+            # transformers' RepetitionPenaltyLogitsProcessor: score < 0 → score * p, else score / p
+            # (vLLM: logits > 0 divided, logits <= 0 multiplied — the same numbers, 0 stays 0).
+            pen = torch.where(row > 0, row / params.repetition_penalty, row * params.repetition_penalty)
+            logits[r] = torch.where(seen, pen, row)
+        if params.frequency_penalty:
+            logits[r] -= params.frequency_penalty * counts
+        if params.presence_penalty:
+            logits[r] -= params.presence_penalty * (counts > 0).to(logits.dtype)
+    return logits
+
+
+def raw_logprobs(logits: torch.Tensor) -> torch.Tensor:
+    """log_softmax of the model's logits in float32: the distribution logprobs are reported from
+    (vLLM V1's raw_logprobs), whatever sampling then does to the logits."""
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None, *,
+           prompt_ids: Sequence[Sequence[int]] = (), output_ids: Sequence[Sequence[int]] = ()) -> torch.Tensor:
+    """logits (B, V) → token ids (B,). prompt_ids / output_ids (one list per row) are needed only
+    when params has a repetition, frequency or presence penalty (see `process_logits`)."""
+    logits = process_logits(logits, params, prompt_ids, output_ids)
     if params.greedy:
         return logits.argmax(dim=-1)
     logits = logits.float() / params.temperature

@@ -2,17 +2,32 @@
 
 Endpoints: GET /health, GET /v1/models (and /v1/models/{id}), POST /v1/completions and
 /v1/chat/completions — streamed as server-sent events or not, `n` samples, `stop`, `max_tokens`
-(or chat's `max_completion_tokens`), `temperature`, `top_p`, `top_k`, `seed`, and tool calls
-returned in OpenAI's `tool_calls` shape, parsed from the model's output by the chat format
-(herd/tokenizer/chat.py). `tools` for a checkpoint whose chat template has none, and tool_choice
-"required" or a named function, are 400s; OpenAI's "developer" role is the system turn.
+(or chat's `max_completion_tokens`), `temperature`, `top_p`, `top_k`, `seed`, `presence_penalty`
+and `frequency_penalty` (-2..2, OpenAI's formula over each sample's generated tokens, as vLLM),
+`logit_bias` ({"token id": -100..100}), vLLM's extra `repetition_penalty` (> 0, over prompt and
+output), and tool calls returned in OpenAI's `tool_calls` shape, parsed from the model's output by
+the chat format (herd/tokenizer/chat.py). `tools` for a checkpoint whose chat template has none,
+and tool_choice "required" or a named function, are 400s; OpenAI's "developer" role is the system
+turn.
+
+Logprobs, in vLLM's shapes: chat `logprobs: true` with `top_logprobs` 0..20 gives each choice (and
+each streamed delta) `{"content": [{"token", "logprob", "bytes", "top_logprobs": [...]}]}`;
+completions `logprobs: k` (0..20, vLLM's max_logprobs; OpenAI stops at 5) gives `{"tokens",
+"token_logprobs", "top_logprobs", "text_offset"}`. They are the model's raw distribution
+(log_softmax before bias, penalties, temperature, top-k/top-p: vLLM V1's "raw_logprobs"); the stop
+token that ends a choice has its entry, as in vLLM. Token texts are vLLM's too (`TokenTexts`): a
+byte-level piece of a character reads "" until the token that completes it, which carries it all.
+Completions' `echo` puts the prompt before the text and, with `logprobs`, the prompt's logprobs
+before the completion's (the first token's null; vLLM's prompt_logprobs), also with
+`max_tokens: 0` — what lm-eval's local-completions sends for loglikelihoods. Chat's `echo`
+(vLLM's: repeat the last message) is refused.
 
 Every request is validated before it reaches the engine; a bad one gets a 4xx with OpenAI's error
 shape `{"error": {"message", "type", "param", "code"}}`: malformed or non-UTF-8 JSON, unknown
 fields, wrong types, out-of-range values (ranges as text-generation-inference checks them:
 temperature ≥ 0, 0 < top_p ≤ 1, top_k ≥ 0, at most 4 stop sequences), token ids outside the
 vocabulary, prompts that do not fit the context, bodies over the size limit (413), a full queue
-(429). OpenAI fields herd does not implement (logprobs, penalties, logit_bias, ...) are refused
+(429). OpenAI fields herd does not implement (suffix, best_of, response_format, chat's echo) are refused
 when set to anything but their neutral value rather than silently ignored. A client that goes away
 cancels its request, which frees its KV blocks at once. On shutdown uvicorn stops accepting, lets
 in-flight requests finish (up to `graceful_s` seconds), then the engine cancels whatever is left.
@@ -44,9 +59,9 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from herd.errors import HerdError
-from herd.inference.engine import Engine, EngineBusy, Event
+from herd.inference.engine import Engine, EngineBusy, Event, TokenLogprob
 from herd.inference.generate import SEED_MAX, SEED_MIN
-from herd.inference.sampling import SamplingParams
+from herd.inference.sampling import MAX_LOGIT_BIAS, MAX_LOGPROBS, SamplingParams
 
 MAX_BODY_BYTES = 4 << 20
 MAX_STOP = 4  # OpenAI's and TGI's limit
@@ -78,10 +93,12 @@ class Limits:
 # ---- validation ---------------------------------------------------------------------------------
 
 _NEUTRAL = {  # OpenAI fields accepted only at their no-op value: anything else would be ignored
-    "presence_penalty": (0, 0.0, None), "frequency_penalty": (0, 0.0, None), "logit_bias": (None, {}),
-    "logprobs": (None, False), "top_logprobs": (None, 0), "echo": (None, False), "suffix": (None,),
-    "best_of": (None, 1), "response_format": (None, {"type": "text"}),
+    "suffix": (None,), "best_of": (None, 1), "response_format": (None, {"type": "text"}),
 }
+# Legacy completions take `logprobs: k` only; chat's top_logprobs there is accepted only as a no-op.
+_NEUTRAL_COMPLETIONS = {"top_logprobs": (None, 0)}
+# vLLM's chat `echo` (repeat the last message) is not implemented; completions' echo is.
+_NEUTRAL_CHAT = {"echo": (None, False)}
 # No effect on output. safety_identifier and prompt_cache_key are OpenAI's newer per-user ids (a
 # cache-affinity hint, where herd's prefix sharing is automatic); the official client sends them
 # when its caller sets them.
@@ -93,9 +110,11 @@ _IGNORED_TYPES = {"user": (str, "a string"), "metadata": (dict, "an object"), "s
                   "parallel_tool_calls": (bool, "a boolean"), "service_tier": (str, "a string"),
                   "safety_identifier": (str, "a string"), "prompt_cache_key": (str, "a string")}
 _COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "n", "stop", "seed", "stream",
-           "stream_options", "ignore_eos", *_NEUTRAL, *_IGNORED}
-_FIELDS = {"completions": _COMMON | {"prompt"},
-           "chat": _COMMON | {"messages", "tools", "tool_choice", "max_completion_tokens"}}
+           "stream_options", "ignore_eos", "logprobs", "presence_penalty", "frequency_penalty", "logit_bias",
+           "repetition_penalty", *_NEUTRAL, *_IGNORED}
+_FIELDS = {"completions": _COMMON | {"prompt", "echo", *_NEUTRAL_COMPLETIONS},
+           "chat": _COMMON | {"messages", "tools", "tool_choice", "max_completion_tokens", "top_logprobs",
+                              *_NEUTRAL_CHAT}}
 
 
 def _is_int(x) -> bool:
@@ -138,13 +157,61 @@ class Params:
     include_usage: bool
     ignore_eos: bool
     max_tokens_name: str = "max_tokens"  # the field the client sent it as, for error messages
+    echo: bool = False  # completions: the prompt before the completion (and its logprobs)
 
 
-def parse_params(body: dict, kind: str, limits: Limits) -> Params:
+def _logprobs(body: dict, kind: str) -> int | None:
+    """SamplingParams.logprobs from the request: None, or how many top logprobs per token."""
+    x = body.get("logprobs")
+    if kind == "completions":
+        # Legacy completions: `logprobs: k`, the sampled token's logprob and the k most likely
+        # (OpenAI allows 0..5; vLLM up to its max_logprobs, 20 by default — as here). JSON false
+        # is "none" (the old neutral value); true is not a number of tokens.
+        if x is None or x is False:
+            return None
+        return _int(body, "logprobs", 0, MAX_LOGPROBS)
+    # Chat: `logprobs: true`, `top_logprobs: 0..20` (OpenAI's range and vLLM's default cap).
+    if x is not None and not isinstance(x, bool):
+        raise RequestError(f"logprobs must be a boolean, got {json.dumps(x)[:40]}", param="logprobs")
+    top = _int(body, "top_logprobs", 0, MAX_LOGPROBS)
+    if top and not x:
+        # OpenAI: "logprobs must be set to true if this parameter is used"; vLLM's request check
+        # too (it lets top_logprobs 0 through, as here).
+        raise RequestError("top_logprobs needs logprobs set to true", param="top_logprobs")
+    return (top or 0) if x else None
+
+
+def _logit_bias(body: dict, vocab: int | None) -> dict[int, float]:
+    """OpenAI's logit_bias: {"token id": bias in [-100, 100]}. vLLM clamps out-of-range values;
+    OpenAI refuses them, as here — and a key that is not a token id of this vocabulary."""
+    bias = body.get("logit_bias")
+    if bias is None:
+        return {}
+    if not isinstance(bias, dict):
+        raise RequestError('logit_bias must be an object mapping token ids to biases, e.g. {"1234": -100}',
+                           param="logit_bias")
+    out = {}
+    for k, v in bias.items():
+        if not (k.isascii() and k.isdigit()) or len(k) > 12:
+            raise RequestError(f"logit_bias: keys must be token ids (non-negative integers as strings), got "
+                               f"{json.dumps(k)[:40]}", param="logit_bias")
+        t = int(k)
+        if vocab is not None and t >= vocab:
+            raise RequestError(f"logit_bias: token id {t} is outside the vocabulary of {vocab}", param="logit_bias")
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not -MAX_LOGIT_BIAS <= v <= MAX_LOGIT_BIAS:
+            raise RequestError(f"logit_bias: values must be numbers between -100 and 100, got {json.dumps(v)[:40]} "
+                               f"for token {t}", param="logit_bias")
+        if t in out:  # "07" and "7"
+            raise RequestError(f"logit_bias names token id {t} twice", param="logit_bias")
+        out[t] = float(v)
+    return out
+
+
+def parse_params(body: dict, kind: str, limits: Limits, vocab: int | None = None) -> Params:
     unknown = sorted(set(body) - _FIELDS[kind])
     if unknown:
         raise RequestError(f"unrecognized request argument(s): {', '.join(unknown)}", param=unknown[0])
-    for name, neutral in _NEUTRAL.items():
+    for name, neutral in (_NEUTRAL | (_NEUTRAL_COMPLETIONS if kind == "completions" else _NEUTRAL_CHAT)).items():
         if name in body and not _is_neutral(body[name], neutral):
             allowed = " or ".join(json.dumps(v) for v in neutral)
             raise RequestError(f"{name} is not supported by this server (only {allowed})", param=name)
@@ -160,7 +227,11 @@ def parse_params(body: dict, kind: str, limits: Limits) -> Params:
     seed = _int(body, "seed", SEED_MIN, SEED_MAX)
     n = _int(body, "n", 1, limits.max_n, 1)
     name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    max_tokens = _int(body, name, 1, 1 << 31, 16 if kind == "completions" else None)
+    echo = body.get("echo")
+    if echo is not None and not isinstance(echo, bool):
+        raise RequestError(f"echo must be a boolean, got {json.dumps(echo)[:40]}", param="echo")
+    # With echo, max_tokens 0 asks for the prompt alone (its logprobs: a loglikelihood), as vLLM allows.
+    max_tokens = _int(body, name, 0 if echo else 1, 1 << 31, 16 if kind == "completions" else None)
     stop = body.get("stop")
     if stop is None:
         stop = []
@@ -188,8 +259,77 @@ def parse_params(body: dict, kind: str, limits: Limits) -> Params:
     ignore_eos = body.get("ignore_eos", False)
     if not isinstance(ignore_eos, bool):
         raise RequestError("ignore_eos must be a boolean", param="ignore_eos")
-    sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
-    return Params(max_tokens, sampling, n, stop, stream, bool(opts and opts.get("include_usage")), ignore_eos, name)
+    logprobs = _logprobs(body, kind)
+    # echo with logprobs: the prompt's logprobs too, as vLLM (prompt_logprobs = logprobs).
+    prompt_logprobs = logprobs if echo else None
+    # OpenAI's ranges (vLLM's too). Penalties count the sample's own generated tokens (see sampling.py).
+    presence = _float(body, "presence_penalty", 0.0, lambda x: -2 <= x <= 2, "between -2 and 2")
+    frequency = _float(body, "frequency_penalty", 0.0, lambda x: -2 <= x <= 2, "between -2 and 2")
+    # vLLM's extra: > 0 ("repetition_penalty must be greater than zero"), 1 = off.
+    repetition = _float(body, "repetition_penalty", 1.0, lambda x: x > 0, "a number greater than 0")
+    bias = _logit_bias(body, vocab)
+    sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, logprobs=logprobs,
+                              prompt_logprobs=prompt_logprobs,
+                              presence_penalty=presence, frequency_penalty=frequency,
+                              repetition_penalty=repetition, logit_bias=bias)
+    return Params(max_tokens, sampling, n, stop, stream, bool(opts and opts.get("include_usage")), ignore_eos, name,
+                  bool(echo))
+
+
+def prompt_texts(body: dict, prompts: list[list[int]], tokenizer=None) -> list[str]:
+    """The text `echo` puts before each completion: a prompt given as text is echoed as given,
+    one given as token ids as their decoding (as vLLM; "" without a tokenizer)."""
+    p = body.get("prompt")
+    items = [p] if isinstance(p, str) or (isinstance(p, list) and p and all(_is_int(t) for t in p)) else p
+    return [x if isinstance(x, str) else (tokenizer.decode(ids) if tokenizer is not None else "")
+            for x, ids in zip(items, prompts, strict=True)]
+
+
+class TokenTexts:
+    """The text vLLM reports for a token in logprobs. Alone, a token decodes by itself (a special
+    token to its name). A byte-level token holding part of a UTF-8 character decodes alone to
+    U+FFFD; vLLM (LogprobsProcessor._verify_tokens, v1/engine/logprobs.py) then decodes it after
+    up to 4 of the sample's preceding tokens: if that completes the character, the token's text is
+    what it completes — the whole character when the tokens before it were its other pieces —
+    otherwise "" (a piece still waiting for its end). So the tokens' texts join into the output
+    text; `bytes` are the UTF-8 of this text, as vLLM gives them. Without a tokenizer: vLLM's
+    return_tokens_as_token_ids form, "token_id:N"."""
+
+    MAX_CONTEXT = 4  # vLLM's
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self._alone: dict[int, str] = {}
+
+    def alone(self, t: int) -> str:
+        got = self._alone.get(t)
+        if got is None:
+            got = f"token_id:{t}" if self.tokenizer is None else self.tokenizer.decode([t])
+            if len(self._alone) < 1 << 18:
+                self._alone[t] = got
+        return got
+
+    def __call__(self, t: int, context: list[int]) -> str:
+        """Token t's text after the sample's tokens `context` (oldest first)."""
+        text = self.alone(t)
+        if self.tokenizer is None or not text.endswith("\ufffd"):
+            return text
+        for m in range(1, min(len(context), self.MAX_CONTEXT) + 1):
+            ctx = context[-m:]
+            whole = self.tokenizer.decode(ctx + [t])
+            if whole.endswith("\ufffd"):
+                continue  # still unfinished: try more context
+            # Context tokens that are themselves unfinished pieces (their text was "") belong to
+            # this character: only the text before them is taken off.
+            clean = m
+            while clean > 0 and self.alone(ctx[clean - 1]).endswith("\ufffd"):
+                clean -= 1
+            prefix = self.tokenizer.decode(ctx[:clean]) if clean else ""
+            common = 0
+            while common < min(len(prefix), len(whole)) and prefix[common] == whole[common]:
+                common += 1
+            return whole[common:]
+        return ""
 
 
 def _check_ids(ids: list, vocab: int) -> list[int]:
@@ -682,9 +822,60 @@ def create_app(engine: Engine, model_name: str, limits: Limits | None = None):
              "function": {"name": c["function"]["name"], "arguments": json.dumps(c["function"]["arguments"])}}
             for c in calls]}, True
 
+    token_text = TokenTexts(tokenizer)
+
+    def lp(x: float) -> float:
+        return max(x, -9999.0)  # as vLLM: -inf is not JSON; OpenAI's floor
+
+    def chat_logprobs(entries, context: list[int]) -> list[dict]:
+        """OpenAI's chat logprobs content items; `context`: the choice's tokens before these
+        (extended here). `bytes` are the UTF-8 of the token's text, as vLLM gives them.
+        top_logprobs are the step's true top-k, most likely first (vLLM lists the sampled token
+        first instead; for greedy decoding the two agree)."""
+        out = []
+        for e in entries:
+            text = token_text(e.token_id, context)
+            top = []
+            for t, v in e.top:
+                alt = token_text(t, context)
+                top.append({"token": alt, "logprob": lp(v), "bytes": list(alt.encode())})
+            out.append({"token": text, "logprob": lp(e.logprob), "bytes": list(text.encode()), "top_logprobs": top})
+            context.append(e.token_id)
+        return out
+
+    def completion_logprobs(entries, offset: int, context: list[int]) -> tuple[dict, int]:
+        """Legacy completions logprobs for entries whose text starts at `offset`, after the
+        choice's tokens `context` (extended here) → (logprobs, the offset after them). As vLLM:
+        top_logprobs holds the sampled token first, then the k most likely (k+1 entries when the
+        sampled one is not among them; OpenAI's "up to logprobs+1"), keyed by token text;
+        text_offset advances by each token's text length."""
+        tokens, token_lps, tops, offsets = [], [], [], []
+        for e in entries:
+            text = token_text(e.token_id, context)
+            tokens.append(text)
+            if e.logprob is None:  # an echoed prompt's first token: nothing before it (vLLM: null)
+                token_lps.append(None)
+                tops.append(None)
+            else:
+                by_id = {e.token_id: e.logprob}
+                for t, v in e.top:
+                    by_id.setdefault(t, v)
+                token_lps.append(lp(e.logprob))
+                tops.append({token_text(t, context): lp(v) for t, v in by_id.items()})
+            offsets.append(offset)
+            offset += len(text)
+            context.append(e.token_id)
+        return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}, offset
+
+    def echo_and_completion_logprobs(prompt_entries, entries, offset: int, context: list[int]) -> tuple[dict, int]:
+        """An echoed prompt's logprobs (their own context) then the completion's (`context`)."""
+        a, offset = completion_logprobs(prompt_entries, offset, [])
+        b, offset = completion_logprobs(entries, offset, context)
+        return {k: a[k] + b[k] for k in a}, offset
+
     async def run(request: Request, kind: str):
         body = await _read_json(request, limits)
-        p = parse_params(body, kind, limits)
+        p = parse_params(body, kind, limits, args.vocab_size)
         p.sampling = replace(p.sampling, suppress=suppress)
         check_model(body)
         images = []
@@ -698,21 +889,47 @@ def create_app(engine: Engine, model_name: str, limits: Limits | None = None):
         else:
             prompts, use_tools = completion_prompts(body, tokenizer, args.vocab_size), False
         max_tokens = budget(prompts, p, kind)
+        # echo with max_tokens 0: the engine generates one token (it always samples once), dropped here.
+        discard = p.echo and max_tokens == 0
+        echo_texts = prompt_texts(body, prompts, tokenizer) if p.echo else None
         listener = _Listener(asyncio.get_running_loop())
-        ids = submit_all(prompts, p, max_tokens, listener, images)
+        ids = submit_all(prompts, p, max(max_tokens, 1), listener, images)
+
+        def echoed(i: int, ev: Event, first: bool) -> tuple[str, list, list, str | None, int]:
+            """Choice i's event as sent: with echo, its first carries the prompt (and the prompt's
+            logprobs: the first token's null, then the engine's); with max_tokens 0 the generated
+            token is dropped. → (text, prompt logprob entries, logprob entries, finish reason,
+            completion tokens)."""
+            text, entries, prompt_entries = ev.text, ev.logprobs or [], []
+            reason, used = ev.finish_reason, ev.completion_tokens
+            if discard:
+                text, entries, used = "", [], 0
+                reason = "length" if reason is not None else None
+            if p.echo and first:
+                prompt = prompts[i // p.n]
+                text = echo_texts[i // p.n] + text
+                if ev.prompt_logprobs is not None:
+                    prompt_entries = [TokenLogprob(prompt[0], None, None), *ev.prompt_logprobs]
+            return text, prompt_entries, entries, reason, used
         total = len(prompts) * p.n
         rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
         obj = "chat.completion" if kind == "chat" else "text_completion"
         now = int(time.time())
         stream = events(request, listener, ids, total)
+        want_logprobs = p.sampling.logprobs is not None
         if not p.stream:
             texts, toks, reasons, completion_tokens = [""] * total, [[] for _ in range(total)], [None] * total, 0
+            lps, plps, seen = [[] for _ in range(total)], [[] for _ in range(total)], [False] * total
             async for i, ev in stream:
-                texts[i] += ev.text
+                text, prompt_entries, entries, reason, used = echoed(i, ev, not seen[i])
+                seen[i] = True
+                texts[i] += text
                 toks[i] += ev.token_ids
-                if ev.finish_reason is not None:
-                    reasons[i] = ev.finish_reason
-                    completion_tokens += ev.completion_tokens
+                plps[i] += prompt_entries
+                lps[i] += entries
+                if reason is not None:
+                    reasons[i] = reason
+                    completion_tokens += used
             if any(r is None for r in reasons):  # the client left: nobody to answer
                 return JSONResponse({}, status_code=499)
             choices = []
@@ -720,10 +937,14 @@ def create_app(engine: Engine, model_name: str, limits: Limits | None = None):
                 if kind == "chat":
                     msg, called = tool_message(toks[i], texts[i]) if use_tools else (
                         {"role": "assistant", "content": texts[i]}, False)
-                    choices.append({"index": i, "message": msg, "logprobs": None,
+                    choices.append({"index": i, "message": msg,
+                                    "logprobs": {"content": chat_logprobs(lps[i], [])} if want_logprobs else None,
                                     "finish_reason": "tool_calls" if called else reasons[i]})
                 else:
-                    choices.append({"index": i, "text": texts[i], "logprobs": None, "finish_reason": reasons[i]})
+                    choices.append({"index": i, "text": texts[i],
+                                    "logprobs": echo_and_completion_logprobs(plps[i], lps[i], 0, [])[0]
+                                    if want_logprobs else None,
+                                    "finish_reason": reasons[i]})
             return {"id": rid, "object": obj, "created": now, "model": model_name, "choices": choices,
                     "usage": usage(prompts, completion_tokens)}
 
@@ -736,34 +957,49 @@ def create_app(engine: Engine, model_name: str, limits: Limits | None = None):
         async def gen():
             completion_tokens = 0
             held = [("", []) for _ in range(total)]  # with tools, the reply is parsed when complete
+            held_lps = [[] for _ in range(total)]
+            offsets = [0] * total  # completions: each choice's text_offset so far
+            seen = [False] * total
+            contexts = [[] for _ in range(total)]  # each choice's tokens so far (TokenTexts)
             try:
                 if kind == "chat":
                     for i in range(total):
                         yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
                                       "logprobs": None, "finish_reason": None}])
                 async for i, ev in stream:
-                    reason = ev.finish_reason
+                    text, prompt_entries, entries, reason, used = echoed(i, ev, not seen[i])
+                    seen[i] = True
                     if reason is not None:
-                        completion_tokens += ev.completion_tokens
+                        completion_tokens += used
                     if kind != "chat":
-                        if ev.text or reason:
-                            yield chunk([{"index": i, "text": ev.text, "logprobs": None, "finish_reason": reason}])
+                        if text or reason or entries or prompt_entries:
+                            got = None
+                            if want_logprobs:
+                                got, offsets[i] = echo_and_completion_logprobs(prompt_entries, entries, offsets[i],
+                                                                                contexts[i])
+                            yield chunk([{"index": i, "text": text, "logprobs": got, "finish_reason": reason}])
                         continue
                     if use_tools:
                         held[i] = (held[i][0] + ev.text, held[i][1] + ev.token_ids)
+                        held_lps[i] += entries
                         if reason is None:
                             continue
                         msg, called = tool_message(held[i][1], held[i][0])
+                        got = {"content": chat_logprobs(held_lps[i], contexts[i])} if want_logprobs else None
                         if called:
                             calls = [dict(c, index=k) for k, c in enumerate(msg["tool_calls"])]
-                            yield chunk([{"index": i, "delta": {"tool_calls": calls}, "logprobs": None,
+                            yield chunk([{"index": i, "delta": {"tool_calls": calls}, "logprobs": got,
                                           "finish_reason": None}])
                             reason = "tool_calls"
-                        elif held[i][0]:
-                            yield chunk([{"index": i, "delta": {"content": held[i][0]}, "logprobs": None,
+                        elif held[i][0] or entries:
+                            yield chunk([{"index": i, "delta": {"content": held[i][0]}, "logprobs": got,
                                           "finish_reason": None}])
-                    elif ev.text:
-                        yield chunk([{"index": i, "delta": {"content": ev.text}, "logprobs": None,
+                    elif ev.text or entries:
+                        # A token whose text is held back (part of a character, or maybe a stop
+                        # string) or the stop token still brings its logprobs, as vLLM streams them.
+                        yield chunk([{"index": i, "delta": {"content": ev.text},
+                                      "logprobs": {"content": chat_logprobs(entries, contexts[i])}
+                                      if want_logprobs else None,
                                       "finish_reason": None}])
                     if reason is not None:
                         yield chunk([{"index": i, "delta": {}, "logprobs": None, "finish_reason": reason}])
