@@ -152,11 +152,19 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int
 
     stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
+    # Each row's own generated tokens, for the repetition/frequency/presence penalties (they count
+    # a row's prompt and output, as the serving engine's per-sample penalties and vLLM's do).
+    outputs: list[list[int]] = [[] for _ in prompts]
+    seen = dict(prompt_ids=prompts, output_ids=outputs) if sampling.penalized else {}
     for step in range(max_new_tokens):
         if generators is None or sampling.greedy:
-            nxt = sample(logits, sampling)
+            nxt = sample(logits, sampling, **seen)
         else:
-            nxt = torch.cat([sample(logits[i:i + 1], sampling, g) for i, g in enumerate(generators)])
+            nxt = torch.cat([sample(logits[i:i + 1], sampling, g, **({k: v[i:i + 1] for k, v in seen.items()}))
+                             for i, g in enumerate(generators)])
+        if seen:
+            for row, t in zip(outputs, nxt.tolist(), strict=True):
+                row.append(t)
         yield [None if f else int(t) for t, f in zip(nxt.tolist(), finished.tolist(), strict=True)]
         finished |= torch.isin(nxt, stop) | (row_done <= step + 1)
         if step + 1 == max_new_tokens or bool(finished.all()):
