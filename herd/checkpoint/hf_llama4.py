@@ -133,6 +133,31 @@ def _int_or(value, default: int) -> int:
     return default if value is None else int(value)
 
 
+def _temperature_tuning(cfg: dict) -> bool:
+    """attn_temperature_tuning as transformers computed it. The released Scout and Maverick
+    config.json files (and the fine-tunes saved from them) say `"attn_temperature_tuning": 4`:
+    transformers 4.51's Llama4TextConfig defaulted it to the int 4, and its attention tests only
+    truthiness (`if self.attn_temperature_tuning and not self.use_rope`, modeling_llama4.py, still so in
+    5.x). Refusing the int refused every released Llama 4 checkpoint; a whole number is read as
+    transformers read it (0 off, anything else on). Strings and the like stay errors."""
+    value = cfg.get("attn_temperature_tuning")
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value != 0
+    return config_bool(cfg, "attn_temperature_tuning", True)
+
+
+def _heads(cfg: dict, n_heads: int) -> tuple[int, int]:
+    """(n_kv_heads, head_dim) with transformers' Llama4TextConfig defaults: a key that is *absent*
+    takes the class default (num_key_value_heads 8, head_dim 128, configuration_llama4.py), one
+    that is null is derived (n_heads; hidden_size // n_heads), as its __post_init__ does. herd used
+    to derive both when absent, so a config.json without head_dim (transformers: 128) was refused
+    with a shape mismatch against weights transformers itself loads."""
+    kv = cfg.get("num_key_value_heads", 8)
+    hd = cfg.get("head_dim", 128)
+    return (n_heads if kv is None else config_int(cfg, "num_key_value_heads", 8),
+            config_int(cfg, "hidden_size") // n_heads if hd is None else config_int(cfg, "head_dim", 128))
+
+
 def llama4_args_from_hf_config(cfg: dict, source: str = "config.json") -> Llama4Args:
     vision = None
     if cfg.get("model_type") == "llama4" or "text_config" in cfg:
@@ -152,6 +177,11 @@ def llama4_args_from_hf_config(cfg: dict, source: str = "config.json") -> Llama4
             # transformers takes an explicit list over the step; herd's model knows only "every
             # step-th layer", which a regular list (e.g. [1, 3] of 4 layers: step 2) still is.
             step = int(moe_layers[0]) + 1
+        elif moe_layers is not None and step <= n_layers:
+            # An explicit empty list: every layer dense (`layer_idx in config.moe_layers` is never
+            # true in Llama4TextDecoderLayer), whatever the step says; it used to be refused as "not
+            # every n-th layer". A step past the last layer says the same to herd's model.
+            step = n_layers + 1
         if moe_layers is not None and [int(i) for i in moe_layers] != list(range(step - 1, n_layers, step)):
             raise HerdError(f"{source}: moe_layers {moe_layers} is not every n-th layer (layers n-1, 2n-1, ...); "
                             "unsupported")
@@ -169,6 +199,7 @@ def llama4_args_from_hf_config(cfg: dict, source: str = "config.json") -> Llama4
         if scaling is not None and scaling.kind != "llama3":  # Llama 4's mappings know llama3's fields only
             raise HerdError(f"{source}: RoPE scaling type {scaling.kind!r} is not supported for Llama 4 (llama3 or none)")
         n_heads = config_int(cfg, "num_attention_heads")
+        n_kv_heads, head_dim = _heads(cfg, n_heads)
         chunk = cfg.get("attention_chunk_size", 8192)
         # transformers attends by `layer_types`, which it derives as chunked on the RoPE layers when
         # there is a chunk size; a saved list that says otherwise would be computed differently.
@@ -182,8 +213,7 @@ def llama4_args_from_hf_config(cfg: dict, source: str = "config.json") -> Llama4
                                 "RoPE layers (unsupported)")
         return Llama4Args(
             dim=config_int(cfg, "hidden_size"), n_layers=n_layers, n_heads=n_heads,
-            n_kv_heads=config_int(cfg, "num_key_value_heads") if cfg.get("num_key_value_heads") else n_heads,
-            head_dim=config_int(cfg, "head_dim") if cfg.get("head_dim") else config_int(cfg, "hidden_size") // n_heads,
+            n_kv_heads=n_kv_heads, head_dim=head_dim,
             vocab_size=config_int(cfg, "vocab_size"),
             norm_eps=float(cfg.get("rms_norm_eps", 1e-5)), rope_theta=float(theta), rope_scaling=scaling,
             max_seq_len=config_int(cfg, "max_position_embeddings", 131072),
@@ -193,7 +223,7 @@ def llama4_args_from_hf_config(cfg: dict, source: str = "config.json") -> Llama4
             ffn_hidden_dim=config_int(cfg, "intermediate_size_mlp", 16384),
             nope_every=interval, attention_chunk_size=None if chunk is None else int(chunk),
             qk_norm=config_bool(cfg, "use_qk_norm", True),
-            attn_temperature_tuning=config_bool(cfg, "attn_temperature_tuning", True),
+            attn_temperature_tuning=_temperature_tuning(cfg),
             floor_scale=float(cfg.get("floor_scale", 8192)), attn_scale=float(cfg.get("attn_scale", 0.1)),
             vision=vision,
         )
@@ -226,6 +256,12 @@ def hf_config_from_llama4_args(args: Llama4Args, extra: dict | None = None) -> d
         "floor_scale": int(args.floor_scale) if float(args.floor_scale).is_integer() else args.floor_scale,
         "attn_scale": args.attn_scale, "hidden_act": "silu", "attention_bias": False, "torch_dtype": "float32",
     }
+    if args.nope_every is None:
+        # No NoPE layer. transformers types the interval as an int, so n_layers + 1 stands for
+        # "none" above, but read back that is nope_every=n_layers + 1, not None: the HF round trip
+        # changed the args (same logits, unequal Llama4Args). The explicit list (all layers RoPE),
+        # which transformers prefers over the interval, reads back as None.
+        cfg["no_rope_layers"] = [1] * args.n_layers
     if args.vision is not None:  # Llama4ForConditionalGeneration: the text config nests
         cfg = {"architectures": ["Llama4ForConditionalGeneration"], "model_type": "llama4",
                "text_config": cfg, "vision_config": hf_vision_config(args.vision),
