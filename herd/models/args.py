@@ -100,6 +100,10 @@ class HeadShapes:
         names = ("dim", "n_layers", "n_heads", "vocab_size", *positive)
         if min(kv, *(getattr(self, n) for n in names)) <= 0:
             return [f"{', '.join(names)} and n_kv_heads must be positive"]
+        if self.head_dim is not None and not self.head_dim > 0:
+            # `hd` reads head_dim 0 as "not given" (dim // n_heads): a config's head_dim 0 (or -64)
+            # was silently replaced instead of refused
+            return [f"head_dim must be positive (got {self.head_dim})"]
         if self.n_heads % kv:
             return [f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({kv})"]
         if self.head_dim is None and self.dim % self.n_heads:

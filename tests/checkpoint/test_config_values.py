@@ -26,6 +26,8 @@ def hf_dir(tmp_path_factory):
     ("rope_scaling", "yes", "malformed value"), ("max_position_embeddings", "8k", "malformed value"),
     ("rope_theta", -1, "rope_theta must be positive"), ("max_position_embeddings", -5, "max_seq_len must be positive"),
     ("rms_norm_eps", 0, "norm_eps must be positive"), ("hidden_act", "gelu", "hidden_act 'gelu' is not supported"),
+    # 0 was read as "not given" (hidden_size // heads) and the model built anyway
+    ("head_dim", 0, "head_dim must be positive"), ("head_dim", -16, "head_dim must be positive"),
 ])
 def test_bad_hf_config_values(hf_dir, tmp_path, key, value, message):
     import shutil
