@@ -38,6 +38,11 @@ sharing (DESIGN principle 6: a serving engine separate from the model; SPEC §4/
   skips the positions already recorded. Such a request takes no cached prefix blocks (their
   positions would never be computed; vLLM skips its prefix cache for them too), though the blocks
   it computes are shared with later requests as usual.
+- Structured outputs (`SamplingParams.grammar`, herd/inference/structured.py): each sample has its
+  own llguidance matcher (an n>1 request's samples fork their parent's when they branch off); its
+  mask of allowed tokens is applied before the sample is drawn, and the matcher is advanced where
+  the token is appended — as logprobs are recorded, so a recompute never advances it twice. A
+  sample whose grammar has ended stops ("stop"), as in vLLM.
 
 The model is used through its ordinary `forward(tokens, cache=, positions=, mask=, last_only=True)`:
 a step's rows are left-padded to one length, each row gets its own RoPE positions and a mask over
@@ -281,6 +286,10 @@ class _Sequence:
         self.logprobs: list[TokenLogprob] | None = [] if request.sampling.logprobs is not None else None
         self.sent_logprobs = 0
         self.sent_prompt_logprobs = False
+        # With SamplingParams.grammar: this sample's structured-output matcher (structured.py),
+        # advanced only where a sampled token is appended (`_after_forward`), so a preempted
+        # request's recompute never advances it twice; kept across preemption with the tokens.
+        self.matcher = None
 
     @property
     def finished(self) -> bool:
@@ -440,6 +449,12 @@ class Engine:
             raise HerdError(f"n={n} exceeds the engine's batch of {self.max_batch} sequences")
         if stop_strings and self.tokenizer is None:
             raise HerdError("stop strings need a tokenizer")
+        if sampling.grammar is not None:
+            if self.tokenizer is None:
+                raise HerdError("structured outputs (a grammar) need a tokenizer")
+            from herd.inference.structured import Matcher
+
+            first = Matcher(sampling.grammar, self.tokenizer, vocab)  # compiled here: a bad grammar is refused now
         bad = [t for t, _ in sampling.logit_bias if t >= vocab]
         if bad:  # refused here, not in a step (where it would end the request with "error")
             raise HerdError(f"logit_bias: token id {bad[0]} is outside the model's vocabulary of {vocab}")
@@ -468,6 +483,9 @@ class Engine:
             if n > 1 and not self.prefix_sharing:  # n independent sequences, each computing the prompt
                 req.seqs += [self._new_sequence(req, i, list(prompt)) for i in range(1, n)]
                 req.forked = True
+            if sampling.grammar is not None:  # each sample its own matcher (forks copy their parent's)
+                for k, s in enumerate(req.seqs):
+                    s.matcher = first if k == 0 else first.fork()
             self._requests[req.id] = req
             self._waiting.append(req)
             self._wake.notify()
@@ -853,16 +871,29 @@ class Engine:
                 else:
                     top = []
             for child in targets:
-                if sp.greedy and not sp.suppress and not sp.penalized:
+                allowed = None
+                if child.matcher is not None:
+                    allowed = child.matcher.allowed(logits.shape[-1])[None]
+                    if not bool(allowed.any()):  # the matcher failed (cannot happen for a valid token stream)
+                        self._finish(child, "stop")
+                        continue
+                if sp.greedy and not sp.suppress and not sp.penalized and allowed is None:
                     token = greedy[i]
                 elif sp.penalized:  # the penalties read this sample's own tokens (vLLM: per sequence)
                     token = int(sample(logits[i:i + 1], sp, child.generator, prompt_ids=[req.prompt],
-                                       output_ids=[child.tokens[req.prompt_len:]])[0])
+                                       output_ids=[child.tokens[req.prompt_len:]], allowed=allowed)[0])
                 else:
-                    token = int(sample(logits[i:i + 1], sp, child.generator)[0])
+                    token = int(sample(logits[i:i + 1], sp, child.generator, allowed=allowed)[0])
                 if dist is not None:
                     child.logprobs.append(TokenLogprob(token, float(dist[token]), top))
+                if child.matcher is not None:
+                    child.matcher.advance(token)  # here, where the token is appended: once per token
                 self._append(child, token)
+                if child.matcher is not None and not child.finished and child.matcher.done:
+                    # The grammar has ended and allows nothing more (not even EOS, e.g. with
+                    # ignore_eos): the sample stops, as vLLM ends a request whose structured output
+                    # is complete.
+                    self._finish(child, "stop")
         for req in list(self._running):
             self._flush_events(req)
             if not req.live:
@@ -876,6 +907,8 @@ class Engine:
         for i in range(1, req.n):
             child = self._new_sequence(req, i, list(parent.tokens))
             child.num_computed, child.hashes, child.num_named = L, list(parent.hashes), parent.num_named
+            if parent.matcher is not None:  # the same place in the grammar, then its own way
+                child.matcher = parent.matcher.fork()
             # In req.seqs before it holds a block, each block in child.blocks as soon as it is
             # held: if this raises midway, ending the request (`_fail`) frees exactly what was taken.
             req.seqs.append(child)

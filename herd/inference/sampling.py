@@ -51,6 +51,10 @@ class SamplingParams:
     # OpenAI's logit_bias: (token id, value in [-100, 100]) pairs added to the logits. A mapping
     # is accepted and kept as sorted pairs (the dataclass is frozen and hashable).
     logit_bias: tuple[tuple[int, float], ...] = ()
+    # Structured outputs (OpenAI's response_format, vLLM's structured outputs): an llguidance
+    # grammar (herd/inference/structured.py) every sample's tokens must follow. The engine keeps a
+    # matcher per sample and passes its mask of allowed tokens to `sample` / `process_logits`.
+    grammar: str | None = None
 
     def __post_init__(self):
         # Types first: a string or None from a config or a JSON body otherwise failed deep inside
@@ -88,6 +92,8 @@ class SamplingParams:
         if len({t for t, _ in pairs}) != len(pairs):
             raise HerdError("logit_bias names a token id twice")
         object.__setattr__(self, "logit_bias", tuple((int(t), float(v)) for t, v in pairs))
+        if self.grammar is not None and not isinstance(self.grammar, str):
+            raise HerdError(f"grammar must be a string (an llguidance grammar), got {type(self.grammar).__name__}")
 
     @property
     def greedy(self) -> bool:
@@ -102,12 +108,17 @@ class SamplingParams:
 
 
 def process_logits(logits: torch.Tensor, params: SamplingParams, prompt_ids: Sequence[Sequence[int]] = (),
-                   output_ids: Sequence[Sequence[int]] = ()) -> torch.Tensor:
+                   output_ids: Sequence[Sequence[int]] = (), allowed: torch.Tensor | None = None) -> torch.Tensor:
     """logits (B, V) → the logits the sampler draws from, before temperature: reserved ids at -inf,
     logit_bias added, then the repetition penalty (over each row's prompt and output tokens) and
     the frequency and presence penalties (over its output tokens only). vLLM V1's order: its
     logit-bias processor runs before `apply_penalties`, which applies repetition, then frequency,
-    then presence. prompt_ids / output_ids: one id list per row (needed only for penalties)."""
+    then presence. prompt_ids / output_ids: one id list per row (needed only for penalties).
+    allowed: (B, V) or (V,) bool, the tokens a structured-output grammar lets each row take next;
+    the others go to -inf first, as vLLM applies its grammar bitmask before every other logits
+    processor (so no bias or penalty can bring a forbidden token back)."""
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed.to(logits.device), float("-inf"))
     if params.suppress:
         logits = logits.index_fill(-1, torch.tensor(params.suppress, device=logits.device), float("-inf"))
     if not params.penalized:
@@ -151,10 +162,12 @@ def raw_logprobs(logits: torch.Tensor) -> torch.Tensor:
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None, *,
-           prompt_ids: Sequence[Sequence[int]] = (), output_ids: Sequence[Sequence[int]] = ()) -> torch.Tensor:
+           prompt_ids: Sequence[Sequence[int]] = (), output_ids: Sequence[Sequence[int]] = (),
+           allowed: torch.Tensor | None = None) -> torch.Tensor:
     """logits (B, V) → token ids (B,). prompt_ids / output_ids (one list per row) are needed only
-    when params has a repetition, frequency or presence penalty (see `process_logits`)."""
-    logits = process_logits(logits, params, prompt_ids, output_ids)
+    when params has a repetition, frequency or presence penalty; allowed: a structured-output
+    grammar's mask (see `process_logits`)."""
+    logits = process_logits(logits, params, prompt_ids, output_ids, allowed)
     if params.greedy:
         return logits.argmax(dim=-1)
     logits = logits.float() / params.temperature

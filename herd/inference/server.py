@@ -6,9 +6,20 @@ Endpoints: GET /health, GET /v1/models (and /v1/models/{id}), POST /v1/completio
 and `frequency_penalty` (-2..2, OpenAI's formula over each sample's generated tokens, as vLLM),
 `logit_bias` ({"token id": -100..100}), vLLM's extra `repetition_penalty` (> 0, over prompt and
 output), and tool calls returned in OpenAI's `tool_calls` shape, parsed from the model's output by
-the chat format (herd/tokenizer/chat.py). `tools` for a checkpoint whose chat template has none,
-and tool_choice "required" or a named function, are 400s; OpenAI's "developer" role is the system
-turn.
+the chat format (herd/tokenizer/chat.py). `tools` for a checkpoint whose chat template has none
+are a 400 under tool_choice "auto"; OpenAI's "developer" role is the system turn.
+
+Structured outputs, through llguidance (vLLM's "guidance" backend; herd/inference/structured.py):
+`response_format` {"type": "json_object"} (any JSON object) or {"type": "json_schema",
+"json_schema": {"name", "schema", "strict"?}} on /v1/chat/completions and, as vLLM, on
+/v1/completions: each sample's tokens are masked to what the schema allows next, and it stops when
+the JSON is complete. tool_choice "required" constrains the reply to a JSON array of {"name",
+"parameters"} calls of the tools (vLLM's schema) and a named function {"type": "function",
+"function": {"name"}} to that function's parameters; both come back as OpenAI's `tool_calls` (a
+named call's JSON is its arguments; "required" finishes with "tool_calls"), streamed as one delta
+when the reply ends. A forced call needs no tool-aware template: the constraint writes it. A schema
+llguidance cannot compile is a 400 naming response_format (or tool_choice), as is a tool name not
+among `tools`.
 
 Logprobs, in vLLM's shapes: chat `logprobs: true` with `top_logprobs` 0..20 gives each choice (and
 each streamed delta) `{"content": [{"token", "logprob", "bytes", "top_logprobs": [...]}]}`;
@@ -27,7 +38,7 @@ shape `{"error": {"message", "type", "param", "code"}}`: malformed or non-UTF-8 
 fields, wrong types, out-of-range values (ranges as text-generation-inference checks them:
 temperature ≥ 0, 0 < top_p ≤ 1, top_k ≥ 0, at most 4 stop sequences), token ids outside the
 vocabulary, prompts that do not fit the context, bodies over the size limit (413), a full queue
-(429). OpenAI fields herd does not implement (suffix, best_of, response_format, chat's echo) are refused
+(429). OpenAI fields herd does not implement (suffix, best_of, chat's echo) are refused
 when set to anything but their neutral value rather than silently ignored. A client that goes away
 cancels its request, which frees its KV blocks at once. On shutdown uvicorn stops accepting, lets
 in-flight requests finish (up to `graceful_s` seconds), then the engine cancels whatever is left.
@@ -93,7 +104,7 @@ class Limits:
 # ---- validation ---------------------------------------------------------------------------------
 
 _NEUTRAL = {  # OpenAI fields accepted only at their no-op value: anything else would be ignored
-    "suffix": (None,), "best_of": (None, 1), "response_format": (None, {"type": "text"}),
+    "suffix": (None,), "best_of": (None, 1),
 }
 # Legacy completions take `logprobs: k` only; chat's top_logprobs there is accepted only as a no-op.
 _NEUTRAL_COMPLETIONS = {"top_logprobs": (None, 0)}
@@ -111,7 +122,7 @@ _IGNORED_TYPES = {"user": (str, "a string"), "metadata": (dict, "an object"), "s
                   "safety_identifier": (str, "a string"), "prompt_cache_key": (str, "a string")}
 _COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "n", "stop", "seed", "stream",
            "stream_options", "ignore_eos", "logprobs", "presence_penalty", "frequency_penalty", "logit_bias",
-           "repetition_penalty", *_NEUTRAL, *_IGNORED}
+           "repetition_penalty", "response_format", *_NEUTRAL, *_IGNORED}
 _FIELDS = {"completions": _COMMON | {"prompt", "echo", *_NEUTRAL_COMPLETIONS},
            "chat": _COMMON | {"messages", "tools", "tool_choice", "max_completion_tokens", "top_logprobs",
                               *_NEUTRAL_CHAT}}
@@ -158,6 +169,58 @@ class Params:
     ignore_eos: bool
     max_tokens_name: str = "max_tokens"  # the field the client sent it as, for error messages
     echo: bool = False  # completions: the prompt before the completion (and its logprobs)
+    # response_format's JSON schema (json_object: any object), or None: the output is free text.
+    schema: dict | None = None
+
+
+_JSON_SCHEMA_KEYS = {"name", "description", "schema", "strict"}  # OpenAI's json_schema object
+
+
+def _response_format(body: dict) -> dict | None:
+    """OpenAI's response_format → the JSON schema the output must follow, or None. {"type": "text"}
+    is free text; {"type": "json_object"} any JSON object (vLLM's guidance backend compiles it as
+    {"type": "object"}); {"type": "json_schema", "json_schema": {"name", "schema", "description"?,
+    "strict"?}} that schema. `strict` is accepted and changes nothing: the output always follows
+    the schema (vLLM ignores it too). vLLM's extra "structural_tag" is refused."""
+    fmt = body.get("response_format")
+    if fmt is None:
+        return None
+    if not isinstance(fmt, dict) or not isinstance(fmt.get("type"), str):
+        raise RequestError('response_format must be an object such as {"type": "json_object"}',
+                           param="response_format")
+    kind = fmt["type"]
+    extra = sorted(set(fmt) - {"type", "json_schema"} if kind == "json_schema" else set(fmt) - {"type"})
+    if kind not in ("text", "json_object", "json_schema"):
+        raise RequestError(f'response_format type must be "text", "json_object" or "json_schema", got '
+                           f"{json.dumps(kind)[:40]}", param="response_format")
+    if extra:
+        raise RequestError(f"response_format: unexpected field(s) {', '.join(extra)} for type {kind}",
+                           param="response_format")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        from herd.inference.structured import JSON_OBJECT_SCHEMA
+
+        return JSON_OBJECT_SCHEMA
+    spec = fmt.get("json_schema")
+    if not isinstance(spec, dict):
+        raise RequestError('response_format type "json_schema" needs json_schema: {"name": ..., "schema": {...}}',
+                           param="response_format")
+    unknown = sorted(set(spec) - _JSON_SCHEMA_KEYS)
+    if unknown:
+        raise RequestError(f"response_format.json_schema: unexpected field(s) {', '.join(unknown)}",
+                           param="response_format")
+    if not isinstance(spec.get("name"), str) or not spec["name"]:  # required by OpenAI and vLLM's model
+        raise RequestError("response_format.json_schema.name must be a non-empty string", param="response_format")
+    if spec.get("strict") is not None and not isinstance(spec["strict"], bool):
+        raise RequestError("response_format.json_schema.strict must be a boolean", param="response_format")
+    if spec.get("description") is not None and not isinstance(spec["description"], str):
+        raise RequestError("response_format.json_schema.description must be a string", param="response_format")
+    schema = spec.get("schema")
+    if not isinstance(schema, dict):
+        raise RequestError("response_format.json_schema.schema must be a JSON schema object",
+                           param="response_format")
+    return schema
 
 
 def _logprobs(body: dict, kind: str) -> int | None:
@@ -268,12 +331,13 @@ def parse_params(body: dict, kind: str, limits: Limits, vocab: int | None = None
     # vLLM's extra: > 0 ("repetition_penalty must be greater than zero"), 1 = off.
     repetition = _float(body, "repetition_penalty", 1.0, lambda x: x > 0, "a number greater than 0")
     bias = _logit_bias(body, vocab)
+    schema = _response_format(body)
     sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, logprobs=logprobs,
                               prompt_logprobs=prompt_logprobs,
                               presence_penalty=presence, frequency_penalty=frequency,
                               repetition_penalty=repetition, logit_bias=bias)
     return Params(max_tokens, sampling, n, stop, stream, bool(opts and opts.get("include_usage")), ignore_eos, name,
-                  bool(echo))
+                  bool(echo), schema)
 
 
 def prompt_texts(body: dict, prompts: list[list[int]], tokenizer=None) -> list[str]:
@@ -410,8 +474,51 @@ def _check_tools(tools) -> None:
             raise RequestError(f"{where}.parameters.required must be a list of parameter names", param="tools")
 
 
+@dataclass
+class ForcedTool:
+    """tool_choice "required" (name None) or a named function: the reply is constrained to `schema`
+    (vLLM's structured outputs for tool calls) and returned as tool_calls."""
+    name: str | None
+    schema: dict
+
+
+def _tool_parameters(fn: dict) -> dict:
+    # vLLM: a function without parameters takes an empty object.
+    return fn.get("parameters") or {"type": "object", "properties": {}}
+
+
+def forced_tool(body: dict) -> ForcedTool | None:
+    """tool_choice → None ("auto", "none", absent) or the call the reply must be, as vLLM builds
+    it (protocol.py `_get_json_schema_from_tool`): a named function's reply is its parameters'
+    JSON (the call's arguments); "required" is a non-empty JSON array of {"name": one of the
+    tools, "parameters": that tool's parameters} (anyOf over the tools)."""
+    choice = body.get("tool_choice")
+    if choice in (None, "auto", "none"):
+        return None
+    tools = body.get("tools")
+    if choice == "required":
+        if not tools:  # vLLM and OpenAI: "required" with no tools is a client bug
+            raise RequestError('tool_choice "required" needs tools: this request has none', param="tool_choice")
+        items = [{"type": "object",
+                  "properties": {"name": {"type": "string", "enum": [t["function"]["name"]]},
+                                 "parameters": _tool_parameters(t["function"])},
+                  "required": ["name", "parameters"]} for t in tools]
+        return ForcedTool(None, {"type": "array", "minItems": 1, "items": {"anyOf": items}})
+    if (isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("function"), dict)
+            and isinstance(choice["function"].get("name"), str) and set(choice) == {"type", "function"}):
+        name = choice["function"]["name"]
+        found = [t["function"] for t in tools or () if t["function"]["name"] == name]
+        if not found:  # vLLM's request check refuses it too (and OpenAI's API)
+            raise RequestError(f"tool_choice names the function {json.dumps(name)[:80]}, which is not among tools",
+                               param="tool_choice")
+        return ForcedTool(name, _tool_parameters(found[0]))
+    raise RequestError('tool_choice must be "auto", "none", "required" or {"type": "function", "function": '
+                       f'{{"name": ...}}}}, got {json.dumps(choice)[:80]}', param="tool_choice")
+
+
 def chat_prompt(body: dict, tokenizer) -> tuple[list[int], bool]:
-    """→ (prompt ids, whether tool calls are to be parsed from the reply)."""
+    """→ (prompt ids, whether tool calls are to be parsed from the reply). A forced tool_choice
+    (`forced_tool`) is not parsed: its reply is constrained to the call instead."""
     if tokenizer is None or tokenizer.chat is None:
         raise RequestError("this model has no chat format; use /v1/completions")
     messages = openai_roles(body.get("messages"))
@@ -421,18 +528,18 @@ def chat_prompt(body: dict, tokenizer) -> tuple[list[int], bool]:
     if tools is not None:
         _check_tools(tools)
     choice = body.get("tool_choice")
-    if choice not in (None, "auto", "none"):
-        # "required" and a named function need decoding constrained to a call (vLLM's guided
-        # decoding), which herd does not have: refused rather than treated as "auto".
-        raise RequestError(f'tool_choice must be "auto" or "none", got {json.dumps(choice)[:80]}: this server '
-                           "cannot force a tool call", param="tool_choice")
+    forced = forced_tool(body)
     if choice == "auto" and tools is None:
         # vLLM's request check ("When using `tool_choice`, `tools` must be set") and OpenAI's 400:
         # a client that asks for tool calls but sent none has a bug worth hearing about.
         raise RequestError('tool_choice "auto" needs tools: this request has none', param="tool_choice")
     use_tools = bool(tools) and choice != "none"
     source = getattr(tokenizer.chat, "template_source", None)
-    if use_tools and source is not None and "tools" not in source:
+    if forced is not None and source is not None and "tools" not in source:
+        # A forced call needs no template support: the constraint writes the call whatever the
+        # model was told (vLLM renders the tools only where the template reads them, too).
+        use_tools = False
+    elif use_tools and source is not None and "tools" not in source:
         # A checkpoint template that never reads `tools` (SmolLM2's) renders the same prompt with
         # or without them: the model would never see the tools, and the client would wait for
         # calls that cannot come. Refused, as a tool-call turn in such a template is (chat.py).
@@ -445,7 +552,7 @@ def chat_prompt(body: dict, tokenizer) -> tuple[list[int], bool]:
         raise RequestError(str(e), param="messages") from None
     except (TypeError, ValueError, KeyError, AttributeError, IndexError) as e:
         raise RequestError(f"invalid messages or tools: {type(e).__name__}: {e}", param="messages") from None
-    return ids, use_tools
+    return ids, use_tools and forced is None
 
 
 # ---- images -------------------------------------------------------------------------------------
@@ -822,6 +929,39 @@ def create_app(engine: Engine, model_name: str, limits: Limits | None = None):
              "function": {"name": c["function"]["name"], "arguments": json.dumps(c["function"]["arguments"])}}
             for c in calls]}, True
 
+    def compile_schema(schema, param: str) -> str:
+        """A JSON schema → its llguidance grammar, compiled once here against the tokenizer so that
+        a schema llguidance cannot compile is a 400 naming `param`, as vLLM refuses it, before any
+        engine work. CPU work (the first call builds the token table): run off the event loop."""
+        from herd.inference.structured import check_grammar, json_schema_grammar
+
+        if tokenizer is None:
+            raise RequestError("structured outputs need the model's tokenizer", param=param)
+        try:
+            grammar = json_schema_grammar(schema)
+            check_grammar(grammar, tokenizer, args.vocab_size)
+        except HerdError as e:
+            what = "tools' parameters" if param == "tool_choice" else "JSON schema"
+            raise RequestError(f"{param}: invalid {what}: {e}"[:500], param=param) from None
+        return grammar
+
+    def forced_message(forced: ForcedTool, text: str, reason: str) -> tuple[dict, str]:
+        """A forced tool_choice's reply as OpenAI's tool_calls, as vLLM returns it: a named
+        function's generated JSON is its arguments (finish_reason as generated); "required"'s JSON
+        array becomes one call per item (finish_reason "tool_calls" when it stopped normally). A
+        reply cut short (max_tokens) that does not parse comes back as content."""
+        if forced.name is not None:
+            calls = [(forced.name, text)]
+        else:
+            try:
+                calls = [(c["name"], json.dumps(c["parameters"], ensure_ascii=False)) for c in json.loads(text)]
+            except (ValueError, TypeError, KeyError):
+                return {"role": "assistant", "content": text}, reason
+            reason = "tool_calls" if reason == "stop" else reason
+        return {"role": "assistant", "content": None, "tool_calls": [
+            {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function", "function": {"name": n, "arguments": a}}
+            for n, a in calls]}, reason
+
     token_text = TokenTexts(tokenizer)
 
     def lp(x: float) -> float:
@@ -888,6 +1028,15 @@ def create_app(engine: Engine, model_name: str, limits: Limits | None = None):
             prompts = [prompt]
         else:
             prompts, use_tools = completion_prompts(body, tokenizer, args.vocab_size), False
+        forced = forced_tool(body) if kind == "chat" else None
+        if forced is not None and p.schema is not None:
+            # Both would constrain the one reply: refused rather than silently picking one.
+            raise RequestError("response_format cannot be combined with a forced tool_choice (the call's "
+                               "arguments already follow the function's parameters schema)", param="response_format")
+        schema, schema_param = (forced.schema, "tool_choice") if forced is not None else (p.schema, "response_format")
+        if schema is not None:
+            p.sampling = replace(p.sampling, grammar=await asyncio.get_running_loop().run_in_executor(
+                None, compile_schema, schema, schema_param))
         max_tokens = budget(prompts, p, kind)
         # echo with max_tokens 0: the engine generates one token (it always samples once), dropped here.
         discard = p.echo and max_tokens == 0
@@ -912,6 +1061,15 @@ def create_app(engine: Engine, model_name: str, limits: Limits | None = None):
                     prompt_entries = [TokenLogprob(prompt[0], None, None), *ev.prompt_logprobs]
             return text, prompt_entries, entries, reason, used
         total = len(prompts) * p.n
+
+        def reply(ids: list[int], text: str, reason: str) -> tuple[dict, str]:
+            """A chat choice's message and finish_reason: a forced call, parsed tool calls, or text."""
+            if forced is not None:
+                return forced_message(forced, text, reason)
+            if use_tools:
+                msg, called = tool_message(ids, text)
+                return msg, "tool_calls" if called else reason
+            return {"role": "assistant", "content": text}, reason
         rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
         obj = "chat.completion" if kind == "chat" else "text_completion"
         now = int(time.time())
@@ -935,11 +1093,10 @@ def create_app(engine: Engine, model_name: str, limits: Limits | None = None):
             choices = []
             for i in range(total):
                 if kind == "chat":
-                    msg, called = tool_message(toks[i], texts[i]) if use_tools else (
-                        {"role": "assistant", "content": texts[i]}, False)
+                    msg, reason = reply(toks[i], texts[i], reasons[i])
                     choices.append({"index": i, "message": msg,
                                     "logprobs": {"content": chat_logprobs(lps[i], [])} if want_logprobs else None,
-                                    "finish_reason": "tool_calls" if called else reasons[i]})
+                                    "finish_reason": reason})
                 else:
                     choices.append({"index": i, "text": texts[i],
                                     "logprobs": echo_and_completion_logprobs(plps[i], lps[i], 0, [])[0]
@@ -979,18 +1136,19 @@ def create_app(engine: Engine, model_name: str, limits: Limits | None = None):
                                                                                 contexts[i])
                             yield chunk([{"index": i, "text": text, "logprobs": got, "finish_reason": reason}])
                         continue
-                    if use_tools:
+                    if use_tools or forced is not None:
+                        # Calls are parsed (or, forced, assembled) from the whole reply: sent as
+                        # one delta at its end.
                         held[i] = (held[i][0] + ev.text, held[i][1] + ev.token_ids)
                         held_lps[i] += entries
                         if reason is None:
                             continue
-                        msg, called = tool_message(held[i][1], held[i][0])
+                        msg, reason = reply(held[i][1], held[i][0], reason)
                         got = {"content": chat_logprobs(held_lps[i], contexts[i])} if want_logprobs else None
-                        if called:
+                        if msg.get("tool_calls"):
                             calls = [dict(c, index=k) for k, c in enumerate(msg["tool_calls"])]
                             yield chunk([{"index": i, "delta": {"tool_calls": calls}, "logprobs": got,
                                           "finish_reason": None}])
-                            reason = "tool_calls"
                         elif held[i][0] or entries:
                             yield chunk([{"index": i, "delta": {"content": held[i][0]}, "logprobs": got,
                                           "finish_reason": None}])

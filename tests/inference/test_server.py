@@ -145,10 +145,10 @@ def test_openai_client_schema_and_meaning(smol):
     # SmolLM2's template never reads `tools`: the model would not see them.
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]},
      openai.BadRequestError, "chat template has no tools"),
-    ({"tool_choice": "required", "tools": [{"type": "function", "function": {"name": "f"}}]},
-     openai.BadRequestError, "cannot force a tool call"),
+    ({"tool_choice": {"type": "function", "function": {"name": "g"}},
+      "tools": [{"type": "function", "function": {"name": "f"}}]}, openai.BadRequestError, "not among tools"),
     ({"tool_choice": "auto"}, openai.BadRequestError, 'tool_choice "auto" needs tools'),  # as vLLM
-    ({"response_format": {"type": "json_object"}}, openai.BadRequestError, "response_format is not supported"),
+    ({"response_format": {"type": "xml"}}, openai.BadRequestError, "response_format type must be"),
     ({"top_logprobs": 2}, openai.BadRequestError, "top_logprobs needs logprobs set to true"),  # as OpenAI, vLLM
     ({"frequency_penalty": 2.5}, openai.BadRequestError, "frequency_penalty must be between -2 and 2"),
     ({"stream_options": {"include_usage": True}}, openai.BadRequestError, "only allowed when stream"),
@@ -398,9 +398,10 @@ def test_tool_calls_in_openai_shape():
             (0, "get_weather", {"city": "Paris"})]
         assert chunks[-1].choices[0].finish_reason == "tool_calls"
         assert chunks[0].choices[0].delta.role == "assistant"
-        # tool_choice "none" leaves the tools out of the prompt; "required" cannot be honored.
-        with pytest.raises(openai.BadRequestError, match="cannot force a tool call"):
-            client.chat.completions.create(model="scripted", messages=messages, tools=tools, tool_choice="required")
+        # A forced tool_choice must name one of the tools (test_structured.py runs the forced calls).
+        with pytest.raises(openai.BadRequestError, match="not among tools"):
+            client.chat.completions.create(model="scripted", messages=messages, tools=tools,
+                                           tool_choice={"type": "function", "function": {"name": "nope"}})
         # Without tools the same output is plain text.
         model.prompt_len = len(tok.chat.encode_dialog(messages))
         reply = client.chat.completions.create(model="scripted", messages=messages, temperature=0)
