@@ -75,7 +75,7 @@ from herd.inference.generate import SEED_MAX, SEED_MIN
 from herd.inference.sampling import MAX_LOGIT_BIAS, MAX_LOGPROBS, SamplingParams
 
 MAX_BODY_BYTES = 4 << 20
-MAX_STOP = 4  # OpenAI's and TGI's limit
+MAX_STOP = 32  # vLLM sets none; OpenAI's 4 refused lm-eval's humaneval (5 `until` + the EOS text)
 MAX_STOP_CHARS = 512
 MAX_PROMPTS = 32
 MAX_IMAGE_BODY_BYTES = 32 << 20  # the body limit for a multimodal model: base64 photos are large
@@ -428,7 +428,10 @@ def completion_prompts(body: dict, tokenizer, vocab: int) -> list[list[int]]:
             if tokenizer is None:
                 raise RequestError("this model has no tokenizer: send token ids", param="prompt")
             add_bos = tokenizer.bos_id is not None and getattr(tokenizer, "add_bos", True)
-            out.append(_check_ids(tokenizer.encode(x, bos=add_bos), vocab))
+            # Special-token text is the special token, as vLLM's HF tokenizer reads a text prompt
+            # (split_special_tokens=False): a chat-templated prompt sent as text, or lm-eval's
+            # empty-context request ("<|im_start|>..."), was split into "<", "|", "im", ...
+            out.append(_check_ids(tokenizer.encode(x, bos=add_bos, allow_special=True), vocab))
         else:
             out.append(_check_ids(x, vocab))
     return out

@@ -281,7 +281,7 @@ def test_64_concurrent_clients_good_bad_and_gone(debug):
     ({"prompt": "hi", "top_p": 0}, 400, "top_p"),
     ({"prompt": "hi", "top_p": 1.01}, 400, "top_p"),
     ({"prompt": "hi", "top_k": -1}, 400, "top_k"),
-    ({"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, 400, "at most 4 stop"),
+    ({"prompt": "hi", "stop": [chr(97 + i % 26) * (1 + i // 26) for i in range(33)]}, 400, "at most 32 stop"),
     ({"prompt": "hi", "stop": [""]}, 400, "stop sequence"),
     ({"prompt": "hi", "seed": 2 ** 70}, 400, "seed"),
     ({"prompt": "hi", "logprobs": 3}, 200, None),  # tests/inference/test_logprobs.py checks the values
