@@ -488,9 +488,18 @@ class Parallel:
     # ---- building ----
     @contextlib.contextmanager
     def rank0_first(self):
-        """Rank 0 runs the body first (e.g. preparing shards on a shared filesystem), then the rest."""
+        """Rank 0 runs the body first (e.g. preparing shards on a shared filesystem), then the rest.
+
+        When rank 0 fails in the body (a bad data path, say) it prints the job's one error line and
+        leaves, and the barrier the other ranks wait in breaks ("Connection closed by peer"): they
+        leave as for any bad input (herd.errors.print_error: quietly, status 2, once the launcher
+        stops them) rather than each printing a collective's traceback."""
         if self.distributed and not self.is_main:
-            dist.barrier()
+            try:
+                dist.barrier()
+            except RuntimeError as e:  # gloo and NCCL report a lost peer as RuntimeError (DistBackendError)
+                first = (str(e).splitlines() or [type(e).__name__])[0][:200]
+                raise HerdError(f"rank 0 stopped before the other ranks could go on ({first})") from None
         yield
         if self.distributed and self.is_main:
             dist.barrier()

@@ -75,3 +75,20 @@ def test_an_error_only_another_rank_meets_is_still_printed(monkeypatch, capsys):
     monkeypatch.setenv("RANK", "3")  # a stale RANK outside a job does not silence anything
     print_error("herd: error: y")
     assert capsys.readouterr().err == "herd: error: y\n"
+
+
+def test_an_error_rank_0_meets_while_the_others_wait_is_one_line(tmp_path):
+    """Rank 0 prepares the data while the other ranks wait in a barrier (Parallel.rank0_first). When it
+    fails there (no shards and no data.source), the broken barrier used to give every other rank a
+    gloo "Connection closed by peer" traceback; now the job prints rank 0's one line and exits 2."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "herd",
+           "pretrain", "--model.preset=debug", "--train.steps=1", "--no-progress"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=_env(), timeout=180)
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if "error: " in line and "herd" in line
+             and "elastic" not in line and "ChildFailedError" not in line]
+    assert len(lines) == 1, proc.stderr[-3000:]
+    assert lines[0].startswith("herd: error: data.path data/shards has no shards"), lines
+    assert "[rank1]:" not in proc.stderr, proc.stderr[-3000:]  # no traceback from the waiting rank
+    assert "Connection closed by peer" not in proc.stderr, proc.stderr[-3000:]
+    assert "exitcode  : 2" in proc.stderr
