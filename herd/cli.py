@@ -274,7 +274,7 @@ def cmd_info(a) -> None:
     elif a.name in LLAMA4_PRESETS:
         args, label = LLAMA4_PRESETS[a.name], a.name
     elif a.name not in BUILTIN_MODELS and not Path(a.name).expanduser().exists():
-        raise HerdError(f"unknown model {a.name!r}: not a preset ({', '.join(PRESETS)}), "
+        raise HerdError(f"unknown model {a.name!r}: not a preset ({', '.join([*PRESETS, *LLAMA4_PRESETS])}), "
                         f"a built-in model ({', '.join(BUILTIN_MODELS)}) or an existing path")
     else:
         from herd.api import resolve_model_path
@@ -332,8 +332,10 @@ def cmd_info(a) -> None:
     if "active_params" in info:
         rows.insert(5, ("mixture of experts",
                         f"{args.n_experts} experts (top-{args.top_k}) + shared in {args.n_moe_layers} layers, "
-                        f"expert FFN {args.moe_ffn_dim}; {info['active_params'] / 1e9:.2f}B active; "
-                        f"{info['params_with_vision_encoder'] / 1e9:.2f}B with the vision encoder"))
+                        f"expert FFN {args.moe_ffn_dim}; {info['active_params'] / 1e9:.2f}B active"
+                        # only a multimodal config has an encoder to count (llama4-debug has none)
+                        + (f"; {info['params_with_vision_encoder'] / 1e9:.2f}B with the vision encoder"
+                           if getattr(args, "vision", None) is not None else "")))
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
