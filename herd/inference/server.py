@@ -1,12 +1,13 @@
 """An OpenAI-compatible HTTP server over the engine (FastAPI + uvicorn): `herd serve`.
 
-Endpoints: GET /health, GET /v1/models (and /v1/models/{id}), POST /v1/completions and
-/v1/chat/completions — streamed as server-sent events or not, `n` samples, `stop`, `max_tokens`
-(or chat's `max_completion_tokens`), `temperature`, `top_p`, `top_k`, `seed`, `presence_penalty`
-and `frequency_penalty` (-2..2, OpenAI's formula over each sample's generated tokens, as vLLM),
-`logit_bias` ({"token id": -100..100}), vLLM's extra `repetition_penalty` (> 0, over prompt and
-output), and tool calls returned in OpenAI's `tool_calls` shape, parsed from the model's output by
-the chat format (herd/tokenizer/chat.py). `tools` for a checkpoint whose chat template has none
+Endpoints: GET /health, GET /v1/models (and /v1/models/{id}), POST /tokenize and /detokenize, GET
+/tokenizer_info (vLLM's, below), POST /v1/completions and /v1/chat/completions — streamed as
+server-sent events or not, `n` samples, `stop`, `max_tokens` (or chat's `max_completion_tokens`),
+`temperature`, `top_p`, `top_k`, `seed`, `presence_penalty` and `frequency_penalty` (-2..2,
+OpenAI's formula over each sample's generated tokens, as vLLM), `logit_bias` ({"token id":
+-100..100}), vLLM's extra `repetition_penalty` (> 0, over prompt and output), and tool calls
+returned in OpenAI's `tool_calls` shape, parsed from the model's output by the chat format
+(herd/tokenizer/chat.py). `tools` for a checkpoint whose chat template has none
 are a 400 under tool_choice "auto"; OpenAI's "developer" role is the system turn.
 
 Structured outputs, through llguidance (vLLM's "guidance" backend; herd/inference/structured.py):
@@ -32,6 +33,20 @@ Completions' `echo` puts the prompt before the text and, with `logprobs`, the pr
 before the completion's (the first token's null; vLLM's prompt_logprobs), also with
 `max_tokens: 0` — what lm-eval's local-completions sends for loglikelihoods. Chat's `echo`
 (vLLM's: repeat the last message) is refused.
+
+vLLM's tokenizer endpoints, which lm-eval's `tokenizer_backend="remote"` (RemoteTokenizer) reads, so
+a client can count and split text with herd's own tokenizer: POST /tokenize takes {"prompt": str,
+"add_special_tokens" (default true)} — encoded as /v1/completions encodes a text prompt (special-token
+text is the special token; add_special_tokens: the BOS a raw prompt of this model starts with) — or
+{"messages", "tools"?, "add_generation_prompt" (default true), "add_special_tokens" (default false:
+true adds that BOS unless the dialog starts with it)}, the ids /v1/chat/completions runs for that
+dialog; either with "model"? and "return_token_strs"? → {"count", "max_model_len", "tokens",
+"token_strs"} (token_strs: each token's own spelling, as
+transformers' convert_ids_to_tokens, or null). No context check, as vLLM's. POST /detokenize
+{"tokens": [ids]} → {"prompt": text} (special tokens as their names). GET /tokenizer_info (vLLM's
+behind --enable-tokenizer-info-endpoint; always on here): "tokenizer_class", "bos_token",
+"eos_token", "pad_token", "unk_token" (texts or null), "add_bos_token", "chat_template" (the jinja
+template of the model's chat format, or null) and "model_max_length".
 
 Every request is validated before it reaches the engine; a bad one gets a 4xx with OpenAI's error
 shape `{"error": {"message", "type", "param", "code"}}`: malformed or non-UTF-8 JSON, unknown
@@ -519,9 +534,10 @@ def forced_tool(body: dict) -> ForcedTool | None:
                        f'{{"name": ...}}}}, got {json.dumps(choice)[:80]}', param="tool_choice")
 
 
-def chat_prompt(body: dict, tokenizer) -> tuple[list[int], bool]:
+def chat_prompt(body: dict, tokenizer, add_generation_prompt: bool = True) -> tuple[list[int], bool]:
     """→ (prompt ids, whether tool calls are to be parsed from the reply). A forced tool_choice
-    (`forced_tool`) is not parsed: its reply is constrained to the call instead."""
+    (`forced_tool`) is not parsed: its reply is constrained to the call instead.
+    add_generation_prompt False: /tokenize's dialog without the assistant header."""
     if tokenizer is None or tokenizer.chat is None:
         raise RequestError("this model has no chat format; use /v1/completions")
     messages = openai_roles(body.get("messages"))
@@ -549,13 +565,121 @@ def chat_prompt(body: dict, tokenizer) -> tuple[list[int], bool]:
         raise RequestError("this model's chat template has no tools: the model cannot be told about them "
                            '(send tool_choice "none" to leave them out)', param="tools", code="tools_not_supported")
     try:
-        ids = tokenizer.chat.encode_dialog(messages, add_generation_prompt=True,
+        ids = tokenizer.chat.encode_dialog(messages, add_generation_prompt=add_generation_prompt,
                                            tools=[t["function"] for t in tools] if use_tools else None)
     except HerdError as e:
         raise RequestError(str(e), param="messages") from None
     except (TypeError, ValueError, KeyError, AttributeError, IndexError) as e:
         raise RequestError(f"invalid messages or tools: {type(e).__name__}: {e}", param="messages") from None
     return ids, use_tools and forced is None
+
+
+# ---- tokenizer endpoints ------------------------------------------------------------------------
+
+# vLLM's TokenizeCompletionRequest / TokenizeChatRequest / DetokenizeRequest fields. vLLM's
+# continue_final_message is accepted only at its neutral value (herd's chat formats always end the
+# dialog where it ends); its chat_template / chat_template_kwargs overrides are unknown fields here.
+_TOKENIZE_FIELDS = {"prompt": {"model", "prompt", "add_special_tokens", "return_token_strs"},
+                    "chat": {"model", "messages", "add_generation_prompt", "continue_final_message",
+                             "add_special_tokens", "return_token_strs", "tools"}}
+_DETOKENIZE_FIELDS = {"model", "tokens"}
+
+
+def _unknown_fields(body: dict, allowed: set) -> None:
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+        raise RequestError(f"unrecognized request argument(s): {', '.join(unknown)}", param=unknown[0])
+
+
+def _bool(body: dict, name: str, default: bool) -> bool:
+    x = body.get(name)
+    if x is None:
+        return default
+    if not isinstance(x, bool):
+        raise RequestError(f"{name} must be a boolean, got {json.dumps(x)[:40]}", param=name)
+    return x
+
+
+def _model_field(body: dict) -> None:
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise RequestError("model must be a string", param="model")
+
+
+@dataclass
+class TokenizeParams:
+    chat: bool  # messages (else prompt)
+    add_special_tokens: bool
+    add_generation_prompt: bool
+    return_token_strs: bool
+
+
+def parse_tokenize(body: dict) -> TokenizeParams:
+    """vLLM's /tokenize body: {"prompt": str, "add_special_tokens" (true)} or {"messages", "tools"?,
+    "add_generation_prompt" (true), "add_special_tokens" (false)}, both with "model"? and
+    "return_token_strs"?. Exactly one of prompt and messages."""
+    if ("prompt" in body) == ("messages" in body):
+        raise RequestError("send either prompt (a string) or messages (a chat dialog)",
+                           param="messages" if "messages" in body else "prompt")
+    chat = "messages" in body
+    _unknown_fields(body, _TOKENIZE_FIELDS["chat" if chat else "prompt"])
+    _model_field(body)
+    if not chat and not isinstance(body["prompt"], str):
+        raise RequestError(f"prompt must be a string, got {json.dumps(body['prompt'])[:40]}", param="prompt")
+    if chat and body.get("continue_final_message") not in (None, False):
+        raise RequestError("continue_final_message is not supported by this server (only false)",
+                           param="continue_final_message")
+    return TokenizeParams(chat, _bool(body, "add_special_tokens", not chat),
+                          _bool(body, "add_generation_prompt", True), _bool(body, "return_token_strs", False))
+
+
+def parse_detokenize(body: dict, vocab: int) -> list[int]:
+    """vLLM's /detokenize body: {"tokens": [ids], "model"?} → the ids."""
+    _unknown_fields(body, _DETOKENIZE_FIELDS)
+    _model_field(body)
+    ids = body.get("tokens")
+    if not isinstance(ids, list):
+        raise RequestError("tokens must be a list of token ids", param="tokens")
+    for t in ids:
+        if not _is_int(t):
+            raise RequestError(f"tokens: token ids must be integers, got {json.dumps(t)[:40]}", param="tokens")
+        if not 0 <= t < vocab:
+            raise RequestError(f"token id {json.dumps(t)[:40]} is outside the vocabulary of {vocab}", param="tokens")
+    return ids
+
+
+def token_name(tokenizer, i: int | None, names: dict[int, str]) -> str | None:
+    """A token's own spelling, as transformers' convert_ids_to_tokens gives it (vLLM's token_strs
+    and tokenizer_info): a special token's name (`names`: id → name of the special tokens), a
+    byte-level token's GPT-2 spelling ("Ġhello")."""
+    if i is None:
+        return None
+    if i in names:
+        return names[i]
+    if hasattr(tokenizer, "id_to_name"):
+        name = tokenizer.id_to_name(i)
+    elif hasattr(tokenizer, "hf_backend"):  # tiktoken: the HF spelling of the same vocabulary
+        name = tokenizer.hf_backend.id_to_token(i)
+    else:
+        name = None
+    return tokenizer.decode([i]) if name is None else name
+
+
+def chat_template_text(tokenizer) -> str | None:
+    """The jinja chat template of this tokenizer's chat format: a checkpoint's own (GGUF
+    tokenizer.chat_template, HF chat_template), Meta's Llama 3/4 format as the template herd
+    exports with it; None without a chat format."""
+    if tokenizer is None or tokenizer.chat is None:
+        return None
+    source = getattr(tokenizer.chat, "template_source", None)
+    if source is None and getattr(tokenizer, "flavor", None) is not None:
+        from herd.tokenizer.chat import meta_chat_template
+
+        try:
+            source = meta_chat_template(tokenizer.flavor)
+        except KeyError:
+            source = None
+    return source
 
 
 # ---- images -------------------------------------------------------------------------------------
@@ -1185,6 +1309,68 @@ def create_app(engine: Engine, model_name: str, limits: Limits | None = None):
     async def chat_completions(request: Request):
         return await run(request, "chat")
 
+    # ---- vLLM's tokenizer endpoints (lm-eval's tokenizer_backend="remote" reads them) -------------
+
+    special_names = {v: k for k, v in tokenizer.special_tokens.items()} if tokenizer is not None else {}
+
+    def need_tokenizer() -> None:
+        if tokenizer is None:
+            raise RequestError("this model has no tokenizer", status=404, kind="not_found_error",
+                               code="no_tokenizer")
+
+    def tokenize_ids(body: dict, t: TokenizeParams) -> list[int]:
+        """The ids /v1/completions makes of a text prompt (special-token text read as the token,
+        BOS where the model's raw prompts start with it), or those /v1/chat/completions makes of a
+        dialog. add_special_tokens adds that BOS (to a dialog too, unless it starts with it
+        already); off, the text alone. CPU work: run off the event loop."""
+        if t.chat and _image_parts(body.get("messages")):
+            ids = image_chat_prompt(body, engine, limits)[0]
+        elif t.chat:
+            ids = chat_prompt(body, tokenizer, add_generation_prompt=t.add_generation_prompt)[0]
+        else:
+            ids = tokenizer.encode(body["prompt"], allow_special=True)
+        bos = tokenizer.bos_id
+        if t.add_special_tokens and bos is not None and getattr(tokenizer, "add_bos", True) and ids[:1] != [bos]:
+            ids = [bos, *ids]
+        return ids
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        body = await _read_json(request, limits)
+        t = parse_tokenize(body)
+        check_model(body)
+        need_tokenizer()
+        ids = await asyncio.get_running_loop().run_in_executor(None, tokenize_ids, body, t)
+        strs = None
+        if t.return_token_strs:  # a tiktoken vocabulary builds its HF spelling the first time: off the loop too
+            strs = await asyncio.get_running_loop().run_in_executor(
+                None, lambda: [token_name(tokenizer, i, special_names) for i in ids])
+        return {"count": len(ids), "max_model_len": args.max_seq_len, "tokens": ids, "token_strs": strs}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        body = await _read_json(request, limits)
+        need_tokenizer()
+        ids = parse_detokenize(body, tokenizer.vocab_size)  # the ids it can spell
+        check_model(body)
+        try:
+            return {"prompt": tokenizer.decode(ids)}
+        except HerdError as e:
+            raise RequestError(str(e), param="tokens") from None
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info():
+        """What vLLM serves behind --enable-tokenizer-info-endpoint (the tokenizer's config): the
+        special tokens' texts, the chat template, the context length."""
+        need_tokenizer()
+        return {"tokenizer_class": type(tokenizer).__name__,
+                "bos_token": token_name(tokenizer, tokenizer.bos_id, special_names),
+                "eos_token": token_name(tokenizer, tokenizer.eos_id, special_names),
+                "pad_token": token_name(tokenizer, tokenizer.pad_id, special_names),
+                "unk_token": token_name(tokenizer, getattr(tokenizer, "unk_id", None), special_names),
+                "add_bos_token": bool(tokenizer.bos_id is not None and getattr(tokenizer, "add_bos", True)),
+                "chat_template": chat_template_text(tokenizer), "model_max_length": args.max_seq_len}
+
     return app
 
 
@@ -1299,7 +1485,8 @@ def add_serve_parser(sub) -> None:
 
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (continuous batching, paged KV cache)",
                        description="Serve a model over OpenAI's API: /v1/models, /v1/completions, "
-                                   "/v1/chat/completions (streaming or not), /health.")
+                                   "/v1/chat/completions (streaming or not), /health, and vLLM's "
+                                   "/tokenize, /detokenize, /tokenizer_info.")
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"built-in name ({', '.join(BUILTIN_MODELS)}), checkpoint directory or .gguf "
                         f"(default: {DEFAULT_MODEL})")
