@@ -31,3 +31,20 @@ def hf_smollm2(smollm2_gguf):
 def hf_smollm2_tokenizer(smollm2_gguf):
     transformers = pytest.importorskip("transformers")
     return transformers.AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2_hub_tokenizer(hf_smollm2_tokenizer):
+    """transformers' GGUF tokenizer with the hub's pre-tokenizer put back. lm-eval loads the hub's
+    tokenizer.json, whose pre-tokenizer is Digits(individual_digits) + ByteLevel; transformers' GGUF
+    reader keeps only ByteLevel (tests/tokenizer/test_hf_bpe.py), so "Answer:  4" would split
+    differently from the model's own tokenizer (and herd's)."""
+    import copy
+
+    from tokenizers import pre_tokenizers
+
+    tok = copy.deepcopy(hf_smollm2_tokenizer)
+    tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    return tok

@@ -411,14 +411,14 @@ class TokenTexts:
         return ""
 
 
-def _check_ids(ids: list, vocab: int) -> list[int]:
-    if not ids:
-        raise RequestError("prompt is empty", param="prompt")
+def _check_ids(ids: list, vocab: int, param: str = "prompt", *, empty_ok: bool = False) -> list[int]:
+    if not ids and not empty_ok:
+        raise RequestError(f"{param} is empty", param=param)
     for t in ids:
         if not _is_int(t):
-            raise RequestError(f"prompt: token ids must be integers, got {json.dumps(t)[:40]}", param="prompt")
+            raise RequestError(f"{param}: token ids must be integers, got {json.dumps(t)[:40]}", param=param)
         if not 0 <= t < vocab:
-            raise RequestError(f"token id {json.dumps(t)[:40]} is outside the vocabulary of {vocab}", param="prompt")
+            raise RequestError(f"token id {json.dumps(t)[:40]} is outside the vocabulary of {vocab}", param=param)
     return ids
 
 
@@ -640,12 +640,7 @@ def parse_detokenize(body: dict, vocab: int) -> list[int]:
     ids = body.get("tokens")
     if not isinstance(ids, list):
         raise RequestError("tokens must be a list of token ids", param="tokens")
-    for t in ids:
-        if not _is_int(t):
-            raise RequestError(f"tokens: token ids must be integers, got {json.dumps(t)[:40]}", param="tokens")
-        if not 0 <= t < vocab:
-            raise RequestError(f"token id {json.dumps(t)[:40]} is outside the vocabulary of {vocab}", param="tokens")
-    return ids
+    return _check_ids(ids, vocab, "tokens", empty_ok=True)  # vLLM detokenizes [] to ""
 
 
 def token_name(tokenizer, i: int | None, names: dict[int, str]) -> str | None:

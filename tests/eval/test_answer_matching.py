@@ -16,6 +16,7 @@ import pytest
 
 from herd.errors import HerdError
 from herd.eval.tasks import is_correct, load_task
+from tests.cli_errors import run_cli_error
 from tests.train.posttrain_fixtures import write_jsonl
 
 GSM8K_OPTS = {"ignore_case": True, "ignore_punctuation": False,
@@ -279,13 +280,7 @@ def test_options_in_a_task_line_reach_the_scoring(tmp_path, monkeypatch):
     assert r.correct_items == [True, False, True, True]
 
 
-def _run(argv, capsys) -> str:
-    from herd.cli import main
-
-    assert main(argv) == 2
-    err = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
-    assert len(err) == 1 and err[0].startswith("herd: error:"), err
-    return err[0]
+_run = run_cli_error
 
 
 @pytest.mark.parametrize("row,message", [

@@ -9,18 +9,13 @@ import pytest
 
 from herd.errors import HerdError
 from herd.eval.tasks import evaluate_items, load_task
+from tests.cli_errors import run_cli_error
 from tests.train.posttrain_fixtures import make_tiny_model, write_jsonl
 
 NO_MODEL = "/nonexistent/model-dir"
 
 
-def _run(argv, capsys) -> str:
-    from herd.cli import main
-
-    assert main(argv) == 2
-    err = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
-    assert len(err) == 1 and err[0].startswith("herd: error:"), err
-    return err[0]
+_run = run_cli_error
 
 
 @pytest.mark.parametrize("row,message", [

@@ -11,7 +11,6 @@ both lm-eval models load it by path, offline."""
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 
@@ -22,9 +21,7 @@ for _module in ("aiohttp", "tenacity", "requests"):  # lm-eval's API models need
     pytest.importorskip(_module)
 
 
-import herd  # noqa: E402
-from herd.inference.engine import Engine  # noqa: E402
-from herd.inference.server import ServerThread, create_app  # noqa: E402
+from tests.inference.servers import smollm2_server  # noqa: E402
 
 TOL = 1e-3  # the brief's; the runs here agree to a few 1e-5 (fp32 on both sides, other op orders)
 
@@ -75,14 +72,8 @@ GEN = [  # (context, until, max_gen_toks)
 # ---- fixtures -----------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def hub_tok(hf_smollm2_tokenizer):
-    from tokenizers import pre_tokenizers
-
-    tok = copy.deepcopy(hf_smollm2_tokenizer)
-    tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
-    return tok
+def hub_tok(hf_smollm2_hub_tokenizer):
+    return hf_smollm2_hub_tokenizer  # the tokenizer lm-eval loads from the hub (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")
@@ -95,9 +86,7 @@ def tok_dir(hub_tok, tmp_path_factory):
 @pytest.fixture(scope="module")
 def served(smollm2_gguf):
     """`herd serve`'s app on the GGUF, loaded as `herd serve` and `herd eval` load it."""
-    model, tok = herd.load(smollm2_gguf)
-    engine = Engine(model, tok, max_batch=8, kv_cache_bytes=64 << 20)
-    with ServerThread(create_app(engine, "smollm2")) as server:
+    with smollm2_server(smollm2_gguf) as (server, model, tok, _engine):
         yield server, model, tok
 
 

@@ -28,19 +28,8 @@ ITEMS = [
 
 
 @pytest.fixture(scope="module")
-def hf_tok(hf_smollm2_tokenizer):
-    # lm-eval loads the hub's tokenizer.json, whose pre-tokenizer is Digits(individual_digits) +
-    # ByteLevel; transformers' GGUF reader keeps only ByteLevel (tests/tokenizer/test_hf_bpe.py), so
-    # "Answer:  4" would split differently from the model's own tokenizer. Restore the hub's.
-    import copy
-
-    from tokenizers import pre_tokenizers
-
-    tok = copy.deepcopy(hf_smollm2_tokenizer)
-    tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
-    return tok
+def hf_tok(hf_smollm2_hub_tokenizer):
+    return hf_smollm2_hub_tokenizer  # the tokenizer lm-eval loads from the hub (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
-"""The small served model several server tests share: a random `debug` Transformer with the real
-Llama 3 tokenizer (tied embeddings, init std 0.5 so greedy text varies), behind `herd serve`'s app."""
+"""The served models the server tests share: a random `debug` Transformer with the real Llama 3
+tokenizer (tied embeddings, init std 0.5 so greedy text varies), and the real SmolLM2 GGUF loaded as
+`herd serve` loads it, each behind `herd serve`'s app; and the small random models engine tests use."""
 
 from __future__ import annotations
 
@@ -26,3 +27,23 @@ def debug_server(*, max_batch: int, num_blocks: int, max_n: int):
     engine = Engine(model, tok, max_batch=max_batch, num_blocks=num_blocks, block_size=16)
     with ServerThread(create_app(engine, "debug", Limits(max_n=max_n, max_body_bytes=1 << 20))) as server:
         yield server, model, tok, engine
+
+
+@contextlib.contextmanager
+def smollm2_server(gguf):
+    """The real SmolLM2 GGUF as `herd serve` (and `herd eval`) load it, behind the app. Yields
+    (server, model, tokenizer, engine)."""
+    import herd
+
+    model, tok = herd.load(gguf)
+    engine = Engine(model, tok, max_batch=8, kv_cache_bytes=64 << 20)
+    with ServerThread(create_app(engine, "smollm2")) as server:
+        yield server, model, tok, engine
+
+
+def random_model(args, seed: int = 0) -> Transformer:
+    """A random Transformer with large weights (std 0.5), so that greedy text varies."""
+    torch.manual_seed(seed)
+    m = Transformer(args)
+    m.init_weights(std=0.5)
+    return m.eval()

@@ -11,14 +11,12 @@ import httpx
 import pytest
 import torch
 
-import herd
 from herd.inference.engine import Engine
 from herd.inference.sampling import SamplingParams
-from herd.inference.server import ServerThread, TokenTexts, create_app
+from herd.inference.server import TokenTexts
 from herd.models.args import ModelArgs
-from herd.models.llama3 import Transformer
 
-from .servers import debug_server
+from .servers import debug_server, random_model, smollm2_server
 
 GQA3 = ModelArgs(dim=96, n_layers=2, n_heads=6, n_kv_heads=2, vocab_size=300, ffn_hidden_dim=160,
                  rope_theta=10000.0, max_seq_len=128, tie_embeddings=True)
@@ -28,11 +26,7 @@ TOL = 1e-4  # the real model against transformers
 ENGINE_TOL = 5e-4
 
 
-def _model(args, seed=0):
-    torch.manual_seed(seed)
-    m = Transformer(args)
-    m.init_weights(std=0.5)
-    return m.eval()
+_model = random_model
 
 
 @torch.no_grad()
@@ -123,9 +117,7 @@ def test_engine_without_logprobs_computes_none(monkeypatch):
 
 @pytest.fixture(scope="module")
 def smol(smollm2_gguf):
-    model, tok = herd.load(smollm2_gguf)
-    engine = Engine(model, tok, max_batch=8, kv_cache_bytes=64 << 20)
-    with ServerThread(create_app(engine, "smollm2")) as server:
+    with smollm2_server(smollm2_gguf) as (server, model, tok, _engine):
         yield server, tok
 
 

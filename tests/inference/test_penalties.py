@@ -11,15 +11,13 @@ import pytest
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, RepetitionPenaltyLogitsProcessor
 
-import herd
 from herd.errors import HerdError
 from herd.inference.engine import Engine
 from herd.inference.sampling import SamplingParams, process_logits, sample
-from herd.inference.server import ServerThread, TokenTexts, create_app
+from herd.inference.server import TokenTexts
 from herd.models.args import ModelArgs
-from herd.models.llama3 import Transformer
 
-from .servers import debug_server
+from .servers import debug_server, random_model, smollm2_server
 
 GQA3 = ModelArgs(dim=96, n_layers=2, n_heads=6, n_kv_heads=2, vocab_size=300, ffn_hidden_dim=160,
                  rope_theta=10000.0, max_seq_len=128, tie_embeddings=True)
@@ -90,11 +88,7 @@ def test_process_logits_keeps_suppressed_ids_out():
 
 # ---- the engine -----------------------------------------------------------------------------------
 
-def _model(args, seed=0):
-    torch.manual_seed(seed)
-    m = Transformer(args)
-    m.init_weights(std=0.5)
-    return m.eval()
+_model = random_model
 
 
 @torch.no_grad()
@@ -157,9 +151,7 @@ def test_engine_refuses_bias_outside_the_vocabulary():
 
 @pytest.fixture(scope="module")
 def smol(smollm2_gguf):
-    model, tok = herd.load(smollm2_gguf)
-    engine = Engine(model, tok, max_batch=8, kv_cache_bytes=64 << 20)
-    with ServerThread(create_app(engine, "smollm2")) as server:
+    with smollm2_server(smollm2_gguf) as (server, model, tok, _engine):
         yield server, tok
 
 

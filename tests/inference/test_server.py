@@ -24,7 +24,7 @@ from herd.inference.server import ServerThread, create_app
 from herd.models.args import PRESETS
 from herd.models.llama3 import Transformer
 
-from .servers import debug_server
+from .servers import debug_server, smollm2_server
 
 
 def _wait_idle(engine, timeout=30.0):
@@ -44,9 +44,7 @@ def _pool_is_full(engine):
 
 @pytest.fixture(scope="module")
 def smol(smollm2_gguf):
-    model, tok = herd.load(smollm2_gguf)
-    engine = Engine(model, tok, max_batch=8, kv_cache_bytes=64 << 20)
-    with ServerThread(create_app(engine, "smollm2")) as server:
+    with smollm2_server(smollm2_gguf) as (server, model, tok, engine):
         yield server, model, tok, engine
 
 

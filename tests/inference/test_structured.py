@@ -14,15 +14,13 @@ import openai
 import pytest
 import torch
 
-import herd
 from herd.inference.engine import Engine
 from herd.inference.sampling import SamplingParams, process_logits, sample
-from herd.inference.server import ServerThread, create_app
 from herd.inference.structured import Matcher, json_schema_grammar
 from herd.models.args import PRESETS
 from herd.models.llama3 import Transformer
 
-from .servers import debug_server
+from .servers import debug_server, smollm2_server
 
 # ---- schemas ------------------------------------------------------------------------------------
 
@@ -63,9 +61,7 @@ def _fmt(schema, name="answer"):
 
 @pytest.fixture(scope="module")
 def smol(smollm2_gguf):
-    model, tok = herd.load(smollm2_gguf)
-    engine = Engine(model, tok, max_batch=8, kv_cache_bytes=64 << 20)
-    with ServerThread(create_app(engine, "smollm2")) as server:
+    with smollm2_server(smollm2_gguf) as (server, model, tok, engine):
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
         yield client, model, tok, engine
 

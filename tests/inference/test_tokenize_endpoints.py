@@ -12,11 +12,7 @@ import copy
 import httpx
 import pytest
 
-import herd
-from herd.inference.engine import Engine
-from herd.inference.server import ServerThread, create_app
-
-from .servers import debug_server
+from .servers import debug_server, smollm2_server
 
 USER = [{"role": "user", "content": "Name a colour."}]
 
@@ -133,9 +129,7 @@ TEXTS = ["The capital of France is Paris.", "Un café, s'il vous plaît — 世�
 
 @pytest.fixture(scope="module")
 def smol(smollm2_gguf):
-    model, tok = herd.load(smollm2_gguf)
-    engine = Engine(model, tok, max_batch=8, kv_cache_bytes=64 << 20)
-    with ServerThread(create_app(engine, "smollm2")) as server:
+    with smollm2_server(smollm2_gguf) as (server, model, tok, _engine):
         yield server, tok
 
 

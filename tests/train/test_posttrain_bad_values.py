@@ -19,23 +19,13 @@ from herd.train.lora import LoRAConfig, apply_lora, lora_modules
 from herd.train.posttrain import DPO, DPOConfig
 from herd.train.posttrain_cli import build_config
 from herd.train.rejection import Sampled, check_sample_args, preference_pairs, write_best
+from tests.cli_errors import run_cli_error
 from tests.train.posttrain_fixtures import write_jsonl
 
 NO_MODEL = "/nonexistent/model-dir"
 
 
-def _one_error_line(capsys) -> str:
-    err = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
-    assert len(err) == 1, err
-    assert err[0].startswith("herd: error:") and "Traceback" not in err[0]
-    return err[0]
-
-
-def _run(argv, capsys) -> str:
-    from herd.cli import main
-
-    assert main(argv) == 2
-    return _one_error_line(capsys)
+_run = run_cli_error
 
 
 # ---- LoRA and DPO settings: checked when the config is built ---------------------------------------
