@@ -89,7 +89,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
         if mask is not None:
             mask = mask.expand(-1, -1, group, -1)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).reshape(B, H, 1, d)
-    if T == S and short_attention.applies(q, k) and (mask is None or short_attention.mask_is_causal(mask)):
+    if T == S and short_attention.applies(q, k):
         return short_attention.causal_attention(q, k, v, mask)
     # Many queries (training, prefill): the fused kernels map query heads to KV heads themselves;
     # plain causal attention over the new tokens alone also skips the masked half.

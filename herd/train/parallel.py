@@ -224,7 +224,9 @@ def _saved_ops() -> set:
     names = ["mm", "addmm", "bmm", "_scaled_dot_product_efficient_attention",
              "_scaled_dot_product_flash_attention", "_scaled_dot_product_cudnn_attention",
              "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_attention_math"]
-    return {getattr(aten, n).default for n in names if hasattr(aten, n)}
+    from herd.models import short_attention  # noqa: F401  (registers torch.ops.herd.short_attention)
+
+    return {getattr(aten, n).default for n in names if hasattr(aten, n)} | {torch.ops.herd.short_attention.default}
 
 
 def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:

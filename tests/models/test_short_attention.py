@@ -29,7 +29,7 @@ def test_matches_sdpa(B, H, K, T, d, masked):
     if masked:  # documents of random lengths, as packing makes them
         doc_ids = torch.cumsum(torch.rand(B, T, generator=torch.Generator().manual_seed(T)) < 0.03, 1)
         mask = document_mask(doc_ids)
-        assert short_attention.mask_is_causal(mask)
+        assert not short_attention.looks_ahead(mask)
     results = []
     for fn in (lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                                       enable_gqa=H != K),
@@ -48,18 +48,67 @@ def test_attend_dispatch():
     assert not short_attention.applies(q.double(), k.double())
     long_q = torch.zeros(1, 1, short_attention.MAX_LEN + 1, 8)
     assert not short_attention.applies(long_q, long_q)
-    # a mask that looks ahead (e.g. a bidirectional prefix) is not causal: attend takes the fused kernel
-    # and must still give the masked attention exactly
-    prefix = torch.ones(16, 16, dtype=torch.bool).tril()
+
+
+def _masks(T):
+    # a mask that looks ahead (a bidirectional prefix): no causal block may skip its keys, so the
+    # operator hands it to torch's fused kernel
+    prefix = torch.ones(T, T, dtype=torch.bool).tril()
     prefix[:4, :4] = True
-    mask = prefix[None, None]
-    assert not short_attention.mask_is_causal(mask)
-    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-    torch.testing.assert_close(attend(q, k, v, mask), ref)
-    # an empty row (a query that may attend nothing) would be NaN in a softmax: not served here
-    empty = torch.ones(16, 16, dtype=torch.bool).tril()
-    empty[3] = False
-    assert not short_attention.mask_is_causal(empty[None, None])
+    # queries that may attend nothing (a padded row): zeros, as SDPA gives them, not a softmax's NaN
+    empty = torch.ones(2, 1, T, T, dtype=torch.bool).tril()
+    empty[0, 0, 3] = False
+    empty[1, 0, T - 5:] = False
+    return {"prefix": prefix[None, None], "empty rows": empty}
+
+
+@pytest.mark.parametrize("kind", ["prefix", "empty rows"])
+@pytest.mark.parametrize("T", [16, 130])
+def test_other_masks_match_sdpa(kind, T):
+    mask = _masks(T)[kind]
+    assert short_attention.looks_ahead(mask) == (kind == "prefix")
+    q, k, v, grad_out = _qkv(2, 4, 2, T, 8, seed=T)
+    results = []
+    for fn in (lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True),
+               lambda: attend(q, k, v, mask)):
+        q.grad = k.grad = v.grad = None
+        out = fn()
+        out.backward(grad_out)
+        results.append((out.detach(), q.grad, k.grad, v.grad))
+    for ref, ours in zip(*results, strict=True):
+        assert ours.isfinite().all()
+        torch.testing.assert_close(ours, ref, rtol=1e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_under_compile(masked):
+    # torch.compile calls the two operators as they are (no graph break, no fallback to the flash
+    # kernel), with the same numbers as eager; T changes between calls, so the fake operators must
+    # follow a symbolic T
+    compiled = torch.compile(short_attention.causal_attention, fullgraph=True)
+    for T in (64, 100, 37):
+        q, k, v, grad_out = _qkv(2, 4, 2, T, 16, seed=T)
+        mask = None
+        if masked:
+            doc_ids = torch.cumsum(torch.rand(2, T, generator=torch.Generator().manual_seed(T)) < 0.1, 1)
+            mask = document_mask(doc_ids)
+        results = []
+        for fn in (short_attention.causal_attention, compiled):
+            q.grad = k.grad = v.grad = None
+            out = fn(q, k, v, mask)
+            out.backward(grad_out)
+            results.append((out.detach(), q.grad, k.grad, v.grad))
+        for ref, ours in zip(*results, strict=True):
+            torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_operator_contract():
+    # torch.library's own checks: fake shapes and strides match the real ones, autograd registration,
+    # no aliasing of inputs (opcheck)
+    q, k, v, _ = _qkv(2, 4, 2, 70, 8, seed=3)
+    mask = document_mask(torch.cumsum(torch.rand(2, 70, generator=torch.Generator().manual_seed(0)) < 0.1, 1))
+    for m in (None, mask, _masks(70)["prefix"]):
+        torch.library.opcheck(torch.ops.herd.short_attention.default, (q, k, v, m))
 
 
 @pytest.mark.parametrize("mode", ["full", "selective"])
