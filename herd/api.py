@@ -60,8 +60,9 @@ def load(spec: str | Path, *, device: str | torch.device = "cpu", dtype: torch.d
     """Load a model and its tokenizer from a built-in name, a checkpoint directory (HF or Meta
     layout) or a .gguf file → (Transformer in eval mode, tokenizer or None).
 
-    for_inference: on CPU in fp32, pre-pack the linear layers for ~1.5× faster generation
-    (herd/inference/cpu_linear.py); such a model has no backward. Pass False to fine-tune."""
+    for_inference: on CPU in fp32, pre-pack the linear layers whose packed products decode faster on
+    this machine (timed at load, herd/inference/cpu_linear.py; 1.5–2× per layer where they win);
+    such a model has no backward. Pass False to fine-tune."""
     return load_model_tokenizer(resolve_model_path(spec), device, dtype, for_inference)
 
 

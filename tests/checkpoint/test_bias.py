@@ -258,7 +258,7 @@ def test_packed_linears_add_the_bias():
     model = _random_model(_biased_args())
     tokens = _tokens()
     want = _herd_logits(model, tokens)
-    pack_linears(model)
+    pack_linears(model, tune=False)
     assert isinstance(model.layers[0].attention.wq, PackedLinear) and model.layers[0].attention.wq.bias is not None
     torch.testing.assert_close(_herd_logits(model, tokens), want, rtol=1e-5, atol=1e-5)
 
