@@ -13,7 +13,8 @@ Two kinds of item, told apart per line:
   with the last number in the reply (GSM8K's "#### N" when present; "−3", "1e3", "3/4", "1 3/4",
   "$1,000", "12." read as numbers, see _TOKEN), any other answer with the reply stripped of
   surrounding space, quotes and a final period; "match": "contains" accepts a reply that contains
-  the answer. Optional lm-eval exact_match options per line (MATCH_OPTIONS): "ignore_case",
+  the answer; "match": "math" reads reply and answer with math-verify and compares their values
+  (MATH-style LaTeX: "\\frac{2}{3}" = "\\boxed{4/6}"). Optional lm-eval exact_match options per line (MATCH_OPTIONS): "ignore_case",
   "ignore_punctuation" (true/false, default false as in lm-eval) and "regexes_to_ignore" (a list).
 
 Chat template or raw prompt (`chat_template`, `herd eval --apply-chat-template` /
@@ -199,7 +200,62 @@ def _clean(reply: str) -> str:
     return text.strip()
 
 
-MATCHES = ("auto", "exact", "contains")
+MATCHES = ("auto", "exact", "contains", "math")
+
+# "math" (MATH / Minerva style answers: "\frac{2}{3}", "\sqrt{2}", "(1, 2]", "x^2+1"): the reply and the
+# answer are read by math-verify, the library lm-eval's minerva_math `math_verify` metric and
+# HF's open-r1 use, and compared as it compares them (sympy: 0.5 = \frac{1}{2}, 1+x^2 = x^2+1,
+# intervals, sets and matrices; numbers to 6 decimals). The reply is read as math-verify reads it
+# (its \boxed{...} first, else LaTeX or a plain expression); a bare answer ("\frac{2}{3}", no "$") is
+# read as one LaTeX expression.
+
+
+def _math_verify():
+    try:
+        import math_verify
+    except ImportError:  # a dependency of herd (pyproject); missing only in a partial install
+        raise HerdError("'match': 'math' needs the math-verify package (pip install math-verify)") from None
+    return math_verify
+
+
+def _math_timeouts() -> dict:
+    # math-verify bounds sympy's time with SIGALRM, which only the main thread may set
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        return {}
+    return {"parsing_timeout": None}
+
+
+def math_answer(answer: Any) -> list:
+    """The answer as math-verify reads it (a list: its sympy value and the text it came from), or []
+    when it reads nothing. A JSON number is that number; text with no "$", "\\[" or "\\boxed" is
+    read as one LaTeX expression."""
+    mv = _math_verify()
+    text = repr(answer) if isinstance(answer, float) else str(answer)
+    if not any(mark in text for mark in ("$", "\\[", "\\(", "\\boxed")):
+        text = f"${text}$"
+    return mv.parse(text, **_math_timeouts())
+
+
+def check_math_answer(answer: Any, options: dict[str, Any], where: str) -> None:
+    """A "math" line's answer must read as an expression (else no reply could ever match it), and
+    the text-only options are refused rather than silently doing nothing."""
+    if {"ignore_case", "ignore_punctuation"} & options.keys():
+        raise HerdError(f"{where}: 'ignore_case' and 'ignore_punctuation' do not apply to 'match': 'math' "
+                        "(math-verify compares values, not text)")
+    if isinstance(answer, str):
+        answer = _drop(answer, options.get("regexes_to_ignore", ()))
+    if not math_answer(answer):
+        raise HerdError(f"{where}: math-verify reads no expression in 'answer' {_show(answer)[:60]}")
+
+
+def math_is_correct(reply: str, answer: Any) -> bool:
+    mv = _math_verify()
+    gold = math_answer(answer)
+    got = mv.parse(reply, **_math_timeouts())
+    kw = {} if not _math_timeouts() else {"timeout_seconds": None}
+    return bool(gold and got and mv.verify(gold, got, **kw))
 
 # lm-eval's exact_match options (lm_eval/api/metrics.py exact_match_hf_evaluate, copied from HF
 # evaluate's exact_match), as keys of a task line beside "match": remove each regex from reply and
@@ -260,8 +316,9 @@ def _normalise(text: str, ignore_case: bool, ignore_punctuation: bool) -> str:
 def is_correct(reply: str, answer: Any, match: str = "auto", *, ignore_case: bool = False,
                ignore_punctuation: bool = False, regexes_to_ignore: Sequence[str] = ()) -> bool:
     """`match`: "auto" (numbers by value, the last number or "#### N"; text exactly; see the rules
-    above), "exact" (the stripped reply equals the answer) or "contains" (the answer appears in the
-    reply; case-sensitive unless ignore_case). The options are lm-eval's exact_match's (MATCH_OPTIONS): the regexes
+    above), "exact" (the stripped reply equals the answer), "contains" (the answer appears in the
+    reply; case-sensitive unless ignore_case) or "math" (math-verify's reading and comparison; case
+    and punctuation options do not apply). The options are lm-eval's exact_match's (MATCH_OPTIONS): the regexes
     apply to every match, and to the answer when it is text (a JSON number stays that number); case
     and punctuation to text comparisons only (a numeric "auto" answer is compared by value: dropping
     "-" or "." from numbers would make 1.5 equal 15)."""
@@ -272,6 +329,8 @@ def is_correct(reply: str, answer: Any, match: str = "auto", *, ignore_case: boo
     reply = _drop(reply, regexes_to_ignore)
     if isinstance(answer, str):
         answer = _drop(answer, regexes_to_ignore)
+    if match == "math":
+        return math_is_correct(reply, answer)
     if match == "auto" and (want := _answer_number(answer)) is not None:
         got = _reply_number(reply)
         return got is not None and _same_number(got, want)
@@ -402,6 +461,8 @@ def load_task(path: str | os.PathLike, *, chat_template: bool | None = None) -> 
             # an empty answer matches every empty (or, with "contains", every) reply
             raise HerdError(f"{where}: 'answer' is empty once the line's 'regexes_to_ignore' / "
                             "'ignore_punctuation' remove what they match")
+        if match == "math" and choices is None:
+            check_math_answer(answer, options, where)
         messages = as_messages(prompt, where)  # checks the messages, naming the line
         item = TaskItem(where, messages, answer, choices, match, _raw_text(prompt), delim, options)
         if chat_template is False:
