@@ -15,7 +15,8 @@ Two kinds of item, told apart per line:
   surrounding space, quotes and a final period; "match": "contains" accepts a reply that contains
   the answer; "match": "math" reads reply and answer with math-verify and compares their values
   (MATH-style LaTeX: "\\frac{2}{3}" = "\\boxed{4/6}"). Optional lm-eval exact_match options per line (MATCH_OPTIONS): "ignore_case",
-  "ignore_punctuation" (true/false, default false as in lm-eval) and "regexes_to_ignore" (a list).
+  "ignore_punctuation", "ignore_numbers" (true/false, default false as in lm-eval) and
+  "regexes_to_ignore" (a list).
 
 Chat template or raw prompt (`chat_template`, `herd eval --apply-chat-template` /
 `--no-apply-chat-template`): lm-eval's default is the raw prompt (the text as is, BOS where the
@@ -238,18 +239,6 @@ def math_answer(answer: Any) -> list:
     return mv.parse(text, **_math_timeouts())
 
 
-def check_math_answer(answer: Any, options: dict[str, Any], where: str) -> None:
-    """A "math" line's answer must read as an expression (else no reply could ever match it), and
-    the text-only options are refused rather than silently doing nothing."""
-    if {"ignore_case", "ignore_punctuation"} & options.keys():
-        raise HerdError(f"{where}: 'ignore_case' and 'ignore_punctuation' do not apply to 'match': 'math' "
-                        "(math-verify compares values, not text)")
-    if isinstance(answer, str):
-        answer = _drop(answer, options.get("regexes_to_ignore", ()))
-    if not math_answer(answer):
-        raise HerdError(f"{where}: math-verify reads no expression in 'answer' {_show(answer)[:60]}")
-
-
 def math_is_correct(reply: str, answer: Any) -> bool:
     mv = _math_verify()
     gold = math_answer(answer)
@@ -260,10 +249,11 @@ def math_is_correct(reply: str, answer: Any) -> bool:
 # lm-eval's exact_match options (lm_eval/api/metrics.py exact_match_hf_evaluate, copied from HF
 # evaluate's exact_match), as keys of a task line beside "match": remove each regex from reply and
 # answer (re.sub, in order), then lower-case, then drop ASCII punctuation (string.punctuation), in
-# that order, on both sides. Off by default there too, so a line without them scores as before.
-# lm-eval's `ignore_numbers` is not offered.
-MATCH_OPTIONS = ("ignore_case", "ignore_punctuation", "regexes_to_ignore")
+# that order, then drop the digits 0-9 (ignore_numbers), on both sides. Off by default there too,
+# so a line without them scores as before.
+MATCH_OPTIONS = ("ignore_case", "ignore_punctuation", "ignore_numbers", "regexes_to_ignore")
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
+_DIGITS = str.maketrans("", "", string.digits)
 
 
 def _show(value: Any) -> str:
@@ -278,7 +268,7 @@ def check_match_options(options: dict[str, Any], where: str = "answer matching")
     "true" would be truthy and a bare string of regexes_to_ignore would be taken character by
     character (as lm-eval does), so each must be what it says, and every regex must compile."""
     out: dict[str, Any] = {}
-    for key in ("ignore_case", "ignore_punctuation"):
+    for key in ("ignore_case", "ignore_punctuation", "ignore_numbers"):
         if key in options:
             if not isinstance(options[key], bool):
                 raise HerdError(f"{where}: '{key}' must be true or false, got {_show(options[key])}")
@@ -305,25 +295,29 @@ def _drop(text: str, regexes: Sequence[str]) -> str:
     return text
 
 
-def _normalise(text: str, ignore_case: bool, ignore_punctuation: bool) -> str:
+def _normalise(text: str, ignore_case: bool, ignore_punctuation: bool, ignore_numbers: bool = False) -> str:
     if ignore_case:
         text = text.lower()  # lm-eval's np.char.lower: str.lower, not casefold ("ß" stays)
     if ignore_punctuation:
         text = text.translate(_PUNCTUATION)
+    if ignore_numbers:
+        text = text.translate(_DIGITS)
     return text
 
 
 def is_correct(reply: str, answer: Any, match: str = "auto", *, ignore_case: bool = False,
-               ignore_punctuation: bool = False, regexes_to_ignore: Sequence[str] = ()) -> bool:
+               ignore_punctuation: bool = False, ignore_numbers: bool = False,
+               regexes_to_ignore: Sequence[str] = ()) -> bool:
     """`match`: "auto" (numbers by value, the last number or "#### N"; text exactly; see the rules
     above), "exact" (the stripped reply equals the answer), "contains" (the answer appears in the
     reply; case-sensitive unless ignore_case) or "math" (math-verify's reading and comparison; case
     and punctuation options do not apply). The options are lm-eval's exact_match's (MATCH_OPTIONS): the regexes
     apply to every match, and to the answer when it is text (a JSON number stays that number); case
     and punctuation to text comparisons only (a numeric "auto" answer is compared by value: dropping
-    "-" or "." from numbers would make 1.5 equal 15)."""
+    "-" or "." from numbers would make 1.5 equal 15); ignore_numbers makes every comparison one of
+    text, as in lm-eval, where the digits are dropped from both sides."""
     check_match_options({"ignore_case": ignore_case, "ignore_punctuation": ignore_punctuation,
-                         "regexes_to_ignore": regexes_to_ignore})
+                         "ignore_numbers": ignore_numbers, "regexes_to_ignore": regexes_to_ignore})
     if match not in MATCHES:
         raise HerdError(f"unknown answer match {match!r}; choose {', '.join(MATCHES)}")
     reply = _drop(reply, regexes_to_ignore)
@@ -331,11 +325,11 @@ def is_correct(reply: str, answer: Any, match: str = "auto", *, ignore_case: boo
         answer = _drop(answer, regexes_to_ignore)
     if match == "math":
         return math_is_correct(reply, answer)
-    if match == "auto" and (want := _answer_number(answer)) is not None:
+    if match == "auto" and not ignore_numbers and (want := _answer_number(answer)) is not None:
         got = _reply_number(reply)
         return got is not None and _same_number(got, want)
-    reply = _normalise(reply, ignore_case, ignore_punctuation)
-    text = _normalise(str(answer), ignore_case, ignore_punctuation)
+    reply = _normalise(reply, ignore_case, ignore_punctuation, ignore_numbers)
+    text = _normalise(str(answer), ignore_case, ignore_punctuation, ignore_numbers)
     if match == "contains":
         return text in reply
     # The answer is cleaned as the reply is (lm-eval's exact_match applies its normalisation to both
@@ -353,6 +347,27 @@ def check_generation_answer(answer: Any, where: str) -> None:
         raise HerdError(f"{where}: 'answer' must be a finite number, got {answer}")
     if isinstance(answer, str) and not _clean(answer):  # '"."' is empty once cleaned as replies are
         raise HerdError(f"{where}: 'answer' is empty")
+
+
+def check_answer_matching(answer: Any, match: str, options: dict[str, Any], where: str) -> None:
+    """A generation line's answer under its match and options (check_match_options'): refused when
+    no reply could match it right — empty once the options remove what they match (it would match
+    every empty, or with "contains" every, reply), or, for "math", not an expression."""
+    if match == "math" and (text_only := [k for k in ("ignore_case", "ignore_punctuation", "ignore_numbers")
+                                          if k in options]):
+        raise HerdError(f"{where}: '{text_only[0]}' does not apply to 'match': 'math' "
+                        "(math-verify compares values, not text)")
+    if options and (isinstance(answer, str) or options.get("ignore_numbers")):
+        text = _drop(answer, options.get("regexes_to_ignore", ())) if isinstance(answer, str) else str(answer)
+        if not _clean(_normalise(text, False, options.get("ignore_punctuation", False),
+                                 options.get("ignore_numbers", False))):
+            raise HerdError(f"{where}: 'answer' is empty once the line's 'regexes_to_ignore' / "
+                            "'ignore_punctuation' / 'ignore_numbers' remove what they match")
+    if match == "math":
+        if isinstance(answer, str):
+            answer = _drop(answer, options.get("regexes_to_ignore", ()))
+        if not math_answer(answer):
+            raise HerdError(f"{where}: math-verify reads no expression in 'answer' {_show(answer)[:60]}")
 
 
 def _choice_answer(answer: Any, choices: list[str], where: str) -> int:
@@ -456,13 +471,8 @@ def load_task(path: str | os.PathLike, *, chat_template: bool | None = None) -> 
             # would do nothing, silently.
             raise HerdError(f"{where}: '{next(iter(options))}' applies to generation items (their reply is "
                             "matched as text); a multiple-choice item is scored by log-likelihood")
-        if isinstance(answer, str) and options and not _clean(_normalise(
-                _drop(answer, options.get("regexes_to_ignore", ())), False, options.get("ignore_punctuation", False))):
-            # an empty answer matches every empty (or, with "contains", every) reply
-            raise HerdError(f"{where}: 'answer' is empty once the line's 'regexes_to_ignore' / "
-                            "'ignore_punctuation' remove what they match")
-        if match == "math" and choices is None:
-            check_math_answer(answer, options, where)
+        if choices is None:
+            check_answer_matching(answer, match, options, where)
         messages = as_messages(prompt, where)  # checks the messages, naming the line
         item = TaskItem(where, messages, answer, choices, match, _raw_text(prompt), delim, options)
         if chat_template is False:

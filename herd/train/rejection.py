@@ -101,7 +101,7 @@ def check_sample_args(*, k: Any = 1, max_new_tokens: Any = 1, temperature: Any =
 def check_verifier_records(name: str, prompts: Sequence[tuple[str, list[dict], dict]]) -> None:
     """Check every prompt line has what verifier `name` reads (`answer`, a valid `match`), naming the
     line, before any sampling (this used to fail at the first such line, after the model load)."""
-    from herd.eval.tasks import MATCHES, check_generation_answer, check_match_options, check_math_answer
+    from herd.eval.tasks import MATCHES, check_answer_matching, check_generation_answer, check_match_options
 
     verifier_scorer(name)  # an unknown name fails here
     for where, _msgs, record in prompts:
@@ -111,9 +111,8 @@ def check_verifier_records(name: str, prompts: Sequence[tuple[str, list[dict], d
         match = record.get("match", "auto")
         if match not in MATCHES:
             raise HerdError(f"{where}: unknown 'match' {match!r}; choose {', '.join(MATCHES)}")
-        options = check_match_options(record, where)  # ignore_case etc., as a task line's (herd/eval/tasks.py)
-        if match == "math":
-            check_math_answer(record["answer"], options, where)
+        # ignore_case etc. and what they leave of the answer, as a task line's (herd/eval/tasks.py)
+        check_answer_matching(record["answer"], match, check_match_options(record, where), where)
 
 
 def verifier_scorer(name: str) -> Scorer:

@@ -53,6 +53,12 @@ EXACT_CASES = [
     ("#### $1,000.", "#### 1000", GSM8K_OPTS),
     ("#### 1000", "#### 1001", GSM8K_OPTS),
     ("x", "y", {"regexes_to_ignore": []}),
+    ("Chapter 12", "Chapter 7", {"ignore_numbers": True}),            # digits dropped from both sides
+    ("Chapter 12", "chapter 7", {"ignore_numbers": True, "ignore_case": True}),
+    ("v1.2-beta", "v-beta", {"ignore_numbers": True, "ignore_punctuation": True}),  # punctuation, then digits
+    ("Route 66", "Route 6", {"ignore_numbers": True}),
+    ("Route 66", "Route 6a", {"ignore_numbers": True}),
+    ("x²", "x", {"ignore_numbers": True}),                            # only 0-9 go
 ]
 
 
@@ -60,7 +66,8 @@ EXACT_CASES = [
 def test_exact_match_options_are_lm_evals(reply, answer, opts):
     want = _lm_eval_exact_match(reply, answer, **opts)
     assert is_correct(reply, answer, "exact", **opts) is want
-    if not any(c.isdigit() for c in answer):  # a text answer: "auto" compares it as "exact" does
+    if not any(c.isdigit() for c in answer) or opts.get("ignore_numbers"):
+        # a text answer, or any answer once digits are ignored: "auto" compares it as "exact" does
         assert is_correct(reply, answer, **opts) is want
 
 
@@ -294,7 +301,11 @@ _run = run_cli_error
     ({"regexes_to_ignore": ["ok", "(unclosed"]}, "'regexes_to_ignore' has '(unclosed', not a regular expression: "),
     ({"answer": "The answer: ", "regexes_to_ignore": ["The answer: "]}, "'answer' is empty once the line's"),
     ({"answer": "?!", "ignore_punctuation": True}, "'answer' is empty once the line's 'regexes_to_ignore' / "
-                                                   "'ignore_punctuation' remove what they match"),
+                                                   "'ignore_punctuation' / 'ignore_numbers' remove what they match"),
+    ({"answer": 42, "ignore_numbers": True}, "'answer' is empty once the line's"),
+    ({"answer": "12.", "ignore_numbers": True, "ignore_punctuation": True}, "'answer' is empty once the line's"),
+    ({"ignore_numbers": "yes"}, "'ignore_numbers' must be true or false, got \"yes\""),
+    ({"answer": "1", "match": "math", "ignore_numbers": True}, "'ignore_numbers' does not apply to 'match': 'math'"),
     ({"choices": ["a", "b"], "answer": 0, "ignore_case": True},
      "'ignore_case' applies to generation items (their reply is matched as text); a multiple-choice item"),
 ])

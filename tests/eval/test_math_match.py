@@ -73,7 +73,7 @@ def test_math_lines_in_a_task_file(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("row,message", [
     ({"answer": "\\text{}", "match": "math"}, "math-verify reads no expression in 'answer' \"\\\\text{}\""),
-    ({"answer": "x", "match": "math", "ignore_case": True}, "'ignore_case' and 'ignore_punctuation' do not apply"),
+    ({"answer": "x", "match": "math", "ignore_case": True}, "'ignore_case' does not apply to 'match': 'math'"),
     ({"answer": "Answer: ", "match": "math", "regexes_to_ignore": ["Answer: "]}, "'answer' is empty once"),
 ])
 def test_lines_no_reply_could_match_are_refused(tmp_path, row, message):
