@@ -18,9 +18,17 @@ the JSON is complete. tool_choice "required" constrains the reply to a JSON arra
 "parameters"} calls of the tools (vLLM's schema) and a named function {"type": "function",
 "function": {"name"}} to that function's parameters; both come back as OpenAI's `tool_calls` (a
 named call's JSON is its arguments; "required" finishes with "tool_calls"), streamed as one delta
-when the reply ends. A forced call needs no tool-aware template: the constraint writes it. A schema
-llguidance cannot compile is a 400 naming response_format (or tool_choice), as is a tool name not
-among `tools`.
+when the reply ends. A forced call needs no tool-aware template: the constraint writes it. vLLM's
+own forms, on both endpoints: `structured_outputs` with exactly one of "json" (a schema, or a JSON
+string of one), "regex" (the whole reply matches it), "choice" (a non-empty list of strings: the
+reply is exactly one of them, metacharacters and all), "grammar" (Lark in llguidance's dialect, or
+GBNF, which llguidance converts, as vLLM's guidance backend reads it) or "json_object": true (its
+"disable_any_whitespace" makes JSON compact; "disable_fallback" is a no-op), and the legacy
+guided_json / guided_regex / guided_choice / guided_grammar fields, the same constraints. The reply
+is plain content and stops when the grammar is complete. One constraint per reply: two of
+response_format, structured_outputs, a guided_* field and a forced tool_choice are a 400 naming the
+second. A schema, regex or grammar llguidance cannot compile is a one-line 400 naming its field
+(response_format, structured_outputs, guided_*, tool_choice), as is a tool name not among `tools`.
 
 Logprobs, in vLLM's shapes: chat `logprobs: true` with `top_logprobs` 0..20 gives each choice (and
 each streamed delta) `{"content": [{"token", "logprob", "bytes", "top_logprobs": [...]}]}`;
@@ -135,9 +143,11 @@ _IGNORED = ("user", "metadata", "store", "parallel_tool_calls", "service_tier", 
 _IGNORED_TYPES = {"user": (str, "a string"), "metadata": (dict, "an object"), "store": (bool, "a boolean"),
                   "parallel_tool_calls": (bool, "a boolean"), "service_tier": (str, "a string"),
                   "safety_identifier": (str, "a string"), "prompt_cache_key": (str, "a string")}
+# vLLM's older structured-output fields (before `structured_outputs`), each one of its constraints.
+_GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
 _COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "n", "stop", "seed", "stream",
            "stream_options", "ignore_eos", "logprobs", "presence_penalty", "frequency_penalty", "logit_bias",
-           "repetition_penalty", "response_format", *_NEUTRAL, *_IGNORED}
+           "repetition_penalty", "response_format", "structured_outputs", *_GUIDED, *_NEUTRAL, *_IGNORED}
 _FIELDS = {"completions": _COMMON | {"prompt", "echo", *_NEUTRAL_COMPLETIONS},
            "chat": _COMMON | {"messages", "tools", "tool_choice", "max_completion_tokens", "top_logprobs",
                               *_NEUTRAL_CHAT}}
@@ -173,6 +183,20 @@ def _is_neutral(x, neutral: tuple) -> bool:
     return any(x == v and isinstance(x, bool) == isinstance(v, bool) for v in neutral)
 
 
+@dataclass(frozen=True)
+class Constraint:
+    """One reply's constraint, compiled by llguidance. kind "json": spec a JSON schema; "regex": a
+    regex string; "choice": a list of strings; "grammar": Lark or GBNF text. param: the request
+    field that set it, which its errors name; where: how they spell the value (e.g.
+    structured_outputs.regex). any_whitespace: JSON's whitespace between tokens is free (vLLM's
+    default) or compact (its disable_any_whitespace)."""
+    kind: str
+    spec: object
+    param: str
+    where: str
+    any_whitespace: bool = True
+
+
 @dataclass
 class Params:
     max_tokens: int | None
@@ -184,8 +208,9 @@ class Params:
     ignore_eos: bool
     max_tokens_name: str = "max_tokens"  # the field the client sent it as, for error messages
     echo: bool = False  # completions: the prompt before the completion (and its logprobs)
-    # response_format's JSON schema (json_object: any object), or None: the output is free text.
-    schema: dict | None = None
+    # What the reply must follow (response_format, structured_outputs or a guided_* field), or
+    # None: free text. A forced tool_choice is another constraint, added per request in run().
+    constraint: Constraint | None = None
 
 
 _JSON_SCHEMA_KEYS = {"name", "description", "schema", "strict"}  # OpenAI's json_schema object
@@ -236,6 +261,97 @@ def _response_format(body: dict) -> dict | None:
         raise RequestError("response_format.json_schema.schema must be a JSON schema object",
                            param="response_format")
     return schema
+
+
+def _constraint(kind: str, value, param: str, where: str, any_whitespace: bool = True) -> Constraint:
+    """A structured_outputs / guided_* value → its Constraint, types checked as vLLM's request
+    model checks them (json: a schema object or a JSON string of one; regex and grammar: strings;
+    choice: a non-empty list of strings). What llguidance cannot compile is found later, against
+    the tokenizer (compile_constraint)."""
+    if kind == "json":
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except ValueError:
+                raise RequestError(f"{where} is a string that is not JSON: send a JSON schema (an object, "
+                                   "or a JSON string of one)", param=param) from None
+        if not isinstance(value, dict):
+            raise RequestError(f"{where} must be a JSON schema object (or a JSON string of one), got "
+                               f"{json.dumps(value)[:40]}", param=param)
+    elif kind in ("regex", "grammar"):
+        if not isinstance(value, str):
+            raise RequestError(f"{where} must be a string, got {json.dumps(value)[:40]}", param=param)
+    elif kind == "choice":
+        if not isinstance(value, list) or not value or not all(isinstance(c, str) for c in value):
+            raise RequestError(f"{where} must be a non-empty list of strings, got {json.dumps(value)[:60]}",
+                               param=param)
+    return Constraint(kind, value, param, where, any_whitespace)
+
+
+# vLLM's StructuredOutputsParams: its constraints (one at most), and its options. Options this
+# server cannot honour are accepted only at their no-op value, as the _NEUTRAL fields.
+_SO_KINDS = ("json", "regex", "choice", "grammar", "json_object")
+_SO_NEUTRAL = {"disable_additional_properties": (None, False), "whitespace_pattern": (None,),
+               "structural_tag": (None,)}
+
+
+def _structured_outputs(body: dict) -> Constraint | None:
+    """vLLM's `structured_outputs`: exactly one of json, regex, choice, grammar or json_object
+    (true: any JSON object); more than one is refused, as StructuredOutputsParams refuses it. Of its
+    options, disable_any_whitespace is honoured (compact JSON) and disable_fallback accepted as a
+    no-op (herd has one backend, nothing to fall back to)."""
+    so = body.get("structured_outputs")
+    if so is None:
+        return None
+    name = "structured_outputs"
+    if not isinstance(so, dict):
+        raise RequestError('structured_outputs must be an object such as {"regex": "..."}', param=name)
+    unknown = sorted(set(so) - {*_SO_KINDS, *_SO_NEUTRAL, "disable_any_whitespace", "disable_fallback"})
+    if unknown:
+        raise RequestError(f"structured_outputs: unexpected field(s) {', '.join(unknown)} (it takes one of "
+                           f"{', '.join(_SO_KINDS)})", param=name)
+    for key in ("disable_any_whitespace", "disable_fallback"):
+        if so.get(key) is not None and not isinstance(so[key], bool):
+            raise RequestError(f"structured_outputs.{key} must be a boolean", param=name)
+    for key, neutral in _SO_NEUTRAL.items():
+        if key in so and not _is_neutral(so[key], neutral):
+            allowed = " or ".join(json.dumps(v) for v in neutral)
+            raise RequestError(f"structured_outputs.{key} is not supported by this server (only {allowed})",
+                               param=name)
+    kinds = [k for k in _SO_KINDS if so.get(k) is not None]
+    if len(kinds) != 1:
+        raise RequestError(f"structured_outputs takes exactly one constraint of {', '.join(_SO_KINDS)}; got "
+                           f"{', '.join(kinds) or 'none'}", param=name)
+    kind = kinds[0]
+    ws = not so.get("disable_any_whitespace")
+    if kind == "json_object":
+        if so[kind] is not True:  # vLLM would constrain on false too: refused rather than guessed
+            raise RequestError("structured_outputs.json_object must be true", param=name)
+        from herd.inference.structured import JSON_OBJECT_SCHEMA
+
+        return Constraint("json", JSON_OBJECT_SCHEMA, name, "structured_outputs.json_object", ws)
+    return _constraint(kind, so[kind], name, f"structured_outputs.{kind}", ws)
+
+
+def _guided(body: dict) -> Constraint | None:
+    """vLLM's legacy guided_json / guided_regex / guided_choice / guided_grammar (what older
+    clients send in extra_body): one of them at most, as vLLM's own check."""
+    given = [k for k in _GUIDED if body.get(k) is not None]
+    if len(given) > 1:
+        raise RequestError(f"only one of {', '.join(_GUIDED)} may be set; got {', '.join(given)}", param=given[1])
+    return _constraint(_GUIDED[given[0]], body[given[0]], given[0], given[0]) if given else None
+
+
+def _request_constraint(body: dict) -> Constraint | None:
+    """The reply's constraint from response_format, structured_outputs or a guided_* field. Two of
+    them would both constrain the one reply: refused (naming the second), not silently merged."""
+    schema = _response_format(body)
+    found = [c for c in (Constraint("json", schema, "response_format", "response_format") if schema is not None
+                         else None, _structured_outputs(body), _guided(body)) if c is not None]
+    if len(found) > 1:
+        raise RequestError(f"{found[1].param} cannot be combined with {found[0].param}: both constrain the reply "
+                           "(send one)", param=found[1].param)
+    return found[0] if found else None
 
 
 def _logprobs(body: dict, kind: str) -> int | None:
@@ -346,13 +462,13 @@ def parse_params(body: dict, kind: str, limits: Limits, vocab: int | None = None
     # vLLM's extra: > 0 ("repetition_penalty must be greater than zero"), 1 = off.
     repetition = _float(body, "repetition_penalty", 1.0, lambda x: x > 0, "a number greater than 0")
     bias = _logit_bias(body, vocab)
-    schema = _response_format(body)
+    constraint = _request_constraint(body)
     sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, logprobs=logprobs,
                               prompt_logprobs=prompt_logprobs,
                               presence_penalty=presence, frequency_penalty=frequency,
                               repetition_penalty=repetition, logit_bias=bias)
     return Params(max_tokens, sampling, n, stop, stream, bool(opts and opts.get("include_usage")), ignore_eos, name,
-                  bool(echo), schema)
+                  bool(echo), constraint)
 
 
 def prompt_texts(body: dict, prompts: list[list[int]], tokenizer=None) -> list[str]:
@@ -1051,20 +1167,27 @@ def create_app(engine: Engine, model_name: str, limits: Limits | None = None):
              "function": {"name": c["function"]["name"], "arguments": json.dumps(c["function"]["arguments"])}}
             for c in calls]}, True
 
-    def compile_schema(schema, param: str) -> str:
-        """A JSON schema → its llguidance grammar, compiled once here against the tokenizer so that
-        a schema llguidance cannot compile is a 400 naming `param`, as vLLM refuses it, before any
-        engine work. CPU work (the first call builds the token table): run off the event loop."""
-        from herd.inference.structured import check_grammar, json_schema_grammar
+    def compile_constraint(c: Constraint) -> str:
+        """A constraint → its llguidance grammar, compiled once here against the tokenizer so that
+        a schema, regex or grammar llguidance cannot compile is a one-line 400 naming its field, as
+        vLLM refuses it, before any engine work. CPU work (the first call builds the token table):
+        run off the event loop."""
+        from herd.inference import structured
 
         if tokenizer is None:
-            raise RequestError("structured outputs need the model's tokenizer", param=param)
+            raise RequestError("structured outputs need the model's tokenizer", param=c.param)
+        build = {"json": lambda: structured.json_schema_grammar(c.spec, any_whitespace=c.any_whitespace),
+                 "regex": lambda: structured.regex_grammar(c.spec),
+                 "choice": lambda: structured.choice_grammar(c.spec),
+                 "grammar": lambda: structured.lark_grammar(c.spec)}[c.kind]
         try:
-            grammar = json_schema_grammar(schema)
-            check_grammar(grammar, tokenizer, args.vocab_size)
+            grammar = build()
+            structured.check_grammar(grammar, tokenizer, args.vocab_size)
         except HerdError as e:
-            what = "tools' parameters" if param == "tool_choice" else "JSON schema"
-            raise RequestError(f"{param}: invalid {what}: {e}"[:500], param=param) from None
+            what = {"json": "tools' parameters" if c.param == "tool_choice" else "JSON schema",
+                    "regex": "regex", "choice": "choice",
+                    "grammar": "grammar (Lark, llguidance's dialect, or GBNF)"}[c.kind]
+            raise RequestError(f"{c.where}: invalid {what}: {e}"[:500], param=c.param) from None
         return grammar
 
     def forced_message(forced: ForcedTool, text: str, reason: str) -> tuple[dict, str]:
@@ -1151,14 +1274,17 @@ def create_app(engine: Engine, model_name: str, limits: Limits | None = None):
         else:
             prompts, use_tools = completion_prompts(body, tokenizer, args.vocab_size), False
         forced = forced_tool(body) if kind == "chat" else None
-        if forced is not None and p.schema is not None:
-            # Both would constrain the one reply: refused rather than silently picking one.
-            raise RequestError("response_format cannot be combined with a forced tool_choice (the call's "
-                               "arguments already follow the function's parameters schema)", param="response_format")
-        schema, schema_param = (forced.schema, "tool_choice") if forced is not None else (p.schema, "response_format")
-        if schema is not None:
+        constraint = p.constraint
+        if forced is not None:
+            if constraint is not None:
+                # Both would constrain the one reply: refused rather than silently picking one.
+                raise RequestError(f"{constraint.param} cannot be combined with a forced tool_choice (the call's "
+                                   "arguments already follow the function's parameters schema)",
+                                   param=constraint.param)
+            constraint = Constraint("json", forced.schema, "tool_choice", "tool_choice")
+        if constraint is not None:
             p.sampling = replace(p.sampling, grammar=await asyncio.get_running_loop().run_in_executor(
-                None, compile_schema, schema, schema_param))
+                None, compile_constraint, constraint))
         max_tokens = budget(prompts, p, kind)
         # echo with max_tokens 0: the engine generates one token (it always samples once), dropped here.
         discard = p.echo and max_tokens == 0

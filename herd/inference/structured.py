@@ -1,5 +1,6 @@
 """Structured outputs: decoding constrained to a JSON schema (OpenAI's `response_format`, vLLM's
-structured outputs) through llguidance, the library behind vLLM's "guidance" backend.
+structured outputs), a regex, a choice of exact strings, or a Lark / GBNF grammar, through
+llguidance, the library behind vLLM's "guidance" backend.
 
 A request's constraint is an llguidance grammar (a string, kept in `SamplingParams.grammar`). Each
 sample gets its own `Matcher` over it; before a sample's token is drawn the matcher's mask sets
@@ -85,14 +86,51 @@ def json_schema_grammar(schema, *, any_whitespace: bool = True) -> str:
         raise HerdError(str(e).strip().splitlines()[0] if str(e).strip() else "invalid JSON schema") from None
 
 
+def regex_grammar(regex: str) -> str:
+    """An llguidance grammar for a regex (Rust regex syntax, as vLLM's guidance backend): the whole
+    output must match it. Not checked here: check_grammar reports a bad regex."""
+    return _llguidance().LLMatcher.grammar_from_regex(regex)
+
+
+def choice_grammar(choices: list[str]) -> str:
+    """Exactly one of `choices`, as vLLM's guidance backend (llguidance's grammar_from("choice")):
+    a Lark alternation of string literals. json.dumps quotes each one, so that "a+b" or "(x)" is
+    that text, never a pattern."""
+    return _llguidance().LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in choices))
+
+
+def lark_grammar(text: str) -> str:
+    """An llguidance grammar for a Lark grammar (llguidance's dialect) or a GBNF one, which
+    llguidance converts to Lark — vLLM's guidance backend reads a `grammar` the same way
+    (grammar_from("grammar")). Raises HerdError for GBNF that cannot be converted."""
+    llg = _llguidance()
+    from llguidance.gbnf_to_lark import any_to_lark
+
+    try:
+        lark = any_to_lark(text)
+    except Exception as e:  # the converter raises its own error types, and plain ones on odd input
+        raise HerdError(f"cannot read it as Lark or GBNF: {_reason(str(e)) or type(e).__name__}") from None
+    return llg.LLMatcher.grammar_from_lark(lark)
+
+
+def _reason(err: str) -> str:
+    """llguidance's error message on one line: its first line, plus the "error: ..." line a regex
+    error carries below its source excerpt (the excerpt itself is left out)."""
+    lines = [x.strip() for x in err.strip().splitlines() if x.strip()]
+    if not lines:
+        return ""
+    detail = next((x.removeprefix("error:").strip() for x in lines[1:] if x.startswith("error:")), None)
+    return f"{lines[0]} {detail}" if detail else lines[0]
+
+
 def check_grammar(grammar: str, tokenizer, vocab_size: int | None = None) -> None:
-    """Compile `grammar` against the tokenizer: a schema llguidance cannot compile (an unknown
-    $ref, a bad regex pattern, contradictory bounds) raises HerdError with its one-line reason,
-    before the request reaches the engine."""
+    """Compile `grammar` against the tokenizer: a grammar llguidance cannot compile (a schema's
+    unknown $ref, a bad regex, contradictory bounds, a Lark syntax error) raises HerdError with its
+    one-line reason, before the request reaches the engine."""
     llg = _llguidance()
     err = llg.LLMatcher.validate_grammar(grammar, ll_tokenizer(tokenizer, vocab_size))
     if err:
-        raise HerdError(" ".join(err.split()))
+        raise HerdError(_reason(err) or "invalid grammar")
 
 
 class Matcher:
