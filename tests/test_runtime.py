@@ -15,7 +15,11 @@ import resource, sys, torch
 from herd.runtime import retain_freed_memory
 if sys.argv[1] == "retain":
     assert retain_freed_memory()
-for _ in range(3):  # warm up: the first allocations fault in either way
+# Warm up: the first allocations fault in either way, and for the first few steps the small
+# allocations made beside each block (tensor and storage objects) may split a freed 64 MiB block, so
+# the next one extends the heap instead (3 warm-up steps left 65,536-81,920 faults in most runs on
+# one machine; 10 left none in every run). A training loop runs in the steady state after them.
+for _ in range(10):
     torch.empty(2048, 8192).fill_(1.0)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(10):  # a 64 MiB temporary, allocated and freed like a step's logits

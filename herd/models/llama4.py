@@ -302,10 +302,13 @@ def _grouped_mm_usable(x: torch.Tensor, w: torch.Tensor) -> bool:
     # torch._grouped_mm (PyTorch ≥ 2.8) runs on CPU too but wants 16-byte aligned row strides, and
     # takes fp32/bf16/fp16 only: a float64 model ("Expected mat_a to be Float32, BFloat16 or Float16")
     # used to crash in its first MoE layer instead of taking the per-expert loop.
+    # Under torch.compile its fake-tensor (meta) kernel accepts bf16 only ("Expected inputs of BF16
+    # type"), so a compiled fp32 model takes the loop.
     align = 16 // x.element_size()
     return (hasattr(torch, "_grouped_mm") and x.dtype == w.dtype and x.dtype in _GROUPED_MM_DTYPES
             and x.shape[-1] % align == 0
-            and w.shape[-1] % align == 0 and not torch.is_grad_enabled())
+            and w.shape[-1] % align == 0 and not torch.is_grad_enabled()
+            and (x.dtype == torch.bfloat16 or not torch.compiler.is_compiling()))
 
 
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
