@@ -131,7 +131,7 @@ def test_greedy_ids_equal_transformers(saved, name):
     want = [_hf_greedy(ref, p, n) for p in prompts]
     assert [generate_batch(model, [p], max_new_tokens=n)[0].ids for p in prompts] == want
     assert all(len(set(ids)) > 3 for ids in want)  # not a degenerate repeat any model would give
-    # the fixed-shape cache (compile=True; compiling itself is skipped for herd.load's packed model)
+    # the fixed-shape cache under torch.compile (skipped where herd.load packed some linears)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert generate_batch(model, prompts[-1:], max_new_tokens=n, compile=True)[0].ids == want[-1]
