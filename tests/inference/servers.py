@@ -47,3 +47,17 @@ def random_model(args, seed: int = 0) -> Transformer:
     m = Transformer(args)
     m.init_weights(std=0.5)
     return m.eval()
+
+
+def bad_request_error(server, path: str, body: dict) -> dict:
+    """POST a minimal request plus `body` to /v1/chat/completions (path "chat") or /v1/completions
+    and return its error object, checked to be a 400 with a one-line message."""
+    import httpx
+
+    base = {"messages": [{"role": "user", "content": "hi"}]} if path == "chat" else {"prompt": "hi"}
+    r = httpx.post(f"{server.url}/v1/{'chat/completions' if path == 'chat' else 'completions'}",
+                   json={**base, "max_tokens": 4, **body}, timeout=60)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert "\n" not in err["message"], err
+    return err

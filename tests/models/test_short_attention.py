@@ -19,6 +19,14 @@ def _qkv(B, H, K, T, d, seed):
     return q, k, v, torch.randn(B, H, T, d, generator=g)
 
 
+def _run(fn, q, k, v, grad_out):
+    """fn() → (output, dq, dk, dv) for the output gradient grad_out."""
+    q.grad = k.grad = v.grad = None
+    out = fn()
+    out.backward(grad_out)
+    return out.detach(), q.grad, k.grad, v.grad
+
+
 @pytest.mark.parametrize("B,H,K,T,d,masked", [
     (2, 8, 4, 256, 32, False), (2, 8, 4, 256, 32, True), (1, 4, 4, 100, 16, False),
     (3, 6, 2, 200, 64, True), (2, 8, 1, 65, 32, False), (1, 2, 2, 1, 8, False), (1, 4, 2, 512, 128, True),
@@ -30,14 +38,9 @@ def test_matches_sdpa(B, H, K, T, d, masked):
         doc_ids = torch.cumsum(torch.rand(B, T, generator=torch.Generator().manual_seed(T)) < 0.03, 1)
         mask = document_mask(doc_ids)
         assert not short_attention.looks_ahead(mask)
-    results = []
-    for fn in (lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                                      enable_gqa=H != K),
-               lambda: short_attention.causal_attention(q, k, v, mask)):
-        q.grad = k.grad = v.grad = None
-        out = fn()
-        out.backward(grad_out)
-        results.append((out.detach(), q.grad, k.grad, v.grad))
+    results = [_run(fn, q, k, v, grad_out) for fn in (
+        lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=H != K),
+        lambda: short_attention.causal_attention(q, k, v, mask))]
     for ref, ours in zip(*results, strict=True):
         torch.testing.assert_close(ours, ref, rtol=1e-4, atol=2e-5)
 
@@ -68,13 +71,9 @@ def test_other_masks_match_sdpa(kind, T):
     mask = _masks(T)[kind]
     assert short_attention.looks_ahead(mask) == (kind == "prefix")
     q, k, v, grad_out = _qkv(2, 4, 2, T, 8, seed=T)
-    results = []
-    for fn in (lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True),
-               lambda: attend(q, k, v, mask)):
-        q.grad = k.grad = v.grad = None
-        out = fn()
-        out.backward(grad_out)
-        results.append((out.detach(), q.grad, k.grad, v.grad))
+    results = [_run(fn, q, k, v, grad_out) for fn in (
+        lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True),
+        lambda: attend(q, k, v, mask))]
     for ref, ours in zip(*results, strict=True):
         assert ours.isfinite().all()
         torch.testing.assert_close(ours, ref, rtol=1e-4, atol=2e-5)
@@ -92,12 +91,8 @@ def test_under_compile(masked):
         if masked:
             doc_ids = torch.cumsum(torch.rand(2, T, generator=torch.Generator().manual_seed(T)) < 0.1, 1)
             mask = document_mask(doc_ids)
-        results = []
-        for fn in (short_attention.causal_attention, compiled):
-            q.grad = k.grad = v.grad = None
-            out = fn(q, k, v, mask)
-            out.backward(grad_out)
-            results.append((out.detach(), q.grad, k.grad, v.grad))
+        results = [_run(lambda f=f, q=q, k=k, v=v, mask=mask: f(q, k, v, mask), q, k, v, grad_out)
+                   for f in (short_attention.causal_attention, compiled)]
         for ref, ours in zip(*results, strict=True):
             torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
 
