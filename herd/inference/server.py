@@ -17,8 +17,9 @@ Structured outputs, through llguidance (vLLM's "guidance" backend; herd/inferenc
 the JSON is complete. tool_choice "required" constrains the reply to a JSON array of {"name",
 "parameters"} calls of the tools (vLLM's schema) and a named function {"type": "function",
 "function": {"name"}} to that function's parameters; both come back as OpenAI's `tool_calls` (a
-named call's JSON is its arguments; "required" finishes with "tool_calls"), streamed as one delta
-when the reply ends. A forced call needs no tool-aware template: the constraint writes it. vLLM's
+named call's JSON is its arguments, streamed piece by piece after a first delta that names the
+call, as vLLM streams it; "required" finishes with "tool_calls" and streams its calls as one delta
+when the reply ends). A forced call needs no tool-aware template: the constraint writes it. vLLM's
 own forms, on both endpoints: `structured_outputs` with exactly one of "json" (a schema, or a JSON
 string of one), "regex" (the whole reply matches it), "choice" (a non-empty list of strings: the
 reply is exactly one of them, metacharacters and all), "grammar" (Lark in llguidance's dialect, or
@@ -1366,13 +1367,16 @@ def create_app(engine: Engine, model_name: str, limits: Limits | None = None):
             offsets = [0] * total  # completions: each choice's text_offset so far
             seen = [False] * total
             contexts = [[] for _ in range(total)]  # each choice's tokens so far (TokenTexts)
+            named = forced is not None and forced.name is not None
+            call_ids = [f"call_{uuid.uuid4().hex[:24]}" for _ in range(total)] if named else []
             try:
                 if kind == "chat":
                     for i in range(total):
                         yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
                                       "logprobs": None, "finish_reason": None}])
                 async for i, ev in stream:
-                    text, prompt_entries, entries, reason, used = echoed(i, ev, not seen[i])
+                    first = not seen[i]
+                    text, prompt_entries, entries, reason, used = echoed(i, ev, first)
                     seen[i] = True
                     if reason is not None:
                         completion_tokens += used
@@ -1384,9 +1388,20 @@ def create_app(engine: Engine, model_name: str, limits: Limits | None = None):
                                                                                 contexts[i])
                             yield chunk([{"index": i, "text": text, "logprobs": got, "finish_reason": reason}])
                         continue
-                    if use_tools or forced is not None:
-                        # Calls are parsed (or, forced, assembled) from the whole reply: sent as
-                        # one delta at its end.
+                    if named:
+                        # A named call's arguments are the generated JSON itself, streamed as it
+                        # comes (vLLM): the first delta names the call, the rest extend its arguments.
+                        call = {"index": 0, "function": {"arguments": ev.text}}
+                        if first:
+                            call = {"index": 0, "id": call_ids[i], "type": "function",
+                                    "function": {"name": forced.name, "arguments": ev.text}}
+                        if first or ev.text or entries:
+                            yield chunk([{"index": i, "delta": {"tool_calls": [call]},
+                                          "logprobs": {"content": chat_logprobs(entries, contexts[i])}
+                                          if want_logprobs else None, "finish_reason": None}])
+                    elif use_tools or forced is not None:
+                        # Calls are parsed (or, "required", assembled) from the whole reply: sent
+                        # as one delta at its end.
                         held[i] = (held[i][0] + ev.text, held[i][1] + ev.token_ids)
                         held_lps[i] += entries
                         if reason is None:
