@@ -51,10 +51,6 @@ def looks_ahead(mask: torch.Tensor) -> bool:
     return bool(mask.triu(1).any())
 
 
-def _blocks(T: int) -> list[tuple[int, int]]:
-    return [(t0, min(t0 + BLOCK, T)) for t0 in range(0, T, BLOCK)]
-
-
 def _num_probs(T):
     """Σ over query blocks of rows × keys up to the block's end, in closed form, so the fake
     (shape-only) operator also works with a symbolic T."""
@@ -106,7 +102,8 @@ class _Blocks:
             s5[..., t0:].add_(self.upper[:t1 - t0, :t1 - t0])
         else:
             s5.add_(self.bias[..., t0:t1, :end])
-        p = torch.ops.aten._softmax.out(s, -1, False, out=s if out is None else out.view(s.shape))
+        # into `out` (the kept probabilities' slice) when given, sparing a copy
+        p = torch.softmax(s, -1) if out is None else torch.ops.aten._softmax.out(s, -1, False, out=out.view(s.shape))
         if self.empty is not None:
             p.view(s5.shape).masked_fill_(self.empty[..., t0:t1, :], 0.0)
         return p
