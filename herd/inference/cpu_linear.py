@@ -58,7 +58,7 @@ def pack_linears(model: nn.Module, *, tune: bool = True) -> nn.Module:
     unavailable or the weights live elsewhere (GPU) or in another dtype.
 
     Which layout streams faster depends on the machine: the blocked one won by 1.5–2× on the
-    project's AVX2 machines, while on an AVX-512 Xeon MKL's plain GEMV was 1.1–2.2× faster for every
+    project's first machines, while on an AVX-512 Xeon MKL's plain GEMV was 1.1–2.2× faster for every
     SmolLM2 shape but the output head (a tie). So with `tune` each shape of linear is packed only if
     one row (a decoding step) through the packed layers of that shape beats the plain product here by
     5%, timed on the model's own weights at the current thread count; `tune=False` packs them all."""
