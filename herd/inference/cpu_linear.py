@@ -1,11 +1,13 @@
 """Pre-packed linear layers for fast fp32 inference on CPU.
 
 Decoding one token is a chain of matrix-vector products bound by how fast weights stream from
-memory. With PyTorch's default (out, in) row-major weights, MKL's fp32 GEMV streams SmolLM2's small
-matrices at ~12 GB/s on this project's 2-core machines; the same weights reordered once into
-oneDNN's blocked layout stream at ~19 GB/s, and its 49152×576 output matrix at ~27 instead of
-~11 GB/s (bench/decode.py measures the effect end to end). The packing is the one PyTorch's own
-inductor applies when it freezes a CPU model (`mkldnn::_reorder_linear_weight`).
+memory. With PyTorch's default (out, in) row-major weights, MKL's fp32 GEMV streamed SmolLM2's small
+matrices at ~12 GB/s on this project's first 2-core machines; the same weights reordered once into
+oneDNN's blocked layout streamed at ~19 GB/s, and its 49152×576 output matrix at ~27 instead of
+~11 GB/s (bench/decode.py measures the effect end to end). On another machine the plain GEMV was
+the faster one, so `pack_linears` times both per shape at load and packs only where packing wins.
+The packing is the one PyTorch's own inductor applies when it freezes a CPU model
+(`mkldnn::_reorder_linear_weight`).
 
 Applied from outside, like quantization (DESIGN principle 2): each `nn.Linear` is swapped for a
 `PackedLinear` under the same attribute name, so the model code is unchanged. Packed layers have no
