@@ -219,7 +219,8 @@ def generate(model, tokenizer, prompt: Prompt | list[Prompt], *, max_new_tokens:
     _check_encoded(ids, single)
     outs: list[Completion] = generate_batch(model, ids, max_new_tokens=max_new_tokens, sampling=sampling,
                                             stop_ids=sorted(tokenizer.stop_ids), compile=compile)
-    texts = [tokenizer.decode(c.ids) for c in outs]
+    decode = getattr(tokenizer, "decode_continuation", tokenizer.decode)  # as stream() gives them
+    texts = [decode(c.ids) for c in outs]
     return texts[0] if single else texts
 
 

@@ -496,11 +496,13 @@ class TokenTexts:
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         self._alone: dict[int, str] = {}
+        # generated tokens' text: a SentencePiece piece keeps its leading space (Tokenizer.decode_continuation)
+        self._decode = getattr(tokenizer, "decode_continuation", getattr(tokenizer, "decode", None))
 
     def alone(self, t: int) -> str:
         got = self._alone.get(t)
         if got is None:
-            got = f"token_id:{t}" if self.tokenizer is None else self.tokenizer.decode([t])
+            got = f"token_id:{t}" if self.tokenizer is None else self._decode([t])
             if len(self._alone) < 1 << 18:
                 self._alone[t] = got
         return got
@@ -512,7 +514,7 @@ class TokenTexts:
             return text
         for m in range(1, min(len(context), self.MAX_CONTEXT) + 1):
             ctx = context[-m:]
-            whole = self.tokenizer.decode(ctx + [t])
+            whole = self._decode(ctx + [t])
             if whole.endswith("\ufffd"):
                 continue  # still unfinished: try more context
             # Context tokens that are themselves unfinished pieces (their text was "") belong to
@@ -520,7 +522,7 @@ class TokenTexts:
             clean = m
             while clean > 0 and self.alone(ctx[clean - 1]).endswith("\ufffd"):
                 clean -= 1
-            prefix = self.tokenizer.decode(ctx[:clean]) if clean else ""
+            prefix = self._decode(ctx[:clean]) if clean else ""
             common = 0
             while common < min(len(prefix), len(whole)) and prefix[common] == whole[common]:
                 common += 1

@@ -53,7 +53,9 @@ class _Wrapper:
         self._tokenizer = tokenizer
 
     def __call__(self, s: str) -> list[int]:
-        return self._tokenizer.encode(s)
+        # forced text continues the output: no SentencePiece dummy-prefix space before it
+        encode = getattr(self._tokenizer, "encode_continuation", self._tokenizer.encode)
+        return encode(s)
 
 
 def ll_tokenizer(tokenizer, vocab_size: int | None = None):

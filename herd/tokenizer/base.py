@@ -1,8 +1,9 @@
 """The one interface every herd tokenizer and chat format has.
 
 Two implementations stand behind `Tokenizer`: `TiktokenTokenizer` (Meta's Llama 3 / Llama 4
-`tokenizer.model`, encoded with tiktoken) and `HFTokenizer` (byte-level BPE through HF `tokenizers`,
-read from a GGUF file's metadata or an HF `tokenizer.json`). Everything downstream — the chat formats,
+`tokenizer.model`, encoded with tiktoken) and `HFTokenizer` (byte-level BPE, or SentencePiece BPE
+with byte fallback as in Llama 2 / Mistral, through HF `tokenizers`, read from a GGUF file's metadata
+or an HF `tokenizer.json`). Everything downstream — the chat formats,
 streaming decode, generation, data tokenization, the checkpoint exporters — talks only to this
 interface, so a model never cares which library encodes its text (DESIGN.md principle 5: the BPE
 tokenizer is separate from chat formatting).
@@ -74,6 +75,13 @@ class Tokenizer(ABC):
         """The exact bytes the ids stand for (special tokens as their names' UTF-8)."""
 
     def decode(self, ids: Iterable[int]) -> str:
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    def decode_continuation(self, ids: Iterable[int]) -> str:
+        """The text of ids that continue earlier text (generated tokens): their exact bytes, as
+        streaming decodes them. The same as `decode`, except that a SentencePiece tokenizer's
+        `decode` drops the space its first piece carries (the encoder's dummy prefix) while here it
+        stays: a completion whose first token is "▁Paris" is " Paris", as vLLM returns it."""
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
     def bad_ids_error(self, ids: Sequence[Any]) -> HerdError:

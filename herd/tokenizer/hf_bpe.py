@@ -1,4 +1,4 @@
-"""Byte-level BPE tokenizers through HF `tokenizers`: from a GGUF file's metadata or an HF directory.
+"""BPE tokenizers through HF `tokenizers`: from a GGUF file's metadata or an HF directory.
 
 A GGUF carries no tokenizer.json; llama.cpp stores the vocabulary (`tokenizer.ggml.tokens`, already
 in GPT-2 byte-to-unicode spelling), the merges, a type per token (1 normal, 3 control, 4 user
@@ -7,8 +7,15 @@ tokenizer from those, mapping the name to the regex llama.cpp uses (`bytelevel.P
 SmolLM2's "smollm" splits every digit alone, then applies GPT-2's regex). An HF directory is read
 as-is from tokenizer.json, with the special tokens and chat template from tokenizer_config.json.
 
-Only byte-level BPE is supported (llama.cpp's "gpt2" model): it covers Llama 3/4 and SmolLM2, and
-its ids map to exact bytes, which streaming decode needs.
+Two kinds are supported, both with ids that map to exact bytes (which streaming decode needs):
+byte-level BPE (llama.cpp's "gpt2" model: Llama 3/4, SmolLM2) and SentencePiece BPE with byte fallback
+(llama.cpp's "llama" model: Llama 2, TinyLlama, Mistral, CodeLlama; see spm.py). A GGUF "llama"
+vocabulary carries scores instead of merges; it is rebuilt as Meta's Llama 2 tokenizer.json is.
+
+SentencePiece's dummy prefix: encoding "Hello" gives "▁Hello", whose bytes are b" Hello".
+`decode_bytes` gives every token's exact bytes (b" Hello": what llguidance and streaming need, and
+what a continuation of earlier text means); `decode` drops that one space where the sequence starts,
+as SentencePiece's own decode does (see `HFTokenizer.decode`).
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from typing import Any
 from tokenizers import Tokenizer as Backend
 
 from herd.errors import HerdError
+from herd.tokenizer import spm
 from herd.tokenizer.base import ExportLayout, Tokenizer
 from herd.tokenizer.bytelevel import (
     build_backend,
@@ -40,13 +48,17 @@ _CONTROL, _USER_DEFINED = 3, 4
 
 
 class HFTokenizer(Tokenizer):
-    """Byte-level BPE over an HF `tokenizers.Tokenizer`. Build with `from_gguf_metadata` or
-    `from_directory`."""
+    """Byte-level or SentencePiece (`spm=True`) BPE over an HF `tokenizers.Tokenizer`. Build with
+    `from_gguf_metadata` or `from_directory`. `dummy_prefix`: encoding prepends a space (SentencePiece's
+    add_dummy_prefix) that `decode` takes off again."""
 
     def __init__(self, backend: Backend, *, bos_id: int | None, eos_id: int, pad_id: int | None = None,
                  unk_id: int | None = None, extra_stop_ids: Iterable[int] = (), add_bos: bool = False,
-                 chat_template: str | None = None, gguf_pre: str | None = None):
+                 chat_template: str | None = None, gguf_pre: str | None = None, spm: bool = False,
+                 dummy_prefix: bool = False):
         self.backend = backend
+        self.spm = spm
+        self.dummy_prefix = spm and dummy_prefix
         self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
         self.bos_id, self.eos_id, self.pad_id, self.unk_id = bos_id, eos_id, pad_id, unk_id
         for name, i in (("bos", bos_id), ("eos", eos_id), ("pad", pad_id), ("unk", unk_id)):
@@ -70,8 +82,11 @@ class HFTokenizer(Tokenizer):
         """`pre` overrides the file's `tokenizer.ggml.pre`: e.g. "gpt2" reproduces transformers'
         GGUF loader, which ignores the name and always uses GPT-2's regex."""
         model = meta.get("tokenizer.ggml.model")
+        if model == "llama":
+            return cls._from_gguf_spm(meta)
         if model != "gpt2":
-            raise HerdError(f"GGUF tokenizer model {model!r} is not supported (only byte-level BPE, 'gpt2')")
+            raise HerdError(f"GGUF tokenizer model {model!r} is not supported (only byte-level BPE, 'gpt2', "
+                            "and SentencePiece BPE, 'llama')")
         tokens = [str(t) for t in meta["tokenizer.ggml.tokens"]]
         types = meta.get("tokenizer.ggml.token_type")
         types = [1] * len(tokens) if types is None else [int(t) for t in types]
@@ -105,6 +120,41 @@ class HFTokenizer(Tokenizer):
                    chat_template=meta.get("tokenizer.chat_template"), gguf_pre=pre or "default")
 
     @classmethod
+    def _from_gguf_spm(cls, meta: dict[str, Any]) -> HFTokenizer:
+        """llama.cpp's "llama" model: SentencePiece pieces, scores and types, no merges."""
+        tokens = [str(t) for t in meta["tokenizer.ggml.tokens"]]
+        raw_scores = meta.get("tokenizer.ggml.scores")
+        if raw_scores is None:  # the merge order comes from the scores: without them there is none
+            raise HerdError("GGUF tokenizer model 'llama' without tokenizer.ggml.scores is not supported "
+                            "(only byte-level BPE, 'gpt2', and SentencePiece BPE, 'llama', with scores)")
+        scores = [float(s) for s in raw_scores]
+        raw_types = meta.get("tokenizer.ggml.token_type")
+        types = [spm.NORMAL] * len(tokens) if raw_types is None else [int(t) for t in raw_types]
+
+        def get_id(key: str) -> int | None:
+            v = meta.get(f"tokenizer.ggml.{key}")
+            return None if v is None else int(v)
+
+        eos = get_id("eos_token_id")
+        if eos is None:
+            raise HerdError("GGUF tokenizer has no tokenizer.ggml.eos_token_id")
+        bos, unk = get_id("bos_token_id"), get_id("unknown_token_id")
+        if unk is None and types.count(spm.UNKNOWN) == 1:
+            unk = types.index(spm.UNKNOWN)
+        # llama.cpp (and transformers' GGUF loader) add BOS to a SentencePiece vocabulary that does not say.
+        add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", True)) and bos is not None
+        prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
+        for name, i in (("bos", bos), ("eos", eos), ("unk", unk)):
+            if i is not None and not 0 <= i < len(tokens):
+                raise HerdError(f"tokenizer {name} id {i} is outside the vocabulary (size {len(tokens)})")
+        backend = spm.build_spm_backend(tokens, scores, types, unk_id=unk, add_space_prefix=prefix,
+                                        bos_id=bos if add_bos else None)
+        extra = [i for key in ("eot_token_id", "eom_token_id") if (i := get_id(key)) is not None]
+        return cls(backend, bos_id=bos, eos_id=eos, pad_id=get_id("padding_token_id"), unk_id=unk,
+                   extra_stop_ids=extra, add_bos=add_bos, chat_template=meta.get("tokenizer.chat_template"),
+                   spm=True, dummy_prefix=prefix)
+
+    @classmethod
     def from_directory(cls, directory: str | Path) -> HFTokenizer:
         directory = Path(directory)
         tj = directory / "tokenizer.json"
@@ -113,8 +163,13 @@ class HFTokenizer(Tokenizer):
         except Exception as e:  # tokenizers raises a bare Exception on a bad file
             raise HerdError(f"{tj}: not a readable tokenizer.json ({e})") from None
         spec = json.loads(tj.read_text(encoding="utf-8"))
-        if (spec.get("model") or {}).get("type") != "BPE" or not _is_byte_level(spec.get("decoder")):
-            raise HerdError(f"{tj}: only byte-level BPE tokenizers are supported")
+        model_type = (spec.get("model") or {}).get("type")
+        decoder = spec.get("decoder")
+        is_spm = model_type == "BPE" and not _is_byte_level(decoder) and spm.is_spm_decoder(decoder)
+        if model_type != "BPE" or not (is_spm or _is_byte_level(decoder)):
+            raise HerdError(f"{tj}: unsupported tokenizer (model {model_type}, decoder "
+                            f"{(decoder or {}).get('type')}); only byte-level BPE and SentencePiece BPE "
+                            "(Llama 2 / Mistral style) are supported")
         config = _read_json(directory / "tokenizer_config.json")
 
         def token_id(key: str) -> int | None:
@@ -147,7 +202,8 @@ class HFTokenizer(Tokenizer):
         if add_bos is None:  # else: does the tokenizer.json post-processor add it?
             add_bos = bos is not None and bos in backend.encode("a").ids[:1]
         return cls(backend, bos_id=bos, eos_id=eos, pad_id=token_id("pad_token"), unk_id=token_id("unk_token"),
-                   extra_stop_ids=extra, add_bos=bool(add_bos), chat_template=template)
+                   extra_stop_ids=extra, add_bos=bool(add_bos), chat_template=template, spm=is_spm,
+                   dummy_prefix=is_spm and spm.decoder_strips_dummy_prefix(decoder))
 
     # ---- encode / decode ------------------------------------------------------------------------
 
@@ -158,6 +214,27 @@ class HFTokenizer(Tokenizer):
         plain = Backend.from_str(self.backend.to_str())
         plain.encode_special_tokens = True
         return plain
+
+    @cached_property
+    def _plain_no_prefix(self) -> Backend:
+        spec = spm.without_dummy_prefix(json.loads(self.backend.to_str()))
+        plain = Backend.from_str(json.dumps(spec, ensure_ascii=False))
+        plain.encode_special_tokens = True
+        return plain
+
+    def encode_continuation(self, text: str) -> list[int]:
+        """Ids of `text` as a continuation of earlier text: without SentencePiece's dummy prefix, so
+        that decode_bytes(ids) == text.encode() ("hello" → "hello", not "▁hello"; a space stays a
+        space). The same as encode() for byte-level BPE. Special-token text is plain text."""
+        if not self.dummy_prefix:
+            return self.encode(text)
+        if not isinstance(text, str):
+            raise HerdError(f"encode() takes a str, got {type(text).__name__}")
+        try:
+            return self._plain_no_prefix.encode(text, add_special_tokens=False).ids
+        except TypeError:
+            text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+            return self._plain_no_prefix.encode(text, add_special_tokens=False).ids
 
     def encode(self, text: str, *, bos: bool = False, eos: bool = False, allow_special: bool = False) -> list[int]:
         if not isinstance(text, str):
@@ -188,8 +265,37 @@ class HFTokenizer(Tokenizer):
                 table.append(added[i].content.encode("utf-8"))
             else:
                 tok = self.backend.id_to_token(i)
-                table.append(b"" if tok is None else token_to_bytes(tok))
+                table.append(b"" if tok is None else (spm.piece_to_bytes if self.spm else token_to_bytes)(tok))
         return table
+
+    @cached_property
+    def _dummy_prefixed(self) -> frozenset[int]:
+        """Ids whose piece starts with the "▁" that the dummy prefix may have put there (normal
+        pieces only: a "<0x20>" byte piece or an added token is never stripped, as in SentencePiece)."""
+        added = self.backend.get_added_tokens_decoder()
+        return frozenset(i for tok, i in self.backend.get_vocab(with_added_tokens=False).items()
+                         if i not in added and tok.startswith(spm.SPACE))
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """The text of `ids`. With a dummy prefix (SentencePiece), the first token that is not a
+        special token loses the one leading space the encoder added, if its piece starts with "▁":
+        SentencePiece's decode (which gives special tokens no text; here they keep their names, as
+        everywhere in herd). So decode(encode(text)) == text, while `decode_bytes` (and streaming)
+        keep that space: a generated continuation's first token "▁Paris" streams as " Paris"."""
+        ids = list(ids)
+        data = self.decode_bytes(ids)  # validates the ids
+        if self.dummy_prefix:
+            special = self._special_ids
+            k = next((k for k, i in enumerate(ids) if i not in special), None)
+            if k is not None and ids[k] in self._dummy_prefixed:
+                table = self._id_to_bytes
+                at = sum(len(table[i]) for i in ids[:k])
+                data = data[:at] + data[at + 1:]
+        return data.decode("utf-8", errors="replace")
+
+    @cached_property
+    def _special_ids(self) -> frozenset[int]:
+        return frozenset(i for i, t in self.backend.get_added_tokens_decoder().items() if t.special)
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
         table = self._id_to_bytes
@@ -205,10 +311,25 @@ class HFTokenizer(Tokenizer):
     def token_to_id(self, token: str) -> int | None:
         if token in self.special_tokens:
             return self.special_tokens[token]
+        if self.spm:
+            return self._spm_token_to_id(token)
         i = self.backend.token_to_id(bytes_to_token(token.encode("utf-8")))
         if i is None:
             i = self.backend.token_to_id(token)  # a user-defined added token, spelled as-is
         return i
+
+    def _spm_token_to_id(self, token: str) -> int | None:
+        added = {t.content: i for i, t in self.backend.get_added_tokens_decoder().items()}
+        if token in added:  # a user-defined added token, spelled as-is
+            return added[token]
+        vocab = self.backend.get_vocab(with_added_tokens=False)
+        i = vocab.get(spm.text_to_piece(token))
+        if i is not None and i not in added and spm.byte_piece_value(spm.text_to_piece(token)) is None:
+            return i
+        raw = token.encode("utf-8")
+        if len(raw) == 1:  # a byte the vocabulary has no piece for: its byte-fallback piece
+            return vocab.get(f"<0x{raw[0]:02X}>")
+        return None
 
     def id_to_name(self, i: int) -> str | None:
         return self.backend.id_to_token(i)
@@ -229,6 +350,8 @@ class HFTokenizer(Tokenizer):
         return write_hf_files(directory, self.backend, config)
 
     def write_gguf(self, writer: Any) -> None:
+        if self.spm:
+            raise HerdError("exporting a SentencePiece vocabulary to GGUF is not supported")
         spec = json.loads(self.backend.to_str())
         vocab: dict[str, int] = spec["model"]["vocab"]
         added = self.backend.get_added_tokens_decoder()

@@ -152,8 +152,8 @@ def test_directory_saved_by_transformers(tmp_path, hf_smollm2_tokenizer, corpus)
 def test_bad_gguf_tokenizers(smollm2_meta):
     with pytest.raises(HerdError, match="pre-tokenizer 'no-such-pre'"):
         HFTokenizer.from_gguf_metadata({**smollm2_meta, "tokenizer.ggml.pre": "no-such-pre"})
-    with pytest.raises(HerdError, match="only byte-level BPE"):
-        HFTokenizer.from_gguf_metadata({**smollm2_meta, "tokenizer.ggml.model": "llama"})
+    with pytest.raises(HerdError, match="only byte-level BPE, 'gpt2', and SentencePiece BPE, 'llama'"):
+        HFTokenizer.from_gguf_metadata({**smollm2_meta, "tokenizer.ggml.model": "bert"})
     with pytest.raises(HerdError, match="token types"):
         HFTokenizer.from_gguf_metadata({**smollm2_meta, "tokenizer.ggml.token_type": [1, 3]})
 
