@@ -201,6 +201,13 @@ def build_backend(tokens: list[str], merges: Iterable[tuple[str, str]], *, speci
                                    fuse_unk=False, byte_fallback=False))
     backend.pre_tokenizer = spec.build()
     backend.decoder = decoders.ByteLevel()
+    return add_vocabulary_tokens(backend, tokens, special, user_defined, bos_id)
+
+
+def add_vocabulary_tokens(backend: Tokenizer, tokens: list[str], special: Iterable[int],
+                          user_defined: Iterable[int], bos_id: int | None) -> Tokenizer:
+    """A GGUF vocabulary's control tokens as special added tokens, its user-defined ones as plain
+    added tokens, and with `bos_id` a post-processor that prepends BOS (as Llama's tokenizer.json)."""
     backend.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False) for i in special])
     user = [AddedToken(tokens[i], special=False, normalized=False) for i in user_defined]
     if user:

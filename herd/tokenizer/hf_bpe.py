@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Any
 
@@ -100,14 +100,8 @@ class HFTokenizer(Tokenizer):
                 raise HerdError(f"GGUF tokenizer: malformed merge {m!r}")
             merges.append((left, right))
         pre = pre or meta.get("tokenizer.ggml.pre")
-
-        def get_id(key: str) -> int | None:
-            v = meta.get(f"tokenizer.ggml.{key}")
-            return None if v is None else int(v)
-
-        eos = get_id("eos_token_id")
-        if eos is None:
-            raise HerdError("GGUF tokenizer has no tokenizer.ggml.eos_token_id")
+        get_id = partial(_gguf_id, meta)
+        eos = _gguf_eos(meta)
         bos = get_id("bos_token_id")
         add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", False))
         backend = build_backend(tokens, merges,
@@ -130,14 +124,8 @@ class HFTokenizer(Tokenizer):
         scores = [float(s) for s in raw_scores]
         raw_types = meta.get("tokenizer.ggml.token_type")
         types = [spm.NORMAL] * len(tokens) if raw_types is None else [int(t) for t in raw_types]
-
-        def get_id(key: str) -> int | None:
-            v = meta.get(f"tokenizer.ggml.{key}")
-            return None if v is None else int(v)
-
-        eos = get_id("eos_token_id")
-        if eos is None:
-            raise HerdError("GGUF tokenizer has no tokenizer.ggml.eos_token_id")
+        get_id = partial(_gguf_id, meta)
+        eos = _gguf_eos(meta)
         bos, unk = get_id("bos_token_id"), get_id("unknown_token_id")
         if unk is None and types.count(spm.UNKNOWN) == 1:
             unk = types.index(spm.UNKNOWN)
@@ -370,6 +358,18 @@ class HFTokenizer(Tokenizer):
         write_gguf_tokenizer(writer, tokens=tokens, token_types=types, merges=merges, pre=pre,
                              bos_id=self.bos_id, eos_id=self.eos_id, pad_id=self.pad_id, unk_id=self.unk_id,
                              eot_id=eot, eom_id=eom, add_bos=self.add_bos, chat_template=self.chat_template)
+
+
+def _gguf_id(meta: dict[str, Any], key: str) -> int | None:
+    v = meta.get(f"tokenizer.ggml.{key}")
+    return None if v is None else int(v)
+
+
+def _gguf_eos(meta: dict[str, Any]) -> int:
+    eos = _gguf_id(meta, "eos_token_id")
+    if eos is None:
+        raise HerdError("GGUF tokenizer has no tokenizer.ggml.eos_token_id")
+    return eos
 
 
 def _is_byte_level(decoder: dict | None) -> bool:

@@ -17,9 +17,10 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
+from tokenizers import Tokenizer, decoders, models, normalizers
 
 from herd.errors import HerdError
+from herd.tokenizer.bytelevel import add_vocabulary_tokens
 
 SPACE = "\u2581"
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
@@ -108,16 +109,8 @@ def build_spm_backend(tokens: list[str], scores: list[float], types: list[int], 
     else:
         backend.normalizer = normalizers.Replace(" ", SPACE)
     backend.decoder = decoders.Sequence(steps)
-    special = [AddedToken(tokens[i], special=True, normalized=False) for i in range(n) if types[i] in (UNKNOWN, CONTROL)]
-    backend.add_special_tokens(special)
-    user = [AddedToken(tokens[i], special=False, normalized=False) for i in range(n) if types[i] == USER_DEFINED]
-    if user:
-        backend.add_tokens(user)
-    if bos_id is not None:
-        bos = tokens[bos_id]
-        backend.post_processor = processors.TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)])
-    return backend
+    return add_vocabulary_tokens(backend, tokens, [i for i in range(n) if types[i] in (UNKNOWN, CONTROL)],
+                                 [i for i in range(n) if types[i] == USER_DEFINED], bos_id)
 
 
 def without_dummy_prefix(spec: dict) -> dict:
