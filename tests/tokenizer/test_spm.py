@@ -370,3 +370,53 @@ def test_structured_outputs_on_a_sentencepiece_vocabulary(toks):
         out.append(t)
     text = tok.decode_bytes([t for t in out if t not in tok.stop_ids]).decode()
     assert re.fullmatch(r"[a-z]{3} [0-9]{2}", text), text
+
+
+# Meta's Llama 2 chat template as its tokenizer_config.json ships it (meta-llama/Llama-2-7b-chat-hf)
+# and Mistral's v0.1 one: herd's dialog ids must be transformers' apply_chat_template ids.
+LLAMA2_OFFICIAL = (
+    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
+    "{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}"
+    "{% set system_message = false %}{% endif %}{% for message in loop_messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if loop.index0 == 0 and system_message != false %}"
+    "{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}"
+    "{% else %}{% set content = message['content'] %}{% endif %}{% if message['role'] == 'user' %}"
+    "{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
+    "{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}")
+MISTRAL_V01 = (
+    "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token}}"
+    "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}")
+
+DIALOGS = [
+    [{"role": "user", "content": "What is 2+2?"}],
+    [{"role": "system", "content": "Be brief.\nVery brief."}, {"role": "user", "content": "  Hi there  "},
+     {"role": "assistant", "content": "Hello! 中文 🙂"}, {"role": "user", "content": "And\tnow?"}],
+]
+
+
+@pytest.mark.parametrize("template", [LLAMA2_OFFICIAL, MISTRAL_V01], ids=["llama2", "mistral"])
+def test_llama2_and_mistral_chat_templates_are_transformers(llama2_dir, template, tmp_path):
+    from herd.errors import HerdError as Err
+
+    d = tmp_path / "chat"
+    shutil.copytree(llama2_dir, d)
+    config = json.loads((d / "tokenizer_config.json").read_text(encoding="utf-8"))
+    (d / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": template}), encoding="utf-8")
+    tok = load_tokenizer(d)
+    hf = transformers.AutoTokenizer.from_pretrained(str(d))
+    for dialog in DIALOGS:
+        if template == MISTRAL_V01 and dialog[0]["role"] == "system":
+            with pytest.raises(Err, match="^chat template cannot render this dialog: .*roles must alternate"):
+                tok.chat.encode_dialog(dialog)
+            continue
+        text = hf.apply_chat_template(dialog, tokenize=False, add_generation_prompt=True)
+        ids = tok.chat.encode_dialog(dialog, add_generation_prompt=True)
+        # the template's text, encoded as transformers encodes a chat text (no second BOS)
+        assert ids == hf(text, add_special_tokens=False).input_ids, dialog
+    with pytest.raises(Err, match="Conversation roles must alternate"):
+        tok.chat.encode_dialog([{"role": "assistant", "content": "x"}])
