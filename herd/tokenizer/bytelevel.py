@@ -232,16 +232,23 @@ def write_hf_files(directory: str | Path, backend: Tokenizer, config: dict[str, 
 
 
 def write_gguf_tokenizer(writer: Any, *, tokens: list[str], token_types: list[int],
-                         merges: Iterable[str], pre: str, bos_id: int | None, eos_id: int,
+                         merges: Iterable[str] | None, pre: str, bos_id: int | None, eos_id: int,
                          pad_id: int | None = None, unk_id: int | None = None, eot_id: int | None = None,
                          eom_id: int | None = None, add_bos: bool = False,
-                         chat_template: str | None = None) -> None:
-    """llama.cpp's `tokenizer.*` keys for a byte-level ("gpt2") BPE vocabulary."""
-    writer.add_tokenizer_model("gpt2")
+                         chat_template: str | None = None, scores: list[float] | None = None,
+                         add_space_prefix: bool | None = None) -> None:
+    """llama.cpp's `tokenizer.*` keys: a byte-level ("gpt2") BPE vocabulary with its merges, or
+    with `scores` a SentencePiece ("llama") one, whose merges its scores imply."""
+    writer.add_tokenizer_model("gpt2" if scores is None else "llama")
     writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
+    if scores is not None:
+        writer.add_token_scores(scores)
     writer.add_token_types(token_types)
-    writer.add_token_merges(list(merges))
+    if merges is not None:
+        writer.add_token_merges(list(merges))
+    if add_space_prefix is not None:
+        writer.add_add_space_prefix(add_space_prefix)
     if bos_id is not None:
         writer.add_bos_token_id(bos_id)
     writer.add_eos_token_id(eos_id)

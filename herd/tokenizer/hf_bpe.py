@@ -338,8 +338,6 @@ class HFTokenizer(Tokenizer):
         return write_hf_files(directory, self.backend, config)
 
     def write_gguf(self, writer: Any) -> None:
-        if self.spm:
-            raise HerdError("exporting a SentencePiece vocabulary to GGUF is not supported")
         spec = json.loads(self.backend.to_str())
         vocab: dict[str, int] = spec["model"]["vocab"]
         added = self.backend.get_added_tokens_decoder()
@@ -352,12 +350,18 @@ class HFTokenizer(Tokenizer):
             raise HerdError("tokenizer ids are not contiguous; cannot write a GGUF vocabulary")
         types = [(_CONTROL if added[i].special else _USER_DEFINED) if i in added else 1 for i in range(self.vocab_size)]
         merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"].get("merges", [])]
-        pre = self._gguf_pre or gguf_pre_name(spec.get("pre_tokenizer"))
+        scores = None
+        if self.spm:  # llama.cpp's "llama" model: scores and types instead of merges
+            scores, types = spm.gguf_scores_and_types(tokens, merges, types, unk_id=self.unk_id)
+            merges = None
+        # a SentencePiece vocabulary has no pre-tokenizer regex: llama.cpp writes "default" for it
+        pre = self._gguf_pre or ("default" if self.spm else gguf_pre_name(spec.get("pre_tokenizer")))
         eot = self.special_tokens.get("<|eot_id|>", self.special_tokens.get("<|eot|>"))
         eom = self.special_tokens.get("<|eom_id|>", self.special_tokens.get("<|eom|>"))
         write_gguf_tokenizer(writer, tokens=tokens, token_types=types, merges=merges, pre=pre,
                              bos_id=self.bos_id, eos_id=self.eos_id, pad_id=self.pad_id, unk_id=self.unk_id,
-                             eot_id=eot, eom_id=eom, add_bos=self.add_bos, chat_template=self.chat_template)
+                             eot_id=eot, eom_id=eom, add_bos=self.add_bos, chat_template=self.chat_template,
+                             scores=scores, add_space_prefix=self.dummy_prefix if self.spm else None)
 
 
 def _gguf_id(meta: dict[str, Any], key: str) -> int | None:

@@ -137,3 +137,28 @@ def without_dummy_prefix(spec: dict) -> dict:
         return p
 
     return {**spec, "normalizer": fix_norm(spec.get("normalizer")), "pre_tokenizer": fix_pre(spec.get("pre_tokenizer"))}
+
+
+def gguf_scores_and_types(tokens: list[str], merges: list[str], types: list[int], *,
+                          unk_id: int | None) -> tuple[list[float], list[int]]:
+    """Scores and llama.cpp types for a SentencePiece BPE vocabulary held as merges (tokenizer.json),
+    so that `build_spm_backend` (and llama.cpp's SentencePiece tokenizer, which merges the pair whose
+    union scores highest) rebuilds the same merge order: a piece's score is minus the rank of the
+    first merge that makes it; pieces no merge makes (characters, bytes) score below all of them.
+    Byte pieces "<0xNN>" get type 6, the unknown piece 2; added tokens keep theirs (3 control, 4
+    user defined)."""
+    rank: dict[str, int] = {}
+    for r, m in enumerate(merges):
+        left, _, right = m.partition(" ")
+        rank.setdefault(left + right, r)
+    floor = len(merges)
+    scores, out_types = [], []
+    for i, tok in enumerate(tokens):
+        scores.append(float(-rank[tok]) if tok in rank else float(-(floor + i)))
+        t = types[i]
+        if t == NORMAL and byte_piece_value(tok) is not None:
+            t = BYTE
+        if i == unk_id:
+            t = UNKNOWN
+        out_types.append(t)
+    return scores, out_types

@@ -256,8 +256,6 @@ def test_save_round_trip(toks, tmp_path, corpus):
             assert back.decode(ids) == tok.decode(ids)
             if name != "transformers" or not text.startswith((" ", "▁")):  # Metaspace: no dummy prefix there
                 assert tok.decode(ids) == _norm(text)
-        with pytest.raises(HerdError, match="SentencePiece vocabulary to GGUF is not supported"):
-            tok.write_gguf(gguf.GGUFWriter(str(tmp_path / f"{name}.gguf"), "llama"))
 
 
 def test_unsupported_tokenizer_json(tmp_path):
@@ -420,3 +418,47 @@ def test_llama2_and_mistral_chat_templates_are_transformers(llama2_dir, template
         assert ids == hf(text, add_special_tokens=False).input_ids, dialog
     with pytest.raises(Err, match="Conversation roles must alternate"):
         tok.chat.encode_dialog([{"role": "assistant", "content": "x"}])
+
+
+@pytest.mark.parametrize("form", ["meta", "transformers", "gguf"])
+def test_gguf_export_round_trip(toks, sp, corpus, tmp_path, form):
+    """herd's GGUF export of a SentencePiece vocabulary (scores that imply its merge order, byte and
+    unknown types, add_space_prefix) reads back to sentencepiece's ids, in herd and in transformers'
+    GGUF loader (which builds its own tokenizer from the scores)."""
+    tok = toks[form]
+    path = tmp_path / "tok.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    tok.write_gguf(w)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    back = load_tokenizer(path)
+    assert back.spm and back.dummy_prefix and back.add_bos == tok.add_bos
+    assert (back.bos_id, back.eos_id, back.unk_id) == (1, 2, 0)
+    ref = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="tok.gguf")
+    for text in _texts_all(corpus):
+        if form == "transformers" and text.startswith((" ", "▁")):
+            continue  # that form has no dummy prefix there (see test_encode_matches_sentencepiece)
+        assert back.encode(text) == sp.encode(text), text[:60]
+        if not text.startswith((" ", "▁")) and "<s>" not in text:  # where transformers' GGUF loader agrees
+            assert ref.encode(text, add_special_tokens=False) == sp.encode(text), text[:60]
+
+
+def test_llama2_checkpoint_converts_to_gguf_and_back(llama2_dir, sp, tmp_path):
+    """`herd convert --to gguf` of a Llama 2 shaped checkpoint: model and SentencePiece vocabulary in
+    one file, which herd loads to the same greedy ids and transformers' GGUF loader to the same ids."""
+    import torch
+
+    import herd
+    from herd.cli import main
+
+    assert main(["convert", str(llama2_dir), str(tmp_path / "m.gguf"), "--to", "gguf"]) in (0, None)
+    (m0, t0), (m1, t1) = herd.load(llama2_dir), herd.load(tmp_path / "m.gguf")
+    prompt = "def f(x):\n    return"
+    assert t1.encode(prompt, bos=True) == t0.encode(prompt, bos=True) == [sp.bos_id(), *sp.encode(prompt)]
+    assert herd.generate(m1, t1, prompt, max_new_tokens=10) == herd.generate(m0, t0, prompt, max_new_tokens=10)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="m.gguf").eval()
+    x = torch.tensor([t1.encode(prompt, bos=True)])
+    with torch.no_grad():
+        torch.testing.assert_close(m1(x), ref(x).logits, rtol=1e-4, atol=1e-4)
