@@ -163,7 +163,8 @@ def args_from_hf_config(cfg: dict, source: str = "config.json") -> ModelArgs:
 
     if is_llama4_config(cfg):  # MoE/iRoPE: its own mapping (hf_llama4.py)
         return llama4_args_from_hf_config(cfg, source)
-    if cfg.get("model_type", "llama") != "llama" and "LlamaForCausalLM" not in (cfg.get("architectures") or []):
+    model_type = cfg.get("model_type", "llama")
+    if model_type not in ("llama", "mistral") and "LlamaForCausalLM" not in (cfg.get("architectures") or []):
         raise HerdError(f"{source}: model_type {cfg.get('model_type')!r} is not a Llama-architecture model")
     if cfg.get("hidden_act", "silu") != "silu":  # the model computes SwiGLU with SiLU and nothing else
         raise HerdError(f"{source}: hidden_act {cfg.get('hidden_act')!r} is not supported (Llama uses silu)")
@@ -172,13 +173,20 @@ def args_from_hf_config(cfg: dict, source: str = "config.json") -> ModelArgs:
         theta, scaling = rope_from_hf_config(cfg, source, default_theta=10000.0)
         dim, n_heads = config_int(cfg, "hidden_size"), config_int(cfg, "num_attention_heads")
         head_dim = None if cfg.get("head_dim") is None else config_int(cfg, "head_dim")
+        max_seq_len = config_int(cfg, "max_position_embeddings")
+        window = cfg.get("sliding_window") if model_type == "mistral" else None
+        if window is not None:
+            # Mistral is Llama's architecture with its attention limited to the last `sliding_window`
+            # keys (v0.1: 4096 of 32768; null from v0.2). Up to the window that limit never acts, so
+            # the context is capped there: a longer prompt is refused, never attended wrongly.
+            max_seq_len = min(max_seq_len, config_int(cfg, "sliding_window"))
         return ModelArgs(
             dim=dim, n_layers=config_int(cfg, "num_hidden_layers"), n_heads=n_heads,
             n_kv_heads=config_int(cfg, "num_key_value_heads") if cfg.get("num_key_value_heads") else n_heads,
             vocab_size=config_int(cfg, "vocab_size"), ffn_hidden_dim=config_int(cfg, "intermediate_size"),
             head_dim=None if head_dim in (None, dim // n_heads) else head_dim,
             norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), rope_theta=float(theta), rope_scaling=scaling,
-            max_seq_len=config_int(cfg, "max_position_embeddings"),
+            max_seq_len=max_seq_len,
             tie_embeddings=config_bool(cfg, "tie_word_embeddings", False),
             attention_bias=config_bool(cfg, "attention_bias", False), mlp_bias=config_bool(cfg, "mlp_bias", False),
         )
