@@ -425,15 +425,10 @@ def test_gguf_export_round_trip(toks, sp, corpus, tmp_path, form):
     """herd's GGUF export of a SentencePiece vocabulary (scores that imply its merge order, byte and
     unknown types, add_space_prefix) reads back to sentencepiece's ids, in herd and in transformers'
     GGUF loader (which builds its own tokenizer from the scores)."""
+    from tests.tokenizer.test_export import write_tokenizer_gguf
+
     tok = toks[form]
-    path = tmp_path / "tok.gguf"
-    w = gguf.GGUFWriter(str(path), "llama")
-    tok.write_gguf(w)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    back = load_tokenizer(path)
+    back = load_tokenizer(write_tokenizer_gguf(tok, tmp_path / "tok.gguf"))
     assert back.spm and back.dummy_prefix and back.add_bos == tok.add_bos
     assert (back.bos_id, back.eos_id, back.unk_id) == (1, 2, 0)
     ref = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="tok.gguf")
