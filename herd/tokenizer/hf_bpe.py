@@ -306,11 +306,16 @@ class HFTokenizer(Tokenizer):
             i = self.backend.token_to_id(token)  # a user-defined added token, spelled as-is
         return i
 
-    def _spm_token_to_id(self, token: str) -> int | None:
+    @cached_property
+    def _spm_tables(self) -> tuple[dict[str, int], dict[str, int]]:
+        """(added token text → id, piece → id), built once: token_to_id runs per chat-template piece."""
         added = {t.content: i for i, t in self.backend.get_added_tokens_decoder().items()}
+        return added, self.backend.get_vocab(with_added_tokens=False)
+
+    def _spm_token_to_id(self, token: str) -> int | None:
+        added, vocab = self._spm_tables
         if token in added:  # a user-defined added token, spelled as-is
             return added[token]
-        vocab = self.backend.get_vocab(with_added_tokens=False)
         i = vocab.get(spm.text_to_piece(token))
         if i is not None and i not in added and spm.byte_piece_value(spm.text_to_piece(token)) is None:
             return i
