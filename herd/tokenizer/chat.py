@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import ast
 import json
+import math
 import re
 import uuid
 from collections.abc import Sequence
@@ -37,6 +38,7 @@ from herd.tokenizer.base import ChatFormat, Message, Tokenizer
 
 ROLES = ("system", "user", "assistant", "tool", "ipython")
 BUILTIN_TOOLS = ("brave_search", "wolfram_alpha", "photogen", "code_interpreter")
+SEARCH_TOOLS = BUILTIN_TOOLS[:3]  # the builtins called as `name.call(query="...")`
 TOOL_PROMPT_FORMATS = ("json", "function_tag", "python_list")
 STOP_REASONS = ("end_of_turn", "end_of_message", "out_of_tokens")
 
@@ -79,6 +81,10 @@ def _tool_call(call: Any, where: str) -> tuple[str, dict[str, Any]]:
             raise HerdError(f"{where}: tool call {fn['name']!r} has arguments that are not valid JSON") from None
     if not isinstance(args, dict):
         raise HerdError(f"{where}: tool call {fn['name']!r} arguments must be a JSON object")
+    try:  # a Python caller's dict may hold what no prompt format can write (a set, an object)
+        json.dumps(args)
+    except (TypeError, ValueError) as e:
+        raise HerdError(f"{where}: tool call {fn['name']!r} arguments are not JSON values ({e})") from None
     return fn["name"], args
 
 
@@ -152,7 +158,11 @@ def _tool_definitions(tools: Sequence[Any]) -> tuple[list[str], list[dict[str, A
         if isinstance(tool, str):
             fn: dict[str, Any] = {"name": tool}
         elif isinstance(tool, dict):
-            fn = tool.get("function", tool) if tool.get("type", "function") == "function" else {"name": tool["type"]}
+            kind = tool.get("type", "function")
+            if kind != "function" and kind not in BUILTIN_TOOLS:  # not read as a function of that name
+                raise HerdError(f"tool {i}: unknown tool type {kind!r}; expected 'function' or a builtin tool "
+                                f"({', '.join(BUILTIN_TOOLS)})")
+            fn = tool.get("function", tool) if kind == "function" else {"name": kind}
         else:
             fn = {}
         name = fn.get("name") if isinstance(fn, dict) else None
@@ -164,13 +174,26 @@ def _tool_definitions(tools: Sequence[Any]) -> tuple[list[str], list[dict[str, A
         if isinstance(tool, str):
             raise HerdError(f"tool {i}: {name!r} is not a builtin tool ({', '.join(BUILTIN_TOOLS)}); "
                             "describe custom tools as {'type': 'function', 'function': {...}}")
-        schema = fn.get("parameters") or {}
-        required = set(schema.get("required") or [])
-        params = {p: {"type": spec.get("type"), "description": spec.get("description"),
-                      "required": p in required, "default": spec.get("default")}
-                  for p, spec in (schema.get("properties") or {}).items()}
+        params = _tool_parameters(fn.get("parameters"), f"tool {i} ({name})")
         custom.append({"name": name, "description": fn.get("description"), "parameters": params})
     return builtin, custom
+
+
+def _tool_parameters(schema: Any, where: str) -> dict[str, dict[str, Any]]:
+    """A function's JSON-schema `parameters` as {name: {type, description, required, default}};
+    a schema of the wrong shape is a HerdError naming the tool, not an AttributeError."""
+    if not schema:  # absent, null or empty: no parameters
+        return {}
+    if not isinstance(schema, dict):
+        raise HerdError(f"{where}: 'parameters' must be a JSON schema object, got {type(schema).__name__}")
+    props = schema.get("properties") or {}
+    if not isinstance(props, dict) or not all(isinstance(spec, dict) for spec in props.values()):
+        raise HerdError(f"{where}: 'parameters.properties' must map each parameter name to a JSON schema object")
+    required = schema.get("required") or []
+    if not isinstance(required, list) or not all(isinstance(r, str) for r in required):
+        raise HerdError(f"{where}: 'parameters.required' must be a list of parameter names")
+    return {p: {"type": spec.get("type"), "description": spec.get("description"),
+                "required": p in required, "default": spec.get("default")} for p, spec in props.items()}
 
 
 def _jinja_str(value: Any) -> str:
@@ -190,7 +213,7 @@ def _python_value(value: Any) -> str:
 
 def encode_tool_call(name: str, args: dict[str, Any], fmt: str = "json") -> str:
     """The text of one assistant tool call, as llama-models' `ToolUtils.encode_tool_call` writes it."""
-    if name in ("brave_search", "wolfram_alpha", "photogen"):
+    if name in SEARCH_TOOLS:
         if "query" not in args:
             raise HerdError(f"builtin tool call {name!r} needs a 'query' argument")
         return f'{name}.call(query="{args["query"]}")'
@@ -215,24 +238,13 @@ def parse_tool_calls(text: str, ipython: bool) -> list[tuple[str, dict[str, Any]
     """Tool calls in a generated reply, tried in llama-models' order: `<function=name>{...}`, a JSON
     `{"name", "parameters"}` object, a python list `[f(a=1), ...]`, a builtin `tool.call(query="...")`;
     after `<|python_tag|>` anything else is code for the interpreter."""
-    m = _FUNCTION_TAG.search(text)
-    if m:
-        try:
-            args = json.loads(m.group("args").replace("'", '"'))
-            return [(m.group("name"), args if isinstance(args, dict) else {})]
-        except json.JSONDecodeError:
-            pass
-    stripped = text.strip()
-    try:
-        obj = json.loads(stripped)
-    except json.JSONDecodeError:
-        obj = None
-    if isinstance(obj, dict) and isinstance(obj.get("name"), str) and (obj.get("type") == "function" or "name" in obj):
-        args = obj.get("parameters", obj.get("arguments", {}))
-        return [(obj["name"], args if isinstance(args, dict) else {})]
-    calls = _python_list_calls(stripped)
+    calls = _custom_tool_calls(text)
     if calls:
-        return calls
+        # A search builtin written as a custom call: its one argument is the query, whatever the
+        # model named it, as llama-models' decode_assistant_message maps it (else the call could
+        # not be sent back in the next request: `encode_tool_call` needs the query).
+        return [(n, {"query": a["query"] if "query" in a else next(iter(a.values()))})
+                if n in SEARCH_TOOLS and a else (n, a) for n, a in calls]
     m = _BUILTIN_CALL.search(text)
     if m:
         return [(m.group("name"), {"query": m.group("query")})]
@@ -241,24 +253,66 @@ def parse_tool_calls(text: str, ipython: bool) -> list[tuple[str, dict[str, Any]
     return []
 
 
+def _custom_tool_calls(text: str) -> list[tuple[str, dict[str, Any]]]:
+    m = _FUNCTION_TAG.search(text)
+    if m:
+        try:
+            args = json.loads(m.group("args").replace("'", '"'))
+            return [(m.group("name"), args if isinstance(args, dict) else {})]
+        except (json.JSONDecodeError, RecursionError):
+            pass
+    stripped = text.strip()
+    try:
+        obj = json.loads(stripped)
+    except (json.JSONDecodeError, RecursionError):
+        obj = None
+    if isinstance(obj, dict) and isinstance(obj.get("name"), str) and obj["name"]:
+        args = obj.get("parameters", obj.get("arguments", {}))
+        return [(obj["name"], args if isinstance(args, dict) else {})]
+    return _python_list_calls(stripped)
+
+
 def _python_list_calls(text: str) -> list[tuple[str, dict[str, Any]]]:
+    """`[f(a=1), g(b="x")]`: calls with keyword arguments whose values are JSON values written as
+    Python literals. Anything else (a positional or `**` argument, a name, a complex number, a
+    dict with non-string keys) is not a call and the text stays the reply's content, rather than
+    arguments that no JSON (the OpenAI response, the next request) can carry."""
     if not (text.startswith("[") and text.endswith("]")):
         return []
     try:
         tree = ast.parse(text, mode="eval")
-    except SyntaxError:
+    except (SyntaxError, ValueError, RecursionError, MemoryError):  # ValueError: a NUL in the text
         return []
     if not isinstance(tree.body, ast.List) or not tree.body.elts:
         return []
     calls = []
     for node in tree.body.elts:
-        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)) or node.args:
+        if (not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)) or node.args
+                or any(kw.arg is None for kw in node.keywords)):
             return []
         try:
-            calls.append((node.func.id, {kw.arg: ast.literal_eval(kw.value) for kw in node.keywords}))
-        except ValueError:
+            args = {kw.arg: _json_value(ast.literal_eval(kw.value)) for kw in node.keywords}
+        except (ValueError, TypeError, SyntaxError, RecursionError, MemoryError):
+            # what literal_eval refuses (a name), or builds and then fails on ({[]: 1}: TypeError)
             return []
+        calls.append((node.func.id, args))
     return calls
+
+
+def _json_value(value: Any) -> Any:
+    """A Python literal as the JSON value it spells (a tuple as a list); ValueError if none
+    (UnicodeDecodeError is one)."""
+    if value is None or isinstance(value, (str, bool, int)):
+        return value
+    if isinstance(value, float) and math.isfinite(value):
+        return value
+    if isinstance(value, (list, tuple, set, frozenset)):  # a set as the list llama-models' pydantic makes it
+        return [_json_value(v) for v in value]
+    if isinstance(value, bytes):  # b"x" as "x", as there too
+        return value.decode("utf-8")
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        return {k: _json_value(v) for k, v in value.items()}
+    raise ValueError(f"not a JSON value: {type(value).__name__}")
 
 
 def _json_list(items: list[str]) -> str:
@@ -452,6 +506,12 @@ class _MetaChatFormat(ChatFormat):
     def encode_dialog(self, messages: Sequence[Message], *, add_generation_prompt: bool = True,
                       tools: Sequence[Any] | None = None) -> list[int]:
         messages = validate_messages(messages)
+        for i, m in enumerate(messages):  # a builtin call without its query / code: name the message
+            for call in (m.get("tool_calls") or []) if m["role"] == "assistant" else []:
+                try:
+                    encode_tool_call(*_tool_call(call, f"message {i}"), self.tool_prompt_format)
+                except HerdError as e:
+                    raise HerdError(f"message {i}: {e}") from None
         if tools:
             messages = self._with_tool_prompts(messages, tools)
         ids = [] if self.bos_id is None else [self.bos_id]
@@ -470,15 +530,18 @@ class _MetaChatFormat(ChatFormat):
             stop_reason, ids = "end_of_turn", ids[:-1]
         elif ids and ids[-1] == self._ids[self.eom]:
             stop_reason, ids = "end_of_message", ids[:-1]
-        text = self.tokenizer.decode(ids).strip(" ")
+        text = self.tokenizer.decode(ids)
+        # The reference strips spaces off the decoded reply while its stop token is still on it:
+        # leading spaces go, trailing ones only where no stop token ended the reply.
+        text = text.strip(" ") if stop_reason == "out_of_tokens" else text.lstrip(" ")
         header = self.tokenizer.decode(self.header("assistant"))
         if text.startswith(header):
             text = text[len(header):]
         ipython = text.startswith(self.python_start)
         if ipython:
             text = text[len(self.python_start):]
-        if self.python_end:
-            text = text.replace(self.python_end, "")
+            if self.python_end:  # Llama 4 closes a tool call it opened; elsewhere the token stays
+                text = text.replace(self.python_end, "")
         message: Message = {"role": "assistant", "content": text, "stop_reason": stop_reason}
         calls = parse_tool_calls(text, ipython)
         if calls:
@@ -604,17 +667,25 @@ class TemplateChatFormat(ChatFormat):
         one string (joined as Llama3ChatFormat encodes them, piece after piece); keys whose value is
         None dropped, as transformers drops them (an assistant turn of tool calls alone has no
         content). A template that knows nothing of tool calls would drop them without a word:
-        refused."""
+        refused. Tool calls as vLLM hands them to the template (chat_utils' `_postprocess_messages`):
+        a JSON-string `arguments` parsed into the object it spells, as chat templates expect them
+        (`arguments | tojson`, `arguments['query']`), and an empty `tool_calls` list dropped."""
         content = m.get("content")
         if isinstance(content, list) and all(isinstance(p, str) or p.get("type") == "text" for p in content):
             m = {**m, "content": "".join(_text_parts(content, f"message {i}"))}
         if m.get("tool_calls") and "tool_calls" not in self.template_source:
             raise HerdError(f"message {i}: this model's chat template has no tool calls")
+        if m.get("tool_calls"):
+            m = {**m, "tool_calls": [_with_parsed_arguments(c, f"message {i}") for c in m["tool_calls"]]}
+        elif m.get("tool_calls") == []:
+            m = {k: v for k, v in m.items() if k != "tool_calls"}
         return {k: v for k, v in m.items() if v is not None}
 
     def encode_dialog(self, messages: Sequence[Message], *, add_generation_prompt: bool = True,
                       tools: Sequence[Any] | None = None) -> list[int]:
-        validate_messages(messages)
+        # Arguments parsed (`_for_template`) before any control token in them is marked, as vLLM
+        # parses them before transformers marks the values.
+        messages = [self._for_template(m, i) for i, m in enumerate(validate_messages(messages))]
         if not self._spells_control_token([messages, tools]):
             text = self.render(messages, add_generation_prompt=add_generation_prompt, tools=tools)
             return self.tokenizer.encode(text, allow_special=True)  # as transformers encodes it
@@ -659,14 +730,32 @@ class TemplateChatFormat(ChatFormat):
             stop_reason, ids = "end_of_turn", ids[:-1]
         text = self.tokenizer.decode(ids)
         message: Message = {"role": "assistant", "content": text, "stop_reason": stop_reason}
-        m = re.fullmatch(r"\s*<tool_call>\s*(\{.*\})\s*</tool_call>\s*", text, re.S)  # Hermes/ChatML style
-        looks_like_call = m is not None or text.lstrip().startswith(("{", "["))
-        calls = parse_tool_calls(m.group(1) if m else text.strip(), False) if looks_like_call else []
+        # Hermes/ChatML style: a reply of one or more <tool_call>{...}</tool_call> blocks (vLLM's
+        # hermes parser reads each block as a call); otherwise a bare JSON object or python list.
+        pieces = re.split(r"<tool_call>(.*?)</tool_call>", text, flags=re.S)
+        calls: list[tuple[str, dict[str, Any]]] = []
+        if len(pieces) > 1 and not "".join(pieces[::2]).strip():
+            for body in pieces[1::2]:
+                found = parse_tool_calls(body.strip(), False)
+                if not found:  # a block that is not a call: the reply is text
+                    calls = []
+                    break
+                calls += found
+        elif text.lstrip().startswith(("{", "[")):
+            calls = parse_tool_calls(text.strip(), False)
         if calls:
             message["content"] = ""
             message["tool_calls"] = [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
                                       "function": {"name": n, "arguments": a}} for n, a in calls]
         return message
+
+
+def _with_parsed_arguments(call: dict, where: str) -> dict:
+    """A validated tool call with its `arguments` as a dict (a JSON string parsed)."""
+    args = _tool_call(call, where)[1]
+    if "function" in call:
+        return {**call, "function": {**call["function"], "arguments": args}}
+    return {**call, "arguments": args}
 
 
 # transformers' private-use markers around control tokens spelled by the user
