@@ -69,7 +69,7 @@ from typing import NamedTuple
 import torch
 
 from herd.errors import HerdError
-from herd.inference.sampling import SamplingParams, raw_logprobs, sample
+from herd.inference.sampling import SamplingParams, TokenCounts, raw_logprobs, sample
 
 DEFAULT_KV_CACHE_BYTES = 1 << 30
 
@@ -273,7 +273,9 @@ class _Sequence:
         self.finish_reason: str | None = None
         self.generator = torch.Generator(device=request.device)
         if request.sampling.seed is not None:
-            self.generator.manual_seed((request.sampling.seed + index) % (1 << 63))
+            # torch's own wrap (mod 2**64): a negative seed draws as torch.manual_seed(seed) and
+            # herd.generate do (mod 2**63 gave seed -1 another stream than herd.generate's)
+            self.generator.manual_seed((request.sampling.seed + index) % (1 << 64))
         else:
             self.generator.seed()
         self.text = ""  # decoded so far (when the engine has a tokenizer)
@@ -290,6 +292,8 @@ class _Sequence:
         # advanced only where a sampled token is appended (`_after_forward`), so a preempted
         # request's recompute never advances it twice; kept across preemption with the tokens.
         self.matcher = None
+        # With penalties: its running token counts (sampling.TokenCounts), made at its first sample.
+        self.counts = None
 
     @property
     def finished(self) -> bool:
@@ -880,8 +884,12 @@ class Engine:
                 if sp.greedy and not sp.suppress and not sp.penalized and allowed is None:
                     token = greedy[i]
                 elif sp.penalized:  # the penalties read this sample's own tokens (vLLM: per sequence)
-                    token = int(sample(logits[i:i + 1], sp, child.generator, prompt_ids=[req.prompt],
-                                       output_ids=[child.tokens[req.prompt_len:]], allowed=allowed)[0])
+                    # counted incrementally: a recount of prompt and output per step grew with both
+                    if child.counts is None:
+                        child.counts = TokenCounts(req.prompt)
+                    child.counts.sync(child.tokens, logits.shape[-1], logits.device, start=req.prompt_len)
+                    token = int(sample(logits[i:i + 1], sp, child.generator, counts=[child.counts],
+                                       allowed=allowed)[0])
                 else:
                     token = int(sample(logits[i:i + 1], sp, child.generator, allowed=allowed)[0])
                 if dist is not None:

@@ -19,7 +19,7 @@ import torch
 from herd.errors import HerdError
 from herd.inference.cpu_linear import PackedLinear
 from herd.inference.kv_cache import StaticKVCache, new_cache
-from herd.inference.sampling import SamplingParams, sample
+from herd.inference.sampling import SamplingParams, TokenCounts, sample
 
 
 @dataclass
@@ -29,23 +29,41 @@ class Completion:
     finish_reason: str = "length"  # "stop" or "length"
 
 
-def _check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int, max_seq_len: int) -> None:
-    """Every row a non-empty run of in-vocabulary ids that leaves room for a new token. No rows at
-    all is not an error (generate_ids yields nothing for it): it used to be reported as "empty
-    prompt", which sent a caller with an empty batch looking for an empty string."""
+def _is_token_id(t) -> bool:
+    return isinstance(t, numbers.Integral) and not isinstance(t, bool)
+
+
+def _check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int, max_seq_len: int) -> list[list[int]]:
+    """Every row a non-empty run of in-vocabulary ids that leaves room for a new token → the rows
+    as lists of ints. No rows at all is not an error (generate_ids yields nothing for it): it used
+    to be reported as "empty prompt", which sent a caller with an empty batch looking for an empty
+    string. A (B, T) tensor or array, or rows of them, are taken as their ids."""
+    if hasattr(prompts, "tolist") and not isinstance(prompts, (list, tuple)):
+        # a 2-D tensor batch: `not prompts` on it raised "Boolean value of Tensor ... is ambiguous"
+        prompts = prompts.tolist()
+    rows = []
     for i, p in enumerate(prompts):
         where = "prompt" if len(prompts) == 1 else f"prompt {i}"
+        if hasattr(p, "tolist") and not isinstance(p, (list, tuple)):  # a tensor or NumPy row
+            p = p.tolist()
         if isinstance(p, (str, bytes)) or not hasattr(p, "__len__"):
             raise HerdError(f"{where} is {type(p).__name__}, not a list of token ids")
         if len(p) == 0:
             raise HerdError(f"{where} is empty: give at least one token")
-    for p in prompts:
+        # torch.tensor(p, dtype=long) truncates 1.7 to token 1 and reads True as token 1: a
+        # different prompt, answered without a word (the serving engine refuses them too)
+        odd = [t for t in p if not _is_token_id(t)]
+        if odd:
+            raise HerdError(f"{where}: token ids must be integers, got {odd[0]!r}")
+        rows.append([int(t) for t in p])
+    for p in rows:
         if len(p) >= max_seq_len:
             raise HerdError(f"prompt of {len(p)} tokens does not fit the model's context of {max_seq_len} "
                             "(at least one position is needed to generate)")
         bad = [t for t in p if not 0 <= t < vocab_size]
         if bad:
             raise HerdError(f"token id {bad[0]} is outside the model's vocabulary of {vocab_size}")
+    return rows
 
 
 def check_max_new_tokens(n) -> int:
@@ -55,6 +73,18 @@ def check_max_new_tokens(n) -> int:
     if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
         raise HerdError(f"max_new_tokens must be a whole number >= 1, got {n!r}")
     return int(n)
+
+
+def check_stop_ids(stop_ids) -> list[int]:
+    """A collection of whole-number token ids → a list: a bare int raised "'int' object is not
+    iterable", a float id (1.5) never matched any token and silently stopped nothing."""
+    if isinstance(stop_ids, (str, bytes, numbers.Number)) or not hasattr(stop_ids, "__iter__"):
+        raise HerdError(f"stop_ids must be a list of token ids, got {stop_ids!r}")
+    ids = list(stop_ids.tolist() if hasattr(stop_ids, "tolist") else stop_ids)
+    odd = [t for t in ids if not _is_token_id(t)]
+    if odd:
+        raise HerdError(f"stop_ids must be whole-number token ids, got {odd[0]!r}")
+    return [int(t) for t in ids]
 
 
 # A seed is a signed 64-bit integer, as OpenAI's `seed` and the server (herd/inference/server.py)
@@ -107,7 +137,8 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int
     args = model.args
     max_new_tokens = check_max_new_tokens(max_new_tokens)
     check_seed(sampling.seed)
-    _check_prompts(prompts, args.vocab_size, args.max_seq_len)
+    stop_ids = check_stop_ids(stop_ids)
+    prompts = _check_prompts(prompts, args.vocab_size, args.max_seq_len)
     if not prompts:  # an empty batch: nothing to generate (vLLM's LLM.generate([]) gives [] too)
         return
     device = model.tok_embeddings.weight.device
@@ -154,15 +185,21 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     # Each row's own generated tokens, for the repetition/frequency/presence penalties (they count
     # a row's prompt and output, as the serving engine's per-sample penalties and vLLM's do).
+    # Counted incrementally (TokenCounts): a recount of every row's prompt and output per step
+    # made a long penalised generation slower with every token.
     outputs: list[list[int]] = [[] for _ in prompts]
-    seen = dict(prompt_ids=prompts, output_ids=outputs) if sampling.penalized else {}
+    counts = [TokenCounts(p) for p in prompts] if sampling.penalized else None
+    V = logits.shape[-1]
     for step in range(max_new_tokens):
+        if counts is not None:
+            for c, row in zip(counts, outputs, strict=True):
+                c.sync(row, V, logits.device)
         if generators is None or sampling.greedy:
-            nxt = sample(logits, sampling, **seen)
+            nxt = sample(logits, sampling, counts=counts)
         else:
-            nxt = torch.cat([sample(logits[i:i + 1], sampling, g, **({k: v[i:i + 1] for k, v in seen.items()}))
+            nxt = torch.cat([sample(logits[i:i + 1], sampling, g, counts=counts and counts[i:i + 1])
                              for i, g in enumerate(generators)])
-        if seen:
+        if counts is not None:
             for row, t in zip(outputs, nxt.tolist(), strict=True):
                 row.append(t)
         yield [None if f else int(t) for t, f in zip(nxt.tolist(), finished.tolist(), strict=True)]
@@ -183,7 +220,7 @@ def generate_batch(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: i
                    compile: bool = False) -> list[Completion]:
     """Run `generate_ids` to the end and collect one Completion per prompt."""
     out = [Completion() for _ in prompts]
-    stop = set(stop_ids)
+    stop = set(check_stop_ids(stop_ids))
     for step in generate_ids(model, prompts, max_new_tokens=max_new_tokens, sampling=sampling,
                              stop_ids=stop_ids, compile=compile):
         for c, t in zip(out, step, strict=True):

@@ -107,8 +107,46 @@ class SamplingParams:
         return bool(self.logit_bias or self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1)
 
 
+class TokenCounts:
+    """One sample's penalty bookkeeping, kept up to date a token at a time: how often each id occurs
+    in its output and which ids its prompt holds. Recounting the whole prompt and output at every
+    step (what `process_logits` does from plain id lists) costs O(prompt + output) per token, so a
+    long penalised generation slowed as it grew; `sync` adds only the tokens appended since its last
+    call. The counts are the same integers either way (float32 holds them exactly)."""
+
+    def __init__(self, prompt_ids: Sequence[int]):
+        self.prompt_ids = prompt_ids
+        self.output: torch.Tensor | None = None  # (V,) float32 counts of the output ids
+        self._seen: torch.Tensor | None = None  # (V,) bool, prompt or output ids; built on first use
+        self._n = 0  # output tokens counted
+
+    def sync(self, tokens: Sequence[int], vocab_size: int, device, start: int = 0) -> TokenCounts:
+        """Count tokens[start:] (the output; it only grows) into `output`; → self."""
+        n = len(tokens) - start
+        if self.output is None or self.output.shape[0] != vocab_size or self.output.device != torch.device(device) \
+                or n < self._n:  # first use, or not the list it counted (start again from zero)
+            self.output = torch.zeros(vocab_size, dtype=torch.float32, device=device)
+            self._seen, self._n = None, 0
+        if n > self._n:
+            new = torch.tensor([tokens[i] for i in range(start + self._n, start + n)], dtype=torch.long, device=device)
+            self.output.index_put_((new,), torch.ones(len(new), device=device), accumulate=True)
+            if self._seen is not None:
+                self._seen[new] = True
+            self._n = n
+        return self
+
+    def seen(self) -> torch.Tensor:
+        """(V,) bool: ids in the prompt or the output (the repetition penalty's set)."""
+        if self._seen is None:
+            self._seen = self.output > 0
+            if len(self.prompt_ids):
+                self._seen[torch.tensor(list(self.prompt_ids), dtype=torch.long, device=self.output.device)] = True
+        return self._seen
+
+
 def process_logits(logits: torch.Tensor, params: SamplingParams, prompt_ids: Sequence[Sequence[int]] = (),
-                   output_ids: Sequence[Sequence[int]] = (), allowed: torch.Tensor | None = None) -> torch.Tensor:
+                   output_ids: Sequence[Sequence[int]] = (), allowed: torch.Tensor | None = None,
+                   counts: Sequence[TokenCounts] | None = None) -> torch.Tensor:
     """logits (B, V) → the logits the sampler draws from, before temperature: reserved ids at -inf,
     logit_bias added, then the repetition penalty (over each row's prompt and output tokens) and
     the frequency and presence penalties (over its output tokens only). vLLM V1's order: its
@@ -116,7 +154,9 @@ def process_logits(logits: torch.Tensor, params: SamplingParams, prompt_ids: Seq
     then presence. prompt_ids / output_ids: one id list per row (needed only for penalties).
     allowed: (B, V) or (V,) bool, the tokens a structured-output grammar lets each row take next;
     the others go to -inf first, as vLLM applies its grammar bitmask before every other logits
-    processor (so no bias or penalty can bring a forbidden token back)."""
+    processor (so no bias or penalty can bring a forbidden token back). counts: one `TokenCounts`
+    per row, already synced with its output, in place of prompt_ids / output_ids (the incremental
+    form generation uses)."""
     if allowed is not None:
         logits = logits.masked_fill(~allowed.to(logits.device), float("-inf"))
     if params.suppress:
@@ -134,25 +174,41 @@ def process_logits(logits: torch.Tensor, params: SamplingParams, prompt_ids: Seq
     needs_counts = params.repetition_penalty != 1 or params.presence_penalty or params.frequency_penalty
     if not needs_counts:
         return logits
-    if len(output_ids) != B or (params.repetition_penalty != 1 and len(prompt_ids) != B):
-        raise HerdError("penalties need each row's prompt and generated token ids")
-    for r in range(B):
-        out = torch.tensor(list(output_ids[r]), dtype=torch.long, device=dev)
-        counts = torch.bincount(out, minlength=V)[:V].to(logits.dtype) if len(out) else torch.zeros(V, device=dev)
+    if counts is not None:
+        if len(counts) != B:
+            raise HerdError("penalties need each row's token counts")
+        rows = [(c.output.to(logits.dtype), c.seen) for c in counts]
+    else:
+        if len(output_ids) != B or (params.repetition_penalty != 1 and len(prompt_ids) != B):
+            raise HerdError("penalties need each row's prompt and generated token ids")
+        rows = [_recount(prompt_ids[r] if params.repetition_penalty != 1 else (), output_ids[r], V, dev, logits.dtype)
+                for r in range(B)]
+    for r, (row_counts, seen) in enumerate(rows):
         if params.repetition_penalty != 1:
-            seen = counts > 0
-            if len(prompt_ids[r]):
-                seen[torch.tensor(list(prompt_ids[r]), dtype=torch.long, device=dev)] = True
             row = logits[r]
             # transformers' RepetitionPenaltyLogitsProcessor: score < 0 → score * p, else score / p
             # (vLLM: logits > 0 divided, logits <= 0 multiplied — the same numbers, 0 stays 0).
             pen = torch.where(row > 0, row / params.repetition_penalty, row * params.repetition_penalty)
-            logits[r] = torch.where(seen, pen, row)
+            logits[r] = torch.where(seen(), pen, row)
         if params.frequency_penalty:
-            logits[r] -= params.frequency_penalty * counts
+            logits[r] -= params.frequency_penalty * row_counts
         if params.presence_penalty:
-            logits[r] -= params.presence_penalty * (counts > 0).to(logits.dtype)
+            logits[r] -= params.presence_penalty * (row_counts > 0).to(logits.dtype)
     return logits
+
+
+def _recount(prompt: Sequence[int], output: Sequence[int], V: int, dev, dtype):
+    """(output counts, a callable giving the prompt-or-output mask) from plain id lists."""
+    out = torch.tensor(list(output), dtype=torch.long, device=dev)
+    counts = torch.bincount(out, minlength=V)[:V].to(dtype) if len(out) else torch.zeros(V, dtype=dtype, device=dev)
+
+    def seen() -> torch.Tensor:
+        mask = counts > 0
+        if len(prompt):
+            mask[torch.tensor(list(prompt), dtype=torch.long, device=dev)] = True
+        return mask
+
+    return counts, seen
 
 
 def raw_logprobs(logits: torch.Tensor) -> torch.Tensor:
@@ -163,11 +219,11 @@ def raw_logprobs(logits: torch.Tensor) -> torch.Tensor:
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None, *,
            prompt_ids: Sequence[Sequence[int]] = (), output_ids: Sequence[Sequence[int]] = (),
-           allowed: torch.Tensor | None = None) -> torch.Tensor:
-    """logits (B, V) → token ids (B,). prompt_ids / output_ids (one list per row) are needed only
-    when params has a repetition, frequency or presence penalty; allowed: a structured-output
-    grammar's mask (see `process_logits`)."""
-    logits = process_logits(logits, params, prompt_ids, output_ids, allowed)
+           allowed: torch.Tensor | None = None, counts: Sequence[TokenCounts] | None = None) -> torch.Tensor:
+    """logits (B, V) → token ids (B,). prompt_ids / output_ids (one list per row), or `counts`
+    (one synced TokenCounts per row), are needed only when params has a repetition, frequency or
+    presence penalty; allowed: a structured-output grammar's mask (see `process_logits`)."""
+    logits = process_logits(logits, params, prompt_ids, output_ids, allowed, counts)
     if params.greedy:
         return logits.argmax(dim=-1)
     logits = logits.float() / params.temperature

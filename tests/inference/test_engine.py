@@ -508,3 +508,15 @@ def test_a_request_that_can_no_longer_fit_ends_instead_of_waiting_forever(capsys
     for blk in held:
         engine.blocks.release(blk)
     _pool_is_full(engine)
+
+
+@pytest.mark.parametrize("seed", [-7, -(1 << 63), 5, (1 << 63) - 1])
+def test_seeded_sample_equals_generate_for_any_seed(model, seed):
+    """One seeded sample draws what herd.generate draws with the same seed, the ends of the seed
+    range included. The engine wrapped seeds mod 2**63 where torch (and generate) wrap mod 2**64:
+    the CPU generator seeds from the low 32 bits, where both agree, but CUDA's Philox reads all 64,
+    so there a negative seed gave the server and the library different text."""
+    sp = SamplingParams(temperature=1.0, seed=seed)
+    prompts = _prompts(model.args.vocab_size, (4, 11), seed=6)
+    got = [o[0].token_ids for o in Engine(model).generate(prompts, max_tokens=10, sampling=sp)]
+    assert got == [generate_batch(model, [p], max_new_tokens=10, sampling=sp)[0].ids for p in prompts]

@@ -107,3 +107,41 @@ def test_ordinary_prompts_still_work(model):
     assert isinstance(herd.generate(model, tok, [{"role": "user", "content": "hi"}], max_new_tokens=2), str)
     assert len(herd.generate(model, tok, ["hi", [{"role": "user", "content": "x"}]], max_new_tokens=2)) == 2
     assert herd.generate(model, tok, (p for p in ["hi", "there"]), max_new_tokens=3)[0] == one  # any iterable
+
+
+@pytest.mark.parametrize("prompts, bad", [([[1.7, 2]], "1.7"), ([[5], [True, 5]], "True"),
+                                          ([torch.tensor([3.6, 4.0])], "3.5999")])
+def test_non_integer_token_ids_are_refused_not_truncated(model, prompts, bad):
+    """torch.tensor(p, dtype=long) turned 1.7 into token 1 and True into token 1: another prompt,
+    answered silently (the serving engine's submit already refused them)."""
+    with pytest.raises(HerdError, match=f"token ids must be integers, got {bad}"):
+        generate_batch(model, prompts, max_new_tokens=2)
+
+
+def test_a_tensor_batch_is_its_rows(model):
+    """A (B, T) LongTensor batch raised 'Boolean value of Tensor ... is ambiguous'; its rows (and
+    NumPy rows) are the same prompts as lists of ints."""
+    import numpy as np
+
+    rows = [[3, 4, 5], [7, 8, 9]]
+    want = [c.ids for c in generate_batch(model, rows, max_new_tokens=4)]
+    assert [c.ids for c in generate_batch(model, torch.tensor(rows), max_new_tokens=4)] == want
+    assert [c.ids for c in generate_batch(model, [np.array(r) for r in rows], max_new_tokens=4)] == want
+
+
+@pytest.mark.parametrize("stop, bad", [(5, "a list of token ids, got 5"), ([1.5], "whole-number token ids, got 1.5"),
+                                       ([None], "whole-number token ids, got None")])
+def test_odd_stop_ids_are_one_herd_error(model, stop, bad):
+    """A bare int raised "'int' object is not iterable"; a float id matched nothing and stopped
+    nothing, silently."""
+    with pytest.raises(HerdError, match=bad):
+        generate_batch(model, [[1, 2]], max_new_tokens=2, stop_ids=stop)
+    with pytest.raises(HerdError, match=bad):
+        list(generate_ids(model, [[1, 2]], max_new_tokens=2, stop_ids=stop))
+
+
+def test_stop_ids_of_any_collection_stop(model):
+    first = generate_batch(model, [[1, 2]], max_new_tokens=4)[0].ids[0]
+    for stop in ([first], (first,), {first}, torch.tensor([first])):
+        c = generate_batch(model, [[1, 2]], max_new_tokens=4, stop_ids=stop)[0]
+        assert (c.ids, c.stop_token, c.finish_reason) == ([], first, "stop")

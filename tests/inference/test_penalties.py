@@ -13,7 +13,7 @@ from transformers import LogitsProcessor, LogitsProcessorList, RepetitionPenalty
 
 from herd.errors import HerdError
 from herd.inference.engine import Engine
-from herd.inference.sampling import SamplingParams, process_logits, sample
+from herd.inference.sampling import SamplingParams, TokenCounts, process_logits, sample
 from herd.inference.server import TokenTexts
 from herd.models.args import ModelArgs
 
@@ -84,6 +84,34 @@ def test_process_logits_keeps_suppressed_ids_out():
     logits = torch.zeros(1, 10)
     sp = SamplingParams(suppress=(3,), logit_bias={3: 100}, presence_penalty=-2)
     assert process_logits(logits, sp, [[]], [[3]])[0, 3] == float("-inf")
+
+
+def test_token_counts_read_each_output_token_once_and_equal_the_recount():
+    """Penalised decoding recounted every row's whole prompt and output at each step (O(T) per
+    token, so a long generation slowed as it grew); TokenCounts reads each new output token once
+    and gives process_logits exactly the recount's numbers."""
+    class Reads(list):
+        n = 0
+
+        def __getitem__(self, i):
+            Reads.n += 1
+            return super().__getitem__(i)
+
+    g = torch.Generator().manual_seed(0)
+    sp = SamplingParams(presence_penalty=0.4, frequency_penalty=-0.7, repetition_penalty=1.6, logit_bias={3: 2.0})
+    prompt, out = [1, 2, 3, 3, 49], Reads()
+    counts = TokenCounts(prompt)
+    for _ in range(40):
+        logits = torch.randn(1, 50, generator=g) * 3
+        counts.sync(out, 50, logits.device)
+        got = process_logits(logits, sp, counts=[counts])
+        assert torch.equal(got, process_logits(logits, sp, [prompt], [list(out)]))
+        torch.testing.assert_close(got[0], _reference(logits[0], prompt, list(out), presence=0.4, frequency=-0.7,
+                                                      repetition=1.6, bias={3: 2.0}))
+        out.append(int(torch.randint(0, 12, (1,), generator=g)))  # repeats, so counts go past 1
+    assert Reads.n == len(out) - 1  # the last token was appended after the last sync
+    # a token list that is not the one counted (shorter) starts again rather than go wrong
+    assert torch.equal(counts.sync([7, 7], 50, "cpu").output, torch.bincount(torch.tensor([7, 7]), minlength=50).float())
 
 
 # ---- the engine -----------------------------------------------------------------------------------
