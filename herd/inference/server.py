@@ -17,19 +17,20 @@ Structured outputs, through llguidance (vLLM's "guidance" backend; herd/inferenc
 the JSON is complete. tool_choice "required" constrains the reply to a JSON array of {"name",
 "parameters"} calls of the tools (vLLM's schema) and a named function {"type": "function",
 "function": {"name"}} to that function's parameters; both come back as OpenAI's `tool_calls` (a
-named call's JSON is its arguments, streamed piece by piece after a first delta that names the
-call, as vLLM streams it; "required" finishes with "tool_calls" and streams its calls as one delta
-when the reply ends). A forced call needs no tool-aware template: the constraint writes it. vLLM's
-own forms, on both endpoints: `structured_outputs` with exactly one of "json" (a schema, or a JSON
-string of one), "regex" (the whole reply matches it), "choice" (a non-empty list of strings: the
-reply is exactly one of them, metacharacters and all), "grammar" (Lark in llguidance's dialect, or
-GBNF, which llguidance converts, as vLLM's guidance backend reads it) or "json_object": true (its
-"disable_any_whitespace" makes JSON compact; "disable_fallback" is a no-op), and the legacy
-guided_json / guided_regex / guided_choice / guided_grammar fields, the same constraints. The reply
-is plain content and stops when the grammar is complete. One constraint per reply: two of
-response_format, structured_outputs, a guided_* field and a forced tool_choice are a 400 naming the
-second. A schema, regex or grammar llguidance cannot compile is a one-line 400 naming its field
-(response_format, structured_outputs, guided_*, tool_choice), as is a tool name not among `tools`.
+named call's JSON is its arguments; "required"'s are the text of each item's "parameters", and it
+finishes with "tool_calls"; both stream each call's arguments piece by piece after a first delta
+that names the call, as vLLM streams them). A forced call needs no tool-aware template: the
+constraint writes it. vLLM's own forms, on both endpoints: `structured_outputs` with exactly one of
+"json" (a schema, or a JSON string of one), "regex" (the whole reply matches it), "choice" (a
+non-empty list of strings: the reply is exactly one of them, metacharacters and all), "grammar"
+(Lark in llguidance's dialect, or GBNF, which llguidance converts, as vLLM's guidance backend reads
+it) or "json_object": true (its "disable_any_whitespace" makes JSON compact; "disable_fallback" is
+a no-op), and the legacy guided_json / guided_regex / guided_choice / guided_grammar fields, the
+same constraints. The reply is plain content and stops when the grammar is complete. One constraint
+per reply: two of response_format, structured_outputs, a guided_* field and a forced tool_choice
+are a 400 naming the second. A schema, regex or grammar llguidance cannot compile is a one-line 400
+naming its field (response_format, structured_outputs, guided_*, tool_choice), as is a tool name
+not among `tools`.
 
 Logprobs, in vLLM's shapes: chat `logprobs: true` with `top_logprobs` 0..20 gives each choice (and
 each streamed delta) `{"content": [{"token", "logprob", "bytes", "top_logprobs": [...]}]}`;
@@ -58,14 +59,15 @@ behind --enable-tokenizer-info-endpoint; always on here): "tokenizer_class", "bo
 template of the model's chat format, or null) and "model_max_length".
 
 Every request is validated before it reaches the engine; a bad one gets a 4xx with OpenAI's error
-shape `{"error": {"message", "type", "param", "code"}}`: malformed or non-UTF-8 JSON, unknown
-fields, wrong types, out-of-range values (ranges as text-generation-inference checks them:
-temperature ≥ 0, 0 < top_p ≤ 1, top_k ≥ 0, at most 4 stop sequences), token ids outside the
-vocabulary, prompts that do not fit the context, bodies over the size limit (413), a full queue
-(429). OpenAI fields herd does not implement (suffix, best_of, chat's echo) are refused
-when set to anything but their neutral value rather than silently ignored. A client that goes away
-cancels its request, which frees its KV blocks at once. On shutdown uvicorn stops accepting, lets
-in-flight requests finish (up to `graceful_s` seconds), then the engine cancels whatever is left.
+shape `{"error": {"message", "type", "param", "code"}}`: malformed or non-UTF-8 JSON, a body sent
+as another Content-Type than JSON, unknown fields, wrong types, out-of-range values (OpenAI's
+ranges: temperature 0..2, 0 < top_p ≤ 1, penalties -2..2; top_k ≥ -1 (0 and -1: off, as vLLM); at
+most MAX_STOP stop sequences), token ids outside the vocabulary, prompts that do not fit the
+context, bodies over the size limit (413), a full queue (429). OpenAI fields herd does not
+implement (suffix, best_of, chat's echo) are refused when set to anything but their neutral value
+rather than silently ignored. A client that goes away cancels its request, which frees its KV
+blocks at once. On shutdown uvicorn stops accepting, lets in-flight requests finish (up to
+`graceful_s` seconds), then the engine cancels whatever is left.
 
 Images (a multimodal Llama 4): chat messages may hold OpenAI's image parts
 `{"type": "image_url", "image_url": {"url": ...}}` in user turns, where the picture goes in the
@@ -418,7 +420,8 @@ def parse_params(body: dict, kind: str, limits: Limits, vocab: int | None = None
         raise RequestError("model must be a string", param="model")
     temperature = _float(body, "temperature", 1.0, lambda x: 0 <= x <= 2, "between 0 and 2")
     top_p = _float(body, "top_p", 1.0, lambda x: 0 < x <= 1, "in (0, 1]")
-    top_k = _int(body, "top_k", 0, 1 << 31, 0)
+    # vLLM's "off" is 0 or -1 (its SamplingParams default for years, which clients still send).
+    top_k = max(_int(body, "top_k", -1, 1 << 31, 0), 0)
     seed = _int(body, "seed", SEED_MIN, SEED_MAX)
     n = _int(body, "n", 1, limits.max_n, 1)
     name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
@@ -445,7 +448,7 @@ def parse_params(body: dict, kind: str, limits: Limits, vocab: int | None = None
         raise RequestError("stream must be a boolean", param="stream")
     opts = body.get("stream_options")
     if opts is not None and (not isinstance(opts, dict) or set(opts) - {"include_usage"}
-                             or not isinstance(opts.get("include_usage", False), bool)):
+                             or not isinstance(opts.get("include_usage", False), (bool, type(None)))):
         raise RequestError('stream_options must be {"include_usage": bool}', param="stream_options")
     if opts and not stream:
         # As OpenAI and vLLM: usage-chunk options on a non-streamed request are a client mistake
@@ -597,6 +600,8 @@ def _check_tools(tools) -> None:
             raise RequestError(f"{where}.name must be a non-empty string", param="tools")
         if fn.get("description") is not None and not isinstance(fn["description"], str):
             raise RequestError(f"{where}.description must be a string", param="tools")
+        if fn.get("strict") is not None and not isinstance(fn["strict"], bool):  # OpenAI's type; a no-op here
+            raise RequestError(f"{where}.strict must be a boolean", param="tools")
         schema = fn.get("parameters")
         if schema is None:
             continue
@@ -636,10 +641,12 @@ def forced_tool(body: dict) -> ForcedTool | None:
     if choice == "required":
         if not tools:  # vLLM and OpenAI: "required" with no tools is a client bug
             raise RequestError('tool_choice "required" needs tools: this request has none', param="tool_choice")
+        # additionalProperties false, where vLLM leaves it open: keys past name and parameters
+        # would be dropped from the calls anyway, and a small model spends its tokens inventing them.
         items = [{"type": "object",
                   "properties": {"name": {"type": "string", "enum": [t["function"]["name"]]},
                                  "parameters": _tool_parameters(t["function"])},
-                  "required": ["name", "parameters"]} for t in tools]
+                  "required": ["name", "parameters"], "additionalProperties": False} for t in tools]
         return ForcedTool(None, {"type": "array", "minItems": 1, "items": {"anyOf": items}})
     if (isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("function"), dict)
             and isinstance(choice["function"].get("name"), str) and set(choice) == {"type", "function"}):
@@ -651,6 +658,90 @@ def forced_tool(body: dict) -> ForcedTool | None:
         return ForcedTool(name, _tool_parameters(found[0]))
     raise RequestError('tool_choice must be "auto", "none", "required" or {"type": "function", "function": '
                        f'{{"name": ...}}}}, got {json.dumps(choice)[:80]}', param="tool_choice")
+
+
+def _json_string(text: str) -> str | None:
+    # None for what the grammar would not write: the finished reply then fails json.loads too
+    try:
+        got = json.loads(text)
+    except ValueError:
+        return None
+    return got if isinstance(got, str) else None
+
+
+class RequiredCalls:
+    """The calls of a tool_choice "required" reply — a JSON array of {"name", "parameters"} objects,
+    as its grammar writes it — read as the text arrives, so that each call's arguments can stream
+    piece by piece, as vLLM streams them (serving_chat's extract_tool_call_required_streaming).
+    A call's arguments are the raw text of its "parameters" value, as a named call's are the
+    generated JSON itself: the streamed pieces then add up to exactly the non-streamed arguments,
+    whatever whitespace the grammar let the model write. Only the structure is tracked (nesting,
+    strings, the item objects' keys); the grammar guarantees the JSON, and json.loads checks the
+    finished reply (forced_message)."""
+
+    def __init__(self):
+        self.names: list[str | None] = []  # each call's name, once its value is complete
+        self._raw: list[str] = []  # each call's "parameters" text so far (whitespace around it included)
+        self._name_raw: list[str] = []
+        self._depth = 0  # open [ and { outside strings: the array is 1, an item object 2
+        self._in_str = self._esc = False
+        self._key: str | None = None  # an item's key being read (its JSON text), None between keys
+        self._last_key: str | None = None
+        self._field: str | None = None  # the item key whose value is being read
+
+    def feed(self, text: str) -> None:
+        for ch in text:
+            if self._in_str:  # inside a key or a value's string: only its end matters
+                if self._esc:
+                    self._esc = False
+                elif ch == "\\":
+                    self._esc = True
+                elif ch == '"':
+                    self._in_str = False
+                self._take(ch)
+                if not self._in_str and self._key is not None:  # a key's closing quote
+                    self._last_key, self._key = _json_string(self._key), None
+                continue
+            if self._depth == 2 and self._field is None:  # between an item's values: keys, ':', ','
+                if ch == '"':
+                    self._in_str, self._key = True, '"'
+                elif ch == ":":
+                    self._field = self._last_key
+                elif ch == "}":
+                    self._depth = 1
+                continue
+            if self._depth == 2 and ch in ",}":  # the value ends
+                if self._field == "name":
+                    self.names[-1] = _json_string(self._name_raw[-1])
+                self._field = None
+                self._depth -= ch == "}"
+                continue
+            if ch == '"':
+                self._in_str = True
+            elif ch in "[{":
+                self._depth += 1
+                if self._depth == 2:  # an item of the array: a new call
+                    self.names.append(None)
+                    self._raw.append("")
+                    self._name_raw.append("")
+                    continue
+            elif ch in "]}":
+                self._depth -= 1
+            self._take(ch)
+
+    def _take(self, ch: str) -> None:
+        if self._key is not None:
+            self._key += ch
+        elif self._depth >= 2 and self._field == "parameters":
+            self._raw[-1] += ch
+        elif self._depth >= 2 and self._field == "name":
+            self._name_raw[-1] += ch
+
+    def arguments(self, k: int) -> str:
+        """Call k's arguments so far: its parameters' text, without the whitespace around it (held
+        back at the end until the next character says whether it is inside the value)."""
+        raw = self._raw[k].lstrip()
+        return raw if self._in_str and k == len(self._raw) - 1 and self._field == "parameters" else raw.rstrip()
 
 
 def chat_prompt(body: dict, tokenizer, add_generation_prompt: bool = True) -> tuple[list[int], bool]:
@@ -684,8 +775,11 @@ def chat_prompt(body: dict, tokenizer, add_generation_prompt: bool = True) -> tu
         raise RequestError("this model's chat template has no tools: the model cannot be told about them "
                            '(send tool_choice "none" to leave them out)', param="tools", code="tools_not_supported")
     try:
+        # the tools as the client sent them ({"type": "function", "function": {...}}), as vLLM hands
+        # them to the template and transformers' apply_chat_template takes them: a template that
+        # writes each tool with `tojson` (HF's Llama 3.1, Qwen) renders the whole object
         ids = tokenizer.chat.encode_dialog(messages, add_generation_prompt=add_generation_prompt,
-                                           tools=[t["function"] for t in tools] if use_tools else None)
+                                           tools=list(tools) if use_tools else None)
     except HerdError as e:
         raise RequestError(str(e), param="messages") from None
     except (TypeError, ValueError, KeyError, AttributeError, IndexError) as e:
@@ -943,7 +1037,22 @@ def _error(e: RequestError):
                         status_code=e.status)
 
 
+def _check_content_type(request) -> None:
+    """A body sent as another media type is refused, as vLLM's FastAPI request models refuse it
+    (they read JSON only under application/json or application/*+json, or with no Content-Type):
+    `curl -d` without a JSON header sends application/x-www-form-urlencoded."""
+    given = request.headers.get("content-type")
+    if given is None:
+        return
+    media = given.split(";")[0].strip().lower()
+    kind, _, sub = media.partition("/")
+    if kind != "application" or not (sub == "json" or sub.endswith("+json")):
+        raise RequestError(f"the request body must be JSON sent as Content-Type: application/json, got "
+                           f"{given[:60]!r}", code="unsupported_media_type")
+
+
 async def _read_json(request, limits: Limits) -> dict:
+    _check_content_type(request)
     length = request.headers.get("content-length")
     if length is not None and (not length.isdigit() or int(length) > limits.max_body_bytes):
         raise RequestError(f"request body over {limits.max_body_bytes} bytes", status=413)
@@ -1067,7 +1176,9 @@ def create_app(engine: Engine, model_name: str, limits: Limits | None = None):
         return card
 
     def check_model(body):
-        if body.get("model") not in (None, model_name):
+        # An empty name is the served model, as vLLM's _is_model_supported reads it (clients left
+        # unconfigured send "").
+        if body.get("model") not in (None, "", model_name):
             raise not_found(body["model"])
 
     def budget(prompts: list[list[int]], p: Params, kind: str) -> int:
@@ -1201,10 +1312,19 @@ def create_app(engine: Engine, model_name: str, limits: Limits | None = None):
         if forced.name is not None:
             calls = [(forced.name, text)]
         else:
+            # Each call's arguments as its streamed deltas add up to (RequiredCalls): the raw text of
+            # its parameters, once the whole reply is checked to be the array of calls.
+            scan = RequiredCalls()
+            scan.feed(text)
             try:
-                calls = [(c["name"], json.dumps(c["parameters"], ensure_ascii=False)) for c in json.loads(text)]
-            except (ValueError, TypeError, KeyError):
+                items = json.loads(text)
+            except ValueError:
+                items = None
+            if not (isinstance(items, list) and items and len(items) == len(scan.names) and all(
+                    isinstance(c, dict) and "parameters" in c and isinstance(name, str) and c.get("name") == name
+                    for c, name in zip(items, scan.names, strict=False))):
                 return {"role": "assistant", "content": text}, reason
+            calls = [(name, scan.arguments(k)) for k, name in enumerate(scan.names)]
             reason = "tool_calls" if reason == "stop" else reason
         return {"role": "assistant", "content": None, "tool_calls": [
             {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function", "function": {"name": n, "arguments": a}}
@@ -1371,6 +1491,9 @@ def create_app(engine: Engine, model_name: str, limits: Limits | None = None):
             contexts = [[] for _ in range(total)]  # each choice's tokens so far (TokenTexts)
             named = forced is not None and forced.name is not None
             call_ids = [f"call_{uuid.uuid4().hex[:24]}" for _ in range(total)] if named else []
+            required = forced is not None and forced.name is None
+            scans = [RequiredCalls() for _ in range(total)] if required else []
+            sent = [[] for _ in range(total)]  # "required": each choice's calls so far, the arguments' length sent
             try:
                 if kind == "chat":
                     for i in range(total):
@@ -1401,9 +1524,37 @@ def create_app(engine: Engine, model_name: str, limits: Limits | None = None):
                             yield chunk([{"index": i, "delta": {"tool_calls": [call]},
                                           "logprobs": {"content": chat_logprobs(entries, contexts[i])}
                                           if want_logprobs else None, "finish_reason": None}])
+                    elif required:
+                        # As vLLM streams "required" calls: each as it is written, its first delta
+                        # naming it (with its id) once its parameters begin, the rest extending its
+                        # arguments; they add up to the non-streamed reply's (RequiredCalls).
+                        held[i] = (held[i][0] + ev.text, held[i][1] + ev.token_ids)
+                        held_lps[i] += entries  # sent with the next delta
+                        scans[i].feed(ev.text)
+                        deltas = []
+                        for k, name in enumerate(scans[i].names):
+                            args = scans[i].arguments(k)
+                            if k < len(sent[i]):
+                                if len(args) > sent[i][k]:
+                                    deltas.append({"index": k, "function": {"arguments": args[sent[i][k]:]}})
+                                    sent[i][k] = len(args)
+                            elif k == len(sent[i]) and name is not None and args:
+                                deltas.append({"index": k, "id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                                               "function": {"name": name, "arguments": args}})
+                                sent[i].append(len(args))
+                        delta = {"tool_calls": deltas} if deltas else {}
+                        if reason is not None:
+                            # "tool_calls" when the reply is the finished array, as not streamed;
+                            # a reply cut short before any call came out is its text, as there.
+                            _, reason = reply(held[i][1], held[i][0], reason)
+                            if not sent[i] and held[i][0]:
+                                delta = {"content": held[i][0]}
+                        if delta or (reason is not None and held_lps[i]):
+                            got = {"content": chat_logprobs(held_lps[i], contexts[i])} if want_logprobs else None
+                            held_lps[i] = []
+                            yield chunk([{"index": i, "delta": delta, "logprobs": got, "finish_reason": None}])
                     elif use_tools or forced is not None:
-                        # Calls are parsed (or, "required", assembled) from the whole reply: sent
-                        # as one delta at its end.
+                        # Calls are parsed from the whole reply: sent as one delta at its end.
                         held[i] = (held[i][0] + ev.text, held[i][1] + ev.token_ids)
                         held_lps[i] += entries
                         if reason is None:

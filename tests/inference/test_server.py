@@ -278,7 +278,8 @@ def test_64_concurrent_clients_good_bad_and_gone(debug):
     ({"prompt": "hi", "temperature": 2.5}, 400, "temperature"),
     ({"prompt": "hi", "top_p": 0}, 400, "top_p"),
     ({"prompt": "hi", "top_p": 1.01}, 400, "top_p"),
-    ({"prompt": "hi", "top_k": -1}, 400, "top_k"),
+    ({"prompt": "hi", "top_k": -2}, 400, "top_k"),
+    ({"prompt": "hi", "top_k": -1}, 200, None),  # vLLM's "off", as 0 (test_top_k_minus_one_is_off)
     ({"prompt": "hi", "stop": [chr(97 + i % 26) * (1 + i // 26) for i in range(33)]}, 400, "at most 32 stop"),
     ({"prompt": "hi", "stop": [""]}, 400, "stop sequence"),
     ({"prompt": "hi", "seed": 2 ** 70}, 400, "seed"),
@@ -288,8 +289,12 @@ def test_64_concurrent_clients_good_bad_and_gone(debug):
     ({"prompt": "hi", "echo": 0}, 400, "echo must be a boolean"),
     ({"prompt": "hi", "stream_options": {"include_usage": True}}, 400, "only allowed when stream"),
     ({"prompt": "hi", "stream_options": {"include_usage": True}, "stream": True}, 200, None),
+    ({"prompt": "hi", "stream_options": {"include_usage": None}, "stream": True}, 200, None),  # unset, as vLLM
+    ({"prompt": "hi", "stream_options": {"include_usage": 1}, "stream": True}, 400, "stream_options"),
     ({"prompt": "hi", "stream": "yes"}, 400, "stream must be"),
     ({"prompt": "hi", "model": "gpt-4"}, 404, "does not exist"),
+    ({"prompt": "hi", "model": "DEBUG"}, 404, "does not exist"),
+    ({"prompt": "hi", "model": ""}, 200, None),  # vLLM: an empty name is the served model (was a 404)
     ({"prompt": list(range(1, 400))}, 400, "maximum context length"),
 ])
 def test_bad_requests_get_4xx_in_openai_shape(debug, body, status, words):
@@ -300,6 +305,19 @@ def test_bad_requests_get_4xx_in_openai_shape(debug, body, status, words):
         err = r.json()["error"]
         assert words in err["message"] and err["type"]
     _pool_is_full(engine)
+
+
+def test_top_k_minus_one_is_off(debug):
+    """top_k -1 is vLLM's "consider all tokens" (its SamplingParams default, accepted beside 0):
+    it was a 400 here. The same seeded samples as top_k 0, and not those of top_k 1 (greedy)."""
+    server = debug[0]
+    body = {"prompt": "Once upon a time", "max_tokens": 12, "temperature": 1.0, "seed": 3, "ignore_eos": True, "n": 2}
+    texts = {}
+    for k in (-1, 0, 1):
+        r = httpx.post(server.url + "/v1/completions", json={**body, "top_k": k}, timeout=60)
+        assert r.status_code == 200, r.text
+        texts[k] = [c["text"] for c in r.json()["choices"]]
+    assert texts[-1] == texts[0] != texts[1]
 
 
 def test_malformed_bodies_headers_and_routes(debug):
@@ -380,7 +398,7 @@ def test_tool_calls_in_openai_shape():
                                                    "city": {"type": "string", "description": "the city"}},
                                                    "required": ["city"]}}}]
     messages = [{"role": "user", "content": "Weather in Paris?"}]
-    model.prompt_len = len(tok.chat.encode_dialog(messages, tools=[t["function"] for t in tools]))
+    model.prompt_len = len(tok.chat.encode_dialog(messages, tools=tools))
     with ServerThread(create_app(engine, "scripted")) as server:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
         reply = client.chat.completions.create(model="scripted", messages=messages, tools=tools, temperature=0)

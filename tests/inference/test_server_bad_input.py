@@ -67,6 +67,9 @@ FN = {"type": "function", "function": {"name": "f"}}
     ("chat", {"tools": [{"type": "function", "function": {}}]}, "tools", "tools[0].function.name"),
     ("chat", {"tools": [{"type": "function", "function": {"name": "f", "description": 5}}]},
      "tools", "tools[0].function.description"),
+    # OpenAI's FunctionDefinition.strict is a boolean: a string was accepted
+    ("chat", {"tools": [{"type": "function", "function": {"name": "f", "strict": "yes"}}]},
+     "tools", "tools[0].function.strict must be a boolean"),
     # a text part without its text: was "unsupported content part 'text' (only text parts are supported)"
     ("chat", {"messages": [{"role": "user", "content": [{"type": "text"}]}]}, "messages", "a text part must be"),
     ("chat", {"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}, "messages",
@@ -100,6 +103,26 @@ def test_good_tools_and_ignored_fields_still_pass(server):
             "tools": tools, "user": "u1", "store": False, "metadata": {"k": "v"}, "parallel_tool_calls": True}
     r = httpx.post(s.url + "/v1/chat/completions", json=body, timeout=60)
     assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"])
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data"])
+def test_a_body_not_sent_as_json_is_a_400(server, path, content_type):
+    """vLLM's FastAPI models read a JSON body only under application/json (or +json, or no
+    Content-Type); a text/plain body was parsed and answered 200 here (`curl -d` without
+    -H 'Content-Type: application/json' sends a form)."""
+    s, _ = server
+    body = {"/v1/completions": {"prompt": "hi", "max_tokens": 2}, "/v1/chat/completions": {
+        "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}, "/tokenize": {"prompt": "hi"},
+        "/detokenize": {"tokens": [1, 2]}}[path]
+    r = httpx.post(s.url + path, content=json.dumps(body), headers={"content-type": content_type}, timeout=60)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and "application/json" in err["message"], err
+    for ok in ("application/json; charset=utf-8", "Application/JSON", "application/vnd.api+json", None):
+        headers = {} if ok is None else {"content-type": ok}
+        r = httpx.post(s.url + path, content=json.dumps(body), headers=headers, timeout=60)
+        assert r.status_code == 200, (ok, r.text)
 
 
 def test_a_number_over_python_s_digit_limit_is_a_400(server):

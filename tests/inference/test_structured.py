@@ -156,6 +156,111 @@ def test_required_tool_choice_calls_one_of_the_tools(smol):
         jsonschema.validate(json.loads(call.function.arguments), params[call.function.name])
 
 
+def _streamed_calls(chunks, index=0):
+    """A streamed choice's tool calls, each {"id", "name", "arguments", "deltas"} from its deltas."""
+    calls = {}
+    for ch in chunks:
+        for c in ch.choices:
+            for d in (c.delta.tool_calls or []) if c.index == index else []:
+                if d.index not in calls:  # the first delta of a call names it, with its id
+                    assert d.id and d.type == "function" and d.function.name, d
+                    calls[d.index] = {"id": d.id, "name": d.function.name, "arguments": "", "deltas": 0}
+                else:
+                    assert d.id is None and d.function.name is None, d
+                calls[d.index]["arguments"] += d.function.arguments
+                calls[d.index]["deltas"] += 1
+    return [calls[k] for k in sorted(calls)]
+
+
+@pytest.mark.parametrize("ask, extra", [
+    ("What is the weather in Paris?", {"temperature": 0}),
+    ("Add 2 and 3, and tell me the weather in Rome.", {"temperature": 1.0, "seed": 5, "n": 3}),
+])
+def test_required_tool_choice_streams_arguments_piece_by_piece(smol, ask, extra):
+    """As vLLM streams tool_choice "required": each call's first delta names it, then its arguments
+    come in pieces, which add up to the non-streamed reply's call (they used to come as one delta
+    when the reply ended)."""
+    client, *_ = smol
+    kw = dict(model="smollm2", messages=[{"role": "user", "content": ask}], max_tokens=150, tools=TOOLS,
+              tool_choice="required", logprobs=True, **extra)
+    r = client.chat.completions.create(**kw)
+    chunks = list(client.chat.completions.create(**kw, stream=True))
+    params = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+    for c in r.choices:
+        assert c.finish_reason == "tool_calls", c.message
+        got = _streamed_calls(chunks, c.index)
+        assert [(x["name"], x["arguments"]) for x in got] == [(t.function.name, t.function.arguments)
+                                                              for t in c.message.tool_calls]
+        for x in got:
+            assert x["deltas"] > 1, got
+            jsonschema.validate(json.loads(x["arguments"]), params[x["name"]])
+        ends = [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].index == c.index]
+        assert ends[-1] == "tool_calls"
+        # every token's logprobs still streamed, though the tokens before a call's arguments send no delta
+        streamed = [e for ch in chunks for x in ch.choices if x.index == c.index and x.logprobs
+                    for e in x.logprobs.content]
+        assert [e.token for e in streamed] == [e.token for e in c.logprobs.content]
+
+
+def test_required_tool_choice_cut_short_before_a_call_is_its_text(smol):
+    client, *_ = smol
+    kw = dict(model="smollm2", messages=[{"role": "user", "content": "What is the weather in Paris?"}],
+              max_tokens=6, temperature=0, tools=TOOLS, tool_choice="required")
+    r = client.chat.completions.create(**kw)
+    chunks = list(client.chat.completions.create(**kw, stream=True))
+    assert r.choices[0].finish_reason == "length" and r.choices[0].message.tool_calls is None
+    assert _streamed_calls(chunks) == []
+    assert "".join(c.delta.content or "" for ch in chunks for c in ch.choices) == r.choices[0].message.content
+
+
+def _required_reply(calls, rng) -> str:
+    """The JSON array tool_choice "required" writes, with the whitespace the grammar allows put in
+    at random, keys in either order, and an unrelated key."""
+    def ws():
+        return rng.choice(["", "", " ", "\n", " \n\t "])
+
+    def dump(v):
+        if isinstance(v, dict):
+            return "{" + ws() + ("," + ws()).join(json.dumps(k) + ws() + ":" + ws() + dump(x) + ws()
+                                                 for k, x in v.items()) + "}"
+        if isinstance(v, list):
+            return "[" + ws() + ("," + ws()).join(dump(x) + ws() for x in v) + "]"
+        return json.dumps(v, ensure_ascii=rng.random() < 0.5)
+    items = []
+    for c in calls:
+        keys = [("name", c["name"]), ("parameters", c["parameters"])] + [("x", [1, "]"])] * (rng.random() < 0.3)
+        items.append(dump(dict(keys[::-1] if rng.random() < 0.3 else keys)))
+    return ws() + "[" + ws() + ("," + ws()).join(i + ws() for i in items) + "]" + ws()
+
+
+def test_required_calls_scanner_matches_json_loads_however_the_text_is_split():
+    """RequiredCalls reads each call's name and arguments out of the reply as it streams: the
+    arguments always a prefix of the final ones, which json.loads reads as the parameters."""
+    import random
+
+    from herd.inference.server import RequiredCalls
+
+    rng = random.Random(0)
+    values = [{}, {"a": 'x, }{]\\" y '}, {"b": [1, {"c": " }"}], "d": None}, 5, 'str " } ', [], {"k": "ü ", "e": 1.5}]
+    for _ in range(300):
+        calls = [{"name": rng.choice(["f", 'g"h', "ö"]), "parameters": rng.choice(values)}
+                 for _ in range(rng.randint(1, 3))]
+        text = _required_reply(calls, rng)
+        assert [{k: v for k, v in c.items() if k != "x"} for c in json.loads(text)] == calls
+        whole = RequiredCalls()
+        whole.feed(text)
+        assert whole.names == [c["name"] for c in calls], text
+        final = [whole.arguments(k) for k in range(len(calls))]
+        assert [json.loads(a) for a in final] == [c["parameters"] for c in calls], text
+        split, i = RequiredCalls(), 0
+        while i < len(text):
+            j = i + rng.randint(1, 5)
+            split.feed(text[i:j])
+            i = j
+            assert all(final[k].startswith(split.arguments(k)) for k in range(len(split.names))), text
+        assert [split.arguments(k) for k in range(len(calls))] == final
+
+
 @torch.no_grad()
 def test_without_response_format_greedy_is_unchanged(smol):
     """No response_format (or {"type": "text"}): the same greedy ids as a plain argmax loop."""

@@ -63,6 +63,7 @@ def test_detokenize_and_tokenizer_info(debug):
     ids = tok.encode("Hello <|eot_id|> world", bos=True, allow_special=True)
     assert _post(server, "/detokenize", {"tokens": ids}).json() == {"prompt": "<|begin_of_text|>Hello <|eot_id|> world"}
     assert _post(server, "/detokenize", {"tokens": [], "model": "debug"}).json() == {"prompt": ""}
+    assert _post(server, "/detokenize", {"tokens": [], "model": ""}).json() == {"prompt": ""}  # vLLM: "" is it
     info = httpx.get(server.url + "/tokenizer_info", timeout=60).json()
     assert info["bos_token"] == "<|begin_of_text|>" and info["eos_token"] == "<|end_of_text|>"
     assert info["pad_token"] == "<|finetune_right_pad_id|>" and info["model_max_length"] == 256
@@ -210,3 +211,30 @@ def test_lm_eval_remote_tokenizer_gives_the_huggingface_backend_numbers(smol, hf
     assert len(got) == len(want) == len(PAIRS) and all(lp < 0 for lp, _ in got)
     for (lp, greedy), (lp_hf, greedy_hf) in zip(got, want, strict=True):
         assert lp == pytest.approx(lp_hf, abs=1e-4) and bool(greedy) == bool(greedy_hf), (got, want)
+
+
+# A tools-aware template that writes each tool whole with `tojson`, as HF's Llama 3.1 and Qwen
+# templates do: the prompt shows whether the server hands the template the tool objects the client
+# sent ({"type": "function", "function": {...}}, as vLLM and apply_chat_template take them) or
+# something else.
+TOOLS_TEMPLATE = ("{% for t in tools %}{{ t | tojson }}\n{% endfor %}"
+                  "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_chat_tools_reach_the_template_as_sent(smol, hf_smollm2_tokenizer):
+    from herd.tokenizer.chat import TemplateChatFormat
+
+    server, tok = smol
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                               "parameters": {"type": "object", "properties": {
+                                                   "city": {"type": "string"}}, "required": ["city"]}}}]
+    saved = tok.chat
+    tok.chat = TemplateChatFormat(tok, TOOLS_TEMPLATE)
+    try:
+        r = _post(server, "/tokenize", {"messages": USER, "tools": tools})
+    finally:
+        tok.chat = saved
+    assert r.status_code == 200, r.text
+    assert r.json()["tokens"] == hf_smollm2_tokenizer.apply_chat_template(
+        USER, tools=tools, chat_template=TOOLS_TEMPLATE, add_generation_prompt=True, tokenize=True, return_dict=False)
