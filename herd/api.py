@@ -12,7 +12,15 @@ from herd.checkpoint.common import model_dir_of, read_model_info
 from herd.errors import HerdError
 from herd.hub import BUILTIN_MODELS, fetch_builtin
 from herd.inference.cpu_linear import pack_linears
-from herd.inference.generate import Completion, check_max_new_tokens, check_seed, generate_batch, generate_ids
+from herd.inference.generate import (
+    Completion,
+    check_max_new_tokens,
+    check_min_tokens,
+    check_seed,
+    check_stop_ids,
+    generate_batch,
+    generate_ids,
+)
 from herd.inference.sampling import SamplingParams
 
 Prompt = str | Sequence[dict]  # raw text, or a dialog of OpenAI-shaped messages
@@ -185,21 +193,34 @@ def reserved_ids(tokenizer) -> tuple[int, ...]:
     return tuple(sorted(i for name, i in specials.items() if "reserved" in name))
 
 
-def _sampling(temperature, top_p, top_k, seed, tokenizer=None) -> SamplingParams:
+def _sampling(temperature, top_p, top_k, seed, tokenizer=None, **more) -> SamplingParams:
+    """SamplingParams checks every value (one HerdError line naming it); `more`: min_p, min_tokens
+    and the penalties, as vLLM's SamplingParams takes them."""
     return SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
-                          suppress=reserved_ids(tokenizer) if tokenizer is not None else ())
+                          suppress=reserved_ids(tokenizer) if tokenizer is not None else (), **more)
+
+
+def _stop_ids(tokenizer, stop_token_ids) -> list[int]:
+    """The tokenizer's stop ids and the caller's extra ones (vLLM's stop_token_ids)."""
+    extra = set(check_stop_ids(stop_token_ids))
+    return sorted(extra if tokenizer is None else set(tokenizer.stop_ids) | extra)
 
 
 def generate(model, tokenizer, prompt: Prompt | list[Prompt], *, max_new_tokens: int = 256,
              temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
-             compile: bool = False, image=None, images=None) -> str | list[str]:
+             compile: bool = False, image=None, images=None, min_p: float = 0.0, min_tokens: int = 0,
+             presence_penalty: float = 0.0, frequency_penalty: float = 0.0, repetition_penalty: float = 1.0,
+             stop_token_ids: Sequence[int] = ()) -> str | list[str]:
     """Complete one prompt (→ str) or a batch of prompts (→ list[str]) of any lengths.
     compile: decode through torch.compile (worth it on a GPU; the first call compiles).
     Pictures for a multimodal Llama 4 (paths or PIL images): for one prompt, `image=` one or
     `images=[...]` several, placed in order before the text of the (last) user turn; for a batch,
     `images=[row0, row1, ...]` with one entry per prompt (None, an image or a list). A dialog can
     also place them itself: content parts `{"type": "image", "image": path}` where they go, or
-    `{"type": "image"}` slots filled from `images` in order."""
+    `{"type": "image"}` slots filled from `images` in order.
+    min_p, min_tokens, presence/frequency/repetition_penalty and stop_token_ids as vLLM's
+    SamplingParams: min_p in [0, 1] (0 = off), min_tokens new tokens before any stop token (0 ..
+    max_new_tokens), penalties in [-2, 2] / > 0 (1 = off), extra ids that end the text."""
     prompts, single = _prompt_batch(prompt)
     if single:
         per_row = [_one_prompt_images(image, images)]
@@ -207,18 +228,22 @@ def generate(model, tokenizer, prompt: Prompt | list[Prompt], *, max_new_tokens:
         raise HerdError("image= goes with one prompt; for a batch pass images=[...] with one entry per prompt")
     else:
         per_row = images
-    sampling = _sampling(temperature, top_p, top_k, seed, tokenizer)
+    sampling = _sampling(temperature, top_p, top_k, seed, tokenizer, min_p=min_p, min_tokens=min_tokens,
+                         presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                         repetition_penalty=repetition_penalty)
+    stop_ids = _stop_ids(tokenizer, stop_token_ids)
     if not prompts:
         # An empty batch is an empty answer, as vLLM's LLM.generate([]) gives; the arguments are
         # still checked, so a bad value shows on the first call whatever the batch holds.
         check_max_new_tokens(max_new_tokens)
         check_seed(seed)
+        check_min_tokens(min_tokens, max_new_tokens)
         with_images(model, tokenizer, prompts, per_row)  # images= must be empty too
         return []
     model, ids = with_images(model, tokenizer, prompts, per_row)
     _check_encoded(ids, single)
     outs: list[Completion] = generate_batch(model, ids, max_new_tokens=max_new_tokens, sampling=sampling,
-                                            stop_ids=sorted(tokenizer.stop_ids), compile=compile)
+                                            stop_ids=stop_ids, compile=compile)
     decode = getattr(tokenizer, "decode_continuation", tokenizer.decode)  # as stream() gives them
     texts = [decode(c.ids) for c in outs]
     return texts[0] if single else texts
@@ -227,20 +252,25 @@ def generate(model, tokenizer, prompt: Prompt | list[Prompt], *, max_new_tokens:
 def stream(model, tokenizer, prompt: Prompt, *, max_new_tokens: int = 256, temperature: float = 0.0,
            top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
            completion: Completion | None = None, compile: bool = False, image=None,
-           images=None) -> Iterator[str]:
+           images=None, min_p: float = 0.0, min_tokens: int = 0, presence_penalty: float = 0.0,
+           frequency_penalty: float = 0.0, repetition_penalty: float = 1.0,
+           stop_token_ids: Sequence[int] = ()) -> Iterator[str]:
     """Yield text pieces as they are generated; never a broken UTF-8 character. If `completion`
     is given it collects the generated ids and the finish reason. `image`/`images` as in
-    `generate` for one prompt."""
+    `generate` for one prompt; min_p, min_tokens, the penalties and stop_token_ids as there."""
     from herd.tokenizer.streaming import IncrementalDecoder
 
     completion = completion if completion is not None else Completion()
     decoder = IncrementalDecoder(tokenizer)
     _check_prompt(prompt, "prompt")  # one prompt: a batch (a list of prompts) is generate's
-    stop = set(tokenizer.stop_ids)
+    sampling = _sampling(temperature, top_p, top_k, seed, tokenizer, min_p=min_p, min_tokens=min_tokens,
+                         presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                         repetition_penalty=repetition_penalty)
+    stop = set(_stop_ids(tokenizer, stop_token_ids))
     model, ids = with_image(model, tokenizer, prompt, _one_prompt_images(image, images))
     _check_encoded([ids], True)
     for (token,) in generate_ids(model, [ids], max_new_tokens=max_new_tokens,
-                                 sampling=_sampling(temperature, top_p, top_k, seed, tokenizer), stop_ids=sorted(stop),
+                                 sampling=sampling, stop_ids=sorted(stop),
                                  compile=compile):
         if token in stop:
             completion.stop_token, completion.finish_reason = token, "stop"

@@ -249,6 +249,9 @@ class Event:
     # With SamplingParams.prompt_logprobs, in a sample's first event: an entry per prompt token
     # after the first (which has none), each the token's logprob after the tokens before it.
     prompt_logprobs: list[TokenLogprob] | None = None
+    # With finish_reason "error" where the request itself is at fault: one line saying why (a
+    # structured-output grammar that failed while generating); None for a failed step.
+    error: str | None = None
 
 
 @dataclass
@@ -294,6 +297,7 @@ class _Sequence:
         self.matcher = None
         # With penalties: its running token counts (sampling.TokenCounts), made at its first sample.
         self.counts = None
+        self.error: str | None = None  # why it ended with "error", when the request is at fault
 
     @property
     def finished(self) -> bool:
@@ -423,12 +427,17 @@ class Engine:
     # ---- public API ------------------------------------------------------------------------------
     def submit(self, prompt: Sequence[int], *, max_tokens: int, sampling: SamplingParams = SamplingParams(),
                n: int = 1, stop_strings: Sequence[str] = (), ignore_eos: bool = False,
-               listener: Callable[[Event], None] | None = None, images: Sequence[torch.Tensor] = ()) -> int:
+               listener: Callable[[Event], None] | None = None, images: Sequence[torch.Tensor] = (),
+               stop_token_ids: Sequence[int] = ()) -> int:
         """Queue a request; returns its id. `listener` is called (from the engine's thread) with an
         Event for every step that produced something, and once per sample with its finish reason.
         images: for a multimodal Llama 4, each image's preprocessed tiles (its row-major tiles, then
         its thumbnail; herd/models/image_processing.py), in the order of their `<|patch|>` runs in
-        the prompt."""
+        the prompt.
+        stop_token_ids: vLLM's — more ids that end a sample ("stop"; the id is not in its tokens or
+        text, as the tokenizer's stop tokens), even with ignore_eos, which drops only the
+        tokenizer's. `sampling.min_tokens` keeps all of them (and stop strings) off until that
+        many tokens are out."""
         # int() would truncate a float id (2.7 → 2) into another token: whole numbers only (numpy's too)
         if isinstance(prompt, torch.Tensor):
             prompt = prompt.tolist()
@@ -449,6 +458,20 @@ class Engine:
                             "(at least one position is needed to generate)")
         if max_tokens < 1 or n < 1:
             raise HerdError(f"max_tokens and n must be at least 1, got {max_tokens} and {n}")
+        if sampling.min_tokens > max_tokens:  # vLLM's check, before the context clamps max_tokens
+            raise HerdError(f"min_tokens must be less than or equal to max_tokens={max_tokens}, "
+                            f"got {sampling.min_tokens}")
+        if isinstance(stop_token_ids, torch.Tensor):
+            stop_token_ids = stop_token_ids.tolist()
+        if isinstance(stop_token_ids, (str, bytes, numbers.Number)) or not hasattr(stop_token_ids, "__iter__"):
+            raise HerdError(f"stop_token_ids must be a list of token ids, got {stop_token_ids!r}")
+        stop_token_ids = list(stop_token_ids)
+        odd = [t for t in stop_token_ids if not _is_int(t)]
+        if odd:
+            raise HerdError(f"stop_token_ids must be integers, got {odd[0]!r}")
+        bad = [t for t in stop_token_ids if not 0 <= t < vocab]
+        if bad:  # an id no sample can produce would silently stop nothing
+            raise HerdError(f"stop_token_ids: token id {bad[0]} is outside the model's vocabulary of {vocab}")
         if n > self.max_batch:
             raise HerdError(f"n={n} exceeds the engine's batch of {self.max_batch} sequences")
         if stop_strings and self.tokenizer is None:
@@ -479,7 +502,8 @@ class Engine:
             if len(self._waiting) >= self.max_waiting:
                 raise EngineBusy(f"too many requests queued ({self.max_waiting}); retry later")
             req = Request(next(self._ids), prompt, sampling, max_tokens, n,
-                          frozenset() if ignore_eos else self.stop_ids, tuple(s for s in stop_strings if s),
+                          (frozenset() if ignore_eos else self.stop_ids) | {int(t) for t in stop_token_ids},
+                          tuple(s for s in stop_strings if s),
                           listener, self.device, images=request_images)
             if sampling.prompt_logprobs is not None:
                 req.prompt_logprobs = []
@@ -878,9 +902,20 @@ class Engine:
                 allowed = None
                 if child.matcher is not None:
                     allowed = child.matcher.allowed(logits.shape[-1])[None]
-                    if not bool(allowed.any()):  # the matcher failed (cannot happen for a valid token stream)
-                        self._finish(child, "stop")
+                    if not bool(allowed.any()):  # the grammar failed (a valid token stream never gets here)
+                        self._grammar_failed(child)
                         continue
+                if child.num_generated < sp.min_tokens and req.stop_ids:
+                    # vLLM's MinTokensLogitsProcessor: no stop token (EOS unless ignore_eos, and the
+                    # request's stop_token_ids) before min_tokens; masked before bias and penalties,
+                    # which cannot bring a -inf back. A grammar that allows nothing else keeps its mask.
+                    open_ = torch.ones(logits.shape[-1], dtype=torch.bool, device=logits.device)
+                    open_[torch.tensor(sorted(t for t in req.stop_ids if t < len(open_)), dtype=torch.long,
+                                       device=logits.device)] = False
+                    if allowed is None:
+                        allowed = open_[None]
+                    elif bool((allowed & open_).any()):
+                        allowed = allowed & open_
                 if sp.greedy and not sp.suppress and not sp.penalized and allowed is None:
                     token = greedy[i]
                 elif sp.penalized:  # the penalties read this sample's own tokens (vLLM: per sequence)
@@ -894,8 +929,12 @@ class Engine:
                     token = int(sample(logits[i:i + 1], sp, child.generator, allowed=allowed)[0])
                 if dist is not None:
                     child.logprobs.append(TokenLogprob(token, float(dist[token]), top))
-                if child.matcher is not None:
-                    child.matcher.advance(token)  # here, where the token is appended: once per token
+                if child.matcher is not None and not child.matcher.advance(token):  # once per token, here
+                    # llguidance can accept a grammar and fail on it later ("too many expressions
+                    # constructed" for a{1000000}): the reply would not follow it, so it is an
+                    # error naming the grammar, never a reply that quietly breaks its constraint.
+                    self._grammar_failed(child)
+                    continue
                 self._append(child, token)
                 if child.matcher is not None and not child.finished and child.matcher.done:
                     # The grammar has ended and allows nothing more (not even EOS, e.g. with
@@ -938,7 +977,8 @@ class Engine:
         if s.decoder is not None:
             before = len(s.text)
             s.text += s.decoder.push(token)
-            if req.stop_strings and self._cut_at_stop(s, before):
+            # vLLM: stop strings are looked for once more than min_tokens tokens are out
+            if req.stop_strings and s.num_generated > req.sampling.min_tokens and self._cut_at_stop(s, before):
                 return
         if s.num_generated >= req.max_tokens or len(s.tokens) >= self.args.max_seq_len:
             self._finish(s, "length")
@@ -952,6 +992,11 @@ class Engine:
         s.text = s.text[:min(found)]
         self._finish(s, "stop", flush=False)
         return True
+
+    def _grammar_failed(self, s: _Sequence) -> None:
+        why = (s.matcher.error or "it allows no token here").strip().splitlines()[0][:200]
+        s.error = f"the structured-output grammar failed while generating: {why}"
+        self._finish(s, "error")
 
     def _finish(self, s: _Sequence, reason: str, *, flush: bool = True) -> None:
         """End a sample and free its blocks now; its last event goes out with the step's events."""
@@ -991,7 +1036,8 @@ class Engine:
             s.closed = s.finished  # the final event is sent once
             if req.listener is not None:
                 req.listener(Event(req.id, s.index, ids, text, s.finish_reason, req.prompt_len, s.completion_tokens,
-                                   logprobs=lps, prompt_logprobs=prompt_lps))
+                                   logprobs=lps, prompt_logprobs=prompt_lps,
+                                   error=s.error if s.finished else None))
 
     def _fail(self, reqs: Sequence[Request]) -> None:
         """End requests hit by a failed step: every sample not yet closed gets a last event with

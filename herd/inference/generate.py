@@ -87,6 +87,13 @@ def check_stop_ids(stop_ids) -> list[int]:
     return [int(t) for t in ids]
 
 
+def check_min_tokens(min_tokens: int, max_tokens: int) -> None:
+    """vLLM's rule: min_tokens may not exceed max_tokens (it could never be met); its type and
+    sign are SamplingParams' checks."""
+    if min_tokens > max_tokens:
+        raise HerdError(f"min_tokens must be less than or equal to max_tokens={max_tokens}, got {min_tokens}")
+
+
 # A seed is a signed 64-bit integer, as OpenAI's `seed` and the server (herd/inference/server.py)
 # take it: torch.Generator.manual_seed overflows past 2**64 with a bare ValueError, and the same
 # bound everywhere means a seed that works on the command line also works over HTTP.
@@ -130,7 +137,8 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int
     """Yield, per decoding step, the new token of every row (None once a row has stopped).
 
     A row stops at any id in `stop_ids` (that token is yielded, then None) or after
-    `max_new_tokens`; each row is clamped so it never runs past the model's context.
+    `max_new_tokens`; each row is clamped so it never runs past the model's context. With
+    `sampling.min_tokens` (vLLM's), no id of `stop_ids` is sampled before that many new tokens.
     compile: run the decode steps through torch.compile, with a fixed-shape cache and masks so one
     compiled graph serves every step (prefill stays eager: its length varies).
     """
@@ -138,6 +146,7 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int
     max_new_tokens = check_max_new_tokens(max_new_tokens)
     check_seed(sampling.seed)
     stop_ids = check_stop_ids(stop_ids)
+    check_min_tokens(sampling.min_tokens, max_new_tokens)
     prompts = _check_prompts(prompts, args.vocab_size, args.max_seq_len)
     if not prompts:  # an empty batch: nothing to generate (vLLM's LLM.generate([]) gives [] too)
         return
@@ -190,7 +199,13 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int
     outputs: list[list[int]] = [[] for _ in prompts]
     counts = [TokenCounts(p) for p in prompts] if sampling.penalized else None
     V = logits.shape[-1]
+    # min_tokens: the stop ids are masked (as vLLM's MinTokensLogitsProcessor) while fewer than
+    # min_tokens tokens are out; every row has generated `step` tokens at step `step`. An id
+    # outside the vocabulary can never be sampled anyway.
+    banned = stop[stop < V]
     for step in range(max_new_tokens):
+        if step < sampling.min_tokens and len(banned):
+            logits = logits.index_fill(-1, banned, float("-inf"))
         if counts is not None:
             for c, row in zip(counts, outputs, strict=True):
                 c.sync(row, V, logits.device)

@@ -1,5 +1,5 @@
 """Choosing the next token from logits: logit bias, repetition / frequency / presence penalties,
-then greedy, temperature, top-k and top-p (nucleus); and the raw logprobs a caller may ask for."""
+then greedy, temperature, min-p, top-k and top-p (nucleus); and the raw logprobs a caller may ask for."""
 
 from __future__ import annotations
 
@@ -55,6 +55,13 @@ class SamplingParams:
     # grammar (herd/inference/structured.py) every sample's tokens must follow. The engine keeps a
     # matcher per sample and passes its mask of allowed tokens to `sample` / `process_logits`.
     grammar: str | None = None
+    # vLLM's min_p (transformers' MinPLogitsWarper): after temperature, tokens whose probability is
+    # below min_p × the most likely token's are dropped, before top-k/top-p (vLLM V1's order). 0 = off.
+    min_p: float = 0.0
+    # vLLM's min_tokens: stop tokens (EOS and the request's stop ids) cannot be sampled, and stop
+    # strings do not end the output, until this many tokens are generated. Applied by the callers
+    # that know the stop ids and the output length (the engine, generate_ids), not by `sample`.
+    min_tokens: int = 0
 
     def __post_init__(self):
         # Types first: a string or None from a config or a JSON body otherwise failed deep inside
@@ -74,6 +81,11 @@ class SamplingParams:
             x = getattr(self, name)
             if not _is_real(x) or not -MAX_PENALTY <= x <= MAX_PENALTY:  # NaN fails too
                 raise HerdError(f"{name} must be a number in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}], got {x!r}")
+        if not _is_real(self.min_p) or not 0 <= self.min_p <= 1:  # vLLM: "min_p must be in [0, 1]"
+            raise HerdError(f"min_p must be a number in [0, 1], got {self.min_p!r}")
+        x = self.min_tokens
+        if isinstance(x, bool) or not isinstance(x, numbers.Integral) or x < 0:
+            raise HerdError(f"min_tokens must be a whole number >= 0, got {x!r}")
         x = self.repetition_penalty
         if not _is_real(x) or not (x > 0 and math.isfinite(x)):  # vLLM: "must be greater than zero"
             raise HerdError(f"repetition_penalty must be a finite number > 0, got {x!r}")
@@ -227,6 +239,10 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     if params.greedy:
         return logits.argmax(dim=-1)
     logits = logits.float() / params.temperature
+    if params.min_p > 0:
+        # vLLM's MinPLogitsProcessor: keep p >= min_p · p_max (the most likely token always stays)
+        probs = torch.softmax(logits, dim=-1)
+        logits = logits.masked_fill(probs < params.min_p * probs.amax(dim=-1, keepdim=True), float("-inf"))
     if params.top_k and params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -5,10 +5,12 @@ Endpoints: GET /health, GET /v1/models (and /v1/models/{id}), POST /tokenize and
 server-sent events or not, `n` samples, `stop`, `max_tokens` (or chat's `max_completion_tokens`),
 `temperature`, `top_p`, `top_k`, `seed`, `presence_penalty` and `frequency_penalty` (-2..2,
 OpenAI's formula over each sample's generated tokens, as vLLM), `logit_bias` ({"token id":
--100..100}), vLLM's extra `repetition_penalty` (> 0, over prompt and output), and tool calls
-returned in OpenAI's `tool_calls` shape, parsed from the model's output by the chat format
-(herd/tokenizer/chat.py). `tools` for a checkpoint whose chat template has none
-are a 400 under tool_choice "auto"; OpenAI's "developer" role is the system turn.
+-100..100}), vLLM's extras `repetition_penalty` (> 0, over prompt and output), `min_p` (0..1,
+after temperature, before top-k/top-p), `min_tokens` (no stop token or stop string before that
+many tokens), `stop_token_ids` (more ids that end a sample, "stop", not in its text) and
+`ignore_eos`, and tool calls returned in OpenAI's `tool_calls` shape, parsed from the model's
+output by the chat format (herd/tokenizer/chat.py). `tools` for a checkpoint whose chat template
+has none are a 400 under tool_choice "auto"; OpenAI's "developer" role is the system turn.
 
 Structured outputs, through llguidance (vLLM's "guidance" backend; herd/inference/structured.py):
 `response_format` {"type": "json_object"} (any JSON object) or {"type": "json_schema",
@@ -150,7 +152,8 @@ _IGNORED_TYPES = {"user": (str, "a string"), "metadata": (dict, "an object"), "s
 _GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
 _COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "n", "stop", "seed", "stream",
            "stream_options", "ignore_eos", "logprobs", "presence_penalty", "frequency_penalty", "logit_bias",
-           "repetition_penalty", "response_format", "structured_outputs", *_GUIDED, *_NEUTRAL, *_IGNORED}
+           "repetition_penalty", "response_format", "structured_outputs", "min_p", "min_tokens", "stop_token_ids",
+           *_GUIDED, *_NEUTRAL, *_IGNORED}
 _FIELDS = {"completions": _COMMON | {"prompt", "echo", *_NEUTRAL_COMPLETIONS},
            "chat": _COMMON | {"messages", "tools", "tool_choice", "max_completion_tokens", "top_logprobs",
                               *_NEUTRAL_CHAT}}
@@ -214,6 +217,7 @@ class Params:
     # What the reply must follow (response_format, structured_outputs or a guided_* field), or
     # None: free text. A forced tool_choice is another constraint, added per request in run().
     constraint: Constraint | None = None
+    stop_token_ids: tuple[int, ...] = ()  # vLLM's: more ids that end a sample (Engine.submit)
 
 
 _JSON_SCHEMA_KEYS = {"name", "description", "schema", "strict"}  # OpenAI's json_schema object
@@ -404,6 +408,22 @@ def _logit_bias(body: dict, vocab: int | None) -> dict[int, float]:
     return out
 
 
+def _stop_token_ids(body: dict, vocab: int | None) -> tuple[int, ...]:
+    """vLLM's stop_token_ids: a list of token ids of this vocabulary (an id no sample can produce
+    would silently stop nothing)."""
+    ids = body.get("stop_token_ids")
+    if ids is None:
+        return ()
+    if not isinstance(ids, list) or not all(_is_int(t) for t in ids):
+        raise RequestError(f"stop_token_ids must be a list of token ids (integers), got {json.dumps(ids)[:40]}",
+                           param="stop_token_ids")
+    for t in ids:
+        if t < 0 or (vocab is not None and t >= vocab):
+            where = f"outside the vocabulary of {vocab}" if vocab is not None else "negative"
+            raise RequestError(f"stop_token_ids: token id {t} is {where}", param="stop_token_ids")
+    return tuple(ids)
+
+
 def parse_params(body: dict, kind: str, limits: Limits, vocab: int | None = None) -> Params:
     unknown = sorted(set(body) - _FIELDS[kind])
     if unknown:
@@ -466,13 +486,21 @@ def parse_params(body: dict, kind: str, limits: Limits, vocab: int | None = None
     # vLLM's extra: > 0 ("repetition_penalty must be greater than zero"), 1 = off.
     repetition = _float(body, "repetition_penalty", 1.0, lambda x: x > 0, "a number greater than 0")
     bias = _logit_bias(body, vocab)
+    # vLLM's extras: min_p in [0, 1] (0 = off); min_tokens >= 0 and at most max_tokens
+    # ("min_tokens must be less than or equal to max_tokens=..."); stop_token_ids.
+    min_p = _float(body, "min_p", 0.0, lambda x: 0 <= x <= 1, "in [0, 1]")
+    min_tokens = _int(body, "min_tokens", 0, 1 << 31, 0)
+    if max_tokens is not None and min_tokens > max_tokens:
+        raise RequestError(f"min_tokens must be less than or equal to {name}={max_tokens}, got {min_tokens}",
+                           param="min_tokens")
+    stop_token_ids = _stop_token_ids(body, vocab)
     constraint = _request_constraint(body)
     sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, logprobs=logprobs,
                               prompt_logprobs=prompt_logprobs,
                               presence_penalty=presence, frequency_penalty=frequency,
-                              repetition_penalty=repetition, logit_bias=bias)
+                              repetition_penalty=repetition, logit_bias=bias, min_p=min_p, min_tokens=min_tokens)
     return Params(max_tokens, sampling, n, stop, stream, bool(opts and opts.get("include_usage")), ignore_eos, name,
-                  bool(echo), constraint)
+                  bool(echo), constraint, stop_token_ids)
 
 
 def prompt_texts(body: dict, prompts: list[list[int]], tokenizer=None) -> list[str]:
@@ -1216,7 +1244,7 @@ def create_app(engine: Engine, model_name: str, limits: Limits | None = None):
             for x in prompts:
                 ids.append(engine.submit(x, max_tokens=max_tokens, sampling=p.sampling, n=p.n,
                                          stop_strings=p.stop, ignore_eos=p.ignore_eos, listener=listener,
-                                         images=images))
+                                         images=images, stop_token_ids=p.stop_token_ids))
         except EngineBusy as e:
             for rid in ids:
                 engine.cancel(rid)
@@ -1227,7 +1255,8 @@ def create_app(engine: Engine, model_name: str, limits: Limits | None = None):
             raise RequestError(str(e)) from None
         return ids
 
-    async def events(request: Request, listener: _Listener, ids: list[int], total: int):
+    async def events(request: Request, listener: _Listener, ids: list[int], total: int,
+                     constraint: Constraint | None = None):
         """Yield (choice index, event) until every sample has finished; cancel all if the client
         goes away or the consumer stops early."""
         index = {rid: k for k, rid in enumerate(ids)}
@@ -1251,6 +1280,8 @@ def create_app(engine: Engine, model_name: str, limits: Limits | None = None):
                     check_engine()
                 if ev is None:
                     continue
+                if ev.finish_reason == "error" and ev.error is not None:  # the request's own fault
+                    raise RequestError(ev.error, param=constraint.param if constraint else None, code="grammar_error")
                 if ev.finish_reason == "error":
                     # A step running this request failed (the engine logged it and goes on): the
                     # answer is lost, and the finally below cancels this call's other prompts.
@@ -1444,7 +1475,7 @@ def create_app(engine: Engine, model_name: str, limits: Limits | None = None):
         rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
         obj = "chat.completion" if kind == "chat" else "text_completion"
         now = int(time.time())
-        stream = events(request, listener, ids, total)
+        stream = events(request, listener, ids, total, constraint)
         want_logprobs = p.sampling.logprobs is not None
         if not p.stream:
             texts, toks, reasons, completion_tokens = [""] * total, [[] for _ in range(total)], [None] * total, 0

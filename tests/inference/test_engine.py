@@ -4,6 +4,7 @@ sharing, n samples, stop strings, cancellation and the block pool's bookkeeping.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 
@@ -520,3 +521,98 @@ def test_seeded_sample_equals_generate_for_any_seed(model, seed):
     prompts = _prompts(model.args.vocab_size, (4, 11), seed=6)
     got = [o[0].token_ids for o in Engine(model).generate(prompts, max_tokens=10, sampling=sp)]
     assert got == [generate_batch(model, [p], max_new_tokens=10, sampling=sp)[0].ids for p in prompts]
+
+
+# ---- vLLM's stop_token_ids and min_tokens ------------------------------------------------------------
+
+def test_stop_token_ids_end_a_sample_like_eos(model):
+    prompt = _prompts(model.args.vocab_size, (5,), seed=3)[0]
+    free = _alone(model, [prompt], 12)[0]
+    stop = free[3]
+    engine = Engine(model)  # no tokenizer: no EOS of its own, only the request's ids stop it
+    events = []
+    engine.submit(prompt, max_tokens=12, stop_token_ids=[stop], listener=events.append)
+    while engine.step():
+        pass
+    ids = [t for ev in events for t in ev.token_ids]
+    # vLLM: finish_reason "stop"; the stop id is not in the text (herd keeps it out of token_ids,
+    # as for EOS) but was generated, so usage counts it
+    assert ids == free[:free.index(stop)] and events[-1].finish_reason == "stop"
+    assert events[-1].completion_tokens == len(ids) + 1
+    # ignore_eos drops only the tokenizer's EOS, never the request's stop_token_ids (vLLM's check_stop)
+    out = engine.generate([prompt], max_tokens=12, stop_token_ids=(stop,), ignore_eos=True)[0][0]
+    assert out.token_ids == free[:free.index(stop)] and out.finish_reason == "stop"
+    # the tokenizer's stop ids still count beside them
+    engine.stop_ids = frozenset({free[1]})
+    out = engine.generate([prompt], max_tokens=12, stop_token_ids=[stop])[0][0]
+    assert out.token_ids == free[:1] and out.finish_reason == "stop"
+    _pool_is_full(engine)
+
+
+@pytest.mark.parametrize("sampling", [SamplingParams(), SamplingParams(temperature=1.0, seed=11),
+                                      SamplingParams(repetition_penalty=1.3, min_p=0.1, temperature=0.8, seed=2)])
+def test_min_tokens_equals_generate(model, sampling):
+    """The engine holds EOS and stop_token_ids off for min_tokens tokens as generate_ids does
+    (itself checked against transformers' min_new_tokens), n>1 samples and preemption included."""
+    prompts = _prompts(model.args.vocab_size, (4, 9), seed=4)
+    free = _alone(model, prompts[:1], 10)[0]
+    eos, extra = free[0], free[2]
+    for k in (0, 3, 10):
+        sp = dataclasses.replace(sampling, min_tokens=k)
+        want = [generate_batch(model, [p], max_new_tokens=10, sampling=sp, stop_ids=[eos, extra])[0].ids
+                for p in prompts]
+        for config in (dict(), dict(num_blocks=8, block_size=4, max_batch=3)):
+            engine = Engine(model, **config)
+            engine.stop_ids = frozenset({eos})
+            got = engine.generate(prompts, max_tokens=10, sampling=sp, stop_token_ids=[extra])
+            assert [o[0].token_ids for o in got] == want
+            assert all(len(o[0].token_ids) >= k for o in got)
+            _pool_is_full(engine)
+        if sampling.greedy:
+            got = Engine(model).generate(prompts[:1], max_tokens=10, sampling=sp, n=2, stop_token_ids=[eos, extra])
+            assert [o.token_ids for o in got[0]] == [want[0], want[0]]
+    # with ignore_eos, EOS is an ordinary token: min_tokens masks only the request's stop ids
+    engine = Engine(model)
+    engine.stop_ids = frozenset({eos})
+    sp = SamplingParams(min_tokens=3)
+    got = engine.generate(prompts[:1], max_tokens=10, sampling=sp, ignore_eos=True, stop_token_ids=[extra])[0][0]
+    want = generate_batch(model, prompts[:1], max_new_tokens=10, sampling=sp, stop_ids=[extra])[0].ids
+    assert got.token_ids == want and want[0] == eos
+
+
+def test_min_tokens_keeps_stop_strings_off_until_then(llama3_tokenizer):
+    """vLLM's detokenizer looks for stop strings only once more than min_tokens tokens are out: with
+    min_tokens 5 and stop "e", " is Lee, and I'm a student" ends at " is Lee, and I'm a stud"
+    (vllm tests/detokenizer/test_min_tokens.py). Here: a one-character stop that occurs in the
+    first k tokens' text and again after them."""
+    tok = llama3_tokenizer
+    model = _model(PRESETS["debug"].replace(vocab_size=tok.vocab_size, tie_embeddings=True))
+    engine = Engine(model, tok)
+    prompt = tok.encode("Once upon a time", bos=True)
+    free = engine.generate([prompt], max_tokens=30, ignore_eos=True)[0][0]
+    k = 4
+    head = tok.decode(free.token_ids[:k])
+    assert free.text.startswith(head)
+    stop = next(c for c in head if c.strip() and c in free.text[len(head):])
+    out = engine.generate([prompt], max_tokens=30, ignore_eos=True, stop_strings=[stop])[0][0]
+    assert out.text == free.text[:free.text.index(stop)] and out.finish_reason == "stop"
+    out = engine.generate([prompt], max_tokens=30, ignore_eos=True, stop_strings=[stop],
+                          sampling=SamplingParams(min_tokens=k))[0][0]
+    assert out.text == free.text[:free.text.index(stop, len(head))] and out.finish_reason == "stop"
+    _pool_is_full(engine)
+
+
+@pytest.mark.parametrize("kw, words", [
+    (dict(stop_token_ids=[-1]), "stop_token_ids: token id -1 is outside"),
+    (dict(stop_token_ids=[512]), "stop_token_ids: token id 512 is outside the model's vocabulary of 512"),
+    (dict(stop_token_ids=[1.5]), "stop_token_ids must be integers, got 1.5"),
+    (dict(stop_token_ids=[True]), "stop_token_ids must be integers"),
+    (dict(stop_token_ids=7), "stop_token_ids must be a list of token ids, got 7"),
+    (dict(sampling=SamplingParams(min_tokens=5)), "min_tokens must be less than or equal to max_tokens=4, got 5"),
+])
+def test_bad_stop_token_ids_and_min_tokens_are_refused(kw, words):
+    engine = Engine(_model(PRESETS["debug"]), num_blocks=8, block_size=4)
+    with pytest.raises(HerdError, match=words):
+        engine.submit([1, 2], max_tokens=4, **kw)
+    assert not engine.has_work
+    _pool_is_full(engine)

@@ -11,6 +11,7 @@ import torch
 import herd
 from herd.errors import HerdError
 from herd.inference.generate import generate_batch, generate_ids
+from herd.inference.sampling import SamplingParams
 from herd.models.args import PRESETS
 from herd.models.llama3 import Transformer
 
@@ -145,3 +146,41 @@ def test_stop_ids_of_any_collection_stop(model):
     for stop in ([first], (first,), {first}, torch.tensor([first])):
         c = generate_batch(model, [[1, 2]], max_new_tokens=4, stop_ids=stop)[0]
         assert (c.ids, c.stop_token, c.finish_reason) == ([], first, "stop")
+
+
+# ---- min_tokens (vLLM's; transformers' min_new_tokens) -------------------------------------------
+
+@pytest.fixture(scope="module")
+def pair():
+    from tests.reference import herd_and_hf
+
+    return herd_and_hf(PRESETS["debug"], std=0.5)
+
+
+def test_min_tokens_holds_stop_ids_off_as_transformers_min_new_tokens(pair):
+    model, ref = pair
+    prompts = [[5, 6, 7], [9, 10, 11, 12, 13, 14, 15]]  # different lengths: left padding in the batch
+    free = generate_batch(model, prompts[:1], max_new_tokens=12)[0].ids
+    stop = free[1]  # greedy would stop at step 1
+    lengths = set()
+    for k in (0, 1, 4, 12):
+        sp = SamplingParams(min_tokens=k)
+        ours = generate_batch(model, prompts, max_new_tokens=12, sampling=sp, stop_ids=[stop, 0])
+        assert [c.ids for c in ours] == [generate_batch(model, [p], max_new_tokens=12, sampling=sp,
+                                                        stop_ids=[stop, 0])[0].ids for p in prompts]
+        for p, c in zip(prompts, ours, strict=True):
+            # transformers' MinNewTokensLengthLogitsProcessor masks every eos id for k new tokens
+            theirs = ref.generate(torch.tensor([p]), do_sample=False, max_new_tokens=12, min_new_tokens=k,
+                                  eos_token_id=[stop, 0], pad_token_id=0)[0, len(p):].tolist()
+            end = next((i for i, t in enumerate(theirs) if t in (stop, 0)), len(theirs))
+            assert c.ids == theirs[:end] and len(c.ids) >= k
+            assert (c.stop_token, c.finish_reason) == ((theirs[end], "stop") if end < len(theirs) else (None, "length"))
+        lengths.add(len(ours[0].ids))
+    assert len(lengths) > 1  # min_tokens changed where row 0 stops
+
+
+@pytest.mark.parametrize("k, words", [(-1, "min_tokens must be a whole number >= 0"), (2.0, "min_tokens"),
+                                      (True, "min_tokens"), (7, "less than or equal to max_tokens=6, got 7")])
+def test_bad_min_tokens_is_one_herd_error(model, k, words):
+    with pytest.raises(HerdError, match=words):
+        generate_batch(model, [[1, 2]], max_new_tokens=6, sampling=SamplingParams(min_tokens=k))

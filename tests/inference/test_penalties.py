@@ -320,3 +320,40 @@ def test_neutral_and_edge_penalties_are_accepted(debug, body):
     server, *_ = debug
     r = httpx.post(server.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2, **body}, timeout=60)
     assert r.status_code == 200, r.text
+
+@pytest.mark.parametrize("body, param, words", [
+    ({"min_p": 1.5}, "min_p", "in [0, 1]"), ({"min_p": -0.1}, "min_p", "in [0, 1]"), ({"min_p": "0.1"}, "min_p", "in [0, 1]"),
+    ({"min_tokens": -1}, "min_tokens", "between 0"), ({"min_tokens": 1.5}, "min_tokens", "integer"),
+    ({"min_tokens": 3}, "min_tokens", "less than or equal to max_tokens=2, got 3"),
+    ({"stop_token_ids": 5}, "stop_token_ids", "list of token ids"),
+    ({"stop_token_ids": [1.5]}, "stop_token_ids", "list of token ids"),
+    ({"stop_token_ids": [-1]}, "stop_token_ids", "token id -1 is"),
+    ({"stop_token_ids": [128256]}, "stop_token_ids", "outside the vocabulary of 128256"),
+])
+@pytest.mark.parametrize("path", ["chat", "completions"])
+def test_bad_min_p_min_tokens_stop_token_ids_are_one_line_400s(debug, path, body, param, words):
+    server, *_ = debug
+    base = {"messages": [{"role": "user", "content": "hi"}]} if path == "chat" else {"prompt": "hi"}
+    r = httpx.post(f"{server.url}/v1/{'chat/' if path == 'chat' else ''}completions", timeout=60,
+                   json={**base, "max_tokens": 2, **body})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and words in err["message"] and "\n" not in err["message"], err
+
+
+def test_stop_token_ids_and_min_tokens_reach_the_engine(debug):
+    server, model, tok, engine = debug
+    prompt = tok.encode("Once upon a time", bos=True)
+    free = engine.generate([prompt], max_tokens=10, ignore_eos=True)[0][0].token_ids
+    stop = free[3]
+    body = {"prompt": prompt, "max_tokens": 10, "ignore_eos": True, "temperature": 0, "stop_token_ids": [stop]}
+    r = httpx.post(server.url + "/v1/completions", json=body, timeout=60).json()
+    # vLLM: finish_reason "stop", the stop id not in the text, but counted in usage
+    assert r["choices"][0]["finish_reason"] == "stop" and r["choices"][0]["text"] == tok.decode(free[:free.index(stop)])
+    assert r["usage"]["completion_tokens"] == free.index(stop) + 1
+    r = httpx.post(server.url + "/v1/completions", json={**body, "min_tokens": 6}, timeout=60).json()
+    assert r["usage"]["completion_tokens"] >= 6 and r["choices"][0]["text"].startswith(tok.decode(free[:3]))
+    r = httpx.post(server.url + "/v1/chat/completions", timeout=60,
+                   json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "min_p": 0.5,
+                         "temperature": 1, "min_tokens": 3, "stop_token_ids": [1, 2]})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3, r.text

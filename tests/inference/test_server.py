@@ -150,7 +150,7 @@ def test_openai_client_schema_and_meaning(smol):
     ({"top_logprobs": 2}, openai.BadRequestError, "top_logprobs needs logprobs set to true"),  # as OpenAI, vLLM
     ({"frequency_penalty": 2.5}, openai.BadRequestError, "frequency_penalty must be between -2 and 2"),
     ({"stream_options": {"include_usage": True}}, openai.BadRequestError, "only allowed when stream"),
-    ({"extra_body": {"min_p": 0.1}}, openai.BadRequestError, "unrecognized request argument"),
+    ({"extra_body": {"min_q": 0.1}}, openai.BadRequestError, "unrecognized request argument"),
     ({"extra_body": {"repetition_penalty": 0}}, openai.BadRequestError, "repetition_penalty must be"),
     ({"reasoning_effort": "low"}, openai.BadRequestError, "unrecognized request argument"),
     ({"max_completion_tokens": 10 ** 6}, openai.BadRequestError, "max_completion_tokens 1000000 exceed"),

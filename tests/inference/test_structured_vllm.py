@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 
+import httpx
 import jsonschema
 import openai
 import pytest
@@ -179,3 +180,21 @@ def test_forced_tool_choice_and_a_constraint_is_a_400(smol, extra):
                                        tools=_T, tool_choice="required", extra_body=extra)
     err = e.value.body
     assert err["param"] == next(iter(extra)) and "cannot be combined with a forced tool_choice" in err["message"]
+
+
+def test_a_grammar_that_fails_while_generating_is_an_error_not_a_reply(smol):
+    """llguidance compiles a{1000000} and fails on its first token ("too many expressions"): the
+    reply would not follow the regex, so the request ends in one line naming the grammar, streamed
+    or not — never "aaaa" with finish_reason "stop"."""
+    client, server, _ = smol
+    with pytest.raises(openai.BadRequestError) as e:
+        _chat(client, "Say a", {"guided_regex": "a{1000000}"}, max_tokens=5)
+    err = e.value.body
+    assert err["param"] == "guided_regex" and err["code"] == "grammar_error", err
+    assert "structured-output grammar failed" in err["message"] and "\n" not in err["message"]
+    with httpx.stream("POST", server.url + "/v1/completions", timeout=60, json={
+            "prompt": "a", "max_tokens": 5, "stream": True, "guided_regex": "a{1000000}"}) as r:
+        lines = [line for line in r.iter_lines() if line.startswith("data: ") and line != "data: [DONE]"]
+    last = json.loads(lines[-1][6:])
+    assert last["error"]["code"] == "grammar_error"
+    assert not any('"finish_reason":"stop"' in line.replace(" ", "") for line in lines)
