@@ -115,11 +115,20 @@ def _utf8_line(line: str, where: str) -> str:
 CHAT_COMMANDS = "/reset, /system TEXT, /image PATH, /exit"
 
 
+def check_not_empty(value: str, what: str, builtin: bool = True) -> str:
+    """An empty path is Path("") == ".": `--model ""` loaded the working directory's lone .gguf
+    and generated with it, and `info ""` described it, without a word."""
+    if not str(value).strip():
+        raise HerdError(f"{what} is empty; give {'a built-in name or ' if builtin else ''}a path")
+    return value
+
+
 def _load(a):
     import torch
 
     from herd.api import load
 
+    check_not_empty(a.model, "--model")
     dtype = getattr(torch, a.dtype) if a.dtype else (torch.float32 if a.device == "cpu" else torch.bfloat16)
     with warnings.catch_warnings():  # a missing tokenizer is reported below as the one error line
         warnings.simplefilter("ignore", UserWarning)
@@ -253,7 +262,8 @@ def cmd_chat(a) -> None:
 def cmd_convert(a) -> None:
     from herd.checkpoint import convert
 
-    src = a.src
+    src = check_not_empty(a.src, "SRC")
+    check_not_empty(a.dst, "DST", builtin=False)
     if str(src) in BUILTIN_MODELS:
         from herd.hub import fetch_builtin
 
@@ -268,6 +278,7 @@ def cmd_info(a) -> None:
 
     if a.seq_len is not None and a.seq_len <= 0:
         raise HerdError(f"--seq-len must be a positive number of tokens (got {a.seq_len})")
+    check_not_empty(a.name, "NAME")
 
     if a.name in PRESETS:
         args, label = PRESETS[a.name], a.name
@@ -344,6 +355,7 @@ def cmd_info(a) -> None:
 def _tokenizer_for(spec: str):
     from herd.tokenizer import load_tokenizer
 
+    check_not_empty(spec, "--tokenizer")
     if spec in BUILTIN_MODELS:
         from herd.hub import fetch_builtin
 

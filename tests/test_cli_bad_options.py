@@ -220,3 +220,40 @@ def test_argparse_errors_are_one_line(capsys, argv, names):
 def test_pretrain_resume_of_a_missing_directory_says_so(capsys, tmp_path):
     line = one_line_error(*run(capsys, "pretrain", "--resume", str(tmp_path / "nope")))
     assert line == f"herd: error: --resume {tmp_path / 'nope'}: no such run directory"
+
+
+# ---- empty paths: Path("") is the working directory -------------------------------------------------
+@pytest.mark.parametrize("argv, names", [
+    (["generate", "--model", "", "--prompt", "hi"], "--model is empty"),
+    (["chat", "--model", ""], "--model is empty"),
+    (["info", ""], "NAME is empty"),
+    (["convert", "", "out", "--to", "hf"], "SRC is empty"),
+    (["convert", "m.gguf", "", "--to", "hf"], "DST is empty; give a path"),
+    (["tokenize", "--tokenizer", "", "hi"], "--tokenizer is empty"),
+    (["eval", "--model", "", "--task", "t.jsonl"], "the model is empty"),
+    (["sample", "--model", "", "--prompts", "t.jsonl", "--out", "o.jsonl", "--verifier", "answer"], "the model is empty"),
+    (["sft", "--model", "", "--data", "d.jsonl", "--out", "run"], "the model is empty"),
+    # `--ref ""` was read as no --ref: the policy became its own reference without a word
+    (["dpo", "--model", "m.gguf", "--ref", "", "--data", "d.jsonl", "--out", "run"], "the model is empty"),
+    (["average", "", "m.gguf", "--out", "avg"], "a checkpoint path is empty"),
+    (["average", "m.gguf", "--out", ""], "the output directory (--out) is empty"),
+])
+def test_an_empty_path_is_not_the_working_directory(capsys, monkeypatch, tmp_path, argv, names):
+    """With one .gguf in the working directory, `generate --model ""` loaded it and generated, and
+    `info ""` described it, exit status 0."""
+    import json
+
+    from herd.checkpoint import write_checkpoint
+    from herd.models.args import ModelArgs
+    from tests.reference import random_state_dict
+
+    args = ModelArgs(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=258, multiple_of=16, max_seq_len=32)
+    write_checkpoint(tmp_path / "m.gguf", "gguf", args, random_state_dict(args))
+    (tmp_path / "t.jsonl").write_text(json.dumps({"prompt": "1+1=", "answer": "2"}) + "\n")
+    (tmp_path / "d.jsonl").write_text(json.dumps({"prompt": "q", "chosen": "a", "rejected": "b", "messages": [
+        {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}) + "\n")
+    monkeypatch.chdir(tmp_path)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    line = one_line_error(*run(capsys, *argv))
+    assert names in line, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == before

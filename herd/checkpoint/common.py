@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -147,6 +148,7 @@ def check_state_dict(sd: dict[str, torch.Tensor], args: ModelArgs, source: str) 
             return f"vocabulary mismatch: {k} has {got[0]} rows, config says vocab_size={shape[0]}"
         return None
 
+    check_layer_count(sd, args.n_layers, source)
     want = expected_shapes(args)
     stray = next((k for k in sd if k not in want and k.endswith(".bias")), None)
     if stray is not None:  # name the flag: the weights have biases the config does not ask for
@@ -154,6 +156,19 @@ def check_state_dict(sd: dict[str, torch.Tensor], args: ModelArgs, source: str) 
         raise HerdError(f"{source}: unexpected bias {stray!r}: the config says {flag}=false "
                         "(dropping it would compute a different model)")
     return check_shapes(sd, want, source, f"a {args.n_layers}-layer dense model", vocab_hint)
+
+
+_LAYER_INDEX = re.compile(r"layers\.(\d+)\.")
+
+
+def check_layer_count(sd: dict, n_layers: int, source: str) -> None:
+    """The config may not ask for more layers than the weights hold. Checked before the expected
+    names are listed: a config.json of 10**9 layers beside 2 layers of weights built a dict of
+    billions of names for minutes before it named the first one missing."""
+    present = 1 + max((int(m.group(1)) for k in sd if (m := _LAYER_INDEX.match(k))), default=-1)
+    if n_layers > present:
+        raise HerdError(f"{source}: the config says {n_layers} layers but the weights hold {present} "
+                        "(truncated checkpoint or config/weights mismatch?)")
 
 
 def check_shapes(sd: dict[str, torch.Tensor], want: dict[str, tuple[int, ...]], source: str, model: str,
@@ -176,10 +191,17 @@ def check_shapes(sd: dict[str, torch.Tensor], want: dict[str, tuple[int, ...]], 
 
 
 # ---- HF-style directories: config.json + safetensors (sharded with an index) ---------------------
+def refuse_nonfinite(name: str) -> float:
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def read_json_config(path: Path, name: str = "config.json") -> dict:
+    # UTF-8 as JSON requires (not the locale's encoding); a file of other bytes is the one error line,
+    # not a UnicodeDecodeError traceback. NaN and Infinity, which Python's json accepts beyond the
+    # standard, are refused: rms_norm_eps=Infinity built a model that answered zeros without a word.
     try:
-        cfg = json.loads((path / name).read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        cfg = json.loads((path / name).read_text(encoding="utf-8"), parse_constant=refuse_nonfinite)
+    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise HerdError(f"{path / name}: cannot read ({e})") from None
     if not isinstance(cfg, dict):
         raise HerdError(f"{path / name}: expected a JSON object, got {type(cfg).__name__}")
@@ -247,8 +269,8 @@ def _merge_unique(tensors: dict[str, torch.Tensor], loaded: dict[str, torch.Tens
 
 def _index_files(index: Path) -> list[str]:
     try:
-        return sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+        return sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise HerdError(f"{index}: malformed index ({type(e).__name__}: {e})") from None
 
 
@@ -323,8 +345,8 @@ def read_model_info(model_dir: str | os.PathLike) -> dict:
     if not path.is_file():
         return {}
     try:
-        info = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # UnicodeDecodeError too
         raise HerdError(f"{path}: corrupt ({e})") from None
     return info if isinstance(info, dict) else {}
 

@@ -301,6 +301,7 @@ class GGUFFile:
 
         # Check every tensor before mapping any (a view would pin the mmap open on error).
         checked, names = [], set()
+        expected = 0  # where the next tensor's data must start, relative to the data section
         for name, dims, ttype, rel in infos:
             if name in names:
                 raise self._corrupt(f"tensor {name!r} appears twice")
@@ -322,6 +323,13 @@ class GGUFFile:
             start = self.data_offset + rel
             if start + n_bytes > self.size:
                 raise self._truncated(start, f"tensor {name!r} ({n_bytes} bytes)")
+            # ggml's reader (gguf_init_from_file) holds every tensor to start where the previous one
+            # ends, padded to the alignment: an offset or type corrupted in place otherwise reads
+            # another tensor's bytes, or the wrong number of them, as weights without a word.
+            if rel != expected:
+                raise self._corrupt(f"tensor {name!r} has data offset {rel}, expected {expected} (the end of "
+                                    f"the previous tensor, padded to {self.alignment} bytes)")
+            expected += -(-n_bytes // self.alignment) * self.alignment
             checked.append((name, qtype, dims, n_elements, n_bytes, start, dtype, shape))
         return [GGUFTensor(name, qtype, np.array(dims, dtype=np.uint64), n_elements, n_bytes, start,
                            np.frombuffer(buf if n_bytes else b"", dtype, n_bytes // dtype.itemsize,
@@ -461,22 +469,43 @@ def args_from_gguf_metadata(meta: dict, *, vocab_rows: int | None = None, rope_f
             value = value[0]
         return value
 
-    dim, n_heads = int(get("embedding_length")), int(get("attention.head_count"))
-    head_dim = int(get("attention.key_length", dim // n_heads))
-    if int(get("attention.value_length", head_dim)) != head_dim:
+    def get_int(key: str, default: Any = KeyError) -> int:
+        value = get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise HerdError(f"{source}: metadata {arch}.{key} must be an integer, got {value!r}")
+        return value
+
+    def get_float(key: str, default: Any = KeyError) -> float:
+        # inf or NaN: an infinite norm epsilon gave a model of all-zero logits, an infinite RoPE base
+        # an OverflowError traceback
+        value = get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise HerdError(f"{source}: metadata {arch}.{key} must be a finite number, got {value!r}")
+        return float(value)
+
+    dim, n_heads = get_int("embedding_length"), get_int("attention.head_count")
+    if dim <= 0 or n_heads <= 0:  # a 0 divided by below (ZeroDivisionError)
+        raise HerdError(f"{source}: {arch}.embedding_length ({dim}) and {arch}.attention.head_count ({n_heads}) "
+                        "must be positive")
+    if "attention.key_length" not in {k[len(arch) + 1:] for k in meta} and dim % n_heads:
+        # llama.cpp asserts the same (n_embd % n_head == 0) when no key_length gives the head size
+        raise HerdError(f"{source}: {arch}.embedding_length ({dim}) is not divisible by "
+                        f"{arch}.attention.head_count ({n_heads})")
+    head_dim = get_int("attention.key_length", dim // n_heads)
+    if get_int("attention.value_length", head_dim) != head_dim:
         raise HerdError(f"{source}: key and value head dims differ, which Llama does not do")
-    rope_dim = int(get("rope.dimension_count", head_dim))
+    rope_dim = get_int("rope.dimension_count", head_dim)
     if rope_dim != head_dim:
         raise HerdError(f"{source}: partial rotary embeddings (rope.dimension_count {rope_dim} of "
                         f"head dim {head_dim}) are not supported")
-    theta = float(get("rope.freq_base", 10000.0))
+    theta = get_float("rope.freq_base", 10000.0)
     scaling = _keyed_scaling(meta, get, source)
     if rope_freqs is not None:
         if scaling is not None:  # two scalings at once: llama.cpp would apply both, transformers neither way
             raise HerdError(f"{source}: both {ROPE_FREQS} and rope.scaling.type {scaling.kind!r}: unsupported")
         scaling = scaling_from_rope_freqs(rope_freqs, head_dim, theta, meta, arch, source)
     tokens = meta.get("tokenizer.ggml.tokens")
-    vocab = get("vocab_size", None)
+    vocab = get_int("vocab_size") if f"{arch}.vocab_size" in meta else None
     if vocab is None:
         vocab = len(tokens) if tokens is not None else vocab_rows
     if vocab is None:
@@ -484,12 +513,12 @@ def args_from_gguf_metadata(meta: dict, *, vocab_rows: int | None = None, rope_f
     if tokens is not None and len(tokens) != int(vocab):
         raise HerdError(f"{source}: vocabulary mismatch: tokenizer has {len(tokens)} tokens, model {vocab}")
     return ModelArgs(
-        dim=dim, n_layers=int(get("block_count")), n_heads=n_heads,
-        n_kv_heads=int(get("attention.head_count_kv", n_heads)), vocab_size=int(vocab),
-        ffn_hidden_dim=int(get("feed_forward_length")),
+        dim=dim, n_layers=get_int("block_count"), n_heads=n_heads,
+        n_kv_heads=get_int("attention.head_count_kv", n_heads), vocab_size=int(vocab),
+        ffn_hidden_dim=get_int("feed_forward_length"),
         head_dim=None if head_dim == dim // n_heads else head_dim,
-        norm_eps=_f32(get("attention.layer_norm_rms_epsilon", 1e-5)), rope_theta=_f32(theta),
-        rope_scaling=scaling, max_seq_len=int(get("context_length", 8192)), tie_embeddings=tied,
+        norm_eps=_f32(get_float("attention.layer_norm_rms_epsilon", 1e-5)), rope_theta=_f32(theta),
+        rope_scaling=scaling, max_seq_len=get_int("context_length", 8192), tie_embeddings=tied,
         attention_bias=attention_bias, mlp_bias=mlp_bias,
     )
 

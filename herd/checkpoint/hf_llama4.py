@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from herd.checkpoint.common import (
+    check_layer_count,
     check_shapes,
     config_bool,
     config_int,
@@ -182,7 +183,9 @@ def llama4_args_from_hf_config(cfg: dict, source: str = "config.json") -> Llama4
             # true in Llama4TextDecoderLayer), whatever the step says; it used to be refused as "not
             # every n-th layer". A step past the last layer says the same to herd's model.
             step = n_layers + 1
-        if moe_layers is not None and [int(i) for i in moe_layers] != list(range(step - 1, n_layers, step)):
+        every = range(step - 1, n_layers, step)  # compared lazily: a config of 10**9 layers listed them all
+        if moe_layers is not None and (len(moe_layers) != len(every)
+                                       or any(int(i) != j for i, j in zip(moe_layers, every))):
             raise HerdError(f"{source}: moe_layers {moe_layers} is not every n-th layer (layers n-1, 2n-1, ...); "
                             "unsupported")
         interval: int | None = _int_or(cfg.get("no_rope_layer_interval"), 4)
@@ -192,8 +195,12 @@ def llama4_args_from_hf_config(cfg: dict, source: str = "config.json") -> Llama4
         no_rope = [int(x) for x in cfg.get("no_rope_layers") or []][:n_layers]
         if no_rope:
             interval = no_rope.index(0) + 1 if 0 in no_rope else None
-        uses_rope = [not interval or int((i + 1) % interval != 0) for i in range(n_layers)]
-        if no_rope and no_rope != [int(u) for u in uses_rope]:
+        def uses_rope(n: int) -> list[int]:
+            """Whether each of the first n layers uses RoPE; only as many as a list given in the config
+            holds (a shorter list cannot match), not all n_layers: 10**9 layers made a list of them."""
+            return [int(not interval or (i + 1) % interval != 0) for i in range(min(n, n_layers))]
+
+        if no_rope and (len(no_rope) != n_layers or no_rope != uses_rope(len(no_rope))):
             raise HerdError(f"{source}: no_rope_layers {no_rope} is not every n-th layer NoPE (unsupported)")
         theta, scaling = rope_from_hf_config(cfg, source, default_theta=500000.0)
         if scaling is not None and scaling.kind != "llama3":  # Llama 4's mappings know llama3's fields only
@@ -207,8 +214,9 @@ def llama4_args_from_hf_config(cfg: dict, source: str = "config.json") -> Llama4
         if layer_types is not None:
             if all(t == "full_attention" for t in layer_types):
                 chunk = None
-            elif list(layer_types) != ["chunked_attention" if u and chunk is not None else "full_attention"
-                                       for u in uses_rope]:
+            elif len(layer_types) != n_layers or list(layer_types) != [
+                    "chunked_attention" if u and chunk is not None else "full_attention"
+                    for u in uses_rope(len(layer_types))]:
                 raise HerdError(f"{source}: layer_types {layer_types} is not chunked attention on exactly the "
                                 "RoPE layers (unsupported)")
         return Llama4Args(
@@ -325,6 +333,7 @@ def check_llama4_state_dict(sd: dict[str, torch.Tensor], args: Llama4Args, sourc
             return f"expert count mismatch: {k} routes to {got[1]} experts, config says num_local_experts={args.n_experts}"
         return None
 
+    check_layer_count(sd, args.n_layers, source)
     return check_shapes(sd, expected_llama4_shapes(args), source,
                         f"this {args.n_layers}-layer Llama 4 config", expert_hint)
 

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from herd.checkpoint.common import atomic_path, check_state_dict, config_bool, config_int
+from herd.checkpoint.common import atomic_path, check_state_dict, config_bool, config_int, refuse_nonfinite
 from herd.checkpoint.meta_llama4 import (
     is_llama4_params,
     llama4_args_from_params,
@@ -240,8 +240,8 @@ def merge_shards(shards: list[dict[str, torch.Tensor]], args_dim: int, n_kv_head
 
 def _read_params(path: Path) -> dict:
     try:
-        params = json.loads((path / PARAMS).read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        params = json.loads((path / PARAMS).read_text(encoding="utf-8"), parse_constant=refuse_nonfinite)
+    except (OSError, ValueError) as e:  # as read_json_config: UTF-8, no NaN or Infinity
         raise HerdError(f"{path / PARAMS}: cannot read ({e})") from None
     if not isinstance(params, dict):
         raise HerdError(f"{path / PARAMS}: expected a JSON object")

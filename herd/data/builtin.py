@@ -150,6 +150,12 @@ def prepare_builtin(out: str | os.PathLike, domains: tuple[str, ...] = DOMAINS,
     """Write the corpus as `out/documents.jsonl` (one {"text", "domain", "name", "title"} object a
     line — the JSONL input of the data pipeline and of `herd tokenizer train`) plus
     `out/manifest.json` with per-domain counts. Returns the JSONL path."""
+    if not str(out).strip():  # Path("") is ".": the corpus landed in the working directory
+        raise HerdError("--out is empty; give a directory for the corpus (documents.jsonl goes there)")
+    # python_stdlib_files slices files[:limit]: -1 dropped the last file and 0 took them all
+    if code_limit is not None and (isinstance(code_limit, bool) or not isinstance(code_limit, int) or code_limit < 1):
+        raise HerdError(f"--code-limit must be a whole number >= 1, got {code_limit!r} (leave it out for every "
+                        "stdlib file; --domains shakespeare for none)")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise HerdError(f"{out} is a file; give a directory for the corpus (documents.jsonl goes there)")

@@ -192,7 +192,10 @@ def _read_jsonl(path: str, start: int, end: int, domain: str, text_key: str = "t
             continue
         try:
             obj = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
+        except UnicodeDecodeError as e:  # a ValueError too: it was called "not valid JSON", a truncated file
+            raise HerdError(f"{path}: {where} {pos}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column "
+                            f"{e.start + 1}); convert the file to UTF-8") from None
+        except ValueError:
             raise HerdError(f"{path}: {where} {pos}: not valid JSON (a truncated or corrupt file?)") from None
         # "text" wins; a record whose "text" is absent or null but which has "html" is extracted
         # (exports often carry both keys, one of them null)
@@ -200,8 +203,11 @@ def _read_jsonl(path: str, start: int, end: int, domain: str, text_key: str = "t
         if not isinstance(text, str):
             if text is not None or not isinstance(obj, dict) or not isinstance(obj.get("html"), str):
                 fields = ", ".join(map(repr, list(obj)[:8])) if isinstance(obj, dict) else type(obj).__name__
+                # "it has 'text'" said nothing of why that field would not do: name its type
+                found = (f"its {json.dumps(text_key)} is {type(text).__name__}" if text is not None else
+                         f"it has {fields}; another field is [[input]] text_key")
                 raise HerdError(f"{path}: {where} {pos}: not a JSON object with a {json.dumps(text_key)} (or \"html\") "
-                                f"string (it has {fields}; another field is [[input]] text_key)")
+                                f"string ({found})")
             # surrogates fixed before lxml sees them: it stops at a lone one, and the rest of
             # the page was lost without a word
             text = extract_html(valid_unicode(obj["html"]))

@@ -37,6 +37,7 @@ import string
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -444,6 +445,13 @@ def load_task(path: str | os.PathLike, *, chat_template: bool | None = None) -> 
     """`chat_template=False` also checks here that every prompt has a raw text (see TaskItem)."""
     from herd.train.posttrain import as_messages, read_jsonl
 
+    p = Path(path)
+    if not str(path).strip() or p.is_dir():  # "" is "."; a directory was "cannot read ([Errno 21] ...)"
+        raise HerdError(f"task {str(path)!r}: not a file; give a task JSONL file (prompt, choices?, answer per line)")
+    if not p.exists():
+        # `--task mmlu` reads like a benchmark name: say that tasks are local files
+        raise HerdError(f"task {path}: no such file; herd eval reads local JSONL task files (prompt, choices?, "
+                        "answer per line), not named benchmarks")
     items = []
     for n, obj in read_jsonl(path):
         where = f"{path}:{n}"

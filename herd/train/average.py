@@ -103,6 +103,11 @@ def average_checkpoints(paths: Sequence[str | os.PathLike], out: str | os.PathLi
     if not paths:
         raise HerdError("give at least one checkpoint to average")
     # Everything that can be refused is checked before the (possibly large) checkpoints are read.
+    # An empty path is Path("") == ".": "output directory  contains the checkpoint" named neither.
+    if any(not str(p).strip() for p in paths):
+        raise HerdError("a checkpoint path is empty; give the checkpoint directories to average")
+    if not str(out).strip():
+        raise HerdError("the output directory (--out) is empty; give a directory")
     check_weights(weights, len(paths))
     check_out_apart(paths, out)
     check_output_path(out, directory=True)

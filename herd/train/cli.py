@@ -96,6 +96,9 @@ def cmd_pretrain(a) -> None:
     from herd.train.loop import pretrain
 
     overrides = list(a.overrides)
+    for option, value in (("--out", a.out), ("--resume", a.resume), ("--config", a.config)):
+        if value is not None and not value.strip():  # "" was taken as "not given" (--out) or as "."
+            raise HerdError(f"{option} is empty; give a path")
     config = a.config
     if config is None and a.resume and (Path(a.resume) / RECIPE_COPY).exists():
         config = str(Path(a.resume) / RECIPE_COPY)
@@ -112,12 +115,21 @@ def cmd_pretrain(a) -> None:
         if config is None:
             if not Path(a.resume).is_dir():
                 raise HerdError(f"--resume {a.resume}: no such run directory")
+            if (Path(a.resume) / "complete.json").exists() or (Path(a.resume) / "train_state.pt").exists():
+                # a checkpoint of a run rather than the run: the run resumes from its newest checkpoint
+                raise HerdError(f"--resume {a.resume} is a checkpoint inside a run; give the run directory "
+                                f"(--resume {Path(a.resume).parent})")
             if not saved.exists():
                 raise HerdError(f"{a.resume}: no saved config.json; give --config")
             try:
-                data = json.loads(saved.read_text())
+                data = json.loads(saved.read_text(encoding="utf-8"))
             except (OSError, ValueError) as e:
                 raise HerdError(f"{saved}: cannot read the run's config ({e}); give --config") from None
+            if not isinstance(data, dict) or not {"model", "train"} <= data.keys():
+                # a model checkpoint's config.json (HF layout), or a list: a TypeError traceback or
+                # "'architectures' must be a table"
+                raise HerdError(f"--resume {a.resume}: {saved.name} is not a herd run's config (a model "
+                                "checkpoint?); give a run directory written by herd pretrain")
             cfg = load_config(data=data, overrides=overrides)
         else:
             cfg = load_config(config, overrides)
@@ -149,12 +161,12 @@ def _run_recipe(a, config: str, overrides: list[str]) -> None:
             raise HerdError(f"--resume {a.resume} continues in that directory; drop --out {a.out}")
         saved = Path(a.resume) / RECIPE_OVERRIDES
         if saved.exists():  # the first run's --section.key=value options; the ones given now win
-            overrides = json.loads(saved.read_text()) + overrides
+            overrides = _saved_overrides(saved) + overrides
     stages = load_recipe(config, overrides, out_dir=a.resume or a.out)
     root = Path(stages[0].cfg.train.out_dir).parent
     copy, saved = root / RECIPE_COPY, root / RECIPE_OVERRIDES
     if not a.resume and copy.exists():
-        before = json.loads(saved.read_text()) if saved.exists() else []
+        before = _saved_overrides(saved) if saved.exists() else []
         if copy.read_bytes() != Path(config).read_bytes() or before != overrides:
             # its stages would count as "finished earlier" and the record of what made them be replaced
             raise HerdError(f"{root} holds a run of another recipe or other options; pass --resume {root} to "
@@ -165,6 +177,19 @@ def _run_recipe(a, config: str, overrides: list[str]) -> None:
     saved.write_text(json.dumps(overrides) + "\n")
     final = run_recipe(stages, log=lambda m: print(m, file=sys.stderr, flush=True), progress=not a.no_progress)
     print(f"done: {len(stages)} stage{'s' if len(stages) > 1 else ''}, final model {final}")
+
+
+def _saved_overrides(path) -> list[str]:
+    """A staged run's recorded command-line overrides (a JSON list of strings)."""
+    import json
+
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise HerdError(f"{path}: cannot read the run's saved overrides ({e})") from None
+    if not isinstance(saved, list) or not all(isinstance(x, str) for x in saved):
+        raise HerdError(f"{path}: expected a JSON list of --section.key=value strings")
+    return saved
 
 
 def cmd_average(a) -> None:

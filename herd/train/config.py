@@ -319,6 +319,8 @@ def validate(cfg: RunConfig) -> None:
     for name in ("steps", "batch_size", "seq_len", "grad_accum"):
         if getattr(t, name) <= 0:
             raise HerdError(f"train.{name} must be positive (got {getattr(t, name)})")
+    if not cfg.data.path.strip():  # Path("") is "." (a ValueError traceback when shards were built there)
+        raise HerdError("data.path is empty; give the shards directory")
     if t.dtype not in ("auto", "float32", "bfloat16"):
         raise HerdError(f"train.dtype {t.dtype!r}: choose auto, float32 or bfloat16")
     if cfg.data.val_split not in ("documents", "tails"):

@@ -178,6 +178,23 @@ def weight_changes(old: Any, new: Any) -> list[str]:
 
 
 # ---- the run ------------------------------------------------------------------------------------
+def check_run_dir_usable(out_dir: str, resume: bool | None = None) -> Path:
+    """The run directory `out_dir` as a Path, refused in one line when a run cannot use it: empty
+    (Path("") is ".", the working directory), a file, holding files a run does not write, or (when
+    `resume` is False) holding checkpoints already. Post-training calls it before loading models."""
+    if not str(out_dir).strip():
+        raise HerdError("train.out_dir is empty; give a run directory (--out)")
+    run_dir = Path(out_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise HerdError(f"run directory {run_dir} is a file; give a directory (--out)")
+    ckpt.check_run_dir(run_dir)
+    existing = ckpt.latest_checkpoint(run_dir) if resume is False else None
+    if existing is not None:
+        raise HerdError(f"{run_dir} already holds checkpoints ({existing.name}); "
+                        f"pass --resume {run_dir} to continue it or choose another --out")
+    return run_dir
+
+
 class Trainer:
     """Builds model, data, optimizer from a `RunConfig` and runs (or resumes) the loop.
 
@@ -198,10 +215,7 @@ class Trainer:
         self.log = log or (lambda msg: print(msg, flush=True))
         self.progress = progress
         t = cfg.train
-        self.run_dir = Path(t.out_dir)
-        if self.run_dir.exists() and not self.run_dir.is_dir():
-            raise HerdError(f"run directory {self.run_dir} is a file; give a directory (--out)")
-        ckpt.check_run_dir(self.run_dir)
+        self.run_dir = check_run_dir_usable(t.out_dir)
         check_device_present(t.device)
         if t.threads:
             torch.set_num_threads(t.threads)
@@ -224,9 +238,10 @@ class Trainer:
         self._model_from_config = model is None  # else cfg.model does not describe the model
 
         existing = ckpt.latest_checkpoint(self.run_dir)
-        if existing is not None and not resume:
-            raise HerdError(f"{self.run_dir} already holds checkpoints ({existing.name}); "
-                            f"pass --resume {self.run_dir} to continue it or choose another --out")
+        check_run_dir_usable(t.out_dir, resume)
+        if model is None and t.init_from and existing is None and not Path(t.init_from).exists():
+            # before the shards are built (minutes for a new corpus), not after
+            raise HerdError(f"train.init_from {t.init_from}: no such checkpoint or run directory")
 
         random.seed(t.seed)
         np.random.seed(t.seed)

@@ -41,7 +41,7 @@ from torch import nn
 
 from herd.errors import HerdError
 from herd.train import checkpoint as ckpt
-from herd.train.loop import Trainer
+from herd.train.loop import Trainer, check_run_dir_usable
 from herd.train.objectives import IGNORE, document_mask, document_positions
 
 Messages = list[dict[str, Any]]
@@ -792,6 +792,8 @@ def score_responses(rm: RewardModel, tokenizer, prompt: Messages, responses: Seq
 # ---- loading and saving models for post-training -------------------------------------------------
 def resolve_model_spec(spec: str | os.PathLike) -> str:
     """A post-training run directory (holding `model/`) → its exported model; anything else as is."""
+    if not str(spec).strip():  # Path("") is ".": the working directory's lone .gguf was loaded as the model
+        raise HerdError("the model is empty; give a built-in name, a checkpoint or a run directory")
     p = Path(spec)
     if p.is_dir() and (p / "model").is_dir() and (p / "metrics.jsonl").exists():
         return str(p / "model")
@@ -943,6 +945,12 @@ def finetune(stage: str, cfg, model_spec: str, data_path: str, *, val_path: str 
     read = load_chats if stage == "sft" else functools.partial(load_preferences, log=log)
     train_rows, val_rows = read(data_path), (read(val_path) if val_path else None)
     dpo_objective = DPO(**vars(dpo or DPOConfig())) if stage == "dpo" else None  # checks dpo.* before the load
+    for spec in (model_spec, ref_spec):  # `--ref ""` was taken as "no --ref": the policy was its own reference
+        if spec is not None:
+            resolve_model_spec(spec)
+    # ... and the run directory: a model checkpoint or a finished run given as --out was refused only
+    # after the models had loaded (and, for dpo, the reference pass had run)
+    check_run_dir_usable(t.out_dir, resume)
     model, tok = load_trainable(model_spec, t.device)
     _fit_seq_len(cfg, model, log)
     kw = dict(batch_size=t.batch_size, seq_len=t.seq_len)
@@ -957,7 +965,7 @@ def finetune(stage: str, cfg, model_spec: str, data_path: str, *, val_path: str 
     if stage == "dpo":
         # §4.1.4: the reference is the starting policy unless given; its log-probs are computed
         # once here and cached, so it is freed before training starts.
-        ref, ref_tok = (load_trainable(ref_spec, t.device) if ref_spec else load_trainable(model_spec, t.device))
+        ref, ref_tok = load_trainable(model_spec if ref_spec is None else ref_spec, t.device)
         if ref.args.vocab_size != model.args.vocab_size or ref_tok.vocab_size != tok.vocab_size:
             raise HerdError(f"reference model {ref_spec or model_spec} has a vocabulary of {ref.args.vocab_size} "
                             f"tokens, the policy {model.args.vocab_size}: DPO needs the same tokenizer")

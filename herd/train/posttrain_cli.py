@@ -31,6 +31,21 @@ DEFAULTS = {"optim": {"lr": 1e-5, "weight_decay": 0.0}, "schedule": {"name": "co
             # the model comes from --model; this only lifts the config check of seq_len against a preset
             "model": {"max_seq_len": 1 << 20}}
 OWN_SECTIONS = ("lora", "dpo")
+# pretrain's sections that post-training does not read: the model comes from --model, the data from
+# --data, and a post-training run is one process. `--model.dim=32` or a [data] table was taken and
+# silently ignored.
+NOT_HERE = {"model": "--model", "data": "--data", "parallel": None}
+SECTIONS_HERE = "train, optim, schedule, checkpoint, lora, dpo"
+
+
+def _refuse_foreign_section(section: str) -> None:
+    if section not in SECTIONS_HERE.split(", ") and section not in NOT_HERE:  # pretrain's list was shown
+        raise HerdError(f"unknown config section {section!r}; valid: {SECTIONS_HERE}")
+    if section in NOT_HERE:
+        source = NOT_HERE[section]
+        raise HerdError(f"post-training has no {section}.* settings" +
+                        (f" (it takes the {section} from {source})" if source else " (it runs in one process)") +
+                        f"; sections: {SECTIONS_HERE}")
 
 
 def _sections():
@@ -60,11 +75,13 @@ def build_config(config: str | None, overrides: list[str], out: str | None, tabl
 
     table = {k: dict(v) for k, v in DEFAULTS.items()}
     for section, values in (tables or {}).items():
+        _refuse_foreign_section(section)
         table.setdefault(section, {}).update(values)
     if config:
         for section, values in read_toml(config).items():
             if not isinstance(values, dict):
-                raise HerdError(f"config: {section!r} must be a table")
+                raise HerdError(f"config: {section!r} must be a table; sections: {SECTIONS_HERE}")
+            _refuse_foreign_section(section)
             table.setdefault(section, {}).update(values)
     own = _sections()
     for section in OWN_SECTIONS:
@@ -73,6 +90,7 @@ def build_config(config: str | None, overrides: list[str], out: str | None, tabl
     rest = []
     for item in overrides:
         section, key, value = parse_override(item)
+        _refuse_foreign_section(section)
         if section in OWN_SECTIONS:
             _apply_own(own, section, key, override_value(type(own[section]), key, value, item))
         else:
@@ -82,7 +100,7 @@ def build_config(config: str | None, overrides: list[str], out: str | None, tabl
     own["lora"].validate()
     own["dpo"].validate()
     cfg = load_config(data=table, overrides=rest)
-    if out:
+    if out is not None:  # `--out ""` was taken as not given: the run went to runs/run
         cfg.train.out_dir = out
     return cfg, own
 
@@ -163,7 +181,9 @@ def cmd_train(a) -> None:
     print(f"done: step {trainer.step}, run directory {trainer.run_dir}, model {out}")
 
 
-def _inference_model(spec: str):
+def _inference_model(spec: str, chat: bool = True):
+    """The model and tokenizer of `spec`; chat=False accepts a tokenizer without a chat format (a base
+    model, evaluated on raw prompts)."""
     import warnings
 
     from herd.api import load
@@ -172,7 +192,9 @@ def _inference_model(spec: str):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         model, tok = load(resolve_model_spec(spec))
-    if tok is None or tok.chat is None:
+    if tok is None:
+        raise HerdError(f"{spec}: no tokenizer found next to the checkpoint")
+    if chat and tok.chat is None:
         raise HerdError(f"{spec}: needs a tokenizer with a chat format")
     return model, tok
 
@@ -258,7 +280,9 @@ def cmd_eval(a) -> None:
     check_outputs({"--out": a.out}, {f"--task {t}": t for t in a.task})
     # Every task file is read and checked before the model loads: a bad line fails in a second.
     tasks = [(task, load_task(task, chat_template=a.apply_chat_template)) for task in a.task]
-    model, tok = _inference_model(a.model)
+    # A base model (no chat format) is scored on the raw prompts unless --apply-chat-template asks for
+    # the template: `--no-apply-chat-template` is lm-eval's default, and it was refused for such models.
+    model, tok = _inference_model(a.model, chat=bool(a.apply_chat_template))
     report = {}
     for task, items in tasks:
         r = evaluate_items(model, tok, items, max_new_tokens=a.max_new_tokens, batch_size=a.batch_size,

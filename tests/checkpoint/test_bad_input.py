@@ -89,9 +89,14 @@ def test_missing_shard_and_missing_weights(tmp_path, state_dict):
     (tmp_path / "meta" / "consolidated.00.pth").unlink()
     with pytest.raises(HerdError, match="no consolidated"):
         read_checkpoint(tmp_path / "meta")
+    partial = {k: v for k, v in state_dict.items() if not k.startswith("layers.1.feed_forward.")}
+    torch.save(partial, tmp_path / "meta" / "consolidated.00.pth")
+    with pytest.raises(HerdError, match=r"missing 3 weight\(s\), first 'layers.1.feed_forward.w1"):
+        read_checkpoint(tmp_path / "meta")
+    # a whole layer missing is said in layers
     partial = {k: v for k, v in state_dict.items() if not k.startswith("layers.1.")}
     torch.save(partial, tmp_path / "meta" / "consolidated.00.pth")
-    with pytest.raises(HerdError, match=r"missing 9 weight\(s\), first 'layers.1."):
+    with pytest.raises(HerdError, match=r"the config says 2 layers but the weights hold 1 "):
         read_checkpoint(tmp_path / "meta")
 
 

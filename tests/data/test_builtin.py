@@ -126,3 +126,17 @@ def test_prepare_never_overwrites_a_users_corpus(works, tmp_path):
     first = builtin.prepare_builtin(again, code_limit=1).read_bytes()
     assert builtin.prepare_builtin(again, code_limit=1).read_bytes() == first
     assert not [p for p in again.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--out", ""], "--out is empty"),  # Path("") is ".": the corpus went into the working directory
+    (["--out", "corpus", "--code-limit", "0"], "--code-limit must be a whole number >= 1, got 0"),  # took every file
+    (["--out", "corpus", "--code-limit", "-1"], "--code-limit must be a whole number >= 1, got -1"),  # dropped the last
+])
+def test_prepare_builtin_refuses_empty_out_and_limits_below_one(tmp_path, monkeypatch, capsys, argv, message):
+    from tests.cli_errors import run_cli_error
+
+    monkeypatch.chdir(tmp_path)
+    line = run_cli_error(["data", "prepare", "builtin", "--domains", "code", *argv], capsys)
+    assert message in line
+    assert list(tmp_path.iterdir()) == []

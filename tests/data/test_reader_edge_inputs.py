@@ -281,3 +281,28 @@ def test_null_ids_and_names_name_nothing(tmp_path):
     got = [d for u in plan_units(str(f)) for d in read_unit(u)]
     assert all(isinstance(d, RawDoc) for d in got)
     assert [d.name for d in got] == ["n1", "", "0", ""]
+
+
+# ---- what a bad JSONL record is called ---------------------------------------------------------------
+@pytest.mark.parametrize("raw, col", [(b'{"text": "caf\xe9"}\n', 14), (b'{"text": "\xff"}\n', 11)])
+def test_a_non_utf8_record_says_so_not_invalid_json(tmp_path, capsys, raw, col):
+    """Latin-1 bytes in a JSONL record were "not valid JSON (a truncated or corrupt file?)"."""
+    f = tmp_path / "x.jsonl"
+    f.write_bytes(b'{"text": "fine"}\n' + raw)
+    with pytest.raises(UnicodeDecodeError) as ref:  # the reference: Python's own UTF-8 decoder
+        raw.decode("utf-8")
+    assert ref.value.start + 1 == col
+    with pytest.raises(HerdError, match=rf"x\.jsonl: byte 17: not UTF-8 text \(byte 0x{raw[col - 1]:02x} at "
+                                        rf"column {col}\)"):
+        _read(f)
+    code, err = _run(capsys, tmp_path, f, tmp_path / "out")
+    assert code == 2 and len(err) == 1 and "not UTF-8 text" in err[0], err
+
+
+@pytest.mark.parametrize("value, kind", [(5, "int"), (["a"], "list"), ({"a": 1}, "dict"), (True, "bool")])
+def test_a_text_field_of_another_type_is_named(tmp_path, value, kind):
+    """"(it has 'text'; another field is [[input]] text_key)" for {"text": 5} pointed at the wrong fix."""
+    f = tmp_path / "x.jsonl"
+    f.write_text(json.dumps({"text": value}) + "\n")
+    with pytest.raises(HerdError, match=rf'byte 0: not a JSON object with a "text" .*\(its "text" is {kind}\)$'):
+        _read(f)

@@ -108,3 +108,47 @@ def test_evaluate_items_refuses_a_batch_size_below_one(tiny, tmp_path):
             evaluate_items(model, tok, items, batch_size=bad)
     r = evaluate_items(model, tok, items, batch_size=1, max_new_tokens=2)
     assert r.n == 1 and len(r.replies) == 1 and json.dumps(r.replies)
+
+
+def test_a_base_model_without_a_chat_format_is_evaluated_on_raw_prompts(tmp_path, capsys):
+    """`herd eval` refused every model without a chat format ("needs a tokenizer with a chat format"),
+    though --no-apply-chat-template (lm-eval's default) and the default (the template only when the
+    model has one) both score raw prompts: a base model from `herd pretrain` could not be evaluated."""
+    import dataclasses
+
+    import herd
+    from herd.checkpoint import write_checkpoint
+    from herd.cli import main
+    from herd.models.args import get_preset
+    from herd.tokenizer.byte_ids import byte_tokenizer
+    from tests.reference import random_state_dict
+
+    args = dataclasses.replace(get_preset("debug"), vocab_size=258)
+    base = write_checkpoint(tmp_path / "base", "hf", args, random_state_dict(args, seed=1), tokenizer=byte_tokenizer())
+    mc = write_jsonl(tmp_path / "mc.jsonl", [{"prompt": "2 + 2 =", "choices": ["4", "5", "22"], "answer": 0},
+                                             {"prompt": "The sky is", "choices": ["blue", "loud"], "answer": 0}])
+    model, tok = herd.load(base)
+    assert tok.chat is None
+    want = evaluate_items(model, tok, load_task(mc), chat_template=False)
+    for flag in ([], ["--no-apply-chat-template"]):
+        out = tmp_path / "r.json"
+        assert main(["eval", "--model", str(base), "--task", str(mc), "--out", str(out), *flag]) == 0
+        got = json.loads(out.read_text())[str(mc)]
+        assert got["chat_template"] is False and got["correct"] == want.correct
+        for g, w in zip(got["choice_logprobs"], want.scores, strict=True):
+            assert g == pytest.approx(w, rel=1e-5)
+        out.unlink()
+    capsys.readouterr()
+    line = _run(["eval", "--model", str(base), "--task", str(mc), "--apply-chat-template"], capsys)
+    assert "needs a tokenizer with a chat format" in line
+
+
+@pytest.mark.parametrize("task, message", [
+    ("mmlu", "task mmlu: no such file; herd eval reads local JSONL task files"),  # was "mmlu: no such file"
+    ("", "task '': not a file"),  # Path("") is "."
+    (".", "task '.': not a file"),  # was "cannot read ([Errno 21] Is a directory: '.')"
+])
+def test_a_task_that_is_no_file_says_what_a_task_is(tmp_path, capsys, monkeypatch, task, message):
+    monkeypatch.chdir(tmp_path)
+    line = _run(["eval", "--model", NO_MODEL, "--task", task], capsys)
+    assert message in line, line

@@ -254,7 +254,7 @@ def test_multiple_choice_task_agrees_with_hflm_and_herd_eval(served, api, hflm, 
 
     # herd eval on the same file, through its command line (the model `herd serve` holds: the same load).
     _, model, tok = served
-    monkeypatch.setattr("herd.train.posttrain_cli._inference_model", lambda spec: (model, tok))
+    monkeypatch.setattr("herd.train.posttrain_cli._inference_model", lambda spec, chat=True: (model, tok))
     out = tmp_path / "herd_eval.json"
     flag = "--apply-chat-template" if chat else "--no-apply-chat-template"
     assert main(["eval", "--task", str(path), flag, "--out", str(out)]) in (0, None)

@@ -202,3 +202,38 @@ def test_number_like_overrides_of_own_text_fields_are_text():
     assert "expected str" not in str(e.value)
     cfg, _ = build_config(None, ["--train.out_dir=2024"], None)
     assert cfg.train.out_dir == "2024"
+
+
+# ---- sections post-training does not read; the run directory before the model load ------------------
+@pytest.mark.parametrize("extra, message", [
+    # taken and silently ignored: the model comes from --model
+    (["--model.dim=32"], "post-training has no model.* settings (it takes the model from --model)"),
+    (["--data.path=x"], "post-training has no data.* settings (it takes the data from --data)"),
+    (["--parallel.tp=2"], "post-training has no parallel.* settings"),
+    # listed pretrain's sections (model, data, parallel), none of which post-training reads
+    (["--nosuch.x=1"], "unknown config section 'nosuch'; valid: train, optim, schedule, checkpoint, lora, dpo"),
+])
+def test_sections_post_training_does_not_read_are_refused(tmp_path, capsys, extra, message):
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "q", "chosen": "a", "rejected": "b"}])
+    for verb in ("sft", "dpo"):
+        line = _run([verb, "--model", NO_MODEL, "--data", str(data), "--out", str(tmp_path / "run"), *extra], capsys)
+        assert message in line, line
+    (tmp_path / "c.toml").write_text("[model]\ndim = 32\n")
+    with pytest.raises(HerdError, match="no model.. settings"):
+        build_config(str(tmp_path / "c.toml"), [], None)
+
+
+@pytest.mark.parametrize("verb", ["sft", "reward", "dpo"])
+def test_an_unusable_run_directory_is_refused_before_the_model_loads(tmp_path, capsys, verb):
+    """--out at a model checkpoint (or a folder of the user's) was refused only after the model had
+    loaded, and for dpo after the whole reference pass."""
+    data = write_jsonl(tmp_path / "d.jsonl", [{"messages": [{"role": "user", "content": "q"},
+                                                             {"role": "assistant", "content": "a"}],
+                                               "prompt": "q", "chosen": "a", "rejected": "b"}])
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    line = _run([verb, "--model", NO_MODEL, "--data", str(data), "--out", str(out)], capsys)
+    assert "'notes.txt', which a herd run does not write" in line
+    line = _run([verb, "--model", NO_MODEL, "--data", str(data), "--out", ""], capsys)
+    assert "train.out_dir is empty" in line

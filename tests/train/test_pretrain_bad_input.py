@@ -157,3 +157,49 @@ def test_model_shapes_that_build_nothing_are_refused(shards, tmp_path, capsys, e
     code, err = _run(capsys, *_args(shards, tmp_path / "r", **extra))
     assert code == 2 and len(err) == 1 and fragment in err[0], err
     assert not (tmp_path / "r").exists()
+
+
+# ---- empty paths, a wrong --resume target, a missing init_from (found by CLI fuzzing) -------------
+@pytest.mark.parametrize("args, message", [
+    (["--out", ""], "--out is empty"),  # was ignored: the run went to the config's train.out_dir
+    (["--train.out_dir="], "train.out_dir is empty"),  # Path("") is ".": checkpoints in the working directory
+    (["--data.path="], "data.path is empty"),  # a ValueError traceback once shards were built at "."
+    (["--resume", ""], "--resume is empty"),
+])
+def test_empty_paths_are_refused(shards, tmp_path, capsys, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    base = [a for a in _args(shards, tmp_path / "run") if not a.startswith(("--train.out_dir", "--data.path"))]
+    base += [f"--data.path={shards}"] if "--data.path=" not in args else []
+    base += [f"--train.out_dir={tmp_path / 'run'}"] if args[0] != "--train.out_dir=" else []
+    code, err = _run(capsys, *base, *args)
+    assert code == 2 and len(err) == 1 and message in err[0], err
+    assert list(tmp_path.iterdir()) == [], list(tmp_path.iterdir())  # nothing written anywhere
+
+
+def test_resume_of_something_that_is_not_a_run(shards, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert _run(capsys, *_args(shards, run))[0] == 0
+    # a checkpoint inside the run: the run directory is named
+    code, err = _run(capsys, "--resume", str(ckpt.latest_checkpoint(run)))
+    assert code == 2 and len(err) == 1 and f"give the run directory (--resume {run})" in err[0], err
+    # a model checkpoint (HF config.json): "'architectures' must be a table" said nothing useful
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "hidden_size": 8}))
+    code, err = _run(capsys, "--resume", str(model))
+    assert code == 2 and len(err) == 1 and "config.json is not a herd run's config" in err[0], err
+    # a run whose config.json became a JSON list: was a TypeError traceback
+    (run / "config.json").write_text("[1, 2]")
+    code, err = _run(capsys, "--resume", str(run))
+    assert code == 2 and len(err) == 1 and "not a herd run's config" in err[0], err
+
+
+def test_a_missing_init_from_is_refused_before_the_shards_are_built(tmp_path, capsys):
+    """The shards of data.source were built first (minutes for a real corpus) and only then was
+    init_from found missing."""
+    shards = tmp_path / "new-shards"
+    code, err = _run(capsys, *[f"--{o}" for o in debug_overrides(shards, tmp_path / "run")],
+                     '--data.source="stdlib"', f"--train.init_from={tmp_path / 'nope'}")
+    assert code == 2 and err == [f"herd: error: train.init_from {tmp_path / 'nope'}: no such checkpoint or run "
+                                 "directory"], err
+    assert not shards.exists() and not (tmp_path / "run").exists()
