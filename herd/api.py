@@ -31,6 +31,8 @@ def resolve_model_path(spec: str | Path) -> Path:
     """A built-in model name → its cached file; anything else must be an existing path."""
     if str(spec) in BUILTIN_MODELS:
         return fetch_builtin(str(spec))
+    if not str(spec).strip():  # Path("") is ".": the working directory's checkpoint would load silently
+        raise HerdError("model path is empty; give a built-in name or a path")
     path = Path(spec).expanduser()
     if not path.exists():
         raise HerdError(f"no model {str(spec)!r}: not a built-in name ({', '.join(BUILTIN_MODELS)}) "

@@ -52,6 +52,16 @@ def _add_sampling(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: 0)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0 = off)")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely (default: 0 = off)")
+    p.add_argument("--min-p", type=float, default=0.0,
+                   help="drop tokens below this fraction of the most likely one's probability (default: 0 = off)")
+    p.add_argument("--min-tokens", type=int, default=0,
+                   help="new tokens before a stop token may end the reply (default: 0)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="divide the logits of tokens already in the prompt or reply (default: 1.0 = off)")
+    p.add_argument("--presence-penalty", type=float, default=0.0,
+                   help="subtract from the logits of tokens already generated, -2..2 (default: 0 = off)")
+    p.add_argument("--frequency-penalty", type=float, default=0.0,
+                   help="subtract per repetition of a generated token, -2..2 (default: 0 = off)")
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     p.add_argument("--compile", action="store_true",
                    help="decode through torch.compile (pays off on a GPU; compiling takes a while)")
@@ -60,14 +70,18 @@ def _add_sampling(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
 def _sampling_kwargs(a) -> dict:
     """The sampling options as herd.api's keywords, checked here so a bad value is the one error
     line before the model loads (herd.api checks them the same way for library callers)."""
-    from herd.inference.generate import check_max_new_tokens, check_seed
+    from herd.inference.generate import check_max_new_tokens, check_min_tokens, check_seed
     from herd.inference.sampling import SamplingParams
 
     check_max_new_tokens(a.max_new_tokens)
     check_seed(a.seed)
-    SamplingParams(temperature=a.temperature, top_p=a.top_p, top_k=a.top_k)
+    # vLLM's SamplingParams names (herd.api.generate/stream take them as keywords)
+    more = dict(min_p=a.min_p, min_tokens=a.min_tokens, repetition_penalty=a.repetition_penalty,
+                presence_penalty=a.presence_penalty, frequency_penalty=a.frequency_penalty)
+    SamplingParams(temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, **more)
+    check_min_tokens(a.min_tokens, a.max_new_tokens)
     return dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
-                seed=a.seed, compile=a.compile)
+                seed=a.seed, compile=a.compile, **more)
 
 
 def check_device(device: str, option: str = "--device") -> None:

@@ -132,6 +132,38 @@ def test_chat_is_multi_turn_with_reset_and_system(capsys, monkeypatch, smollm2_g
     assert "\n".join([a1, a2, a3]).strip() == "\n".join(replies)
 
 
+_VLLM_OPTIONS = {"min_p": 0.3, "min_tokens": 6, "repetition_penalty": 1.4, "presence_penalty": 0.8,
+                 "frequency_penalty": 0.6}
+
+
+def _flags(options: dict) -> list[str]:
+    return [x for k, v in options.items() for x in (f"--{k.replace('_', '-')}", str(v))]
+
+
+def test_generate_and_chat_pass_vllm_sampling_options(capsys, monkeypatch, smollm2_gguf):
+    """`herd generate`/`herd chat` had no --min-p, --min-tokens or penalties, which herd.api takes:
+    the CLI's text is the library's with the same options, and not the text without them."""
+    import herd
+    from herd.api import stream
+
+    model, tokenizer = herd.load(smollm2_gguf)
+    base = ["--max-new-tokens", "16", "--temperature", "0.9", "--seed", "3"]
+    dialog = [{"role": "user", "content": "Name three colours."}]
+    want = "".join(stream(model, tokenizer, dialog, max_new_tokens=16, temperature=0.9, seed=3, **_VLLM_OPTIONS))
+    plain = "".join(stream(model, tokenizer, dialog, max_new_tokens=16, temperature=0.9, seed=3))
+    assert want != plain  # the options change this reply: the comparison below can fail
+    import herd.api
+
+    loads = []  # the CLI loads the default model (smollm2_gguf) as herd.load does: reuse this one
+    monkeypatch.setattr(herd.api, "load", lambda spec, **kw: loads.append(spec) or (model, tokenizer))
+    code, out, err = run(capsys, "generate", "--prompt", dialog[0]["content"], *base, *_flags(_VLLM_OPTIONS))
+    assert code == 0 and out == want + "\n", err
+    code, out, err = run(capsys, "chat", *base, *_flags(_VLLM_OPTIONS), stdin=dialog[0]["content"] + "\n",
+                         monkeypatch=monkeypatch)
+    assert code == 0 and out.strip() == want.strip(), err
+    assert len(loads) == 2
+
+
 def test_convert_any_to_any(capsys, tmp_path, smollm2_gguf):
     import torch
 

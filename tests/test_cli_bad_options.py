@@ -68,6 +68,25 @@ def test_library_takes_the_server_s_seed_range():
             parse_params({"seed": seed}, "completions", Limits())
 
 
+# ---- vLLM's extra sampling options ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("verb", ["generate", "chat"])
+@pytest.mark.parametrize("option, value, message", [
+    ("--min-p", "1.5", "min_p must be a number in [0, 1], got 1.5"),
+    ("--min-p", "nan", "min_p must be a number in [0, 1], got nan"),
+    ("--min-tokens", "-1", "min_tokens must be a whole number >= 0, got -1"),
+    ("--min-tokens", "9", "min_tokens must be less than or equal to max_tokens=8, got 9"),
+    ("--repetition-penalty", "0", "repetition_penalty must be"),
+    ("--repetition-penalty", "inf", "repetition_penalty must be"),
+    ("--presence-penalty", "2.5", "presence_penalty must be a number in [-2, 2], got 2.5"),
+    ("--frequency-penalty", "-3", "frequency_penalty must be a number in [-2, 2], got -3.0"),
+])
+def test_sampling_options_out_of_range_are_refused_before_the_load(capsys, verb, option, value, message):
+    extra = ["--prompt", "hi"] if verb == "generate" else []
+    line = one_line_error(*run(capsys, verb, "--model", NO_MODEL, *extra, "--max-new-tokens", "8", option, value))
+    assert line.startswith("herd: error: " + message), line
+
+
 # ---- devices -----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("argv", [["generate", "--prompt", "hi"], ["chat"], ["serve", "--port", "0"]])
@@ -125,6 +144,22 @@ def test_system_with_raw_is_refused(capsys):
 def test_serve_refuses_an_empty_kv_cache(capsys, mb):
     line = one_line_error(*run(capsys, "serve", "--model", NO_MODEL, "--kv-cache-mb", mb))
     assert line == f"herd: error: --kv-cache-mb must be at least 1, got {mb}"
+
+
+@pytest.mark.parametrize("spec", ["", "  "])
+def test_an_empty_model_path_is_not_the_working_directory(capsys, tmp_path, monkeypatch, smollm2_gguf, spec):
+    """`herd serve --model ""` and `herd.load("")` loaded the working directory's checkpoint:
+    Path("") is "."."""
+    import herd
+    from herd.api import resolve_model_path
+
+    (tmp_path / "model.gguf").symlink_to(smollm2_gguf)  # a loadable model where "." would find it
+    monkeypatch.chdir(tmp_path)
+    line = one_line_error(*run(capsys, "serve", "--model", spec, "--port", "0"))
+    assert line == "herd: error: model path is empty; give a built-in name or a path"
+    for call in (resolve_model_path, herd.load):
+        with pytest.raises(HerdError, match="^model path is empty"):
+            call(spec)
 
 
 def test_serve_refuses_a_kv_cache_below_one_full_context_request(capsys, smollm2_gguf):

@@ -81,9 +81,9 @@ def rope_from_hf_config(cfg: dict, source: str, default_theta: float) -> tuple[f
     inside the one read wins over a top-level one; for llama3 and yarn a top-level
     `original_max_position_embeddings` wins over the nested one, and without either it is
     `max_position_embeddings`; yarn's beta_fast/beta_slow fall back to 32/1 when absent *or zero*
-    (transformers' `or`). llama3, linear and yarn are computed; every other type (dynamic NTK,
-    longrope, ...) and partial rotary embeddings are refused: the model would compute, silently
-    wrong, with plain RoPE."""
+    (transformers' `or`). llama3, linear and yarn are computed; dynamic NTK is plain RoPE within
+    the context (see below); every other type (longrope, ...) and partial rotary embeddings are
+    refused: the model would compute, silently wrong, with plain RoPE."""
     # transformers' `convert_rope_params_to_dict`: `rope_scaling or rope_parameters`, so an old-style
     # rope_scaling wins when a config has both (herd read rope_parameters, another scaling)
     rope = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
@@ -98,10 +98,14 @@ def rope_from_hf_config(cfg: dict, source: str, default_theta: float) -> tuple[f
         return theta, None
     if rope_type == "linear":
         return theta, LinearRopeScaling(factor=float(rope["factor"]))
-    if rope_type == "dynamic":  # one line, why: a fixed inv_freq cannot reproduce it
-        raise HerdError(f"{source}: RoPE scaling type 'dynamic' is not supported: transformers recomputes its "
-                        "frequencies from each forward's length, so cached keys depend on how generation was "
-                        "chunked (supported: llama3, linear, yarn)")
+    if rope_type == "dynamic":
+        # Dynamic NTK is plain RoPE within the context: transformers (`_compute_dynamic_ntk_parameters`,
+        # `dynamic_frequency_update`) raises the base to theta·(factor·L/max_pos − factor + 1)^(d/(d−2))
+        # with L = max(seq_len, max_position_embeddings), i.e. exactly theta until a forward reaches
+        # past max_position_embeddings. herd's context ends there (max_seq_len is that value;
+        # generation, the server and training refuse longer), so the scaling never acts.
+        float(rope["factor"])  # still required, as transformers requires it (KeyError: missing key)
+        return theta, None
     if rope_type not in ("llama3", "yarn"):
         raise HerdError(f"{source}: RoPE scaling type {rope_type!r} is not supported (llama3, linear, yarn or none)")
     original = cfg.get("original_max_position_embeddings",

@@ -1130,10 +1130,18 @@ def run_pipeline(cfg: PipelineConfig, *, workers: int | None = None, restart: bo
         get_tokenizer(cfg.run.tokenizer)  # loaded once here; forked workers inherit it
     timing: dict[str, float] = {}
     t0 = time.perf_counter()
+    # A phase's progress line waits until the global steps after it have checked its results: an
+    # empty corpus (found by the summary after `read`) is then the one line on stderr, not a
+    # "read: 1 units done" followed by the error. On a real run the line comes as soon as those
+    # quick checks pass, before the next (long) phase starts.
+    pending: str | None = None
     for kind, name, fn, _ in steps_for(cfg):
         if kind == "global":
             run_global(ctx, name)
             continue
+        if pending:
+            say(pending)
+            pending = None
         t = time.perf_counter()
         try:
             _run_phase(ctx, name, fn, workers)
@@ -1146,7 +1154,9 @@ def run_pipeline(cfg: PipelineConfig, *, workers: int | None = None, restart: bo
                 discard_unstarted(ctx.work)
             raise
         timing[name] = round(time.perf_counter() - t, 3)
-        say(f"{name}: {len(ctx.units)} units done ({timing[name]:.1f} s)")
+        pending = f"{name}: {len(ctx.units)} units done ({timing[name]:.1f} s)"
+    if pending:
+        say(pending)
     timing["total"] = round(time.perf_counter() - t0, 3)
     return step_publish(ctx, timing)
 

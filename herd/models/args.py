@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -72,8 +73,8 @@ def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
 
 
 # The RoPE scalings herd computes, told apart by class (`.kind` names them). Dynamic NTK is not one:
-# transformers recomputes its frequencies from each forward's length, so the keys a KV cache holds
-# depend on how generation was chunked, which no fixed set of frequencies reproduces.
+# it changes the frequencies only past max_position_embeddings, where herd's context ends, so an HF
+# config's "dynamic" reads as plain RoPE (herd/checkpoint/hf.py `rope_from_hf_config`).
 AnyRopeScaling = RopeScaling | LinearRopeScaling | YarnRopeScaling
 
 
@@ -95,7 +96,20 @@ class HeadShapes:
 
     def shape_problems(self, *positive: str) -> list[str]:
         """What is wrong with the attention shapes (and with the fields named in `positive`, which
-        must be > 0 like dim, n_layers, n_heads and vocab_size): at most one problem, the first."""
+        must be > 0 like dim, n_layers, n_heads and vocab_size): at most one problem, the first;
+        then what is wrong with norm_eps and rope_theta, which every model has."""
+        problems = self._shape_problems(*positive)
+        for name in ("norm_eps", "rope_theta"):
+            # A library caller's float("inf") or float("nan") (or a config.json's Infinity, which
+            # Python's json reads) computes without an error: inf eps zeroes every activation, inf
+            # theta freezes all but the first rotary pair, NaN poisons every logit. A negative
+            # value computes too and answers nothing sensible.
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < math.inf:
+                problems.append(f"{name} must be a positive finite number (got {value!r})")
+        return problems
+
+    def _shape_problems(self, *positive: str) -> list[str]:
         kv = self.kv_heads
         names = ("dim", "n_layers", "n_heads", "vocab_size", *positive)
         if min(kv, *(getattr(self, n) for n in names)) <= 0:
@@ -160,8 +174,7 @@ class ModelArgs(HeadShapes):
             # "false" from a config file is truthy: it would build the biased model
             if not isinstance(getattr(self, name), bool):
                 problems.append(f"{name} must be true or false (got {getattr(self, name)!r})")
-        # a negative rope_theta or norm_eps computes without an error and answers nothing sensible
-        for name in ("norm_eps", "rope_theta", "max_seq_len", "multiple_of"):
+        for name in ("max_seq_len", "multiple_of"):  # norm_eps and rope_theta: shape_problems
             if not getattr(self, name) > 0:
                 problems.append(f"{name} must be positive (got {getattr(self, name)})")
         if self.ffn_hidden_dim is not None and self.ffn_hidden_dim <= 0:

@@ -164,7 +164,9 @@ class Llama4Args(HeadShapes):
 
     @property
     def n_moe_layers(self) -> int:
-        return sum(self.is_moe_layer(i) for i in range(self.n_layers))
+        # Layers 1..n_layers (1-based) that moe_every divides: counted, not looped over, so that
+        # `herd info` on a config with a huge n_layers answers at once.
+        return self.n_layers // self.moe_every
 
     # ---- sizes (herd info) -------------------------------------------------------------------
     def _layer_params(self, experts_counted: int) -> tuple[int, int]:

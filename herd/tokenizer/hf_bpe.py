@@ -162,18 +162,24 @@ class HFTokenizer(Tokenizer):
 
         def token_id(key: str) -> int | None:
             tok = config.get(key)
-            if isinstance(tok, dict):
+            if isinstance(tok, dict):  # a saved AddedToken: {"content": "<eos>", "special": true, ...}
                 tok = tok.get("content")
+            if tok is not None and not isinstance(tok, str):
+                raise HerdError(f"{directory / 'tokenizer_config.json'}: {key} must be a token string or "
+                                f"an AddedToken object with a string content, not {tok!r}")
             return None if tok is None else backend.token_to_id(tok)
 
         eos = token_id("eos_token")
         extra: list[int] = []
-        gen = _read_json(directory / "generation_config.json")
-        gen_eos = gen.get("eos_token_id")
-        if isinstance(gen_eos, int):
-            gen_eos = [gen_eos]
-        if isinstance(gen_eos, list):
-            extra = [int(i) for i in gen_eos]
+        gen_path = directory / "generation_config.json"
+        raw_eos = _read_json(gen_path).get("eos_token_id")
+        gen_eos = raw_eos if raw_eos is None or isinstance(raw_eos, list) else [raw_eos]
+        if gen_eos is not None:
+            # bool is an int to Python but never a token id; "2" or 2.0 would be a silent guess
+            if any(isinstance(i, bool) or not isinstance(i, int) for i in gen_eos):
+                raise HerdError(f"{gen_path}: eos_token_id must be a token id or a list of token ids, "
+                                f"not {raw_eos!r}")
+            extra = list(gen_eos)
             if eos is None and extra:
                 eos = extra[0]
         if eos is None:

@@ -117,6 +117,8 @@ def check_train_options(vocab_size: int, out_dir: str | os.PathLike, min_frequen
     if not isinstance(min_frequency, int) or not 0 <= min_frequency <= MAX_MIN_FREQUENCY:
         raise HerdError(f"min frequency {min_frequency} is out of range: it must be a whole number from 0 "
                         f"to 2**64-1 (0 and 1 both let any pair that occurs be merged)")
+    if not str(out_dir).strip():  # Path("") is ".": the tokenizer would land in the working directory
+        raise HerdError("output directory is empty; give a path")
     out_dir = Path(out_dir)
     for p in (out_dir, *out_dir.parents):
         if p.exists() and not p.is_dir():
@@ -250,6 +252,8 @@ def _pipeline_documents(d: Path) -> Path | None:
 
 def _input_files(paths: Sequence[str]) -> list[Path]:
     files: list[Path] = []
+    if any(not str(p).strip() for p in paths):  # Path("") is ".": it would train on the working directory
+        raise HerdError("an input path is empty; give a path")
     for p in map(Path, paths):
         if p.is_dir():
             found: list[Path] = []
@@ -301,6 +305,11 @@ def split_held_out(texts: Sequence[str], fraction: float) -> tuple[list[str], li
 
 
 def cmd_tokenizer_train(a: argparse.Namespace) -> None:
+    from herd.cli import check_not_empty
+
+    check_not_empty(a.out, "--out", builtin=False)
+    for p in a.inputs:
+        check_not_empty(p, "an input path", builtin=False)
     check_train_options(a.vocab_size, a.out, a.min_frequency)  # before reading a large corpus
     texts = _read_inputs(a.inputs)
     train, held = split_held_out(texts, a.held_out)

@@ -1,8 +1,9 @@
 """RoPE scalings other than llama3 that Llama-architecture HF configs carry (linear, yarn): a tiny
 `LlamaForCausalLM` saved by transformers must load in herd with transformers' logits past the
 original context, generate the same greedy tokens through herd's KV cache, and survive every
-conversion herd writes (hf→hf, hf→gguf→hf, meta) with the scaling intact. Types herd cannot compute
-exactly (dynamic NTK, longrope) stop with one line."""
+conversion herd writes (hf→hf, hf→gguf→hf, meta) with the scaling intact. Dynamic NTK is plain RoPE
+up to max_position_embeddings, where herd's context ends: equal to transformers there. Types herd
+cannot compute exactly (longrope) stop with one line."""
 
 from __future__ import annotations
 
@@ -133,10 +134,9 @@ def test_top_level_original_context_wins_like_transformers(tmp_path):
 
 
 @pytest.mark.parametrize("rope", [
-    dict(rope_type="dynamic", factor=2.0),
     dict(rope_type="longrope", short_factor=[1.0] * 4, long_factor=[2.0] * 4, original_max_position_embeddings=16),
     dict(type="su", factor=2.0),
-], ids=["dynamic", "longrope", "unknown"])
+], ids=["longrope", "unknown"])
 def test_unsupported_scaling_is_one_line(tmp_path, rope):
     cfg = {"model_type": "llama", **_DENSE, "rope_scaling": rope}
     (tmp_path / "config.json").write_text(json.dumps(cfg))
@@ -145,6 +145,38 @@ def test_unsupported_scaling_is_one_line(tmp_path, rope):
     message = str(e.value)
     assert "\n" not in message and "RoPE scaling type" in message and "yarn" in message  # names what works
     assert repr(rope.get("rope_type", rope.get("type"))) in message
+
+
+def test_dynamic_ntk_equals_transformers_up_to_the_context_limit(tmp_path):
+    """rope_type "dynamic" was refused. transformers' dynamic NTK changes the frequencies only once a
+    forward reaches past max_position_embeddings; herd's context ends there, so up to it herd's
+    logits and greedy ids (through the KV cache) are transformers', and a longer prompt is refused."""
+    limit = _DENSE["max_position_embeddings"]
+    torch.manual_seed(0)
+    ref = LlamaForCausalLM(LlamaConfig(**_DENSE, rope_scaling=dict(rope_type="dynamic", factor=2.0))).eval()
+    ref.save_pretrained(tmp_path / "hf")
+    ckpt = read_checkpoint(tmp_path / "hf")
+    assert ckpt.args.max_seq_len == limit and ckpt.args.rope_scaling is None
+    model = build_model(ckpt.args, ckpt.state_dict)
+    tokens = _tokens(limit)
+    with torch.no_grad():
+        diff = (model(tokens) - ref(tokens).logits.float()).abs().max().item()
+    assert diff <= 1e-4, diff
+    prompt = tokens[0, :limit - 40].tolist()
+    ours = [step[0] for step in generate_ids(model, [prompt], max_new_tokens=40)]  # to the last position
+    ref.generation_config.eos_token_id = None
+    with torch.no_grad():
+        theirs = ref.generate(torch.tensor([prompt]), max_new_tokens=40, do_sample=False,
+                              attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
+    assert len(ours) == 40 and ours == theirs[0, len(prompt):].tolist()
+    with pytest.raises(HerdError, match="does not fit the model's context"):
+        list(generate_ids(model, [tokens[0].tolist()], max_new_tokens=1))
+    with pytest.raises(HerdError, match="missing key 'factor'"):  # transformers needs it too
+        cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+        scaling = cfg.get("rope_scaling") or cfg["rope_parameters"]
+        scaling.pop("factor")
+        (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))
+        read_args(tmp_path / "hf")
 
 
 def test_llama4_refuses_other_scalings_in_one_line():

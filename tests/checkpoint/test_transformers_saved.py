@@ -87,13 +87,25 @@ def test_corrupt_pytorch_bin_is_one_line_error(tmp_path):
 
 
 @pytest.mark.parametrize("rope", [  # linear and yarn are computed: tests/checkpoint/test_rope_scaling.py
-    dict(rope_type="dynamic", factor=4.0),
     dict(rope_type="longrope", short_factor=[1.0] * 4, long_factor=[2.0] * 4, original_max_position_embeddings=64),
 ], ids=lambda r: r["rope_type"])
 def test_unsupported_rope_scaling_is_refused_by_name(tmp_path, rope):
     _, path = _save_dense(tmp_path, rope_scaling=rope)
     with pytest.raises(HerdError, match=f"RoPE scaling type '{rope['rope_type']}' is not supported"):
         read_checkpoint(path)
+
+
+def test_dynamic_ntk_checkpoint_matches_transformers_over_the_whole_context(tmp_path):
+    """rope_type "dynamic" was refused; transformers rescales only past max_position_embeddings,
+    where herd's context ends, so the whole context (256 positions) computes as transformers does."""
+    ref, path = _save_dense(tmp_path, rope_scaling=dict(rope_type="dynamic", factor=4.0))
+    assert read_args(path).max_seq_len == _DENSE["max_position_embeddings"]
+    _assert_same_logits(ref, path, seq=_DENSE["max_position_embeddings"])
+
+
+def test_llama4_dynamic_ntk_matches_transformers(tmp_path):
+    ref, path = _save_llama4(tmp_path, rope_scaling=dict(rope_type="dynamic", factor=2.0))
+    _assert_same_logits(ref, path, seq=_LLAMA4["max_position_embeddings"])
 
 
 def test_partial_rotary_factor_is_refused(tmp_path):

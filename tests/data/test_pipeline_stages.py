@@ -285,6 +285,31 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, case, message):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("name, content", [
+    ("empty.txt", ""), ("blank.jsonl", "\n\n"), ("page.html", "<html><head><title>t</title></head></html>"),
+    (None, None),
+])
+def test_an_empty_corpus_is_the_only_line_on_stderr(tmp_path, capsys, name, content):
+    """An empty input file printed "herd: read: 1 units done" before the empty-corpus error: two lines."""
+    d = tmp_path / "in"
+    d.mkdir()
+    if name:
+        (d / name).write_text(content)
+    code, err = _run_cli(capsys, [_toml(tmp_path, d / name if name else d)])
+    assert code == 2 and len(err) == 1 and err[0].startswith("herd: error: empty corpus: "), err
+
+
+def test_progress_lines_follow_each_phase(tmp_path, capsys):
+    inp = tmp_path / "x.jsonl"
+    inp.write_text("".join(json.dumps({"text": d.text}) + "\n" for d in builtin.code_documents(limit=4)))
+    code, err = _run_cli(capsys, [_toml(tmp_path, inp)])
+    assert code == 0, err
+    from herd.data.pipeline import load_pipeline_config, steps_for
+
+    phases = [n for kind, n, _, _ in steps_for(load_pipeline_config(str(tmp_path / "c.toml"), [])) if kind == "phase"]
+    assert [line.split(":")[1].strip() for line in err if " units done " in line] == phases
+
+
 def test_cli_run_with_overrides_writes_shards(tmp_path, capsys):
     inp = tmp_path / "x.jsonl"
     inp.write_text("".join(json.dumps({"text": d.text, "domain": d.domain}) + "\n"

@@ -107,3 +107,20 @@ def test_bad_configs_are_clear_errors():
         from herd.models.args import get_preset
 
         get_preset("llama5-1t")
+
+
+@pytest.mark.parametrize("name", ["norm_eps", "rope_theta"])
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), -float("inf"), 0.0, -1e-5, "1e-5", True])
+def test_norm_eps_and_rope_theta_must_be_positive_finite(name, value):
+    """ModelArgs(norm_eps=float("inf")) built a model whose every logit is 0 (RMSNorm divides by
+    sqrt(inf)); rope_theta=inf left all but the first rotary pair unrotated. Llama 4 too."""
+    from herd.models.llama4 import LLAMA4_PRESETS
+
+    for base in (PRESETS["debug"], LLAMA4_PRESETS["llama4-scout-17b-16e"]):
+        with pytest.raises(HerdError, match=f"^invalid (Llama 4|model) config: {name} must be a positive finite "
+                                            f"number") as e:
+            base.replace(**{name: value})
+        assert "\n" not in str(e.value)
+    import numpy as np
+
+    assert PRESETS["debug"].replace(**{name: np.float32(0.5)})  # a GGUF reader's numpy scalar is a number

@@ -190,3 +190,22 @@ def test_cli_info_llama4(capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["experts"] == 128 and info["moe_layers"] == 24
     assert round(info["active_params"] / 1e9) == 17
+
+
+def test_moe_layer_count_is_arithmetic(tmp_path, capsys):
+    """n_moe_layers looped over every layer: `herd info` on a config.json with 10**9 layers hung."""
+    import json
+    import time
+
+    from herd.cli import main
+
+    for n_layers in range(1, 13):
+        for every in range(1, 6):
+            args = CONFIGS["maverick-like"].replace(n_layers=n_layers, moe_every=every)
+            assert args.n_moe_layers == sum(args.is_moe_layer(i) for i in range(n_layers))
+    config = hf_config_from_llama4_args(CONFIGS["maverick-like"].replace(n_layers=10**9, moe_every=3))
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    start = time.perf_counter()
+    assert main(["info", str(tmp_path), "--json"]) == 0
+    assert time.perf_counter() - start < 5
+    assert json.loads(capsys.readouterr().out)["moe_layers"] == 10**9 // 3

@@ -86,3 +86,30 @@ def test_either_file_of_an_hf_pair_names_its_directory(tmp_path, smollm2):
         tok = load_tokenizer(tmp_path / name)
         assert tok.encode("hello 12 <|im_end|>") == smollm2.encode("hello 12 <|im_end|>")
         assert tok.chat is not None
+
+
+@pytest.mark.parametrize("file, key, value", [
+    ("tokenizer_config.json", "eos_token", 5),
+    ("tokenizer_config.json", "bos_token", ["<|im_start|>"]),
+    ("tokenizer_config.json", "pad_token", {"content": 3}),
+    ("generation_config.json", "eos_token_id", "2"),
+    ("generation_config.json", "eos_token_id", [2, None]),
+    ("generation_config.json", "eos_token_id", True),
+])
+def test_wrongly_typed_special_tokens_are_one_line_errors(tmp_path, smollm2, file, key, value):
+    """`"eos_token": 5` in tokenizer_config.json was a TypeError traceback from tokenizers."""
+    import json
+    smollm2.save(tmp_path, "hf")
+    path = tmp_path / file
+    config = json.loads(path.read_text()) if path.is_file() else {}
+    path.write_text(json.dumps({**config, key: value}))
+    with pytest.raises(HerdError, match=f"{file}: {key} must be") as e:
+        load_tokenizer(tmp_path)
+    assert "\n" not in str(e.value)
+
+
+def test_generation_config_eos_ids_are_stop_ids(tmp_path, smollm2):
+    import json
+    smollm2.save(tmp_path, "hf")
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 7]}))
+    assert {2, 7} <= load_tokenizer(tmp_path).stop_ids

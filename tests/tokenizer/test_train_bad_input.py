@@ -181,3 +181,21 @@ def test_an_empty_corpus_is_one_line(tmp_path, capsys):
     (tmp_path / "empty" / "b.jsonl").write_text('{"text": ""}\n')
     code, _, err = _cli(capsys, str(tmp_path / "empty"), "--vocab-size", str(VOCAB), "--out", str(tmp_path / "t"))
     assert "empty training corpus" in _one_line_error(code, err)
+
+
+@pytest.mark.parametrize("which", ["input", "out", "blank out"])
+def test_an_empty_path_is_not_the_working_directory(tmp_path, capsys, corpus, monkeypatch, which):
+    """`herd tokenizer train "" --out tok` trained on the working directory, and `--out ""` wrote
+    tokenizer.model into it: Path("") is "."."""
+    monkeypatch.chdir(corpus)  # a directory with text in it, so reading "." would succeed
+    inputs = "" if which == "input" else str(corpus)
+    out = {"input": str(tmp_path / "tok"), "out": "", "blank out": "  "}[which]
+    line = _one_line_error(*_cli(capsys, inputs, "--vocab-size", str(VOCAB), "--out", out)[::2])
+    assert "is empty; give a path" in line and ("--out" in line) == (which != "input")
+    assert sorted(p.name for p in corpus.iterdir()) == ["a.txt"] and not (tmp_path / "tok").exists()
+    with pytest.raises(HerdError, match="is empty"):  # the library refuses too
+        if which == "input":
+            from herd.tokenizer.train import _read_inputs
+            _read_inputs([""])
+        else:
+            check_train_options(VOCAB, out)
