@@ -71,3 +71,25 @@ def test_hand_packed_documents():
     total, count = _separate_loss(model, batch)
     assert count == sum(len(d) - 1 for d in docs) == obj.num_terms(batch)
     assert abs(float(obj.loss_sum(model, batch)) / count - total / count) <= 1e-5
+
+
+def test_cross_entropy_sum_is_torch_cross_entropy():
+    """The eager CPU loss (objectives.cross_entropy_sum, its own backward) gives torch's
+    F.cross_entropy(reduction="sum", ignore_index) loss and logits gradient, ignored targets, an
+    ignored row holding -inf and an upstream weight included."""
+    from herd.train.objectives import IGNORE, cross_entropy_sum
+
+    torch.manual_seed(0)
+    logits = torch.randn(37, 101) * 4
+    logits[5, 0] = float("-inf")  # an ignored row whose placeholder target column is -inf
+    targets = torch.randint(0, 101, (37,))
+    targets[[0, 5, 17, 36]] = IGNORE
+    for weight in (1.0, 0.37):
+        a = logits.clone().requires_grad_()
+        b = logits.clone().requires_grad_()
+        la, lb = cross_entropy_sum(a, targets), F.cross_entropy(b, targets, ignore_index=IGNORE, reduction="sum")
+        (la * weight).backward()
+        (lb * weight).backward()
+        assert torch.isfinite(la) and abs(float(la) - float(lb)) <= 1e-5 * abs(float(lb))
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7)
+        assert not a.grad[[0, 5, 17, 36]].any()
