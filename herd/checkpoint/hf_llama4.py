@@ -183,7 +183,8 @@ def llama4_args_from_hf_config(cfg: dict, source: str = "config.json") -> Llama4
             # true in Llama4TextDecoderLayer), whatever the step says; it used to be refused as "not
             # every n-th layer". A step past the last layer says the same to herd's model.
             step = n_layers + 1
-        every = range(step - 1, n_layers, step)  # compared lazily: a config of 10**9 layers listed them all
+        # compared lazily: a config of 10**9 layers listed them all (a step < 1 is Llama4Args' to refuse)
+        every = range(step - 1, n_layers, step) if step > 0 else range(0)
         if moe_layers is not None and (len(moe_layers) != len(every)
                                        or any(int(i) != j for i, j in zip(moe_layers, every))):
             raise HerdError(f"{source}: moe_layers {moe_layers} is not every n-th layer (layers n-1, 2n-1, ...); "

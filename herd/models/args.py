@@ -106,7 +106,7 @@ class HeadShapes:
             # value computes too and answers nothing sensible.
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < math.inf:
-                problems.append(f"{name} must be a positive finite number (got {value!r})")
+                problems.append(f"{name} must be positive and finite (got {value!r})")
         return problems
 
     def _shape_problems(self, *positive: str) -> list[str]:

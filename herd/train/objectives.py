@@ -79,7 +79,10 @@ class _CrossEntropySum(torch.autograd.Function):
 
 def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Summed next-token cross-entropy of logits (N, V) against targets (N,), IGNORE ignored."""
-    if logits.device.type == "cpu" and logits.requires_grad and not torch.compiler.is_compiling():
+    # plain tensors only: a tensor-parallel run's logits are DTensors (loss parallel), which
+    # torch's cross_entropy knows how to reduce across the vocabulary's shards
+    if (type(logits) is torch.Tensor and logits.device.type == "cpu" and logits.requires_grad
+            and not torch.compiler.is_compiling()):
         return _CrossEntropySum.apply(logits, targets)
     return F.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="sum")
 

@@ -152,7 +152,10 @@ def test_dcp_checkpoint_exports_to_hf_and_matches_single_process_weights(runs, t
     for loaded in (read_checkpoint(out), read_checkpoint(ckpt_dir / "model")):
         assert set(loaded.state_dict) == set(ref)
         for k, v in ref.items():
-            torch.testing.assert_close(loaded.state_dict[k], v, rtol=1e-4, atol=1e-6, msg=k)
+            # atol 5e-6: the single process's loss backward (objectives.cross_entropy_sum) and the
+            # tensor-parallel run's (torch's, on DTensors) differ in the last bit of an exp; four
+            # AdamW steps carry that to ~2e-6 on a weight of ~1e-2 (a wrong shard would be ~1e-3)
+            torch.testing.assert_close(loaded.state_dict[k], v, rtol=1e-4, atol=5e-6, msg=k)
 
 
 def test_bad_layouts_are_one_line_errors(shards, tmp_path):
