@@ -186,7 +186,7 @@ def llama4_args_from_hf_config(cfg: dict, source: str = "config.json") -> Llama4
         # compared lazily: a config of 10**9 layers listed them all (a step < 1 is Llama4Args' to refuse)
         every = range(step - 1, n_layers, step) if step > 0 else range(0)
         if moe_layers is not None and (len(moe_layers) != len(every)
-                                       or any(int(i) != j for i, j in zip(moe_layers, every))):
+                                       or any(int(i) != j for i, j in zip(moe_layers, every, strict=True))):
             raise HerdError(f"{source}: moe_layers {moe_layers} is not every n-th layer (layers n-1, 2n-1, ...); "
                             "unsupported")
         interval: int | None = _int_or(cfg.get("no_rope_layer_interval"), 4)

@@ -18,6 +18,8 @@ from herd.inference.sampling import SamplingParams, sample
 from herd.models.args import PRESETS
 from tests.reference import herd_and_hf
 
+from .test_sampling_args import _Tok
+
 
 @pytest.fixture(scope="module")
 def pair():
@@ -82,22 +84,6 @@ def test_seeded_generation_equals_transformers_generate_with_min_p(pair):
                               top_p=1.0, max_new_tokens=16, min_new_tokens=16, eos_token_id=None,
                               pad_token_id=0)[0, len(prompt):].tolist()
         assert ours == theirs
-
-
-class _Tok:
-    """Just enough tokenizer for herd.generate / herd.stream on raw text."""
-    stop_ids = {0}
-    chat = None
-    bos_id = 1
-
-    def encode(self, text, bos=True, eos=False, **_):
-        return [1, *(2 + b % 200 for b in text.encode())]
-
-    def decode(self, ids):
-        return "".join(chr(65 + i % 26) for i in ids)
-
-    def decode_bytes(self, ids):
-        return self.decode(ids).encode()
 
 
 @pytest.mark.parametrize("kw, words", [

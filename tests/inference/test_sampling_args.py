@@ -34,6 +34,9 @@ class _Tok:
     def decode(self, ids):
         return "".join(chr(65 + i % 26) for i in ids)
 
+    def decode_bytes(self, ids):
+        return self.decode(ids).encode()
+
 
 @pytest.mark.parametrize("n", [0, -1, 2.5, "3"])
 def test_library_refuses_fewer_than_one_new_token(model, n):

@@ -14,6 +14,7 @@ from llama_models.datatypes import RawMessage, StopReason
 from herd.errors import HerdError
 
 from .test_chat_meta import _import_llama4_chat_format, to_raw
+from .test_unseen_inputs import with_template
 
 
 @pytest.fixture(scope="module")
@@ -199,13 +200,7 @@ def _call(name, args):
 
 
 def test_template_tool_call_arguments_are_parsed_as_vllm_does(smollm2, tmp_path):
-    transformers = pytest.importorskip("transformers")
-    from herd.tokenizer import load_tokenizer
-
-    smollm2.save(tmp_path)
-    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": TOOL_CALLS_TEMPLATE}))
-    ours, hf = load_tokenizer(tmp_path), transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    ours, hf = with_template(smollm2, tmp_path, TOOL_CALLS_TEMPLATE)
     dialog = [{"role": "user", "content": "weather?"},
               {"role": "assistant", "content": None, "tool_calls": [_call("get_weather", '{"city":"Zürich","n":[1, 2]}'),
                                                                     _call("now", "")]},

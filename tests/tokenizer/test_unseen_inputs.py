@@ -131,16 +131,21 @@ NONE_AND_TOOLS_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
-def test_template_sees_what_transformers_passes(smollm2, tmp_path):
-    """transformers drops the keys whose value is None (an assistant turn of tool calls alone has no
-    'content' at all) and passes `tools=[]` on as a list; a template can tell both apart."""
+def with_template(smollm2, tmp_path, template: str):
+    """SmolLM2's tokenizer saved with another chat template → (herd's tokenizer, transformers')."""
     transformers = pytest.importorskip("transformers")
     from herd.tokenizer import load_tokenizer
 
     smollm2.save(tmp_path)
     config = json.loads((tmp_path / "tokenizer_config.json").read_text())
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": NONE_AND_TOOLS_TEMPLATE}))
-    ours, hf = load_tokenizer(tmp_path), transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": template}))
+    return load_tokenizer(tmp_path), transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+
+
+def test_template_sees_what_transformers_passes(smollm2, tmp_path):
+    """transformers drops the keys whose value is None (an assistant turn of tool calls alone has no
+    'content' at all) and passes `tools=[]` on as a list; a template can tell both apart."""
+    ours, hf = with_template(smollm2, tmp_path, NONE_AND_TOOLS_TEMPLATE)
     dialog = [{"role": "user", "content": "weather?"},
               {"role": "assistant", "content": None, "tool_calls": [_call("get_weather", {"city": "SF"})]}]
     for tools in (None, []):
