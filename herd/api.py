@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from herd.checkpoint.common import model_dir_of, read_model_info
-from herd.errors import HerdError
+from herd.errors import HerdError, HerdWarning
 from herd.hub import BUILTIN_MODELS, fetch_builtin
 from herd.inference.cpu_linear import pack_linears
 from herd.inference.generate import (
@@ -58,7 +58,7 @@ def load_model_tokenizer(path: Path, device, dtype, for_inference: bool = True):
     if tokenizer is not None and path.is_dir() and read_model_info(path).get("chat_format") is False:
         tokenizer.chat = None  # a base model: prompts are completed as text
     if tokenizer is None:
-        warnings.warn(f"{path}: no tokenizer files found; loaded the model without a tokenizer", stacklevel=3)
+        warnings.warn(f"{path}: no tokenizer files found; loaded the model without a tokenizer", HerdWarning, stacklevel=3)
     elif tokenizer.vocab_size > ckpt.args.vocab_size:
         raise HerdError(f"{path}: tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary "
                         f"is {ckpt.args.vocab_size}")

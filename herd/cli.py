@@ -11,7 +11,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from herd.errors import ArgumentParser, HerdError, print_error
+from herd.errors import ArgumentParser, HerdError, HerdWarning, print_error
 from herd.hub import BUILTIN_MODELS, DEFAULT_MODEL
 
 EXAMPLES = """\
@@ -507,8 +507,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _warning_printer(fallback):
+    """A `warnings.showwarning` that prints herd's own warnings as one `herd: warning: ...` line,
+    like its errors (Python's format is two lines pointing at wherever the stack level landed,
+    torch's decorators included), and hands any other library's warning to `fallback`."""
+    def show(message, category, *rest, **kw):
+        if issubclass(category, HerdWarning):
+            print(f"herd: warning: {message}", file=sys.stderr, flush=True)
+        else:
+            fallback(message, category, *rest, **kw)
+    return show
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    shown = warnings.showwarning
+    warnings.showwarning = _warning_printer(shown)
     try:
         args.func(args)
     except HerdError as e:
@@ -518,6 +532,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:  # `herd ... | head`
         return 0
+    finally:
+        warnings.showwarning = shown  # main() called from Python leaves the caller's as it was
     return 0
 
 

@@ -16,6 +16,12 @@ class HerdError(Exception):
     """Bad input (unknown model, broken file, shape mismatch, over-long prompt, ...)."""
 
 
+class HerdWarning(UserWarning):
+    """Something the user should know that does not stop the command (a tokenizer left behind, a
+    compile skipped). The CLI prints it as one `herd: warning: ...` line; a library caller gets a
+    plain warning (a UserWarning, so the usual filters apply)."""
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse, with a bad command line reported as one line naming the problem (and where the
     usage is), exit status 2, like every other bad input; argparse's own prints the whole usage

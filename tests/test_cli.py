@@ -213,3 +213,18 @@ def test_an_empty_system_prompt_is_sent_not_replaced_by_the_default(capsys, monk
     monkeypatch.setattr(herd.api, "stream", lambda model, tok, request, **kw: seen.append(request) or iter(()))
     code, _, _ = run(capsys, "generate", "--prompt", "Hi", "--system", "", "--max-new-tokens", "1")
     assert code == 0 and seen == [[{"role": "system", "content": ""}, {"role": "user", "content": "Hi"}]]
+
+
+def test_herd_warnings_are_one_line(capsys, tmp_path, smollm2_gguf):
+    """A warning of herd's own (here: a source without tokenizer files, converted weights only) is
+    one `herd: warning:` line, as errors are one `herd: error:` line — not Python's two-line format
+    pointing into whichever frame the stack level reached."""
+    code, _, _ = run(capsys, "convert", str(smollm2_gguf), str(tmp_path / "hf"), "--to", "hf")
+    assert code == 0
+    for f in (tmp_path / "hf").iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            f.unlink()
+    code, out, err = run(capsys, "convert", str(tmp_path / "hf"), str(tmp_path / "hf2"), "--to", "hf")
+    warned = [line for line in err.splitlines() if "warning:" in line.lower() or "Warning" in line]
+    assert code == 0 and len(warned) == 1 and warned[0].startswith("herd: warning: "), err
+    assert "converting weights only" in warned[0] and "HerdWarning" not in err and "warnings.warn" not in err

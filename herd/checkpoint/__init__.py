@@ -20,7 +20,7 @@ from herd.checkpoint.common import atomic_path, check_output_path, check_state_d
 from herd.checkpoint.gguf import read_gguf, read_gguf_args, write_gguf
 from herd.checkpoint.hf import args_from_hf_config, read_hf, write_hf
 from herd.checkpoint.meta import read_meta, read_meta_args, write_meta
-from herd.errors import HerdError
+from herd.errors import HerdError, HerdWarning
 from herd.models.args import ModelArgs
 from herd.models.llama3 import Transformer
 from herd.models.llama4 import Llama4Args
@@ -252,7 +252,7 @@ def _load_source_tokenizer(ckpt: Checkpoint):
     try:
         from herd.tokenizer import load_tokenizer, tokenizer_from_gguf_metadata
     except ImportError:
-        warnings.warn("herd.tokenizer is not available: converting weights only", stacklevel=3)
+        warnings.warn("herd.tokenizer is not available: converting weights only", HerdWarning, stacklevel=3)
         return None
     try:
         if ckpt.format == "gguf":  # already parsed; re-reading the file would take seconds
@@ -260,10 +260,10 @@ def _load_source_tokenizer(ckpt: Checkpoint):
         else:
             tok = load_tokenizer(ckpt.path)
     except HerdError as e:
-        warnings.warn(f"no tokenizer carried over ({e}); converting weights only", stacklevel=3)
+        warnings.warn(f"no tokenizer carried over ({e}); converting weights only", HerdWarning, stacklevel=3)
         return None
     if tok is None:
-        warnings.warn(f"{ckpt.path}: no tokenizer in the source; converting weights only", stacklevel=3)
+        warnings.warn(f"{ckpt.path}: no tokenizer in the source; converting weights only", HerdWarning, stacklevel=3)
     elif tok.vocab_size > ckpt.args.vocab_size:
         raise HerdError(f"{ckpt.path}: vocabulary mismatch: tokenizer has {tok.vocab_size} tokens, "
                         f"model {ckpt.args.vocab_size}")

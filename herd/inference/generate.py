@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from herd.errors import HerdError
+from herd.errors import HerdError, HerdWarning
 from herd.inference.cpu_linear import PackedLinear
 from herd.inference.kv_cache import StaticKVCache, new_cache
 from herd.inference.sampling import SamplingParams, TokenCounts, sample
@@ -123,7 +123,7 @@ def compiled(model):
     if isinstance(model, WithImages):
         model = model.model
     if any(isinstance(m, PackedLinear) for m in model.modules()):
-        warnings.warn("compile skipped: this model's linears are pre-packed for CPU inference", stacklevel=3)
+        warnings.warn("compile skipped: this model's linears are pre-packed for CPU inference", HerdWarning, stacklevel=3)
         return model
     if model not in _COMPILED:
         _COMPILED[model] = torch.compile(model, dynamic=False)

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from herd.data.shards import publish_dir
-from herd.errors import HerdError
+from herd.errors import HerdError, HerdWarning
 from herd.train import checkpoint as ckpt
 
 DCP_DIR = "dcp"
@@ -225,8 +225,7 @@ def _run_tokenizer(path: Path):
         else:
             return None
     except HerdError as e:
-        warnings.warn(f"{path}: the run's tokenizer could not be read ({e}); exporting the weights only",
-                      stacklevel=3)
+        warnings.warn(f"{path}: the run's tokenizer could not be read ({e}); exporting the weights only", HerdWarning, stacklevel=3)
         return None
     return tok  # as `herd convert ckpt-N/model` carries it for a single-process run
 
