@@ -51,6 +51,18 @@ def looks_ahead(mask: torch.Tensor) -> bool:
     return bool(mask.triu(1).any())
 
 
+_UPPER: dict[tuple[torch.dtype, int], torch.Tensor] = {}
+
+
+def _upper(dtype: torch.dtype) -> torch.Tensor:
+    """(BLOCK, BLOCK): -inf above the diagonal, 0 elsewhere — the diagonal block's causal mask,
+    made once, not per call (never written: it is only added)."""
+    key = (dtype, BLOCK)
+    if key not in _UPPER:
+        _UPPER[key] = torch.full((BLOCK, BLOCK), float("-inf"), dtype=dtype).triu(1)
+    return _UPPER[key]
+
+
 def _num_probs(T):
     """Σ over query blocks of rows × keys up to the block's end, in closed form, so the fake
     (shape-only) operator also works with a symbolic T."""
@@ -71,19 +83,23 @@ class _Blocks:
         self.B, self.K, self.T, self.d = B, k.shape[1], T, d
         self.G = H // self.K
         self.scale = d ** -0.5
-        self.q5 = q.view(B, self.K, self.G, T, d)  # q is (B, H, T, d) with any strides; the head split is a view
+        # The queries scaled once, laid out (B, K, T, G, d): a block's rows — its queries, each with
+        # the G heads of its group — are then one contiguous run per (b, k), so every block's
+        # (B·K, rows·G, d) operand is a view, not a scaled copy per block.
+        self.qs = q.new_empty(B, self.K, T, self.G, d)
+        torch.mul(q.view(B, self.K, self.G, T, d).transpose(2, 3), self.scale, out=self.qs)
         self.kg = k.reshape(B * self.K, T, d)
         self.mask, self.ahead, self.empty = mask, False, None
         if mask is None:  # only a diagonal block has keys later than some of its queries
-            self.upper = torch.full((BLOCK, BLOCK), float("-inf"), dtype=q.dtype).triu(1)
+            self.upper = _upper(q.dtype)
         else:
             self.ahead = looks_ahead(mask) if ahead is None else ahead
-            # (B or 1, 1, 1, T, T) against the scores' (B, K, G, rows, keys); an add of 0/-inf runs
+            # (B or 1, 1, T, 1, T) against the scores' (B, K, rows, G, keys); an add of 0/-inf runs
             # ~2x faster than masked_fill_ with a broadcast boolean mask
-            self.bias = torch.zeros(mask.shape, dtype=q.dtype).masked_fill_(~mask, float("-inf"))[:, :, None]
+            self.bias = torch.zeros(mask.shape, dtype=q.dtype).masked_fill_(~mask, float("-inf"))[:, :, :, None]
             empty = ~mask.any(-1)  # queries with nothing to attend: a softmax row of -inf is NaN
             if bool(empty.any()):
-                self.empty = empty[:, :, None, :, None]
+                self.empty = empty[:, :, :, None, None]
 
     def __iter__(self):
         """(t0, t1, end): the block's queries t0..t1 and the keys 0..end they read."""
@@ -92,20 +108,20 @@ class _Blocks:
             yield t0, t1, self.T if self.ahead else t1
 
     def queries(self, t0, t1):
-        """The block's queries, scaled once (on the small side), G heads folded into rows: (B·K, G·rows, d)."""
-        return (self.q5[:, :, :, t0:t1] * self.scale).reshape(self.B * self.K, self.G * (t1 - t0), self.d)
+        """The block's scaled queries, G heads folded into rows (query-major): (B·K, rows·G, d), a view."""
+        return self.qs[:, :, t0:t1].view(self.B * self.K, (t1 - t0) * self.G, self.d)
 
     def probabilities(self, qi, t0, t1, end, out=None):
         s = torch.bmm(qi, self.kg[:, :end].transpose(1, 2))
-        s5 = s.view(self.B, self.K, self.G, t1 - t0, end)
+        s5 = s.view(self.B, self.K, t1 - t0, self.G, end)
         if self.mask is None:
-            s5[..., t0:].add_(self.upper[:t1 - t0, :t1 - t0])
+            s5[..., t0:].add_(self.upper[:t1 - t0, None, :t1 - t0])
         else:
-            s5.add_(self.bias[..., t0:t1, :end])
+            s5.add_(self.bias[:, :, t0:t1, :, :end])
         # into `out` (the kept probabilities' slice) when given, sparing a copy
         p = torch.softmax(s, -1) if out is None else torch.ops.aten._softmax.out(s, -1, False, out=out.view(s.shape))
         if self.empty is not None:
-            p.view(s5.shape).masked_fill_(self.empty[..., t0:t1, :], 0.0)
+            p.view(s5.shape).masked_fill_(self.empty[:, :, t0:t1], 0.0)
         return p
 
 
@@ -128,7 +144,7 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         keep = None if blocks.ahead else probs[at:at + n]
         at += n
         p = blocks.probabilities(blocks.queries(t0, t1), t0, t1, end, keep)
-        out[:, t0:t1] = torch.bmm(p, vg[:, :end]).view(B, K, G, t1 - t0, d).permute(0, 3, 1, 2, 4)
+        out[:, t0:t1] = torch.bmm(p, vg[:, :end]).view(B, K, t1 - t0, G, d).transpose(1, 2)
     return out.view(B, T, H, d), probs, torch.tensor(blocks.ahead)
 
 
@@ -161,14 +177,14 @@ def _attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor
         else:
             p = probs[at:at + B * K * n * end].view(B * K, n, end)
             at += p.numel()
-        goi = go[:, t0:t1].permute(0, 2, 3, 1, 4).reshape(B * K, n, d)
+        goi = go[:, t0:t1].transpose(1, 2).reshape(B * K, n, d)
         # (a product into a fresh tensor, then one add: baddbmm_ into a strided slice runs one
         # small GEMM per batch entry)
         dv[:, :end] += torch.bmm(p.transpose(1, 2), goi)
         # dS = P ∘ (dP − rowsum(dP ∘ P)), one fused pass; rowsum(dP ∘ P) = rowsum(dO ∘ O), the
         # flash-attention row term. Masked and empty entries have P = 0, so their dS is 0.
         ds = torch._softmax_backward_data(torch.bmm(goi, vg[:, :end].transpose(1, 2)), p, -1, p.dtype)
-        torch.mul(torch.bmm(ds, kg[:, :end]).view(B, K, G, t1 - t0, d).permute(0, 3, 1, 2, 4),
+        torch.mul(torch.bmm(ds, kg[:, :end]).view(B, K, t1 - t0, G, d).transpose(1, 2),
                   blocks.scale, out=dq[:, t0:t1])
         dk[:, :end] += torch.bmm(ds.transpose(1, 2), qi)  # qi carries the scale already
     return dq.view(B, T, H, d), dk.view(B, K, T, d), dv.view(B, K, T, d)
