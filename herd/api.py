@@ -204,7 +204,7 @@ def _sampling(temperature, top_p, top_k, seed, tokenizer=None, **more) -> Sampli
 
 def _stop_ids(tokenizer, stop_token_ids) -> list[int]:
     """The tokenizer's stop ids and the caller's extra ones (vLLM's stop_token_ids)."""
-    extra = set(check_stop_ids(stop_token_ids))
+    extra = set(check_stop_ids(stop_token_ids, "stop_token_ids"))
     return sorted(extra if tokenizer is None else set(tokenizer.stop_ids) | extra)
 
 

@@ -56,7 +56,6 @@ from __future__ import annotations
 import bisect
 import hashlib
 import itertools
-import numbers
 import sys
 import threading
 import time
@@ -69,7 +68,14 @@ from typing import NamedTuple
 import torch
 
 from herd.errors import HerdError
-from herd.inference.sampling import SamplingParams, TokenCounts, raw_logprobs, sample
+from herd.inference.sampling import (
+    SamplingParams,
+    TokenCounts,
+    check_stop_ids,
+    is_token_id,
+    raw_logprobs,
+    sample,
+)
 
 DEFAULT_KV_CACHE_BYTES = 1 << 30
 
@@ -380,10 +386,6 @@ def _block_hash(parent: int, tokens: Sequence[int], images: tuple[bytes, ...] = 
 
 # ---- the engine ---------------------------------------------------------------------------------
 
-def _is_int(x) -> bool:
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
-
-
 class Engine:
     """Continuous-batching generation over a paged KV cache. Thread-safe: `submit` and `cancel`
     may be called from any thread while one thread (`start`, or the caller of `step`) runs steps.
@@ -441,10 +443,10 @@ class Engine:
         # int() would truncate a float id (2.7 → 2) into another token: whole numbers only (numpy's too)
         if isinstance(prompt, torch.Tensor):
             prompt = prompt.tolist()
-        if not all(_is_int(t) for t in prompt):
-            raise HerdError(f"token ids must be integers, got {next(t for t in prompt if not _is_int(t))!r}")
+        if not all(is_token_id(t) for t in prompt):
+            raise HerdError(f"token ids must be integers, got {next(t for t in prompt if not is_token_id(t))!r}")
         for name, value in (("max_tokens", max_tokens), ("n", n)):
-            if not _is_int(value):
+            if not is_token_id(value):
                 raise HerdError(f"{name} must be an integer, got {value!r}")
         prompt = [int(t) for t in prompt]
         vocab, context = self.args.vocab_size, self.args.max_seq_len
@@ -461,14 +463,7 @@ class Engine:
         if sampling.min_tokens > max_tokens:  # vLLM's check, before the context clamps max_tokens
             raise HerdError(f"min_tokens must be less than or equal to max_tokens={max_tokens}, "
                             f"got {sampling.min_tokens}")
-        if isinstance(stop_token_ids, torch.Tensor):
-            stop_token_ids = stop_token_ids.tolist()
-        if isinstance(stop_token_ids, (str, bytes, numbers.Number)) or not hasattr(stop_token_ids, "__iter__"):
-            raise HerdError(f"stop_token_ids must be a list of token ids, got {stop_token_ids!r}")
-        stop_token_ids = list(stop_token_ids)
-        odd = [t for t in stop_token_ids if not _is_int(t)]
-        if odd:
-            raise HerdError(f"stop_token_ids must be integers, got {odd[0]!r}")
+        stop_token_ids = check_stop_ids(stop_token_ids, "stop_token_ids")
         bad = [t for t in stop_token_ids if not 0 <= t < vocab]
         if bad:  # an id no sample can produce would silently stop nothing
             raise HerdError(f"stop_token_ids: token id {bad[0]} is outside the model's vocabulary of {vocab}")

@@ -19,7 +19,7 @@ import torch
 from herd.errors import HerdError, HerdWarning
 from herd.inference.cpu_linear import PackedLinear
 from herd.inference.kv_cache import StaticKVCache, new_cache
-from herd.inference.sampling import SamplingParams, TokenCounts, sample
+from herd.inference.sampling import SamplingParams, TokenCounts, check_stop_ids, is_token_id, sample
 
 
 @dataclass
@@ -27,10 +27,6 @@ class Completion:
     ids: list[int] = field(default_factory=list)  # generated tokens, without the stop token
     stop_token: int | None = None  # the eot/eom/eos that ended it, if one did
     finish_reason: str = "length"  # "stop" or "length"
-
-
-def _is_token_id(t) -> bool:
-    return isinstance(t, numbers.Integral) and not isinstance(t, bool)
 
 
 def _check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int, max_seq_len: int) -> list[list[int]]:
@@ -52,7 +48,7 @@ def _check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int, max_seq_le
             raise HerdError(f"{where} is empty: give at least one token")
         # torch.tensor(p, dtype=long) truncates 1.7 to token 1 and reads True as token 1: a
         # different prompt, answered without a word (the serving engine refuses them too)
-        odd = [t for t in p if not _is_token_id(t)]
+        odd = [t for t in p if not is_token_id(t)]
         if odd:
             raise HerdError(f"{where}: token ids must be integers, got {odd[0]!r}")
         rows.append([int(t) for t in p])
@@ -73,18 +69,6 @@ def check_max_new_tokens(n) -> int:
     if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
         raise HerdError(f"max_new_tokens must be a whole number >= 1, got {n!r}")
     return int(n)
-
-
-def check_stop_ids(stop_ids) -> list[int]:
-    """A collection of whole-number token ids → a list: a bare int raised "'int' object is not
-    iterable", a float id (1.5) never matched any token and silently stopped nothing."""
-    if isinstance(stop_ids, (str, bytes, numbers.Number)) or not hasattr(stop_ids, "__iter__"):
-        raise HerdError(f"stop_ids must be a list of token ids, got {stop_ids!r}")
-    ids = list(stop_ids.tolist() if hasattr(stop_ids, "tolist") else stop_ids)
-    odd = [t for t in ids if not _is_token_id(t)]
-    if odd:
-        raise HerdError(f"stop_ids must be whole-number token ids, got {odd[0]!r}")
-    return [int(t) for t in ids]
 
 
 def check_min_tokens(min_tokens: int, max_tokens: int) -> None:

@@ -119,12 +119,30 @@ class SamplingParams:
         return bool(self.logit_bias or self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1)
 
 
+def is_token_id(x) -> bool:
+    """A whole number (numpy's too), not a bool: torch.tensor(dtype=long) would read 1.7 and True
+    as token 1, another token, without a word."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def check_stop_ids(stop_ids, name: str = "stop_ids") -> list[int]:
+    """A collection of whole-number token ids (a list, tuple, set or tensor) → a list: a bare int
+    raised "'int' object is not iterable", a float id (1.5) never matched any token and silently
+    stopped nothing. `name`: the argument, as the error line names it."""
+    if isinstance(stop_ids, (str, bytes, numbers.Number)) or not hasattr(stop_ids, "__iter__"):
+        raise HerdError(f"{name} must be a list of token ids, got {stop_ids!r}")
+    ids = list(stop_ids.tolist() if hasattr(stop_ids, "tolist") else stop_ids)
+    odd = [t for t in ids if not is_token_id(t)]
+    if odd:
+        raise HerdError(f"{name} must be whole-number token ids, got {odd[0]!r}")
+    return [int(t) for t in ids]
+
+
 class TokenCounts:
     """One sample's penalty bookkeeping, kept up to date a token at a time: how often each id occurs
     in its output and which ids its prompt holds. Recounting the whole prompt and output at every
-    step (what `process_logits` does from plain id lists) costs O(prompt + output) per token, so a
-    long penalised generation slowed as it grew; `sync` adds only the tokens appended since its last
-    call. The counts are the same integers either way (float32 holds them exactly)."""
+    step cost O(prompt + output) per token, so a long penalised generation slowed as it grew; `sync`
+    adds only the tokens appended since its last call (float32 holds the counts exactly)."""
 
     def __init__(self, prompt_ids: Sequence[int]):
         self.prompt_ids = prompt_ids
@@ -156,19 +174,16 @@ class TokenCounts:
         return self._seen
 
 
-def process_logits(logits: torch.Tensor, params: SamplingParams, prompt_ids: Sequence[Sequence[int]] = (),
-                   output_ids: Sequence[Sequence[int]] = (), allowed: torch.Tensor | None = None,
+def process_logits(logits: torch.Tensor, params: SamplingParams, allowed: torch.Tensor | None = None,
                    counts: Sequence[TokenCounts] | None = None) -> torch.Tensor:
     """logits (B, V) → the logits the sampler draws from, before temperature: reserved ids at -inf,
     logit_bias added, then the repetition penalty (over each row's prompt and output tokens) and
     the frequency and presence penalties (over its output tokens only). vLLM V1's order: its
     logit-bias processor runs before `apply_penalties`, which applies repetition, then frequency,
-    then presence. prompt_ids / output_ids: one id list per row (needed only for penalties).
-    allowed: (B, V) or (V,) bool, the tokens a structured-output grammar lets each row take next;
+    then presence. allowed: (B, V) or (V,) bool, the tokens a structured-output grammar lets each row take next;
     the others go to -inf first, as vLLM applies its grammar bitmask before every other logits
     processor (so no bias or penalty can bring a forbidden token back). counts: one `TokenCounts`
-    per row, already synced with its output, in place of prompt_ids / output_ids (the incremental
-    form generation uses)."""
+    per row, synced with its output (needed only for the penalties)."""
     if allowed is not None:
         logits = logits.masked_fill(~allowed.to(logits.device), float("-inf"))
     if params.suppress:
@@ -186,16 +201,10 @@ def process_logits(logits: torch.Tensor, params: SamplingParams, prompt_ids: Seq
     needs_counts = params.repetition_penalty != 1 or params.presence_penalty or params.frequency_penalty
     if not needs_counts:
         return logits
-    if counts is not None:
-        if len(counts) != B:
-            raise HerdError("penalties need each row's token counts")
-        rows = [(c.output.to(logits.dtype), c.seen) for c in counts]
-    else:
-        if len(output_ids) != B or (params.repetition_penalty != 1 and len(prompt_ids) != B):
-            raise HerdError("penalties need each row's prompt and generated token ids")
-        rows = [_recount(prompt_ids[r] if params.repetition_penalty != 1 else (), output_ids[r], V, dev, logits.dtype)
-                for r in range(B)]
-    for r, (row_counts, seen) in enumerate(rows):
+    if counts is None or len(counts) != B:
+        raise HerdError("penalties need each row's token counts (sampling.TokenCounts)")
+    for r, c in enumerate(counts):
+        row_counts, seen = c.output.to(logits.dtype), c.seen
         if params.repetition_penalty != 1:
             row = logits[r]
             # transformers' RepetitionPenaltyLogitsProcessor: score < 0 → score * p, else score / p
@@ -209,20 +218,6 @@ def process_logits(logits: torch.Tensor, params: SamplingParams, prompt_ids: Seq
     return logits
 
 
-def _recount(prompt: Sequence[int], output: Sequence[int], V: int, dev, dtype):
-    """(output counts, a callable giving the prompt-or-output mask) from plain id lists."""
-    out = torch.tensor(list(output), dtype=torch.long, device=dev)
-    counts = torch.bincount(out, minlength=V)[:V].to(dtype) if len(out) else torch.zeros(V, dtype=dtype, device=dev)
-
-    def seen() -> torch.Tensor:
-        mask = counts > 0
-        if len(prompt):
-            mask[torch.tensor(list(prompt), dtype=torch.long, device=dev)] = True
-        return mask
-
-    return counts, seen
-
-
 def raw_logprobs(logits: torch.Tensor) -> torch.Tensor:
     """log_softmax of the model's logits in float32: the distribution logprobs are reported from
     (vLLM V1's raw_logprobs), whatever sampling then does to the logits."""
@@ -230,12 +225,11 @@ def raw_logprobs(logits: torch.Tensor) -> torch.Tensor:
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None, *,
-           prompt_ids: Sequence[Sequence[int]] = (), output_ids: Sequence[Sequence[int]] = (),
            allowed: torch.Tensor | None = None, counts: Sequence[TokenCounts] | None = None) -> torch.Tensor:
-    """logits (B, V) → token ids (B,). prompt_ids / output_ids (one list per row), or `counts`
-    (one synced TokenCounts per row), are needed only when params has a repetition, frequency or
-    presence penalty; allowed: a structured-output grammar's mask (see `process_logits`)."""
-    logits = process_logits(logits, params, prompt_ids, output_ids, allowed, counts)
+    """logits (B, V) → token ids (B,). counts (one synced TokenCounts per row) are needed only when
+    params has a repetition, frequency or presence penalty; allowed: a structured-output grammar's
+    mask (see `process_logits`)."""
+    logits = process_logits(logits, params, allowed, counts)
     if params.greedy:
         return logits.argmax(dim=-1)
     logits = logits.float() / params.temperature

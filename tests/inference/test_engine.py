@@ -605,8 +605,8 @@ def test_min_tokens_keeps_stop_strings_off_until_then(llama3_tokenizer):
 @pytest.mark.parametrize("kw, words", [
     (dict(stop_token_ids=[-1]), "stop_token_ids: token id -1 is outside"),
     (dict(stop_token_ids=[512]), "stop_token_ids: token id 512 is outside the model's vocabulary of 512"),
-    (dict(stop_token_ids=[1.5]), "stop_token_ids must be integers, got 1.5"),
-    (dict(stop_token_ids=[True]), "stop_token_ids must be integers"),
+    (dict(stop_token_ids=[1.5]), "stop_token_ids must be whole-number token ids, got 1.5"),
+    (dict(stop_token_ids=[True]), "stop_token_ids must be whole-number token ids"),
     (dict(stop_token_ids=7), "stop_token_ids must be a list of token ids, got 7"),
     (dict(sampling=SamplingParams(min_tokens=5)), "min_tokens must be less than or equal to max_tokens=4, got 5"),
 ])

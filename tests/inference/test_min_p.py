@@ -91,7 +91,7 @@ def test_seeded_generation_equals_transformers_generate_with_min_p(pair):
     (dict(frequency_penalty=-2.5), "frequency_penalty"), (dict(repetition_penalty=0), "repetition_penalty"),
     (dict(min_tokens=-1), "min_tokens"), (dict(min_tokens=1.5), "min_tokens"),
     (dict(min_tokens=9, max_new_tokens=8), "min_tokens must be less than or equal to max_tokens=8"),
-    (dict(stop_token_ids=5), "stop_ids must be a list"), (dict(stop_token_ids=[1.5]), "whole-number"),
+    (dict(stop_token_ids=5), "stop_token_ids must be a list"), (dict(stop_token_ids=[1.5]), "whole-number"),
 ])
 def test_api_refuses_bad_sampling_values_in_one_line(pair, kw, words):
     model, tok = pair[0], _Tok()

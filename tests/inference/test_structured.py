@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from herd.inference.engine import Engine
-from herd.inference.sampling import SamplingParams, process_logits, sample
+from herd.inference.sampling import SamplingParams, TokenCounts, process_logits, sample
 from herd.inference.structured import Matcher, json_schema_grammar
 from herd.models.args import PRESETS
 from herd.models.llama3 import Transformer
@@ -308,7 +308,8 @@ def test_process_logits_masks_and_sample_obeys():
     for params in (SamplingParams(), SamplingParams(temperature=1.5, top_k=5), SamplingParams(temperature=1.0,
                                                                                              presence_penalty=1.0)):
         for _ in range(20):
-            t = int(sample(logits, params, g, prompt_ids=[[1]], output_ids=[[2]], allowed=allowed)[0])
+            t = int(sample(logits, params, g, allowed=allowed,
+                                counts=[TokenCounts([1]).sync([2], 10, "cpu")])[0])
             assert t in (2, 7)
 
 
