@@ -18,13 +18,15 @@ Both optimizers come from herd's `build_optimizer` with the same `OptimConfig` (
 herd's default and transformers' Trainer's, `adamw_torch_fused`, on torch ≥ 2.8). The data are the same
 random tokens, B rows of T+1: inputs are the first T, targets the last T.
 
-The memory allocator is a process-wide setting, so the bench runs itself twice, in two child
-processes: once with glibc's default (`system`: large blocks mmap'd and unmapped on every free)
-and once with `herd.runtime.retain_freed_memory()` (`retain`), which `herd pretrain` applies on CPU
+The memory allocator is a process-wide setting, so the bench runs itself in child processes:
+some with glibc's default (`system`: large blocks mmap'd and unmapped on every free) and some with
+`herd.runtime.retain_freed_memory()` (`retain`), which `herd pretrain` applies on CPU
 (`train.retain_memory`). In each child the contenders take turns, one step each per round, so a
-slow spell of the machine hits all alike; tokens/s = B·T / median step time. Each contender's
-first step (before any update, same weights, same data) is its warm-up (and compilation); its loss
-is printed as a parity check.
+slow spell of the machine hits all alike. A ratio across allocators compares two processes, run
+at different times: so the children alternate (`--passes` pairs, system first in one pass and
+retain first in the next), every round of every pass is pooled, and tokens/s = B·T / the median
+step time. Each contender's first step in a child (before any update, same weights, same data) is
+its warm-up (and compilation); its loss is printed as a parity check.
 
 The ratios printed: herd as `herd pretrain` runs it (retained memory; eager by default, compiled
 with `train.compile`) against transformers as a hand-written loop runs it (eager, default allocator)
@@ -33,8 +35,8 @@ Last, the floor: the step's matrix products and attention alone at its shapes (`
 in the same rounds, and what ratio a step made of nothing else would reach — the most any
 implementation of this model in fp32 on this machine could gain over transformers.
 
-    python bench/train_step.py [--preset tiny] [--batch 8] [--seq 256] [--steps 8] [--threads 2]
-                               [--no-compile]
+    python bench/train_step.py [--preset tiny] [--batch 8] [--seq 256] [--steps 8] [--passes 2]
+                               [--threads 2] [--no-compile]
 """
 
 from __future__ import annotations
@@ -42,17 +44,19 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import statistics
 import subprocess
 import sys
 
 import torch
-from timing import interleaved_medians, median_time
+from timing import interleaved_times, median_time
 
 ALLOCATORS = ("system", "retain")
 
 
 def run_child(a) -> dict:
-    """Time every contender in this process (its allocator already set); returns name → (s/step, loss0)."""
+    """Time every contender in this process (its allocator already set); returns name → (each
+    round's seconds, step-0 loss)."""
     torch.set_num_threads(a.threads)
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -115,7 +119,8 @@ def run_child(a) -> dict:
     timed = dict(steps)
     if a.child == "retain":
         timed["floor"] = step_floor(base, a)
-    t = interleaved_medians(timed, a.steps)
+        timed["floor"]()  # its warm-up (the steps had theirs above)
+    t = interleaved_times(timed, a.steps, warm_up=False)
     return {name: (t[name], loss0.get(name)) for name in timed}
 
 
@@ -158,7 +163,8 @@ def main() -> None:
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=256)
-    ap.add_argument("--steps", type=int, default=8, help="timed rounds (each contender one step per round)")
+    ap.add_argument("--steps", type=int, default=8, help="timed rounds per child process (each contender one step per round)")
+    ap.add_argument("--passes", type=int, default=2, help="pairs of child processes (system, retain), alternating")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-compile", dest="compile", action="store_false", help="eager contenders only")
     ap.add_argument("--seed", type=int, default=0)
@@ -176,14 +182,18 @@ def main() -> None:
 
     from herd.models.args import get_preset
 
-    results: dict[tuple[str, str], tuple[float, float]] = {}
-    for alloc in ALLOCATORS:
-        cmd = [sys.executable, __file__, "--child", alloc, *sys.argv[1:]]
-        out = subprocess.run(cmd, capture_output=True, text=True)
-        if out.returncode:
-            sys.exit(f"child ({alloc}) failed:\n{out.stderr[-3000:]}")
-        for name, (sec, loss0) in json.loads(out.stdout.strip().splitlines()[-1]).items():
-            results[(alloc, name)] = (sec, loss0)
+    rounds: dict[tuple[str, str], list[float]] = collections.defaultdict(list)
+    losses: dict[tuple[str, str], float] = {}
+    for p in range(a.passes):
+        for alloc in ALLOCATORS[::-1] if p % 2 else ALLOCATORS:
+            cmd = [sys.executable, __file__, "--child", alloc, *sys.argv[1:]]
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            if out.returncode:
+                sys.exit(f"child ({alloc}) failed:\n{out.stderr[-3000:]}")
+            for name, (times, loss0) in json.loads(out.stdout.strip().splitlines()[-1]).items():
+                rounds[(alloc, name)] += times
+                losses[(alloc, name)] = loss0
+    results = {key: (statistics.median(times), losses[key]) for key, times in rounds.items()}
     floor = results.pop(("retain", "floor"))[0]
 
     args = get_preset(a.preset)
@@ -193,7 +203,8 @@ def main() -> None:
           f"vocab {args.vocab_size}, {args.num_params() / 1e6:.1f}M params")
     print(f"  batch {a.batch} x seq {a.seq} = {ntok} tokens/step, fp32, {a.threads} threads, torch "
           f"{torch.__version__}, transformers {transformers.__version__} (sdpa); medians of {a.steps} "
-          f"interleaved rounds after a warm-up step, one child process per allocator")
+          f"interleaved rounds after a warm-up step in each of {a.passes} child processes per allocator, "
+          f"alternating")
     print(f"  {'allocator':<10}{'contender':<23}{'ms/step':>9}{'tok/s':>9}   step-0 loss")
     for (alloc, name), (sec, loss0) in results.items():
         print(f"  {alloc:<10}{name:<23}{sec * 1e3:9.1f}{ntok / sec:9,.0f}   {loss0:.6f}")
