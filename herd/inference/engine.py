@@ -258,6 +258,9 @@ class Event:
     # With finish_reason "error" where the request itself is at fault: one line saying why (a
     # structured-output grammar that failed while generating); None for a failed step.
     error: str | None = None
+    # vLLM's stop_reason, in a sample's final event: the stop string that ended it, or the id from
+    # the request's stop_token_ids; None for EOS (the tokenizer's stop tokens), length, and the rest.
+    stop_reason: str | int | None = None
 
 
 @dataclass
@@ -267,6 +270,7 @@ class Output:
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None
+    stop_reason: str | int | None = None  # see Event.stop_reason
     logprobs: list[TokenLogprob] | None = None  # with SamplingParams.logprobs (see Event.logprobs)
     prompt_logprobs: list[TokenLogprob] | None = None  # with SamplingParams.prompt_logprobs
 
@@ -304,6 +308,7 @@ class _Sequence:
         # With penalties: its running token counts (sampling.TokenCounts), made at its first sample.
         self.counts = None
         self.error: str | None = None  # why it ended with "error", when the request is at fault
+        self.stop_reason: str | int | None = None  # see Event.stop_reason
 
     @property
     def finished(self) -> bool:
@@ -332,6 +337,10 @@ class Request:
     listener: Callable[[Event], None] | None
     device: torch.device
     seqs: list[_Sequence] = field(default_factory=list)
+    # The ids of stop_ids that a sample they end reports as its stop_reason: the request's own
+    # stop_token_ids, less the tokenizer's stop tokens unless ignore_eos — vLLM checks EOS first,
+    # and a sample ended by EOS reports None.
+    reported_stop_ids: frozenset[int] = frozenset()
     forked: bool = False
     reserved: list[int] = field(default_factory=list)  # blocks set aside for the n-1 forks' copies
     arrival: float = field(default_factory=time.monotonic)
@@ -499,7 +508,9 @@ class Engine:
             req = Request(next(self._ids), prompt, sampling, max_tokens, n,
                           (frozenset() if ignore_eos else self.stop_ids) | {int(t) for t in stop_token_ids},
                           tuple(s for s in stop_strings if s),
-                          listener, self.device, images=request_images)
+                          listener, self.device, images=request_images,
+                          reported_stop_ids=frozenset(int(t) for t in stop_token_ids)
+                          - (frozenset() if ignore_eos else self.stop_ids))
             if sampling.prompt_logprobs is not None:
                 req.prompt_logprobs = []
             req.seqs.append(self._new_sequence(req, 0, list(prompt)))
@@ -626,7 +637,7 @@ class Engine:
             if ev.prompt_logprobs is not None:
                 out.prompt_logprobs = ev.prompt_logprobs
             if ev.finish_reason is not None:
-                out.finish_reason = ev.finish_reason
+                out.finish_reason, out.stop_reason = ev.finish_reason, ev.stop_reason
                 pending[0] -= 1
                 if pending[0] == 0:
                     done.set()
@@ -966,6 +977,7 @@ class Engine:
         req = s.request
         if token in req.stop_ids:
             s.stopped_on_token = True
+            s.stop_reason = token if token in req.reported_stop_ids else None
             self._finish(s, "stop")
             return
         s.tokens.append(token)
@@ -981,10 +993,13 @@ class Engine:
     def _cut_at_stop(self, s: _Sequence, before: int) -> bool:
         longest = max(len(x) for x in s.request.stop_strings)
         start = max(0, before - longest + 1)
-        found = [i for i in (s.text.find(x, start) for x in s.request.stop_strings) if i >= 0]
+        found = [(i, k) for k, i in enumerate(s.text.find(x, start) for x in s.request.stop_strings) if i >= 0]
         if not found:
             return False
-        s.text = s.text[:min(found)]
+        # The earliest match in the text ends it (list order breaks a tie) and is its stop_reason.
+        cut, k = min(found)
+        s.text = s.text[:cut]
+        s.stop_reason = s.request.stop_strings[k]
         self._finish(s, "stop", flush=False)
         return True
 
@@ -1032,7 +1047,8 @@ class Engine:
             if req.listener is not None:
                 req.listener(Event(req.id, s.index, ids, text, s.finish_reason, req.prompt_len, s.completion_tokens,
                                    logprobs=lps, prompt_logprobs=prompt_lps,
-                                   error=s.error if s.finished else None))
+                                   error=s.error if s.finished else None,
+                                   stop_reason=s.stop_reason if s.finished else None))
 
     def _fail(self, reqs: Sequence[Request]) -> None:
         """End requests hit by a failed step: every sample not yet closed gets a last event with

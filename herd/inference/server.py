@@ -9,8 +9,11 @@ OpenAI's formula over each sample's generated tokens, as vLLM), `logit_bias` ({"
 after temperature, before top-k/top-p), `min_tokens` (no stop token or stop string before that
 many tokens), `stop_token_ids` (more ids that end a sample, "stop", not in its text) and
 `ignore_eos`, and tool calls returned in OpenAI's `tool_calls` shape, parsed from the model's
-output by the chat format (herd/tokenizer/chat.py). `tools` for a checkpoint whose chat template
-has none are a 400 under tool_choice "auto"; OpenAI's "developer" role is the system turn.
+output by the chat format (herd/tokenizer/chat.py). Each choice carries vLLM's `stop_reason`: the
+`stop` string that ended it (the earliest in its text) or the `stop_token_ids` id, null for EOS,
+length and the rest; streamed, null in every chunk but the choice's last (with its finish_reason).
+`tools` for a checkpoint whose chat template has none are a 400 under tool_choice "auto"; OpenAI's
+"developer" role is the system turn.
 
 Structured outputs, through llguidance (vLLM's "guidance" backend; herd/inference/structured.py):
 `response_format` {"type": "json_object"} (any JSON object) or {"type": "json_schema",
@@ -1446,22 +1449,23 @@ def create_app(engine: Engine, model_name: str, limits: Limits | None = None):
         listener = _Listener(asyncio.get_running_loop())
         ids = submit_all(prompts, p, max(max_tokens, 1), listener, images)
 
-        def echoed(i: int, ev: Event, first: bool) -> tuple[str, list, list, str | None, int]:
+        def echoed(i: int, ev: Event, first: bool) -> tuple[str, list, list, str | None, int, str | int | None]:
             """Choice i's event as sent: with echo, its first carries the prompt (and the prompt's
             logprobs: the first token's null, then the engine's); with max_tokens 0 the generated
             token is dropped. → (text, prompt logprob entries, logprob entries, finish reason,
-            completion tokens)."""
+            completion tokens, stop reason)."""
             text, entries, prompt_entries = ev.text, ev.logprobs or [], []
-            reason, used = ev.finish_reason, ev.completion_tokens
+            reason, used, stop = ev.finish_reason, ev.completion_tokens, ev.stop_reason
             if discard:
                 text, entries, used = "", [], 0
                 reason = "length" if reason is not None else None
+                stop = None  # whatever ended the dropped token, this reply ended on length
             if p.echo and first:
                 prompt = prompts[i // p.n]
                 text = echo_texts[i // p.n] + text
                 if ev.prompt_logprobs is not None:
                     prompt_entries = [TokenLogprob(prompt[0], None, None), *ev.prompt_logprobs]
-            return text, prompt_entries, entries, reason, used
+            return text, prompt_entries, entries, reason, used, stop
         total = len(prompts) * p.n
 
         def reply(ids: list[int], text: str, reason: str) -> tuple[dict, str]:
@@ -1479,16 +1483,17 @@ def create_app(engine: Engine, model_name: str, limits: Limits | None = None):
         want_logprobs = p.sampling.logprobs is not None
         if not p.stream:
             texts, toks, reasons, completion_tokens = [""] * total, [[] for _ in range(total)], [None] * total, 0
+            stop_reasons = [None] * total
             lps, plps, seen = [[] for _ in range(total)], [[] for _ in range(total)], [False] * total
             async for i, ev in stream:
-                text, prompt_entries, entries, reason, used = echoed(i, ev, not seen[i])
+                text, prompt_entries, entries, reason, used, stop = echoed(i, ev, not seen[i])
                 seen[i] = True
                 texts[i] += text
                 toks[i] += ev.token_ids
                 plps[i] += prompt_entries
                 lps[i] += entries
                 if reason is not None:
-                    reasons[i] = reason
+                    reasons[i], stop_reasons[i] = reason, stop
                     completion_tokens += used
             if any(r is None for r in reasons):  # the client left: nobody to answer
                 return JSONResponse({}, status_code=499)
@@ -1498,12 +1503,12 @@ def create_app(engine: Engine, model_name: str, limits: Limits | None = None):
                     msg, reason = reply(toks[i], texts[i], reasons[i])
                     choices.append({"index": i, "message": msg,
                                     "logprobs": {"content": chat_logprobs(lps[i], [])} if want_logprobs else None,
-                                    "finish_reason": reason})
+                                    "finish_reason": reason, "stop_reason": stop_reasons[i]})
                 else:
                     choices.append({"index": i, "text": texts[i],
                                     "logprobs": echo_and_completion_logprobs(plps[i], lps[i], 0, [])[0]
                                     if want_logprobs else None,
-                                    "finish_reason": reasons[i]})
+                                    "finish_reason": reasons[i], "stop_reason": stop_reasons[i]})
             return {"id": rid, "object": obj, "created": now, "model": model_name, "choices": choices,
                     "usage": usage(prompts, completion_tokens)}
 
@@ -1529,10 +1534,10 @@ def create_app(engine: Engine, model_name: str, limits: Limits | None = None):
                 if kind == "chat":
                     for i in range(total):
                         yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
-                                      "logprobs": None, "finish_reason": None}])
+                                      "logprobs": None, "finish_reason": None, "stop_reason": None}])
                 async for i, ev in stream:
                     first = not seen[i]
-                    text, prompt_entries, entries, reason, used = echoed(i, ev, first)
+                    text, prompt_entries, entries, reason, used, stop = echoed(i, ev, first)
                     seen[i] = True
                     if reason is not None:
                         completion_tokens += used
@@ -1542,7 +1547,8 @@ def create_app(engine: Engine, model_name: str, limits: Limits | None = None):
                             if want_logprobs:
                                 got, offsets[i] = echo_and_completion_logprobs(prompt_entries, entries, offsets[i],
                                                                                 contexts[i])
-                            yield chunk([{"index": i, "text": text, "logprobs": got, "finish_reason": reason}])
+                            yield chunk([{"index": i, "text": text, "logprobs": got, "finish_reason": reason,
+                                          "stop_reason": stop}])
                         continue
                     if named:
                         # A named call's arguments are the generated JSON itself, streamed as it
@@ -1554,7 +1560,7 @@ def create_app(engine: Engine, model_name: str, limits: Limits | None = None):
                         if first or ev.text or entries:
                             yield chunk([{"index": i, "delta": {"tool_calls": [call]},
                                           "logprobs": {"content": chat_logprobs(entries, contexts[i])}
-                                          if want_logprobs else None, "finish_reason": None}])
+                                          if want_logprobs else None, "finish_reason": None, "stop_reason": None}])
                     elif required:
                         # As vLLM streams "required" calls: each as it is written, its first delta
                         # naming it (with its id) once its parameters begin, the rest extending its
@@ -1583,7 +1589,8 @@ def create_app(engine: Engine, model_name: str, limits: Limits | None = None):
                         if delta or (reason is not None and held_lps[i]):
                             got = {"content": chat_logprobs(held_lps[i], contexts[i])} if want_logprobs else None
                             held_lps[i] = []
-                            yield chunk([{"index": i, "delta": delta, "logprobs": got, "finish_reason": None}])
+                            yield chunk([{"index": i, "delta": delta, "logprobs": got, "finish_reason": None,
+                                          "stop_reason": None}])
                     elif use_tools or forced is not None:
                         # Calls are parsed from the whole reply: sent as one delta at its end.
                         held[i] = (held[i][0] + ev.text, held[i][1] + ev.token_ids)
@@ -1595,19 +1602,20 @@ def create_app(engine: Engine, model_name: str, limits: Limits | None = None):
                         if msg.get("tool_calls"):
                             calls = [dict(c, index=k) for k, c in enumerate(msg["tool_calls"])]
                             yield chunk([{"index": i, "delta": {"tool_calls": calls}, "logprobs": got,
-                                          "finish_reason": None}])
+                                          "finish_reason": None, "stop_reason": None}])
                         elif held[i][0] or entries:
                             yield chunk([{"index": i, "delta": {"content": held[i][0]}, "logprobs": got,
-                                          "finish_reason": None}])
+                                          "finish_reason": None, "stop_reason": None}])
                     elif ev.text or entries:
                         # A token whose text is held back (part of a character, or maybe a stop
                         # string) or the stop token still brings its logprobs, as vLLM streams them.
                         yield chunk([{"index": i, "delta": {"content": ev.text},
                                       "logprobs": {"content": chat_logprobs(entries, contexts[i])}
                                       if want_logprobs else None,
-                                      "finish_reason": None}])
+                                      "finish_reason": None, "stop_reason": None}])
                     if reason is not None:
-                        yield chunk([{"index": i, "delta": {}, "logprobs": None, "finish_reason": reason}])
+                        yield chunk([{"index": i, "delta": {}, "logprobs": None, "finish_reason": reason,
+                                      "stop_reason": stop}])
                 if p.include_usage:
                     yield chunk([], usage=usage(prompts, completion_tokens))
                 yield "data: [DONE]\n\n"
