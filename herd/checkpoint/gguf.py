@@ -26,6 +26,12 @@ Linear and YaRN scaling are llama.cpp keys: `{arch}.rope.scaling.type` = linear/
 attention_factor / mscale / mscale_all_dim / truncate=false have no llama.cpp key with the same
 meaning (llama.cpp derives the 0.1·ln(factor)+1 temperature itself), so herd keeps them under
 `herd.rope.scaling.*` for its own round trip.
+
+Dynamic NTK (transformers' rope_type "dynamic") has no llama.cpp scaling type. It is plain RoPE up to
+max_position_embeddings (the file's context_length), so the file states no scaling: llama.cpp and
+transformers' GGUF loader run plain RoPE, right within the context. Its factor goes under
+`herd.rope.scaling.dynamic_factor` (ignored by llama.cpp) so that a GGUF → HF conversion by herd
+writes the scaling back.
 """
 
 from __future__ import annotations
@@ -55,7 +61,14 @@ from gguf.quants import dequantize, quantize
 
 from herd.checkpoint.common import atomic_path, check_state_dict
 from herd.errors import HerdError
-from herd.models.args import AnyRopeScaling, LinearRopeScaling, ModelArgs, RopeScaling, YarnRopeScaling
+from herd.models.args import (
+    AnyRopeScaling,
+    DynamicNtkRopeScaling,
+    LinearRopeScaling,
+    ModelArgs,
+    RopeScaling,
+    YarnRopeScaling,
+)
 from herd.models.rope import rope_frequencies
 
 ARCH = "llama"
@@ -408,11 +421,14 @@ def scaling_from_rope_freqs(divisors: np.ndarray, head_dim: int, theta: float, m
 
 
 def _keyed_scaling(meta: dict, get: Callable[..., Any], source: str) -> AnyRopeScaling | None:
-    """The linear or YaRN scaling the `rope.scaling.*` keys state (None: none, or factor 1)."""
+    """The linear or YaRN scaling the `rope.scaling.*` keys state, else the dynamic NTK one herd's
+    own key records (None: none, or factor 1)."""
     scaling_type = str(get("rope.scaling.type", "none"))
     factor = _f32(get("rope.scaling.factor", 1.0))
     if scaling_type in ("none", "") or factor == 1.0:
-        return None
+        # herd's own record of a dynamic NTK scaling, which llama.cpp runs as this plain RoPE
+        dynamic = meta.get("herd.rope.scaling.dynamic_factor")
+        return None if dynamic is None else DynamicNtkRopeScaling(_f32(dynamic))
     if scaling_type == "linear":
         return LinearRopeScaling(factor)
     if scaling_type != "yarn":
@@ -501,7 +517,9 @@ def args_from_gguf_metadata(meta: dict, *, vocab_rows: int | None = None, rope_f
     theta = get_float("rope.freq_base", 10000.0)
     scaling = _keyed_scaling(meta, get, source)
     if rope_freqs is not None:
-        if scaling is not None:  # two scalings at once: llama.cpp would apply both, transformers neither way
+        # two scalings at once: llama.cpp would apply both, transformers neither way. (herd's dynamic
+        # NTK key beside the tensor is no such conflict: llama.cpp ignores the key; the tensor wins.)
+        if scaling is not None and not isinstance(scaling, DynamicNtkRopeScaling):
             raise HerdError(f"{source}: both {ROPE_FREQS} and rope.scaling.type {scaling.kind!r}: unsupported")
         scaling = scaling_from_rope_freqs(rope_freqs, head_dim, theta, meta, arch, source)
     tokens = meta.get("tokenizer.ggml.tokens")
@@ -685,7 +703,12 @@ def write_gguf(path: str | Path, args: ModelArgs, sd: dict[str, torch.Tensor], *
             writer.add_file_type(ftype)
             writer.add_quantization_version(GGML_QUANT_VERSION)
             s = args.rope_scaling
-            if s is not None and not isinstance(s, RopeScaling):
+            if isinstance(s, DynamicNtkRopeScaling):
+                # No llama.cpp key: plain RoPE, which is what dynamic NTK computes up to the
+                # context_length written above (module docstring); the factor for herd alone.
+                writer.add_float32("herd.rope.scaling.dynamic_factor", s.factor)
+                s = None
+            elif s is not None and not isinstance(s, RopeScaling):
                 _write_keyed_scaling(writer, s)
                 s = None  # no rope_freqs tensor: that one is llama3's
             if s is not None:

@@ -20,7 +20,14 @@ from herd.checkpoint.common import (
     write_safetensors_dir,
 )
 from herd.errors import HerdError
-from herd.models.args import AnyRopeScaling, LinearRopeScaling, ModelArgs, RopeScaling, YarnRopeScaling
+from herd.models.args import (
+    AnyRopeScaling,
+    DynamicNtkRopeScaling,
+    LinearRopeScaling,
+    ModelArgs,
+    RopeScaling,
+    YarnRopeScaling,
+)
 
 _PROJECTIONS = {  # Meta module (under layers.N.) → HF module (under model.layers.N.)
     "attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
@@ -82,8 +89,9 @@ def rope_from_hf_config(cfg: dict, source: str, default_theta: float) -> tuple[f
     `original_max_position_embeddings` wins over the nested one, and without either it is
     `max_position_embeddings`; yarn's beta_fast/beta_slow fall back to 32/1 when absent *or zero*
     (transformers' `or`). llama3, linear and yarn are computed; dynamic NTK is plain RoPE within
-    the context (see below); every other type (longrope, ...) and partial rotary embeddings are
-    refused: the model would compute, silently wrong, with plain RoPE."""
+    the context (see below), kept as `DynamicNtkRopeScaling` so that writing the model back keeps
+    it; every other type (longrope, ...) and partial rotary embeddings are refused: the model would
+    compute, silently wrong, with plain RoPE."""
     # transformers' `convert_rope_params_to_dict`: `rope_scaling or rope_parameters`, so an old-style
     # rope_scaling wins when a config has both (herd read rope_parameters, another scaling)
     rope = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
@@ -103,11 +111,13 @@ def rope_from_hf_config(cfg: dict, source: str, default_theta: float) -> tuple[f
         # `dynamic_frequency_update`) raises the base to theta·(factor·L/max_pos − factor + 1)^(d/(d−2))
         # with L = max(seq_len, max_position_embeddings), i.e. exactly theta until a forward reaches
         # past max_position_embeddings. herd's context ends there (max_seq_len is that value;
-        # generation, the server and training refuse longer), so the scaling never acts.
-        float(rope["factor"])  # still required, as transformers requires it (KeyError: missing key)
-        return theta, None
+        # generation, the server and training refuse longer), so herd computes plain RoPE
+        # (herd/models/rope.py); the factor is kept so a model written back runs as this one does
+        # past max_position_embeddings in transformers. Required, as transformers requires it.
+        return theta, DynamicNtkRopeScaling(factor=float(rope["factor"]))
     if rope_type not in ("llama3", "yarn"):
-        raise HerdError(f"{source}: RoPE scaling type {rope_type!r} is not supported (llama3, linear, yarn or none)")
+        raise HerdError(f"{source}: RoPE scaling type {rope_type!r} is not supported "
+                        "(llama3, linear, yarn, dynamic or none)")
     original = cfg.get("original_max_position_embeddings",
                        rope.get("original_max_position_embeddings", cfg.get("max_position_embeddings")))
     if original is None:
@@ -134,6 +144,8 @@ def hf_rope_scaling(s: AnyRopeScaling) -> dict:
     """The `rope_scaling` object transformers reads back as `s` (fields left unset stay unset)."""
     if isinstance(s, LinearRopeScaling):
         return {"rope_type": "linear", "factor": s.factor}
+    if isinstance(s, DynamicNtkRopeScaling):
+        return {"rope_type": "dynamic", "factor": s.factor}
     if isinstance(s, YarnRopeScaling):
         out = {"rope_type": "yarn", "factor": s.factor,
                "original_max_position_embeddings": s.original_max_position_embeddings,

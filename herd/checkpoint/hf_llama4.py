@@ -31,7 +31,7 @@ from herd.checkpoint.common import (
     read_safetensors_dir,
     write_safetensors_dir,
 )
-from herd.checkpoint.hf import refuse_biases, rope_from_hf_config
+from herd.checkpoint.hf import hf_rope_scaling, refuse_biases, rope_from_hf_config
 from herd.errors import HerdError
 from herd.models.llama4 import Llama4Args, VisionArgs
 
@@ -204,8 +204,10 @@ def llama4_args_from_hf_config(cfg: dict, source: str = "config.json") -> Llama4
         if no_rope and (len(no_rope) != n_layers or no_rope != uses_rope(len(no_rope))):
             raise HerdError(f"{source}: no_rope_layers {no_rope} is not every n-th layer NoPE (unsupported)")
         theta, scaling = rope_from_hf_config(cfg, source, default_theta=500000.0)
-        if scaling is not None and scaling.kind != "llama3":  # Llama 4's mappings know llama3's fields only
-            raise HerdError(f"{source}: RoPE scaling type {scaling.kind!r} is not supported for Llama 4 (llama3 or none)")
+        # Llama 4's mappings (HF and Meta) write llama3's fields and dynamic NTK's factor only
+        if scaling is not None and scaling.kind not in ("llama3", "dynamic"):
+            raise HerdError(f"{source}: RoPE scaling type {scaling.kind!r} is not supported for Llama 4 "
+                            "(llama3, dynamic or none)")
         n_heads = config_int(cfg, "num_attention_heads")
         n_kv_heads, head_dim = _heads(cfg, n_heads)
         chunk = cfg.get("attention_chunk_size", 8192)
@@ -244,11 +246,8 @@ def llama4_args_from_hf_config(cfg: dict, source: str = "config.json") -> Llama4
 
 def hf_config_from_llama4_args(args: Llama4Args, extra: dict | None = None) -> dict:
     rope: dict = {"rope_type": "default", "rope_theta": args.rope_theta}
-    if args.rope_scaling is not None:
-        s = args.rope_scaling
-        rope = {"rope_type": "llama3", "rope_theta": args.rope_theta, "factor": s.factor,
-                "low_freq_factor": s.low_freq_factor, "high_freq_factor": s.high_freq_factor,
-                "original_max_position_embeddings": s.original_max_position_embeddings}
+    if args.rope_scaling is not None:  # llama3, or dynamic NTK (plain RoPE in herd; kept for transformers)
+        rope = {**hf_rope_scaling(args.rope_scaling), "rope_theta": args.rope_theta}
     cfg = {
         "architectures": ["Llama4ForCausalLM"], "model_type": "llama4_text",
         "hidden_size": args.dim, "num_hidden_layers": args.n_layers, "num_attention_heads": args.n_heads,

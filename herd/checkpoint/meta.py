@@ -42,7 +42,7 @@ from herd.checkpoint.meta_llama4 import (
     write_meta_llama4,
 )
 from herd.errors import HerdError
-from herd.models.args import LinearRopeScaling, ModelArgs, RopeScaling, YarnRopeScaling
+from herd.models.args import DynamicNtkRopeScaling, LinearRopeScaling, ModelArgs, RopeScaling, YarnRopeScaling
 from herd.models.llama4 import Llama4Args
 
 PARAMS = "params.json"
@@ -92,6 +92,8 @@ def args_from_params(params: dict, *, tied: bool = False, vocab_size: int | None
                 kind = s.pop("rope_type", "llama3")  # written by herd since linear/yarn; llama3 before
                 if kind == "linear":
                     scaling = LinearRopeScaling(factor=float(s["factor"]))
+                elif kind == "dynamic":
+                    scaling = DynamicNtkRopeScaling(factor=float(s["factor"]))
                 elif kind == "yarn":
                     scaling = YarnRopeScaling(**s)
                 elif kind == "llama3":
@@ -99,7 +101,8 @@ def args_from_params(params: dict, *, tied: bool = False, vocab_size: int | None
                                           high_freq_factor=float(s["high_freq_factor"]),
                                           original_max_position_embeddings=int(s["original_max_position_embeddings"]))
                 else:
-                    raise HerdError(f"{source}: herd.rope_scaling type {kind!r} is not supported (llama3, linear, yarn)")
+                    raise HerdError(f"{source}: herd.rope_scaling type {kind!r} is not supported "
+                                    "(llama3, linear, yarn, dynamic)")
         elif params.get("use_scaled_rope"):
             # Llama 4's params.json names the factor; Llama 3's reference hard-codes 8 (3.1) and the
             # 3.2 text models were trained with 32 (HF configs and transformers' converter agree).
@@ -150,9 +153,10 @@ def params_from_args(args: ModelArgs) -> dict:
         "dim": args.dim, "n_layers": args.n_layers, "n_heads": args.n_heads, "n_kv_heads": args.kv_heads,
         "vocab_size": args.vocab_size, "multiple_of": multiple_of, "ffn_dim_multiplier": ffn_mult,
         "norm_eps": args.norm_eps, "rope_theta": args.rope_theta,
-        # Meta's flag means llama3 scaling only. Linear/YaRN have no Meta key: they live in the `herd`
-        # object (what herd reads back; training checkpoints are this layout, so refusing would stop
-        # fine-tuning such a model), and Meta's reference code would run them as plain RoPE.
+        # Meta's flag means llama3 scaling only. Linear/YaRN/dynamic NTK have no Meta key: they live
+        # in the `herd` object (what herd reads back; training checkpoints are this layout, so refusing
+        # would stop fine-tuning such a model), and Meta's reference code would run them as plain
+        # RoPE (for dynamic NTK that is right within the context; herd keeps it for an HF export).
         "use_scaled_rope": llama3,
     }
     if llama3 and s.factor != 8.0:

@@ -36,7 +36,7 @@ import torch
 from herd.checkpoint.common import atomic_path
 from herd.checkpoint.hf_llama4 import check_llama4_state_dict
 from herd.errors import HerdError
-from herd.models.args import RopeScaling
+from herd.models.args import DynamicNtkRopeScaling, RopeScaling
 from herd.models.llama4 import Llama4Args, VisionArgs
 
 PARAMS = "params.json"
@@ -82,8 +82,17 @@ def llama4_args_from_params(params: dict, source: str = PARAMS) -> Llama4Args:
         scaling = None
         if "rope_scaling" in extra:
             s = extra["rope_scaling"]
-            scaling = None if s is None else RopeScaling(**{k: s[k] for k in (
-                "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")})
+            if s is not None and not isinstance(s, dict):
+                raise HerdError(f"{source}: herd.rope_scaling must be an object or null")
+            kind = None if s is None else s.get("rope_type", "llama3")  # herd wrote llama3's without a type
+            if kind == "dynamic":
+                scaling = DynamicNtkRopeScaling(factor=float(s["factor"]))
+            elif kind == "llama3":
+                scaling = RopeScaling(**{k: s[k] for k in (
+                    "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")})
+            elif kind is not None:
+                raise HerdError(f"{source}: herd.rope_scaling type {kind!r} is not supported for Llama 4 "
+                                "(llama3, dynamic)")
         elif p.get("use_scaled_rope"):
             # Meta's ModelArgs defaults (only Scout scales: factor 16, high_freq_factor 1), and its
             # apply_scaling's fixed low_freq_factor 1 and 8192-token original context.
@@ -141,23 +150,27 @@ def _sizing_keys(args: Llama4Args) -> dict:
 
 def params_from_llama4_args(args: Llama4Args) -> dict:
     s = args.rope_scaling
+    # Meta's flag and factor mean llama3 scaling; dynamic NTK (plain RoPE within the context, which
+    # is what Meta's code then runs) is in the herd object alone
+    llama3 = isinstance(s, RopeScaling)
     params = {
         "dim": args.dim, "n_layers": args.n_layers, "n_heads": args.n_heads, "n_kv_heads": args.kv_heads,
         "vocab_size": args.vocab_size, "norm_eps": args.norm_eps, "rope_theta": args.rope_theta,
-        "use_scaled_rope": s is not None, **_sizing_keys(args),
+        "use_scaled_rope": llama3, **_sizing_keys(args),
         "moe_args": {"num_experts": args.n_experts, "capacity_factor": 1.0, "auto_scale_F": True,
                      "top_k": args.top_k, "interleave_moe_layer_step": args.moe_every},
         "attention_chunk_size": args.attention_chunk_size, "nope_layer_interval": args.nope_every,
         "use_qk_norm": args.qk_norm, "attn_temperature_tuning": args.attn_temperature_tuning,
         "floor_scale": args.floor_scale, "attn_scale": args.attn_scale,
     }
-    if s is not None:
+    if llama3:
         params.update(rope_scaling_factor=s.factor, rope_high_freq_factor=s.high_freq_factor)
+    scaling = None if s is None else {"rope_type": s.kind, "factor": s.factor}
+    if llama3:
+        scaling = {"factor": s.factor, "low_freq_factor": s.low_freq_factor, "high_freq_factor": s.high_freq_factor,
+                   "original_max_position_embeddings": s.original_max_position_embeddings}
     herd: dict = {"moe_ffn_dim": args.moe_ffn_dim, "ffn_hidden_dim": args.ffn_hidden_dim, "head_dim": args.hd,
-                  "max_seq_len": args.max_seq_len, "tie_embeddings": args.tie_embeddings,
-                  "rope_scaling": None if s is None else {
-                      "factor": s.factor, "low_freq_factor": s.low_freq_factor, "high_freq_factor": s.high_freq_factor,
-                      "original_max_position_embeddings": s.original_max_position_embeddings}}
+                  "max_seq_len": args.max_seq_len, "tie_embeddings": args.tie_embeddings, "rope_scaling": scaling}
     if args.vision is not None:
         v = args.vision
         params["vision_args"] = {"image_size": {"height": v.image_size, "width": v.image_size},

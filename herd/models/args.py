@@ -67,15 +67,39 @@ class YarnRopeScaling:
         return yarn_mscale(self.factor)
 
 
+@dataclass(frozen=True)
+class DynamicNtkRopeScaling:
+    """Dynamic NTK (transformers' rope_type "dynamic"): once a forward reaches past
+    max_position_embeddings, transformers raises the RoPE base with the sequence length
+    (`_compute_dynamic_ntk_parameters`, `dynamic_frequency_update`); up to it the frequencies are
+    plain RoPE's. herd's context ends at max_position_embeddings, so herd computes plain RoPE
+    (herd/models/rope.py); the factor is kept so a checkpoint written back still runs as the
+    original does past that point in transformers."""
+
+    factor: float
+    kind: ClassVar[str] = "dynamic"
+
+
 def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
     """YaRN's attention temperature, Eq. 21 (transformers' `yarn_get_mscale`)."""
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
 
-# The RoPE scalings herd computes, told apart by class (`.kind` names them). Dynamic NTK is not one:
-# it changes the frequencies only past max_position_embeddings, where herd's context ends, so an HF
-# config's "dynamic" reads as plain RoPE (herd/checkpoint/hf.py `rope_from_hf_config`).
-AnyRopeScaling = RopeScaling | LinearRopeScaling | YarnRopeScaling
+# The RoPE scalings herd reads and writes, told apart by class (`.kind` names them). Dynamic NTK
+# changes the frequencies only past max_position_embeddings, where herd's context ends, so herd
+# computes it as plain RoPE; it is carried all the same so that writing the model back (HF, herd's
+# params.json) keeps what transformers computes past that point.
+AnyRopeScaling = RopeScaling | LinearRopeScaling | YarnRopeScaling | DynamicNtkRopeScaling
+
+
+def rope_scaling_problems(s: AnyRopeScaling) -> list[str]:
+    """What is wrong with a scaling's factor: 0 divides by zero and a negative one flips the sign
+    (linear, llama3, yarn); inf zeroes the scaled frequencies, and a dynamic NTK factor of inf or NaN
+    written back gives transformers an infinite or NaN RoPE base past the context."""
+    f = s.factor
+    if isinstance(f, bool) or not isinstance(f, numbers.Real) or not 0 < f < math.inf:
+        return [f"rope_scaling factor must be positive and finite (got {f!r})"]
+    return []
 
 
 class HeadShapes:
@@ -179,8 +203,8 @@ class ModelArgs(HeadShapes):
                 problems.append(f"{name} must be positive (got {getattr(self, name)})")
         if self.ffn_hidden_dim is not None and self.ffn_hidden_dim <= 0:
             problems.append(f"ffn_hidden_dim must be positive (got {self.ffn_hidden_dim})")
-        if self.rope_scaling is not None and not self.rope_scaling.factor > 0:  # ÷ 0 or a sign flip
-            problems.append(f"rope_scaling factor must be positive (got {self.rope_scaling.factor})")
+        if self.rope_scaling is not None:
+            problems += rope_scaling_problems(self.rope_scaling)
         if not problems and self.ffn_dim <= 0:
             # a small ffn_dim_multiplier rounds Meta's sizing rule down to 0: the model then built
             # zero-width feed-forward layers and trained attention alone without a word

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from herd.errors import HerdError
-from herd.models.args import HeadShapes, RopeScaling
+from herd.models.args import DynamicNtkRopeScaling, HeadShapes, RopeScaling
 from herd.models.llama3 import Cache, DecoderOnly, FeedForward, RMSNorm, attend
 from herd.models.rope import apply_rope, rope_rotations
 
@@ -112,7 +112,7 @@ class Llama4Args(HeadShapes):
     vocab_size: int = 202048
     norm_eps: float = 1e-5
     rope_theta: float = 500000.0
-    rope_scaling: RopeScaling | None = None
+    rope_scaling: RopeScaling | DynamicNtkRopeScaling | None = None  # Llama 4's HF mapping reads these two
     max_seq_len: int = 131072
     tie_embeddings: bool = False
     # ---- mixture of experts

@@ -1,5 +1,6 @@
 """Rotary position embeddings (RoPE) with Llama 3.1's "llama3" frequency scaling, and the "linear"
-and "yarn" scalings other Llama-architecture checkpoints carry (computed as transformers does).
+and "yarn" scalings other Llama-architecture checkpoints carry (computed as transformers does);
+"dynamic" NTK is plain RoPE within herd's context (`rope_frequencies`).
 
 Layout: Meta's. Each head's features are rotated in *adjacent pairs* (x[2i], x[2i+1]), as in
 `llama3/model.py`'s complex multiplication and in llama.cpp; HF checkpoints rotate the two halves
@@ -13,7 +14,13 @@ import math
 
 import torch
 
-from herd.models.args import AnyRopeScaling, LinearRopeScaling, RopeScaling, YarnRopeScaling
+from herd.models.args import (
+    AnyRopeScaling,
+    DynamicNtkRopeScaling,
+    LinearRopeScaling,
+    RopeScaling,
+    YarnRopeScaling,
+)
 
 
 def rope_frequencies(head_dim: int, theta: float, scaling: AnyRopeScaling | None = None,
@@ -27,6 +34,13 @@ def rope_frequencies(head_dim: int, theta: float, scaling: AnyRopeScaling | None
         freqs = freqs / scaling.factor  # θ·(p/factor) = (θ/factor)·p
     elif isinstance(scaling, YarnRopeScaling):
         freqs = _yarn_scaling(theta ** exponent, head_dim, theta, scaling)
+    elif isinstance(scaling, DynamicNtkRopeScaling):
+        # Plain RoPE, as transformers computes it up to max_position_embeddings: its
+        # `_compute_dynamic_ntk_parameters` takes base·(factor·L/max_pos − (factor − 1))^(d/(d−2)) with
+        # L = max(seq_len, max_pos), which is base itself at L = max_pos, and `dynamic_frequency_update`
+        # recomputes only when a forward's positions reach past max_pos (and resets to these below it).
+        # herd's context ends at max_pos (ModelArgs.max_seq_len; longer inputs are refused).
+        pass
     elif scaling is not None:
         raise TypeError(f"unknown RoPE scaling {scaling!r}")
     return freqs
@@ -34,7 +48,8 @@ def rope_frequencies(head_dim: int, theta: float, scaling: AnyRopeScaling | None
 
 def rope_attention_scale(scaling: AnyRopeScaling | None) -> float:
     """The factor cos and sin are multiplied by (YaRN's attention temperature; 1 otherwise). Scaling
-    both rotates q and k by the same angle and multiplies every q·k logit by its square."""
+    both rotates q and k by the same angle and multiplies every q·k logit by its square. Dynamic
+    NTK's is 1 (transformers' `_compute_dynamic_ntk_parameters` returns attention_factor 1.0)."""
     return scaling.attention_scale if isinstance(scaling, YarnRopeScaling) else 1.0
 
 

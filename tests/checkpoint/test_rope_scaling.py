@@ -18,7 +18,7 @@ from herd.checkpoint import build_model, convert, read_args, read_checkpoint, wr
 from herd.cli import main
 from herd.errors import HerdError
 from herd.inference.generate import generate_ids
-from herd.models.args import LinearRopeScaling, YarnRopeScaling
+from herd.models.args import DynamicNtkRopeScaling, LinearRopeScaling, YarnRopeScaling
 
 ORIGINAL = 16  # original_max_position_embeddings: every test runs past it
 _DENSE = dict(vocab_size=97, hidden_size=48, intermediate_size=72, num_hidden_layers=2, num_attention_heads=6,
@@ -156,7 +156,7 @@ def test_dynamic_ntk_equals_transformers_up_to_the_context_limit(tmp_path):
     ref = LlamaForCausalLM(LlamaConfig(**_DENSE, rope_scaling=dict(rope_type="dynamic", factor=2.0))).eval()
     ref.save_pretrained(tmp_path / "hf")
     ckpt = read_checkpoint(tmp_path / "hf")
-    assert ckpt.args.max_seq_len == limit and ckpt.args.rope_scaling is None
+    assert ckpt.args.max_seq_len == limit and ckpt.args.rope_scaling == DynamicNtkRopeScaling(2.0)
     model = build_model(ckpt.args, ckpt.state_dict)
     tokens = _tokens(limit)
     with torch.no_grad():

@@ -154,8 +154,15 @@ def test_hf_and_meta_round_trips_keep_args_and_logits(saved, name, tmp_path):
         write_checkpoint(out, fmt, ckpt.args, ckpt.state_dict, **kw)
         assert read_args(out) == ckpt.args, (fmt, kw)
         back = read_checkpoint(out)
+        # The round trip is exact in the weights, bit for bit. The logits agree to rounding only:
+        # the HF mapping hands over views (experts split from gate_up_proj, the router transposed)
+        # and the Meta files contiguous tensors, and MKL's AVX2 kernels accumulate a product in an
+        # order that depends on its operands' strides.
+        assert back.state_dict.keys() == ckpt.state_dict.keys(), (fmt, kw)
+        assert all(torch.equal(back.state_dict[k], v) for k, v in ckpt.state_dict.items()), (fmt, kw)
         with torch.no_grad():
-            assert torch.equal(build_model(back.args, back.state_dict)(tokens), want), (fmt, kw)
+            torch.testing.assert_close(build_model(back.args, back.state_dict)(tokens), want,
+                                       rtol=0, atol=1e-5, msg=lambda m, at=(fmt, kw): f"{at}: {m}")
     # transformers reads herd's HF directory as the model it saved
     again = Llama4ForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
     with torch.no_grad():
