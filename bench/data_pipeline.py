@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import interleaved_medians  # noqa: E402
+from timing import interleaved_medians, machine  # noqa: E402
 
 
 def load_docs(corpus: str | None) -> list[dict]:
@@ -134,7 +134,7 @@ def main() -> None:
 
     torch.set_num_threads(1)
     docs = load_docs(a.corpus)
-    print(f"{os.cpu_count()} cores; corpus: {len(docs)} documents")
+    print(f"{os.cpu_count()} cores, {machine()}; corpus: {len(docs)} documents")
     stage_benches(docs, a.rounds)
     if not a.skip_pipeline:
         with tempfile.TemporaryDirectory() as tmp:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from timing import interleaved_medians, median_time
+from timing import interleaved_medians, machine, median_time
 
 
 def bandwidths(nbytes: int = 512 * 2**20, runs: int = 10) -> tuple[float, float]:
@@ -84,7 +84,7 @@ def main() -> None:
     roofline = bandwidth / weight_bytes
 
     print(f"SmolLM2-135M fp32, batch 1, {a.threads} threads, torch {torch.__version__}, "
-          f"transformers {transformers.__version__}; medians of {a.runs} runs")
+          f"transformers {transformers.__version__}; medians of {a.runs} runs; {machine()}")
     for name in ("herd", "transformers"):
         print(f"  {name:<13} decode {1 / per_token[name]:7.1f} tok/s   prefill {a.prefill} tokens "
               f"{prefill[name] * 1e3:7.1f} ms ({a.prefill / prefill[name]:,.0f} tok/s)")

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from timing import interleaved_medians
+from timing import interleaved_medians, machine
 
 
 def main() -> None:
@@ -59,7 +59,7 @@ def main() -> None:
     fns = {"herd": step(ours, False), "transformers": step(theirs, True)}
     med = interleaved_medians(fns, a.runs)
     print(f"Llama 4 MoE layer fwd+bwd: {a.experts} experts top-{args.top_k} + shared expert, dim {a.dim}, "
-          f"expert FFN {a.ffn}, {a.tokens} tokens, fp32, {a.threads} threads, medians of {a.runs}")
+          f"expert FFN {a.ffn}, {a.tokens} tokens, fp32, {a.threads} threads, medians of {a.runs}; {machine()}")
     print(f"  outputs agree to {diff:.1e} (largest output {scale:.2f})")
     for name in fns:
         print(f"  {name:<13} {a.tokens / med[name]:9,.0f} tokens/s  ({med[name] * 1e3:.1f} ms)")

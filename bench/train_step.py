@@ -49,7 +49,7 @@ import subprocess
 import sys
 
 import torch
-from timing import interleaved_times, median_time
+from timing import interleaved_times, machine, median_time
 
 ALLOCATORS = ("system", "retain")
 
@@ -204,7 +204,7 @@ def main() -> None:
     print(f"  batch {a.batch} x seq {a.seq} = {ntok} tokens/step, fp32, {a.threads} threads, torch "
           f"{torch.__version__}, transformers {transformers.__version__} (sdpa); medians of {a.steps} "
           f"interleaved rounds after a warm-up step in each of {a.passes} child processes per allocator, "
-          f"alternating")
+          f"alternating; {machine()}")
     print(f"  {'allocator':<10}{'contender':<23}{'ms/step':>9}{'tok/s':>9}   step-0 loss")
     for (alloc, name), (sec, loss0) in results.items():
         print(f"  {alloc:<10}{name:<23}{sec * 1e3:9.1f}{ntok / sec:9,.0f}   {loss0:.6f}")
